@@ -1,0 +1,74 @@
+"""The one interface every teacher is wrapped to: ``D(x, sigma, cond) -> x0``.
+
+``x`` is a noisy sample ``x0 + sigma * eps`` (EDM convention), ``sigma`` a tensor with one value
+per sample (or a scalar), ``cond`` class labels (int64, -1 or None for unconditional) or other
+conditioning the backbone understands. Samplers, the DMD loss and the trainer only ever call
+this interface, so they do not know which network they drive.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def edm_scalings(sigma: torch.Tensor, sigma_data: float):
+    """EDM preconditioning (Karras et al. 2022, Table 1): c_skip, c_out, c_in, c_noise."""
+    s2 = sigma**2
+    d2 = sigma_data**2
+    c_skip = d2 / (s2 + d2)
+    c_out = sigma * sigma_data / (s2 + d2).sqrt()
+    c_in = 1 / (s2 + d2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def broadcast_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """Sigma as a float32 tensor of shape [N, 1, 1, ...] matching ``x``."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(x.shape[0])
+    return sigma.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class EDMPrecond(nn.Module):
+    """Wraps a raw backbone ``F(c_in * x, c_noise, cond)`` into an EDM denoiser.
+
+    The backbone sees inputs of unit variance and predicts a scaled residual; the wrapper owns
+    sigma_data and the sigma range, so samplers and losses never see the backbone directly.
+    """
+
+    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002,
+                 sigma_max: float = 80.0):
+        super().__init__()
+        self.backbone = backbone
+        self.sigma_data = float(sigma_data)
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond=None) -> torch.Tensor:
+        sigma = broadcast_sigma(sigma, x)
+        c_skip, c_out, c_in, c_noise = edm_scalings(sigma, self.sigma_data)
+        dtype = x.dtype
+        f = self.backbone((c_in * x).to(dtype), c_noise.flatten(), cond)
+        return (c_skip * x + c_out * f.to(torch.float32)).to(dtype)
+
+
+class OneStepGenerator(nn.Module):
+    """DMD's generator: the denoiser evaluated at sigma_max on pure noise, ``G(z) = D(sigma_max z)``."""
+
+    def __init__(self, denoiser: nn.Module, sigma_max: float):
+        super().__init__()
+        self.denoiser = denoiser
+        self.sigma_max = float(sigma_max)
+
+    def forward(self, z: torch.Tensor, cond=None) -> torch.Tensor:
+        return self.denoiser(z * self.sigma_max, self.sigma_max, cond)
+
+
+def fourier_embedding(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """[sin, cos] of ``2 pi x @ freqs``; used by small backbones to see fine structure."""
+    proj = 2 * math.pi * x @ freqs
+    return torch.cat([proj.sin(), proj.cos()], dim=-1)

@@ -1,0 +1,10 @@
+"""User-facing errors: the CLI turns these into one line on stderr and exit code 2."""
+
+
+class UserError(Exception):
+    """A mistake in the user's input (a path, a value, a mismatched file), not a bug."""
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)

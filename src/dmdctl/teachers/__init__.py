@@ -1,0 +1,160 @@
+"""Teacher registry: named presets, and loading/saving teachers as safetensors.
+
+A teacher file is a safetensors state dict of an :class:`~dmdctl.denoiser.EDMPrecond` whose
+metadata holds ``format = dmdctl.teacher``, the teacher ``kind`` and its ``config`` (JSON), so a
+file alone is enough to rebuild the network.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from ..codec import IdentityCodec
+from ..errors import UserError
+from ..files import sha256_file
+from .base import TeacherKind
+from .toy2d import Toy2D
+
+KINDS: dict[str, TeacherKind] = {k.name: k for k in (Toy2D(),)}
+
+TEACHER_FORMAT = "dmdctl.teacher"
+GENERATOR_FORMAT = "dmdctl.generator"
+
+
+def presets() -> dict[str, tuple[str, dict]]:
+    """Every named preset: name -> (kind, config)."""
+    out = {}
+    for kind in KINDS.values():
+        for name, cfg in kind.presets().items():
+            out[name] = (kind.name, cfg)
+    return out
+
+
+def get_kind(name: str) -> TeacherKind:
+    if name in KINDS:
+        return KINDS[name]
+    table = presets()
+    if name in table:
+        return KINDS[table[name][0]]
+    raise UserError(f"unknown teacher '{name}' (known: {', '.join(sorted(set(KINDS) | set(table)))})")
+
+
+def preset_config(name: str) -> tuple[TeacherKind, dict]:
+    kind = get_kind(name)
+    table = presets()
+    cfg = table[name][1] if name in table else kind.presets()[kind.default_preset]
+    return kind, dict(cfg)
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher: its denoiser and everything the commands need to know about it."""
+
+    kind: TeacherKind
+    config: dict
+    denoiser: nn.Module
+    path: Path | None = None
+    sha256: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.kind.name
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.kind.sample_shape(self.config))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.kind.num_classes(self.config))
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.denoiser.sigma_min)
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.denoiser.sigma_max)
+
+    @property
+    def codec(self):
+        return IdentityCodec()
+
+    def identity(self) -> dict:
+        return {"kind": self.name, "path": str(self.path) if self.path else None,
+                "sha256": self.sha256, "config": self.config}
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def load_state(path: Path, expected_format: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    meta = read_metadata(path)
+    fmt = meta.get("format")
+    if fmt != expected_format:
+        what = {TEACHER_FORMAT: "a dmdctl teacher", GENERATOR_FORMAT: "a dmdctl generator"}
+        raise UserError(
+            f"{path} is not {what.get(expected_format, expected_format)} file "
+            f"(its metadata says format={fmt!r})"
+        )
+    return meta, load_file(str(path))
+
+
+def save_teacher(denoiser: nn.Module, kind: TeacherKind, config: dict, path: Path,
+                 extra: dict | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": TEACHER_FORMAT, "kind": kind.name, "config": json.dumps(config)}
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    state = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def load_teacher(path: Path, expected: str | None = None) -> Teacher:
+    """Load a teacher file; ``expected`` (a kind or preset name) guards against mix-ups."""
+    path = Path(path)
+    meta, state = load_state(path, TEACHER_FORMAT)
+    kind = get_kind(meta["kind"])
+    if expected is not None and get_kind(expected).name != kind.name:
+        raise UserError(f"{path} holds a '{kind.name}' teacher, but --teacher says '{expected}'")
+    config = json.loads(meta["config"])
+    denoiser = kind.build(config)
+    try:
+        denoiser.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
+    denoiser.eval().requires_grad_(False)
+    return Teacher(kind, config, denoiser, path, sha256_file(path))
+
+
+def resolve_teacher(teacher: str | None, teacher_path: Path | None) -> Teacher:
+    """The teacher named by ``--teacher`` / ``--teacher-path`` on any command."""
+    if teacher_path is None:
+        if teacher is None:
+            raise UserError("no teacher given: pass --teacher-path FILE (and optionally --teacher NAME)")
+        kind = get_kind(teacher)
+        default = kind.default_path()
+        if default is None or not default.is_file():
+            raise UserError(
+                f"teacher '{teacher}' needs --teacher-path FILE; "
+                f"train one with `dmdctl train-teacher {kind.name} --out DIR`"
+            )
+        teacher_path = default
+    return load_teacher(teacher_path, expected=teacher)

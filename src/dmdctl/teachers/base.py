@@ -1,0 +1,52 @@
+"""What a teacher kind provides to the commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class TeacherKind:
+    """A family of teachers (one architecture, its data, metrics and plots).
+
+    Built-in kinds also own their data set and a ``train`` function for ``train-teacher``.
+    """
+
+    name: str = ""
+    default_preset: str = ""
+    builtin: bool = False
+    # default number of Heun steps of the teacher's sampler (N=18 -> 35 NFE)
+    default_steps: int = 18
+
+    def presets(self) -> dict[str, dict]:
+        raise NotImplementedError
+
+    def build(self, config: dict) -> nn.Module:
+        raise NotImplementedError
+
+    def sample_shape(self, config: dict) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def num_classes(self, config: dict) -> int:
+        return 0
+
+    def default_path(self) -> Path | None:
+        return None
+
+    def feature_name(self) -> str:
+        return "identity"
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+    def reference_stats(self, config: dict):
+        """(mu, sigma, description) of the data, or None when there is no built-in reference."""
+        return None
+
+    def quality_metrics(self, config: dict, samples: torch.Tensor) -> dict:
+        return {}
+
+    def save_plot(self, panels: list[tuple[str, torch.Tensor]], path: Path, config: dict) -> Path:
+        raise NotImplementedError
