@@ -46,9 +46,15 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-def save_checkpoint(root: Path, step: int, models: dict[str, torch.nn.Module],
-                    optimizers: dict[str, torch.optim.Optimizer], tensors: dict[str, dict[str, torch.Tensor]],
-                    state: dict, keep: int = 0) -> Path:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    models: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    tensors: dict[str, dict[str, torch.Tensor]],
+    state: dict,
+    keep: int = 0,
+) -> Path:
     root = Path(root)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
@@ -65,8 +71,11 @@ def save_checkpoint(root: Path, step: int, models: dict[str, torch.nn.Module],
             save_file(t, str(tmp / f"optim_{name}.safetensors"), metadata=meta)
             opt_rest[name] = rest
         for name, group in tensors.items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in group.items()},
-                      str(tmp / f"{name}.safetensors"), metadata=meta)
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in group.items()},
+                str(tmp / f"{name}.safetensors"),
+                metadata=meta,
+            )
         body = dict(state, step=step, optimizers=opt_rest)
         with open(tmp / "state.json", "w") as f:
             json.dump(body, f, indent=1)
@@ -89,8 +98,11 @@ def list_checkpoints(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := STEP_DIR.match(p.name)) and (p / "state.json").is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := STEP_DIR.match(p.name)) and (p / "state.json").is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -99,11 +111,15 @@ def find_checkpoint(out: Path, resume: str) -> Path:
     if resume == "latest":
         found = list_checkpoints(Path(out) / "checkpoints")
         if not found:
-            raise UserError(f"--resume latest: no complete checkpoint under {Path(out) / 'checkpoints'}")
+            raise UserError(
+                f"--resume latest: no complete checkpoint under {Path(out) / 'checkpoints'}"
+            )
         return found[-1]
     path = Path(resume)
     if not (path / "state.json").is_file():
-        raise UserError(f"--resume {resume}: not a checkpoint folder (no state.json); use 'latest' or a step-N folder")
+        raise UserError(
+            f"--resume {resume}: not a checkpoint folder (no state.json); use 'latest' or a step-N folder"
+        )
     return path
 
 

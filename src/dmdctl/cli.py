@@ -31,7 +31,10 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file with this command's settings; flags override it.")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", help="TOML file with this command's settings; flags override it."),
+]
 
 
 def _versions() -> str:
@@ -52,8 +55,15 @@ def _version_callback(value: bool):
 
 @app.callback()
 def root(
-    version_: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True,
-                                           help="Print the versions of dmdctl, torch, diffusers and accelerate.")] = False,
+    version_: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_version_callback,
+            is_eager=True,
+            help="Print the versions of dmdctl, torch, diffusers and accelerate.",
+        ),
+    ] = False,
 ):
     threads = os.environ.get("DMDCTL_THREADS")
     if threads:
@@ -80,7 +90,9 @@ def user_errors(fn):
 
 
 def _show(title: str, result: dict) -> None:
-    print_table(summary_table(title, {k: v for k, v in result.items() if not isinstance(v, (dict, list))}))
+    print_table(
+        summary_table(title, {k: v for k, v in result.items() if not isinstance(v, (dict, list))})
+    )
 
 
 # --- train-teacher -----------------------------------------------------------------------------
@@ -92,12 +104,26 @@ TT = TrainTeacherConfig
 @app.command("train-teacher")
 @user_errors
 def train_teacher_cmd(
-    teacher: Annotated[str | None, typer.Argument(help=_h(TT, "teacher", "Built-in teacher preset: toy2d or toy2d-unbalanced."))] = None,
-    out: Annotated[Path | None, typer.Option(help=_h(TT, "out", "Output folder (teacher.safetensors, config.toml)."))] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Argument(
+            help=_h(TT, "teacher", "Built-in teacher preset: toy2d or toy2d-unbalanced.")
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help=_h(TT, "out", "Output folder (teacher.safetensors, config.toml).")),
+    ] = None,
     steps: Annotated[int | None, typer.Option(help=_h(TT, "steps", "Training steps."))] = None,
-    batch_size: Annotated[int | None, typer.Option(help=_h(TT, "batch_size", "Batch size."))] = None,
-    lr: Annotated[float | None, typer.Option(help=_h(TT, "lr", "Peak learning rate (Adam, cosine decay)."))] = None,
-    ema_decay: Annotated[float | None, typer.Option(help=_h(TT, "ema_decay", "EMA decay of the saved weights."))] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help=_h(TT, "batch_size", "Batch size."))
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help=_h(TT, "lr", "Peak learning rate (Adam, cosine decay)."))
+    ] = None,
+    ema_decay: Annotated[
+        float | None, typer.Option(help=_h(TT, "ema_decay", "EMA decay of the saved weights."))
+    ] = None,
     seed: Annotated[int | None, typer.Option(help=_h(TT, "seed", "Random seed."))] = None,
     config: ConfigOpt = None,
 ):
@@ -107,8 +133,17 @@ def train_teacher_cmd(
     """
     from .train_teacher import train_teacher
 
-    cfg = resolve(TT, config, teacher=teacher, out=out, steps=steps, batch_size=batch_size, lr=lr,
-                  ema_decay=ema_decay, seed=seed)
+    cfg = resolve(
+        TT,
+        config,
+        teacher=teacher,
+        out=out,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        ema_decay=ema_decay,
+        seed=seed,
+    )
     _show("train-teacher", train_teacher(cfg))
 
 
@@ -116,9 +151,15 @@ def train_teacher_cmd(
 from .make_pairs import MakePairsConfig  # noqa: E402
 
 MP = MakePairsConfig
-TeacherOpt = Annotated[str | None, typer.Option(help="Teacher kind or preset (e.g. toy2d); checked against the file.")]
-TeacherPathOpt = Annotated[Path | None, typer.Option(help="Teacher weights (a dmdctl teacher .safetensors).")]
-DeviceOpt = Annotated[str | None, typer.Option(help="Device: auto, cpu, cuda, cuda:1 … [default: auto]")]
+TeacherOpt = Annotated[
+    str | None, typer.Option(help="Teacher kind or preset (e.g. toy2d); checked against the file.")
+]
+TeacherPathOpt = Annotated[
+    Path | None, typer.Option(help="Teacher weights (a dmdctl teacher .safetensors).")
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="Device: auto, cpu, cuda, cuda:1 … [default: auto]")
+]
 
 
 @app.command("make-pairs")
@@ -126,13 +167,31 @@ DeviceOpt = Annotated[str | None, typer.Option(help="Device: auto, cpu, cuda, cu
 def make_pairs_cmd(
     teacher: TeacherOpt = None,
     teacher_path: TeacherPathOpt = None,
-    out: Annotated[Path | None, typer.Option(help=_h(MP, "out", "Output folder for shards and manifest.json."))] = None,
-    num_pairs: Annotated[int | None, typer.Option(help=_h(MP, "num_pairs", "Number of noise→sample pairs."))] = None,
-    seed: Annotated[int | None, typer.Option(help=_h(MP, "seed", "First seed; pair i uses seed+i."))] = None,
-    steps: Annotated[int | None, typer.Option(help=_h(MP, "steps", "Heun steps N of the teacher's sampler (NFE = 2N-1)."))] = None,
-    shard_size: Annotated[int | None, typer.Option(help=_h(MP, "shard_size", "Pairs per shard (the unit of resume)."))] = None,
-    batch_size: Annotated[int | None, typer.Option(help=_h(MP, "batch_size", "Sampler batch size."))] = None,
-    dtype: Annotated[str | None, typer.Option(help=_h(MP, "dtype", "Storage dtype of the targets: float32, float16, bfloat16."))] = None,
+    out: Annotated[
+        Path | None, typer.Option(help=_h(MP, "out", "Output folder for shards and manifest.json."))
+    ] = None,
+    num_pairs: Annotated[
+        int | None, typer.Option(help=_h(MP, "num_pairs", "Number of noise→sample pairs."))
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help=_h(MP, "seed", "First seed; pair i uses seed+i."))
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(help=_h(MP, "steps", "Heun steps N of the teacher's sampler (NFE = 2N-1).")),
+    ] = None,
+    shard_size: Annotated[
+        int | None, typer.Option(help=_h(MP, "shard_size", "Pairs per shard (the unit of resume)."))
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help=_h(MP, "batch_size", "Sampler batch size."))
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help=_h(MP, "dtype", "Storage dtype of the targets: float32, float16, bfloat16.")
+        ),
+    ] = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
 ):
@@ -144,9 +203,20 @@ def make_pairs_cmd(
     """
     from .make_pairs import make_pairs
 
-    cfg = resolve(MP, config, teacher=teacher, teacher_path=teacher_path, out=out, num_pairs=num_pairs,
-                  seed=seed, steps=steps, shard_size=shard_size, batch_size=batch_size, dtype=dtype,
-                  device=device)
+    cfg = resolve(
+        MP,
+        config,
+        teacher=teacher,
+        teacher_path=teacher_path,
+        out=out,
+        num_pairs=num_pairs,
+        seed=seed,
+        steps=steps,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
+    )
     _show("make-pairs", make_pairs(cfg))
 
 
@@ -161,33 +231,126 @@ DC = DistillConfig
 def distill_cmd(
     teacher: TeacherOpt = None,
     teacher_path: TeacherPathOpt = None,
-    pairs: Annotated[Path | None, typer.Option(help="Pairs folder from make-pairs (needed when --reg-weight > 0).")] = None,
-    out: Annotated[Path | None, typer.Option(help=_h(DC, "out", "Run folder (config, log.jsonl, checkpoints, samples, generator)."))] = None,
+    pairs: Annotated[
+        Path | None,
+        typer.Option(help="Pairs folder from make-pairs (needed when --reg-weight > 0)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help=_h(DC, "out", "Run folder (config, log.jsonl, checkpoints, samples, generator).")
+        ),
+    ] = None,
     steps: Annotated[int | None, typer.Option(help=_h(DC, "steps", "Generator updates."))] = None,
-    batch_size: Annotated[int | None, typer.Option(help=_h(DC, "batch_size", "Global generator batch for the DM loss."))] = None,
-    pair_batch_size: Annotated[int | None, typer.Option(help=_h(DC, "pair_batch_size", "Global batch of pairs for the regression loss."))] = None,
-    num_pairs: Annotated[int | None, typer.Option(help=_h(DC, "num_pairs", "Use only the first N pairs (0: all)."))] = None,
-    lr: Annotated[float | None, typer.Option(help=_h(DC, "lr", "Generator learning rate (AdamW)."))] = None,
-    fake_lr: Annotated[float | None, typer.Option(help=_h(DC, "fake_lr", "Fake-score learning rate (AdamW)."))] = None,
-    lr_schedule: Annotated[str | None, typer.Option(help=_h(DC, "lr_schedule", "cosine or constant, after the warm-up."))] = None,
-    warmup: Annotated[int | None, typer.Option(help=_h(DC, "warmup", "Linear warm-up steps."))] = None,
-    weight_decay: Annotated[float | None, typer.Option(help=_h(DC, "weight_decay", "AdamW weight decay."))] = None,
-    grad_clip: Annotated[float | None, typer.Option(help=_h(DC, "grad_clip", "Gradient-norm clipping (0: off)."))] = None,
-    reg_loss: Annotated[str | None, typer.Option(help=_h(DC, "reg_loss", "Regression loss: l2, pseudo-huber (lpips for image teachers)."))] = None,
-    reg_weight: Annotated[float | None, typer.Option(help=_h(DC, "reg_weight", "Weight of the regression loss (0: ablation without regression)."))] = None,
-    dm_weight: Annotated[float | None, typer.Option(help=_h(DC, "dm_weight", "Weight of the DM loss (0: ablation, regression only)."))] = None,
-    real_only: Annotated[bool | None, typer.Option("--real-only/--with-fake", help=_h(DC, "real_only", "Ablation: real score only, no fake score."))] = None,
-    fake_updates: Annotated[int | None, typer.Option(help=_h(DC, "fake_updates", "Fake-score updates per generator update (DMD2's TTUR)."))] = None,
-    min_step_frac: Annotated[float | None, typer.Option(help=_h(DC, "min_step_frac", "Lowest noise-level index of the DM loss, as a fraction of the grid."))] = None,
-    max_step_frac: Annotated[float | None, typer.Option(help=_h(DC, "max_step_frac", "Highest noise-level index of the DM loss, as a fraction."))] = None,
-    ema_decay: Annotated[float | None, typer.Option(help=_h(DC, "ema_decay", "EMA decay of the generator."))] = None,
-    mixed_precision: Annotated[str | None, typer.Option(help=_h(DC, "mixed_precision", "no, bf16 or fp16 (Accelerate)."))] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help=_h(DC, "checkpoint_every", "Checkpoint (and sample plot) every N steps."))] = None,
-    keep_checkpoints: Annotated[int | None, typer.Option(help=_h(DC, "keep_checkpoints", "Keep only the newest N checkpoints (0: all)."))] = None,
-    log_every: Annotated[int | None, typer.Option(help=_h(DC, "log_every", "Log losses every N steps."))] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help=_h(DC, "batch_size", "Global generator batch for the DM loss.")),
+    ] = None,
+    pair_batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help=_h(DC, "pair_batch_size", "Global batch of pairs for the regression loss.")
+        ),
+    ] = None,
+    num_pairs: Annotated[
+        int | None, typer.Option(help=_h(DC, "num_pairs", "Use only the first N pairs (0: all)."))
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help=_h(DC, "lr", "Generator learning rate (AdamW)."))
+    ] = None,
+    fake_lr: Annotated[
+        float | None, typer.Option(help=_h(DC, "fake_lr", "Fake-score learning rate (AdamW)."))
+    ] = None,
+    lr_schedule: Annotated[
+        str | None,
+        typer.Option(help=_h(DC, "lr_schedule", "cosine or constant, after the warm-up.")),
+    ] = None,
+    warmup: Annotated[
+        int | None, typer.Option(help=_h(DC, "warmup", "Linear warm-up steps."))
+    ] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help=_h(DC, "weight_decay", "AdamW weight decay."))
+    ] = None,
+    grad_clip: Annotated[
+        float | None, typer.Option(help=_h(DC, "grad_clip", "Gradient-norm clipping (0: off)."))
+    ] = None,
+    reg_loss: Annotated[
+        str | None,
+        typer.Option(
+            help=_h(DC, "reg_loss", "Regression loss: l2, pseudo-huber (lpips for image teachers).")
+        ),
+    ] = None,
+    reg_weight: Annotated[
+        float | None,
+        typer.Option(
+            help=_h(
+                DC, "reg_weight", "Weight of the regression loss (0: ablation without regression)."
+            )
+        ),
+    ] = None,
+    dm_weight: Annotated[
+        float | None,
+        typer.Option(
+            help=_h(DC, "dm_weight", "Weight of the DM loss (0: ablation, regression only).")
+        ),
+    ] = None,
+    real_only: Annotated[
+        bool | None,
+        typer.Option(
+            "--real-only/--with-fake",
+            help=_h(DC, "real_only", "Ablation: real score only, no fake score."),
+        ),
+    ] = None,
+    fake_updates: Annotated[
+        int | None,
+        typer.Option(
+            help=_h(DC, "fake_updates", "Fake-score updates per generator update (DMD2's TTUR).")
+        ),
+    ] = None,
+    min_step_frac: Annotated[
+        float | None,
+        typer.Option(
+            help=_h(
+                DC,
+                "min_step_frac",
+                "Lowest noise-level index of the DM loss, as a fraction of the grid.",
+            )
+        ),
+    ] = None,
+    max_step_frac: Annotated[
+        float | None,
+        typer.Option(
+            help=_h(DC, "max_step_frac", "Highest noise-level index of the DM loss, as a fraction.")
+        ),
+    ] = None,
+    ema_decay: Annotated[
+        float | None, typer.Option(help=_h(DC, "ema_decay", "EMA decay of the generator."))
+    ] = None,
+    mixed_precision: Annotated[
+        str | None, typer.Option(help=_h(DC, "mixed_precision", "no, bf16 or fp16 (Accelerate)."))
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option(
+            help=_h(DC, "checkpoint_every", "Checkpoint (and sample plot) every N steps.")
+        ),
+    ] = None,
+    keep_checkpoints: Annotated[
+        int | None,
+        typer.Option(
+            help=_h(DC, "keep_checkpoints", "Keep only the newest N checkpoints (0: all).")
+        ),
+    ] = None,
+    log_every: Annotated[
+        int | None, typer.Option(help=_h(DC, "log_every", "Log losses every N steps."))
+    ] = None,
     seed: Annotated[int | None, typer.Option(help=_h(DC, "seed", "Random seed."))] = None,
-    resume: Annotated[str | None, typer.Option(help="Continue a run: 'latest' or a checkpoint folder.")] = None,
-    cpu: Annotated[bool | None, typer.Option("--cpu", help="Train on the CPU even if a GPU is present.")] = None,
+    resume: Annotated[
+        str | None, typer.Option(help="Continue a run: 'latest' or a checkpoint folder.")
+    ] = None,
+    cpu: Annotated[
+        bool | None, typer.Option("--cpu", help="Train on the CPU even if a GPU is present.")
+    ] = None,
     config: ConfigOpt = None,
 ):
     """Train a one-step generator with the DMD loss plus the regression loss on the pairs.
@@ -198,19 +361,46 @@ def distill_cmd(
     """
     from .distill import distill
 
-    cfg = resolve(DC, config, teacher=teacher, teacher_path=teacher_path, pairs=pairs, out=out, steps=steps,
-                  batch_size=batch_size, pair_batch_size=pair_batch_size, num_pairs=num_pairs, lr=lr,
-                  fake_lr=fake_lr, lr_schedule=lr_schedule, warmup=warmup, weight_decay=weight_decay,
-                  grad_clip=grad_clip, reg_loss=reg_loss, reg_weight=reg_weight, dm_weight=dm_weight,
-                  real_only=real_only, fake_updates=fake_updates, min_step_frac=min_step_frac,
-                  max_step_frac=max_step_frac, ema_decay=ema_decay, mixed_precision=mixed_precision,
-                  checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-                  log_every=log_every, seed=seed, resume=resume, cpu=cpu)
+    cfg = resolve(
+        DC,
+        config,
+        teacher=teacher,
+        teacher_path=teacher_path,
+        pairs=pairs,
+        out=out,
+        steps=steps,
+        batch_size=batch_size,
+        pair_batch_size=pair_batch_size,
+        num_pairs=num_pairs,
+        lr=lr,
+        fake_lr=fake_lr,
+        lr_schedule=lr_schedule,
+        warmup=warmup,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        reg_loss=reg_loss,
+        reg_weight=reg_weight,
+        dm_weight=dm_weight,
+        real_only=real_only,
+        fake_updates=fake_updates,
+        min_step_frac=min_step_frac,
+        max_step_frac=max_step_frac,
+        ema_decay=ema_decay,
+        mixed_precision=mixed_precision,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
+        log_every=log_every,
+        seed=seed,
+        resume=resume,
+        cpu=cpu,
+    )
     result = distill(cfg)
     _show("distill", result)
     if "interrupted" in result:
-        error_line(f"stopped by {result['interrupted']} at step {result['step']}; checkpoint saved. "
-                   f"Resume with the same command plus --resume latest")
+        error_line(
+            f"stopped by {result['interrupted']} at step {result['step']}; checkpoint saved. "
+            f"Resume with the same command plus --resume latest"
+        )
         raise typer.Exit(130 if result["interrupted"] == "SIGINT" else 143)
 
 
@@ -218,7 +408,9 @@ def distill_cmd(
 from .eval_fid import EvalFidConfig  # noqa: E402
 
 EF = EvalFidConfig
-GeneratorOpt = Annotated[Path | None, typer.Option(help="Generator file (export) or distill run folder.")]
+GeneratorOpt = Annotated[
+    Path | None, typer.Option(help="Generator file (export) or distill run folder.")
+]
 
 
 @app.command("eval-fid")
@@ -227,12 +419,32 @@ def eval_fid_cmd(
     generator: GeneratorOpt = None,
     teacher: TeacherOpt = None,
     teacher_path: TeacherPathOpt = None,
-    steps: Annotated[int | None, typer.Option(help=_h(EF, "steps", "Heun steps when scoring the teacher's sampler (1 = one Euler step)."))] = None,
-    num_samples: Annotated[int | None, typer.Option(help=_h(EF, "num_samples", "Samples to score."))] = None,
-    seed: Annotated[int | None, typer.Option(help=_h(EF, "seed", "First seed of the scored samples."))] = None,
-    batch_size: Annotated[int | None, typer.Option(help=_h(EF, "batch_size", "Generation batch size."))] = None,
-    ref: Annotated[Path | None, typer.Option(help="Reference statistics npz (mu, sigma); default: the teacher's built-in reference.")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the result as JSON here.")] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            help=_h(
+                EF, "steps", "Heun steps when scoring the teacher's sampler (1 = one Euler step)."
+            )
+        ),
+    ] = None,
+    num_samples: Annotated[
+        int | None, typer.Option(help=_h(EF, "num_samples", "Samples to score."))
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help=_h(EF, "seed", "First seed of the scored samples."))
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help=_h(EF, "batch_size", "Generation batch size."))
+    ] = None,
+    ref: Annotated[
+        Path | None,
+        typer.Option(
+            help="Reference statistics npz (mu, sigma); default: the teacher's built-in reference."
+        ),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the result as JSON here.")
+    ] = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
 ):
@@ -242,9 +454,20 @@ def eval_fid_cmd(
     """
     from .eval_fid import evaluate, result_rows
 
-    cfg = resolve(EF, config, generator=generator, teacher=teacher, teacher_path=teacher_path, steps=steps,
-                  num_samples=num_samples, seed=seed, batch_size=batch_size, ref=ref, json=json_out,
-                  device=device)
+    cfg = resolve(
+        EF,
+        config,
+        generator=generator,
+        teacher=teacher,
+        teacher_path=teacher_path,
+        steps=steps,
+        num_samples=num_samples,
+        seed=seed,
+        batch_size=batch_size,
+        ref=ref,
+        json=json_out,
+        device=device,
+    )
     result = evaluate(cfg)
     print_table(summary_table("eval-fid", result_rows(result)))
 
@@ -261,12 +484,24 @@ def sample_cmd(
     generator: GeneratorOpt = None,
     teacher: TeacherOpt = None,
     teacher_path: TeacherPathOpt = None,
-    steps: Annotated[int | None, typer.Option(help=_h(SC, "steps", "Heun steps when sampling the teacher."))] = None,
+    steps: Annotated[
+        int | None, typer.Option(help=_h(SC, "steps", "Heun steps when sampling the teacher."))
+    ] = None,
     num: Annotated[int | None, typer.Option(help=_h(SC, "num", "Number of samples."))] = None,
-    seed: Annotated[int | None, typer.Option(help=_h(SC, "seed", "First seed; sample i uses seed+i."))] = None,
-    batch_size: Annotated[int | None, typer.Option(help=_h(SC, "batch_size", "Batch size."))] = None,
-    out: Annotated[Path | None, typer.Option(help=_h(SC, "out", "Output folder (samples.safetensors, samples.png)."))] = None,
-    plot: Annotated[bool | None, typer.Option("--plot/--no-plot", help=_h(SC, "plot", "Write a PNG of the samples."))] = None,
+    seed: Annotated[
+        int | None, typer.Option(help=_h(SC, "seed", "First seed; sample i uses seed+i."))
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help=_h(SC, "batch_size", "Batch size."))
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help=_h(SC, "out", "Output folder (samples.safetensors, samples.png).")),
+    ] = None,
+    plot: Annotated[
+        bool | None,
+        typer.Option("--plot/--no-plot", help=_h(SC, "plot", "Write a PNG of the samples.")),
+    ] = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
 ):
@@ -276,8 +511,20 @@ def sample_cmd(
     """
     from .sample import sample
 
-    cfg = resolve(SC, config, generator=generator, teacher=teacher, teacher_path=teacher_path, steps=steps,
-                  num=num, seed=seed, batch_size=batch_size, out=out, plot=plot, device=device)
+    cfg = resolve(
+        SC,
+        config,
+        generator=generator,
+        teacher=teacher,
+        teacher_path=teacher_path,
+        steps=steps,
+        num=num,
+        seed=seed,
+        batch_size=batch_size,
+        out=out,
+        plot=plot,
+        device=device,
+    )
     _show("sample", sample(cfg))
 
 
@@ -290,10 +537,19 @@ EX = ExportConfig
 @app.command("export")
 @user_errors
 def export_cmd(
-    source: Annotated[Path | None, typer.Argument(help="Distill run folder, checkpoint folder, or generator file.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help=_h(EX, "out", "Output file."))] = None,
-    ema: Annotated[bool | None, typer.Option("--ema/--no-ema", help=_h(EX, "ema", "Export the EMA weights."))] = None,
-    format_: Annotated[str | None, typer.Option("--format", help=_h(EX, "format", "Output format."))] = None,
+    source: Annotated[
+        Path | None,
+        typer.Argument(help="Distill run folder, checkpoint folder, or generator file."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help=_h(EX, "out", "Output file."))
+    ] = None,
+    ema: Annotated[
+        bool | None, typer.Option("--ema/--no-ema", help=_h(EX, "ema", "Export the EMA weights."))
+    ] = None,
+    format_: Annotated[
+        str | None, typer.Option("--format", help=_h(EX, "format", "Output format."))
+    ] = None,
     config: ConfigOpt = None,
 ):
     """Export the distilled generator as one safetensors file (config in its metadata).
@@ -315,13 +571,26 @@ DM = DemoConfig
 @app.command("demo")
 @user_errors
 def demo_cmd(
-    teacher: Annotated[str | None, typer.Argument(help=_h(DM, "teacher", "Which demo: toy2d."))] = None,
+    teacher: Annotated[
+        str | None, typer.Argument(help=_h(DM, "teacher", "Which demo: toy2d."))
+    ] = None,
     out: Annotated[Path | None, typer.Option(help=_h(DM, "out", "Output folder."))] = None,
-    distill_steps: Annotated[int | None, typer.Option(help=_h(DM, "distill_steps", "Steps of each distillation run."))] = None,
-    num_pairs: Annotated[int | None, typer.Option(help=_h(DM, "num_pairs", "Regression pairs."))] = None,
-    teacher_steps: Annotated[int | None, typer.Option(help=_h(DM, "teacher_steps", "Teacher training steps."))] = None,
-    eval_samples: Annotated[int | None, typer.Option(help=_h(DM, "eval_samples", "Samples per evaluation."))] = None,
-    lr: Annotated[float | None, typer.Option(help=_h(DM, "lr", "Learning rate of the generator and the fake score."))] = None,
+    distill_steps: Annotated[
+        int | None, typer.Option(help=_h(DM, "distill_steps", "Steps of each distillation run."))
+    ] = None,
+    num_pairs: Annotated[
+        int | None, typer.Option(help=_h(DM, "num_pairs", "Regression pairs."))
+    ] = None,
+    teacher_steps: Annotated[
+        int | None, typer.Option(help=_h(DM, "teacher_steps", "Teacher training steps."))
+    ] = None,
+    eval_samples: Annotated[
+        int | None, typer.Option(help=_h(DM, "eval_samples", "Samples per evaluation."))
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help=_h(DM, "lr", "Learning rate of the generator and the fake score.")),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help=_h(DM, "seed", "Random seed."))] = None,
     config: ConfigOpt = None,
 ):
@@ -331,8 +600,18 @@ def demo_cmd(
     """
     from .demo import run_demo
 
-    cfg = resolve(DM, config, teacher=teacher, out=out, distill_steps=distill_steps, num_pairs=num_pairs,
-                  teacher_steps=teacher_steps, eval_samples=eval_samples, lr=lr, seed=seed)
+    cfg = resolve(
+        DM,
+        config,
+        teacher=teacher,
+        out=out,
+        distill_steps=distill_steps,
+        num_pairs=num_pairs,
+        teacher_steps=teacher_steps,
+        eval_samples=eval_samples,
+        lr=lr,
+        seed=seed,
+    )
     run_demo(cfg)
 
 

@@ -41,7 +41,9 @@ class DemoConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        require(self.teacher in DEMOS, f"unknown demo {self.teacher!r} (available: {', '.join(DEMOS)})")
+        require(
+            self.teacher in DEMOS, f"unknown demo {self.teacher!r} (available: {', '.join(DEMOS)})"
+        )
         for name in ("teacher_steps", "num_pairs", "distill_steps", "eval_samples"):
             v = getattr(self, name)
             require(v > 0, f"--{name.replace('_', '-')} must be positive, got {v}")
@@ -63,18 +65,35 @@ def run_demo(cfg: DemoConfig) -> dict:
     write_config(cfg, out)
     t0 = time.perf_counter()
     info("[bold]1/5[/bold] training the toy2d teacher")
-    train_teacher(TrainTeacherConfig(teacher=cfg.teacher, out=str(out / "teacher"), steps=cfg.teacher_steps,
-                                     seed=cfg.seed))
+    train_teacher(
+        TrainTeacherConfig(
+            teacher=cfg.teacher, out=str(out / "teacher"), steps=cfg.teacher_steps, seed=cfg.seed
+        )
+    )
     teacher_path = out / "teacher" / "teacher.safetensors"
     info(f"[bold]2/5[/bold] making {cfg.num_pairs} pairs with the teacher's 35-NFE Heun sampler")
-    make_pairs(MakePairsConfig(teacher_path=str(teacher_path), out=str(out / "pairs"),
-                               num_pairs=cfg.num_pairs, seed=cfg.seed))
-    base = dict(teacher_path=str(teacher_path), pairs=str(out / "pairs"), steps=cfg.distill_steps,
-                seed=cfg.seed, checkpoint_every=cfg.distill_steps, lr=cfg.lr, fake_lr=cfg.lr)
+    make_pairs(
+        MakePairsConfig(
+            teacher_path=str(teacher_path),
+            out=str(out / "pairs"),
+            num_pairs=cfg.num_pairs,
+            seed=cfg.seed,
+        )
+    )
+    base = dict(
+        teacher_path=str(teacher_path),
+        pairs=str(out / "pairs"),
+        steps=cfg.distill_steps,
+        seed=cfg.seed,
+        checkpoint_every=cfg.distill_steps,
+        lr=cfg.lr,
+        fake_lr=cfg.lr,
+    )
     runs = {
         "dmd": DistillConfig(out=str(out / "dmd"), **base),
-        "dmd_real_only": DistillConfig(out=str(out / "dmd_real_only"), real_only=True, reg_weight=0.0,
-                                       **base),
+        "dmd_real_only": DistillConfig(
+            out=str(out / "dmd_real_only"), real_only=True, reg_weight=0.0, **base
+        ),
         "dmd_no_reg": DistillConfig(out=str(out / "dmd_no_reg"), reg_weight=0.0, **base),
         "dmd_reg_only": DistillConfig(out=str(out / "dmd_reg_only"), dm_weight=0.0, **base),
     }
@@ -97,7 +116,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     data, _ = kind.sample_data(teacher.config, 3000, torch.Generator().manual_seed(cfg.seed))
     seeds = list(range(2_000_000, 2_003_000))
     panels = [("data", data)] + [
-        (title.split(" (")[0].replace("Ablation: ", ""), generate(sources[key], seeds)[0]) for key, title in ROWS
+        (title.split(" (")[0].replace("Ablation: ", ""), generate(sources[key], seeds)[0])
+        for key, title in ROWS
     ]
     figure = kind.save_plot(panels, out / f"{cfg.teacher}.png", teacher.config)
     elapsed = time.perf_counter() - t0
@@ -110,14 +130,21 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def results_table(metrics: dict) -> Table:
     any_row = next(iter(metrics.values()))
-    table = Table(title=f"toy2d: {any_row['num_samples']} samples each, reference "
-                        f"{any_row['reference'].get('builtin', any_row['reference'].get('path'))}")
+    table = Table(
+        title=f"toy2d: {any_row['num_samples']} samples each, reference "
+        f"{any_row['reference'].get('builtin', any_row['reference'].get('path'))}"
+    )
     for col in ("row", "NFE", "Fréchet distance", "modes covered", "within 3 std"):
         table.add_column(col)
     for key, title in ROWS:
         m = metrics[key]
-        table.add_row(title, str(m["nfe"]), f"{m['fid']:.4f}", f"{m['modes_covered']}/{m['num_modes']}",
-                      f"{m['frac_within_3std']:.3f}")
+        table.add_row(
+            title,
+            str(m["nfe"]),
+            f"{m['fid']:.4f}",
+            f"{m['modes_covered']}/{m['num_modes']}",
+            f"{m['frac_within_3std']:.3f}",
+        )
     return table
 
 
@@ -138,8 +165,10 @@ def write_report(out: Path, cfg: DemoConfig, metrics: dict, figure: Path, elapse
     ]
     for key, title in ROWS:
         m = metrics[key]
-        lines.append(f"| {title} | {m['nfe']} | {m['fid']:.4f} | {m['modes_covered']}/{m['num_modes']} "
-                     f"| {m['frac_within_3std']:.3f} |")
+        lines.append(
+            f"| {title} | {m['nfe']} | {m['fid']:.4f} | {m['modes_covered']}/{m['num_modes']} "
+            f"| {m['frac_within_3std']:.3f} |"
+        )
     lines += [
         "",
         f"Settings: teacher {cfg.teacher_steps} steps; {cfg.num_pairs} regression pairs; "

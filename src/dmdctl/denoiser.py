@@ -40,8 +40,13 @@ class EDMPrecond(nn.Module):
     sigma_data and the sigma range, so samplers and losses never see the backbone directly.
     """
 
-    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002,
-                 sigma_max: float = 80.0):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        sigma_data: float = 0.5,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+    ):
         super().__init__()
         self.backbone = backbone
         self.sigma_data = float(sigma_data)

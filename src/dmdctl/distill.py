@@ -76,30 +76,60 @@ class DistillConfig:
     cpu: bool = False
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "pair_batch_size", "fake_updates", "sigma_levels",
-                     "checkpoint_every", "log_every"):
+        for name in (
+            "steps",
+            "batch_size",
+            "pair_batch_size",
+            "fake_updates",
+            "sigma_levels",
+            "checkpoint_every",
+            "log_every",
+        ):
             v = getattr(self, name)
             require(v > 0, f"--{name.replace('_', '-')} must be positive, got {v}")
         for name in ("lr", "fake_lr"):
             v = getattr(self, name)
-            require(v > 0 and math.isfinite(v), f"--{name.replace('_', '-')} must be positive, got {v}")
-        for name in ("reg_weight", "dm_weight", "weight_decay", "grad_clip", "warmup", "num_pairs",
-                     "keep_checkpoints", "plot_samples"):
+            require(
+                v > 0 and math.isfinite(v), f"--{name.replace('_', '-')} must be positive, got {v}"
+            )
+        for name in (
+            "reg_weight",
+            "dm_weight",
+            "weight_decay",
+            "grad_clip",
+            "warmup",
+            "num_pairs",
+            "keep_checkpoints",
+            "plot_samples",
+        ):
             v = getattr(self, name)
             require(v >= 0, f"--{name.replace('_', '-')} must be >= 0, got {v}")
-        require(self.reg_loss in REG_LOSSES, f"--reg-loss must be one of {', '.join(REG_LOSSES)}, got {self.reg_loss!r}")
-        require(self.lr_schedule in ("cosine", "constant"),
-                f"--lr-schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
-        require(self.mixed_precision in ("no", "bf16", "fp16"),
-                f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        require(0 <= self.min_step_frac < self.max_step_frac <= 1,
-                f"need 0 <= --min-step-frac < --max-step-frac <= 1, got {self.min_step_frac}, {self.max_step_frac}")
+        require(
+            self.reg_loss in REG_LOSSES,
+            f"--reg-loss must be one of {', '.join(REG_LOSSES)}, got {self.reg_loss!r}",
+        )
+        require(
+            self.lr_schedule in ("cosine", "constant"),
+            f"--lr-schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}",
+        )
+        require(
+            self.mixed_precision in ("no", "bf16", "fp16"),
+            f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}",
+        )
+        require(
+            0 <= self.min_step_frac < self.max_step_frac <= 1,
+            f"need 0 <= --min-step-frac < --max-step-frac <= 1, got {self.min_step_frac}, {self.max_step_frac}",
+        )
         require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        require(self.dm_weight > 0 or self.reg_weight > 0,
-                "both --dm-weight and --reg-weight are 0: nothing to train")
-        require(self.reg_weight == 0 or self.pairs is not None,
-                f"--reg-weight is {self.reg_weight} but no --pairs folder was given "
-                "(make one with `dmdctl make-pairs`, or pass --reg-weight 0 to train without regression)")
+        require(
+            self.dm_weight > 0 or self.reg_weight > 0,
+            "both --dm-weight and --reg-weight are 0: nothing to train",
+        )
+        require(
+            self.reg_weight == 0 or self.pairs is not None,
+            f"--reg-weight is {self.reg_weight} but no --pairs folder was given "
+            "(make one with `dmdctl make-pairs`, or pass --reg-weight 0 to train without regression)",
+        )
 
 
 def lr_multiplier(step: int, cfg: DistillConfig) -> float:
@@ -147,33 +177,47 @@ class DMDTrainer:
         self.cfg = cfg
         self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
         acc = self.acc
-        self.teacher = resolve_teacher(cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None)
+        self.teacher = resolve_teacher(
+            cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None
+        )
         t = self.teacher
         world = acc.num_processes
-        require(cfg.batch_size % world == 0,
-                f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
-        require(cfg.pair_batch_size % world == 0,
-                f"--pair-batch-size {cfg.pair_batch_size} is not divisible by the {world} processes")
+        require(
+            cfg.batch_size % world == 0,
+            f"--batch-size {cfg.batch_size} is not divisible by the {world} processes",
+        )
+        require(
+            cfg.pair_batch_size % world == 0,
+            f"--pair-batch-size {cfg.pair_batch_size} is not divisible by the {world} processes",
+        )
         self.pairs = None
         if cfg.reg_weight > 0:
             self.pairs = load_pairs(Path(cfg.pairs), t, limit=cfg.num_pairs or None)
         self.lpips = None
         if cfg.reg_weight > 0 and cfg.reg_loss == "lpips":
-            raise UserError("--reg-loss lpips needs image teachers; use l2 or pseudo-huber for this teacher")
+            raise UserError(
+                "--reg-loss lpips needs image teachers; use l2 or pseudo-huber for this teacher"
+            )
 
         self.device = acc.device
         self.real = t.denoiser.to(self.device).eval().requires_grad_(False)
         self.sigma_data = float(self.real.sigma_data)
-        generator = OneStepGenerator(copy.deepcopy(t.denoiser).requires_grad_(True).train(), t.sigma_max)
+        generator = OneStepGenerator(
+            copy.deepcopy(t.denoiser).requires_grad_(True).train(), t.sigma_max
+        )
         self.ema = EMA(generator.denoiser, cfg.ema_decay)
-        opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
-                                  weight_decay=cfg.weight_decay)
+        opt_g = torch.optim.AdamW(
+            generator.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
+        )
         self.use_fake = cfg.dm_weight > 0 and not cfg.real_only
         if self.use_fake:
             fake = copy.deepcopy(t.denoiser).requires_grad_(True).train()
-            opt_f = torch.optim.AdamW(fake.parameters(), lr=cfg.fake_lr, betas=(0.9, 0.999),
-                                      weight_decay=cfg.weight_decay)
-            self.generator, self.opt_g, self.fake, self.opt_f = acc.prepare(generator, opt_g, fake, opt_f)
+            opt_f = torch.optim.AdamW(
+                fake.parameters(), lr=cfg.fake_lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
+            )
+            self.generator, self.opt_g, self.fake, self.opt_f = acc.prepare(
+                generator, opt_g, fake, opt_f
+            )
         else:
             self.generator, self.opt_g = acc.prepare(generator, opt_g)
             self.fake = self.opt_f = None
@@ -193,7 +237,7 @@ class DMDTrainer:
         """This process's share of a tensor drawn for the global batch."""
         n = x.shape[0] // self.acc.num_processes
         i = self.acc.process_index
-        return x[i * n:(i + 1) * n].to(self.device)
+        return x[i * n : (i + 1) * n].to(self.device)
 
     def _labels(self, n: int, gen: torch.Generator) -> torch.Tensor | None:
         k = self.teacher.num_classes
@@ -252,7 +296,9 @@ class DMDTrainer:
                 loss_g = loss_g + cfg.dm_weight * loss_dm
                 logs["loss_dm"] = loss_dm.detach()
             if self.pairs is not None:
-                loss_reg = regression_loss(cfg.reg_loss, x_all[z.shape[0]:], y_pair, lpips_fn=self.lpips)
+                loss_reg = regression_loss(
+                    cfg.reg_loss, x_all[z.shape[0] :], y_pair, lpips_fn=self.lpips
+                )
                 loss_g = loss_g + cfg.reg_weight * loss_reg
                 logs["loss_reg"] = loss_reg.detach()
         acc.backward(loss_g)
@@ -276,8 +322,9 @@ class DMDTrainer:
                 fidx = self._slice(torch.randint(0, cfg.sigma_levels, (B,), generator=gen))
                 feps = self._slice(torch.randn(B, *shape, generator=gen))
                 with acc.autocast():
-                    loss_f = edm_denoising_loss(self.fake, x_fake.float(), self.grid[fidx], feps, c,
-                                                self.sigma_data)
+                    loss_f = edm_denoising_loss(
+                        self.fake, x_fake.float(), self.grid[fidx], feps, c, self.sigma_data
+                    )
                 acc.backward(loss_f)
                 gnorm_f = acc.clip_grad_norm_(self.fake.parameters(), cfg.grad_clip or float("inf"))
                 self.opt_f.step()
@@ -290,8 +337,13 @@ class DMDTrainer:
     # --- checkpoints ---------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
         t = self.teacher
-        return {"config": asdict(self.cfg), "teacher_sha256": t.sha256, "teacher_kind": t.name,
-                "teacher_config": t.config, "ema_updates": self.ema.num_updates}
+        return {
+            "config": asdict(self.cfg),
+            "teacher_sha256": t.sha256,
+            "teacher_kind": t.name,
+            "teacher_config": t.config,
+            "ema_updates": self.ema.num_updates,
+        }
 
     def save(self) -> Path | None:
         self.acc.wait_for_everyone()
@@ -302,9 +354,15 @@ class DMDTrainer:
             if self.use_fake:
                 models["fake"] = self.acc.unwrap_model(self.fake)
                 optims["fake"] = self.opt_f
-            path = save_checkpoint(self.out / "checkpoints", self.step, models, optims,
-                                   {"ema": self.ema.state_dict()}, self.checkpoint_state(),
-                                   keep=self.cfg.keep_checkpoints)
+            path = save_checkpoint(
+                self.out / "checkpoints",
+                self.step,
+                models,
+                optims,
+                {"ema": self.ema.state_dict()},
+                self.checkpoint_state(),
+                keep=self.cfg.keep_checkpoints,
+            )
         self.acc.wait_for_everyone()
         return path
 
@@ -312,12 +370,18 @@ class DMDTrainer:
         path = find_checkpoint(self.out, where)
         state, load = load_checkpoint(path)
         if state.get("teacher_sha256") != self.teacher.sha256:
-            raise UserError(f"checkpoint {path} was trained from a different teacher file; "
-                            "resume with the same --teacher-path")
-        if bool(state["config"].get("real_only")) != self.cfg.real_only or (
-                "fake" in state["optimizers"]) != self.use_fake:
-            raise UserError(f"checkpoint {path} comes from a run with another fake-score setting "
-                            "(--real-only / --dm-weight); resume with the same settings")
+            raise UserError(
+                f"checkpoint {path} was trained from a different teacher file; "
+                "resume with the same --teacher-path"
+            )
+        if (
+            bool(state["config"].get("real_only")) != self.cfg.real_only
+            or ("fake" in state["optimizers"]) != self.use_fake
+        ):
+            raise UserError(
+                f"checkpoint {path} comes from a run with another fake-score setting "
+                "(--real-only / --dm-weight); resume with the same settings"
+            )
         try:
             self.unwrapped_generator.denoiser.load_state_dict(load("generator"))
             self.opt_g.load_state_dict(_optim_state(load, state, "generator"))
@@ -325,8 +389,12 @@ class DMDTrainer:
                 self.acc.unwrap_model(self.fake).load_state_dict(load("fake"))
                 self.opt_f.load_state_dict(_optim_state(load, state, "fake"))
         except (RuntimeError, KeyError, ValueError) as e:
-            raise UserError(f"checkpoint {path} does not fit this run's networks ({str(e).splitlines()[0]})") from None
-        self.ema.load_state_dict({k: v.to(self.device) for k, v in load("ema").items()}, state["ema_updates"])
+            raise UserError(
+                f"checkpoint {path} does not fit this run's networks ({str(e).splitlines()[0]})"
+            ) from None
+        self.ema.load_state_dict(
+            {k: v.to(self.device) for k, v in load("ema").items()}, state["ema_updates"]
+        )
         self.step = int(state["step"])
         return path
 
@@ -353,7 +421,9 @@ def plot_samples(trainer: DMDTrainer, path: Path) -> Path | None:
     c = (torch.arange(n, device=trainer.device) % k) if k else None
     with torch.no_grad():
         x = g(z, c).float().cpu()
-    return trainer.teacher.kind.save_plot([(f"DMD step {trainer.step} (EMA)", x)], path, trainer.teacher.config)
+    return trainer.teacher.kind.save_plot(
+        [(f"DMD step {trainer.step} (EMA)", x)], path, trainer.teacher.config
+    )
 
 
 def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
@@ -365,8 +435,10 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
     if cfg.resume:
         resumed_from = trainer.resume(cfg.resume)
     elif main and list_checkpoints(out / "checkpoints"):
-        raise UserError(f"{out} already holds checkpoints of a run; pass --resume latest to continue it, "
-                        "or choose another --out")
+        raise UserError(
+            f"{out} already holds checkpoints of a run; pass --resume latest to continue it, "
+            "or choose another --out"
+        )
     if main:
         write_config(cfg, out)
         if resumed_from:
@@ -385,8 +457,10 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
                 values = {k: float(v) for k, v in logs.items()}
                 if not all(math.isfinite(v) for v in values.values()):
                     bad = ", ".join(k for k, v in values.items() if not math.isfinite(v))
-                    raise UserError(f"non-finite {bad} at step {step}: stopping without saving; the last "
-                                    "good checkpoint is intact (try a lower --lr)")
+                    raise UserError(
+                        f"non-finite {bad} at step {step}: stopping without saving; the last "
+                        "good checkpoint is intact (try a lower --lr)"
+                    )
                 now = time.perf_counter()
                 rate = (step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
                 t_last, step_last = now, step
@@ -394,8 +468,15 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
                 if main:
                     with open(log_path, "a") as f:
                         f.write(json.dumps({"step": step, **last}) + "\n")
-                bar.update(task, completed=step, info=" ".join(
-                    f"{k.replace('loss_', '')} {v:.3g}" for k, v in values.items() if k.startswith("loss")))
+                bar.update(
+                    task,
+                    completed=step,
+                    info=" ".join(
+                        f"{k.replace('loss_', '')} {v:.3g}"
+                        for k, v in values.items()
+                        if k.startswith("loss")
+                    ),
+                )
             else:
                 bar.update(task, completed=step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.signal is not None:
@@ -406,17 +487,31 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
                 interrupted = stop.signal
                 break
     elapsed = time.perf_counter() - t_start
-    result = {"out": str(out), "step": trainer.step, "steps": cfg.steps, **{k: round(v, 5) for k, v in last.items()},
-              "seconds": round(elapsed, 1), "reg_loss": cfg.reg_loss if trainer.pairs is not None else "none",
-              "reg_weight": cfg.reg_weight, "dm_weight": cfg.dm_weight, "real_only": cfg.real_only,
-              "num_pairs": len(trainer.pairs) if trainer.pairs is not None else 0}
+    result = {
+        "out": str(out),
+        "step": trainer.step,
+        "steps": cfg.steps,
+        **{k: round(v, 5) for k, v in last.items()},
+        "seconds": round(elapsed, 1),
+        "reg_loss": cfg.reg_loss if trainer.pairs is not None else "none",
+        "reg_weight": cfg.reg_weight,
+        "dm_weight": cfg.dm_weight,
+        "real_only": cfg.real_only,
+        "num_pairs": len(trainer.pairs) if trainer.pairs is not None else 0,
+    }
     if interrupted is not None:
         result["interrupted"] = signal.Signals(interrupted).name
         return result
     if main:
         t = trainer.teacher
-        save_generator(trainer.ema_generator().denoiser, t.name, t.config, t.sha256,
-                       out / "generator.safetensors", extra={"step": str(trainer.step), "ema": "true"})
+        save_generator(
+            trainer.ema_generator().denoiser,
+            t.name,
+            t.config,
+            t.sha256,
+            out / "generator.safetensors",
+            extra={"step": str(trainer.step), "ema": "true"},
+        )
         result["generator"] = str(out / "generator.safetensors")
     acc.wait_for_everyone()
     return result

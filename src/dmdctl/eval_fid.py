@@ -39,10 +39,14 @@ class EvalFidConfig:
         require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
         require(self.steps > 0, f"--steps must be positive, got {self.steps}")
         require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
-        require(self.generator is not None or self.teacher_path is not None or self.teacher is not None,
-                "nothing to score: pass --generator FILE, or --teacher-path FILE with --steps N")
-        require(not (self.generator and self.teacher_path),
-                "pass either --generator or --teacher-path, not both")
+        require(
+            self.generator is not None or self.teacher_path is not None or self.teacher is not None,
+            "nothing to score: pass --generator FILE, or --teacher-path FILE with --steps N",
+        )
+        require(
+            not (self.generator and self.teacher_path),
+            "pass either --generator or --teacher-path, not both",
+        )
 
 
 def source_from(cfg) -> object:
@@ -62,7 +66,9 @@ def evaluate(cfg: EvalFidConfig, source=None, show_progress: bool = True) -> dic
     else:
         ref = kind.reference_stats(tconfig)
         if ref is None:
-            raise UserError(f"teacher '{kind.name}' has no built-in reference; pass --ref STATS.npz")
+            raise UserError(
+                f"teacher '{kind.name}' has no built-in reference; pass --ref STATS.npz"
+            )
         mu_ref, sigma_ref, desc = ref
         reference = {"builtin": desc}
     device = pick_device(cfg.device)
@@ -74,7 +80,7 @@ def evaluate(cfg: EvalFidConfig, source=None, show_progress: bool = True) -> dic
     with progress(transient=True, disable=None if show_progress else True) as bar:
         task = bar.add_task(f"eval {source.description}", total=cfg.num_samples, info="")
         for i in range(0, cfg.num_samples, cfg.batch_size):
-            x, _ = generate(source, seeds[i:i + cfg.batch_size], cfg.batch_size, device=device)
+            x, _ = generate(source, seeds[i : i + cfg.batch_size], cfg.batch_size, device=device)
             f = kind.features(x)
             stats = stats or FeatureStats(f.shape[1])
             stats.update(f)
@@ -82,7 +88,9 @@ def evaluate(cfg: EvalFidConfig, source=None, show_progress: bool = True) -> dic
             bar.advance(task, x.shape[0])
     gen_seconds = time.perf_counter() - t0
     if stats.dim != mu_ref.shape[0]:
-        raise UserError(f"reference has {mu_ref.shape[0]}-d statistics but features are {stats.dim}-d")
+        raise UserError(
+            f"reference has {mu_ref.shape[0]}-d statistics but features are {stats.dim}-d"
+        )
     result = {
         "fid": frechet_distance(stats.mu, stats.sigma, mu_ref, sigma_ref),
         "num_samples": stats.n,
@@ -104,9 +112,13 @@ def evaluate(cfg: EvalFidConfig, source=None, show_progress: bool = True) -> dic
 
 def result_rows(result: dict) -> list[tuple[str, object]]:
     ref = result["reference"]
-    rows = [("FID", result["fid"]), ("samples", result["num_samples"]),
-            ("reference", ref.get("path") or ref.get("builtin")), ("features", result["features"]),
-            ("source", result["source"]), ("NFE", result["nfe"])]
+    rows = [
+        ("FID", result["fid"]),
+        ("samples", result["num_samples"]),
+        ("reference", ref.get("path") or ref.get("builtin")),
+        ("features", result["features"]),
+        ("source", result["source"]),
+        ("NFE", result["nfe"]),
+    ]
     rows += [(k, v) for k, v in result.items() if k in ("modes_covered", "frac_within_3std")]
     return rows
-

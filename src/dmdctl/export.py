@@ -21,9 +21,14 @@ class ExportConfig:
     format: str = "safetensors"
 
     def validate(self) -> None:
-        require(self.source is not None, "pass the run folder, checkpoint folder or generator file to export")
-        require(self.format == "safetensors",
-                f"--format {self.format!r} is not available for this teacher (available: safetensors)")
+        require(
+            self.source is not None,
+            "pass the run folder, checkpoint folder or generator file to export",
+        )
+        require(
+            self.format == "safetensors",
+            f"--format {self.format!r} is not available for this teacher (available: safetensors)",
+        )
 
 
 def _checkpoint_of(source: Path) -> Path | None:
@@ -56,7 +61,18 @@ def export(cfg: ExportConfig) -> dict:
     weights = load("ema" if cfg.ema else "generator")
     denoiser.load_state_dict({k: v.to(denoiser.state_dict()[k].dtype) for k, v in weights.items()})
     gen = OneStepGenerator(denoiser, denoiser.sigma_max)
-    save_generator(gen.denoiser, kind.name, config, state["teacher_sha256"], out,
-                   extra={"step": str(state["step"]), "ema": str(cfg.ema).lower(), "checkpoint": str(ckpt)})
-    return {"out": str(out), "from": str(ckpt), "kind": kind.name, "step": state["step"],
-            "weights": "EMA" if cfg.ema else "raw generator"}
+    save_generator(
+        gen.denoiser,
+        kind.name,
+        config,
+        state["teacher_sha256"],
+        out,
+        extra={"step": str(state["step"]), "ema": str(cfg.ema).lower(), "checkpoint": str(ckpt)},
+    )
+    return {
+        "out": str(out),
+        "from": str(ckpt),
+        "kind": kind.name,
+        "step": state["step"],
+        "weights": "EMA" if cfg.ema else "raw generator",
+    }

@@ -20,7 +20,11 @@ class FeatureStats:
         self.sum_outer = np.zeros((dim, dim), dtype=np.float64)
 
     def update(self, feats: torch.Tensor | np.ndarray) -> None:
-        f = feats.detach().cpu().double().numpy() if torch.is_tensor(feats) else np.asarray(feats, np.float64)
+        f = (
+            feats.detach().cpu().double().numpy()
+            if torch.is_tensor(feats)
+            else np.asarray(feats, np.float64)
+        )
         f = f.reshape(f.shape[0], -1)
         if f.shape[1] != self.dim:
             raise ValueError(f"expected {self.dim}-d features, got {f.shape[1]}")
@@ -75,17 +79,23 @@ def load_stats_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise UserError(f"reference statistics not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if "mu" not in data or "sigma" not in data:
-                raise UserError(f"{path} has no 'mu' and 'sigma' arrays (keys: {', '.join(data.files)})")
-            return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+        data = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
         raise UserError(f"{path} is not a readable npz file ({e})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise UserError(f"{path} is not an npz file with 'mu' and 'sigma' arrays")
+    with data:
+        if "mu" not in data or "sigma" not in data:
+            raise UserError(
+                f"{path} has no 'mu' and 'sigma' arrays (keys: {', '.join(data.files)})"
+            )
+        return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
 
 
 def save_stats_npz(path: Path, mu: np.ndarray, sigma: np.ndarray, **extra) -> Path:
     path = Path(path)
+    if path.suffix != ".npz":  # np.savez would append it and the returned path would not exist
+        path = path.with_name(path.name + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, mu=mu, sigma=sigma, **extra)
     return path
-

@@ -22,12 +22,23 @@ from .teachers import GENERATOR_FORMAT, Teacher, get_kind, load_state
 from .teachers.base import TeacherKind
 
 
-def save_generator(denoiser: nn.Module, kind: str, config: dict, teacher_sha256: str, path: Path,
-                   extra: dict | None = None) -> Path:
+def save_generator(
+    denoiser: nn.Module,
+    kind: str,
+    config: dict,
+    teacher_sha256: str,
+    path: Path,
+    extra: dict | None = None,
+) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": GENERATOR_FORMAT, "kind": kind, "config": json.dumps(config),
-            "sigma_max": repr(float(denoiser.sigma_max)), "teacher_sha256": teacher_sha256}
+    meta = {
+        "format": GENERATOR_FORMAT,
+        "kind": kind,
+        "config": json.dumps(config),
+        "sigma_max": repr(float(denoiser.sigma_max)),
+        "teacher_sha256": teacher_sha256,
+    }
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
     state = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
@@ -78,8 +89,13 @@ class TeacherSampler:
 def teacher_source(teacher: Teacher, steps: int) -> Source:
     if steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
-    return Source(teacher.kind, teacher.config, f"teacher {teacher.name} Heun {steps} steps",
-                  heun_nfe(steps), TeacherSampler(teacher.denoiser, steps))
+    return Source(
+        teacher.kind,
+        teacher.config,
+        f"teacher {teacher.name} Heun {steps} steps",
+        heun_nfe(steps),
+        TeacherSampler(teacher.denoiser, steps),
+    )
 
 
 def load_generator(path: Path) -> Source:
@@ -88,8 +104,10 @@ def load_generator(path: Path) -> Source:
         # a distill run folder: its exported EMA generator
         candidate = path / "generator.safetensors"
         if not candidate.is_file():
-            raise UserError(f"{path} has no generator.safetensors; pass a generator file "
-                            "(`dmdctl export RUN -o gen.safetensors`)")
+            raise UserError(
+                f"{path} has no generator.safetensors; pass a generator file "
+                "(`dmdctl export RUN -o gen.safetensors`)"
+            )
         path = candidate
     meta, state = load_state(path, GENERATOR_FORMAT)
     kind = get_kind(meta["kind"])
@@ -98,21 +116,29 @@ def load_generator(path: Path) -> Source:
     try:
         denoiser.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise UserError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
+        raise UserError(
+            f"{path}: weights do not match its config ({str(e).splitlines()[0]})"
+        ) from None
     gen = OneStepGenerator(denoiser, float(meta["sigma_max"])).eval().requires_grad_(False)
     return Source(kind, config, f"generator {path.name}", 1, gen)
 
 
 @torch.no_grad()
-def generate(source: Source, seeds: list[int], batch_size: int = 1000, labels: torch.Tensor | None = None,
-             device: torch.device | str = "cpu", progress_cb=None) -> tuple[torch.Tensor, torch.Tensor]:
+def generate(
+    source: Source,
+    seeds: list[int],
+    batch_size: int = 1000,
+    labels: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    progress_cb=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples for the given seeds (one RNG per seed) and labels (balanced by default)."""
     if labels is None:
         labels = class_labels(list(seeds), seeds[0] if len(seeds) else 0, source.num_classes)
     out = []
     for i in range(0, len(seeds), batch_size):
-        z = seeded_noise(seeds[i:i + batch_size], source.sample_shape, device)
-        c = labels[i:i + batch_size].to(device) if source.num_classes else None
+        z = seeded_noise(seeds[i : i + batch_size], source.sample_shape, device)
+        c = labels[i : i + batch_size].to(device) if source.num_classes else None
         out.append(source(z, c).float().cpu())
         if progress_cb:
             progress_cb(z.shape[0])

@@ -36,8 +36,14 @@ def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     return sigma.pow(-2) + sigma_data**-2
 
 
-def edm_denoising_loss(denoiser, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
-                       cond=None, sigma_data: float = 0.5) -> torch.Tensor:
+def edm_denoising_loss(
+    denoiser,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+    cond=None,
+    sigma_data: float = 0.5,
+) -> torch.Tensor:
     """Denoising score matching with EDM weighting, mean over the batch."""
     s = broadcast_sigma(sigma, x)
     pred = denoiser(x + s * noise, sigma, cond)
@@ -45,8 +51,9 @@ def edm_denoising_loss(denoiser, x: torch.Tensor, sigma: torch.Tensor, noise: to
     return (edm_weight(sigma.float(), sigma_data) * per).mean()
 
 
-def regression_loss(kind: str, pred: torch.Tensor, target: torch.Tensor, huber_c: float = 0.03,
-                    lpips_fn=None) -> torch.Tensor:
+def regression_loss(
+    kind: str, pred: torch.Tensor, target: torch.Tensor, huber_c: float = 0.03, lpips_fn=None
+) -> torch.Tensor:
     """Regression of G(z) onto the teacher's ODE output y for the same noise, mean over the batch.
 
     ``l2``: per-sample mean squared error. ``pseudo-huber``: sqrt(||d||^2/D + c^2) - c per sample

@@ -40,7 +40,9 @@ def read_manifest(folder: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); delete the folder and make the pairs again") from None
+        raise UserError(
+            f"{path} is not valid JSON ({e}); delete the folder and make the pairs again"
+        ) from None
     if data.get("format") != PAIRS_FORMAT:
         raise UserError(f"{path} is not a dmdctl pairs manifest")
     return data
@@ -87,7 +89,9 @@ class PairWriter:
 
     def write_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> dict:
         if index != self.next_shard:
-            raise RuntimeError(f"shards must be written in order (expected {self.next_shard}, got {index})")
+            raise RuntimeError(
+                f"shards must be written in order (expected {self.next_shard}, got {index})"
+            )
         path = self.folder / shard_name(index)
         tmp = path.with_name(path.name + ".tmp")
         try:
@@ -96,15 +100,24 @@ class PairWriter:
         except (OSError, SafetensorError) as e:
             tmp.unlink(missing_ok=True)
             raise UserError(f"could not write {path}: {e}") from None
-        entry = {"file": path.name, "first_seed": int(tensors["seed"][0]),
-                 "count": int(tensors["seed"].numel()), "sha256": sha256_file(path)}
+        entry = {
+            "file": path.name,
+            "first_seed": int(tensors["seed"][0]),
+            "count": int(tensors["seed"].numel()),
+            "sha256": sha256_file(path),
+        }
         self.shards.append(entry)
         self._write_manifest()
         return entry
 
     def _write_manifest(self) -> None:
-        data = {"format": PAIRS_FORMAT, "version": 1, **self.settings,
-                "complete": len(self.shards) == self.num_shards, "shards": self.shards}
+        data = {
+            "format": PAIRS_FORMAT,
+            "version": 1,
+            **self.settings,
+            "complete": len(self.shards) == self.num_shards,
+            "shards": self.shards,
+        }
         atomic_write_bytes(self.folder / MANIFEST, (json.dumps(data, indent=2) + "\n").encode())
 
 
@@ -113,7 +126,9 @@ def verify_shard(folder: Path, entry: dict) -> Path:
     if not path.is_file():
         raise UserError(f"pairs shard {path} is listed in the manifest but missing")
     if sha256_file(path) != entry["sha256"]:
-        raise UserError(f"pairs shard {path} is corrupt or truncated (sha256 differs from the manifest)")
+        raise UserError(
+            f"pairs shard {path} is corrupt or truncated (sha256 differs from the manifest)"
+        )
     return path
 
 
@@ -137,12 +152,18 @@ def load_pairs(folder: Path, teacher=None, limit: int | None = None) -> Pairs:
         raise UserError(f"pairs folder not found: {folder} (make one with `dmdctl make-pairs`)")
     manifest = read_manifest(folder)
     if manifest is None:
-        raise UserError(f"{folder} has no {MANIFEST}; is it a pairs folder made by `dmdctl make-pairs`?")
+        raise UserError(
+            f"{folder} has no {MANIFEST}; is it a pairs folder made by `dmdctl make-pairs`?"
+        )
     if not manifest["shards"]:
-        raise UserError(f"{folder} holds no complete shard yet; run `dmdctl make-pairs` to finish it")
+        raise UserError(
+            f"{folder} holds no complete shard yet; run `dmdctl make-pairs` to finish it"
+        )
     if teacher is not None:
         mt = manifest["teacher"]
-        if mt["kind"] != teacher.name or list(manifest["sample_shape"]) != list(teacher.sample_shape):
+        if mt["kind"] != teacher.name or list(manifest["sample_shape"]) != list(
+            teacher.sample_shape
+        ):
             raise UserError(
                 f"{folder} was made by a '{mt['kind']}' teacher with samples of shape "
                 f"{tuple(manifest['sample_shape'])}, not this '{teacher.name}' teacher "

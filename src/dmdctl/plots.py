@@ -8,8 +8,13 @@ import torch
 from PIL import Image, ImageDraw
 
 
-def scatter_panels(panels: list[tuple[str, torch.Tensor]], path: Path, extent: float,
-                   centers: torch.Tensor | None = None, size: int = 280) -> Path:
+def scatter_panels(
+    panels: list[tuple[str, torch.Tensor]],
+    path: Path,
+    extent: float,
+    centers: torch.Tensor | None = None,
+    size: int = 280,
+) -> Path:
     """Side-by-side scatter plots of 2-D points, one panel per (title, points)."""
     pad_top = 22
     img = Image.new("RGB", (size * len(panels), size + pad_top), "white")

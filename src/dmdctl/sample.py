@@ -34,8 +34,10 @@ class SampleConfig:
         require(self.steps > 0, f"--steps must be positive, got {self.steps}")
         require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        require(self.generator is not None or self.teacher_path is not None or self.teacher is not None,
-                "nothing to sample from: pass --generator FILE, or --teacher-path FILE with --steps N")
+        require(
+            self.generator is not None or self.teacher_path is not None or self.teacher is not None,
+            "nothing to sample from: pass --generator FILE, or --teacher-path FILE with --steps N",
+        )
 
 
 def sample(cfg: SampleConfig) -> dict:
@@ -47,13 +49,23 @@ def sample(cfg: SampleConfig) -> dict:
     seeds = list(range(cfg.seed, cfg.seed + cfg.num))
     with progress(transient=True) as bar:
         task = bar.add_task(f"sample {source.description}", total=cfg.num, info="")
-        x, labels = generate(source, seeds, cfg.batch_size, device=device,
-                             progress_cb=lambda n: bar.advance(task, n))
-    save_file({"samples": x.contiguous(), "labels": labels, "seed": torch.tensor(seeds)},
-              str(out / "samples.safetensors"), metadata={"source": source.description})
+        x, labels = generate(
+            source, seeds, cfg.batch_size, device=device, progress_cb=lambda n: bar.advance(task, n)
+        )
+    save_file(
+        {"samples": x.contiguous(), "labels": labels, "seed": torch.tensor(seeds)},
+        str(out / "samples.safetensors"),
+        metadata={"source": source.description},
+    )
     write_config(cfg, out)
-    result = {"out": str(out / "samples.safetensors"), "num": cfg.num, "source": source.description,
-              "nfe": source.nfe}
+    result = {
+        "out": str(out / "samples.safetensors"),
+        "num": cfg.num,
+        "source": source.description,
+        "nfe": source.nfe,
+    }
     if cfg.plot:
-        result["plot"] = str(source.kind.save_plot([(source.description, x)], out / "samples.png", source.config))
+        result["plot"] = str(
+            source.kind.save_plot([(source.description, x)], out / "samples.png", source.config)
+        )
     return result

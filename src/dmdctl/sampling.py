@@ -9,8 +9,9 @@ import torch
 Denoiser = Callable[..., torch.Tensor]
 
 
-def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                  rho: float = 7.0) -> torch.Tensor:
+def karras_sigmas(
+    num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> torch.Tensor:
     """The EDM schedule: ``num_steps`` decreasing sigmas from sigma_max to sigma_min, then 0.
 
     Computed in float64 (rounding in float32 shifts the smallest sigmas visibly).
@@ -32,7 +33,9 @@ def heun_nfe(num_steps: int) -> int:
 
 
 @torch.no_grad()
-def heun_sample(denoiser: Denoiser, z: torch.Tensor, sigmas: torch.Tensor, cond=None) -> torch.Tensor:
+def heun_sample(
+    denoiser: Denoiser, z: torch.Tensor, sigmas: torch.Tensor, cond=None
+) -> torch.Tensor:
     """Deterministic Heun (2nd order) ODE sampler of EDM, starting at ``x = z * sigmas[0]``.
 
     With ``sigmas = karras_sigmas(1, ...)`` this is one Euler step: ``D(z * sigma_max)``.
@@ -49,8 +52,9 @@ def heun_sample(denoiser: Denoiser, z: torch.Tensor, sigmas: torch.Tensor, cond=
     return x.to(z.dtype)
 
 
-def seeded_noise(seeds: list[int] | torch.Tensor, shape: tuple[int, ...],
-                 device: torch.device | str = "cpu") -> torch.Tensor:
+def seeded_noise(
+    seeds: list[int] | torch.Tensor, shape: tuple[int, ...], device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """One RNG per seed (as in EDM): any sample can be regenerated alone from its seed."""
     out = torch.empty((len(seeds), *shape), dtype=torch.float32)
     gen = torch.Generator()
@@ -60,7 +64,9 @@ def seeded_noise(seeds: list[int] | torch.Tensor, shape: tuple[int, ...],
     return out.to(device)
 
 
-def dmd_sigma_grid(sigma_min: float, sigma_max: float, levels: int = 1000, rho: float = 7.0) -> torch.Tensor:
+def dmd_sigma_grid(
+    sigma_min: float, sigma_max: float, levels: int = 1000, rho: float = 7.0
+) -> torch.Tensor:
     """A discrete grid of ``levels`` noise levels, ascending, on the Karras curve.
 
     DMD draws its noise level as an index into a grid like this (the teacher's "timesteps"),

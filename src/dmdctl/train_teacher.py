@@ -49,7 +49,9 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 def train_teacher(cfg: TrainTeacherConfig) -> dict:
     kind, tcfg = preset_config(cfg.teacher)
     if not kind.builtin:
-        raise UserError(f"train-teacher trains built-in teachers only; '{kind.name}' is loaded from a file")
+        raise UserError(
+            f"train-teacher trains built-in teachers only; '{kind.name}' is loaded from a file"
+        )
     out = Path(cfg.out)
     write_config(cfg, out)
     torch.manual_seed(cfg.seed)
@@ -58,7 +60,9 @@ def train_teacher(cfg: TrainTeacherConfig) -> dict:
     net.train()
     ema = EMA(net, cfg.ema_decay)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps)
+    )
     t0 = time.perf_counter()
     losses = []
     with progress() as bar:
@@ -79,7 +83,12 @@ def train_teacher(cfg: TrainTeacherConfig) -> dict:
                 bar.update(task, completed=step + 1, info=f"loss {losses[-1]:.4f}")
     elapsed = time.perf_counter() - t0
     ema.copy_to(net)
-    path = save_teacher(net, kind, tcfg, out / "teacher.safetensors",
-                        extra={"trained_by": json.dumps(asdict(cfg))})
-    return {"teacher": str(path), "steps": cfg.steps, "final_loss": losses[-1],
-            "seconds": round(elapsed, 1)}
+    path = save_teacher(
+        net, kind, tcfg, out / "teacher.safetensors", extra={"trained_by": json.dumps(asdict(cfg))}
+    )
+    return {
+        "teacher": str(path),
+        "steps": cfg.steps,
+        "final_loss": losses[-1],
+        "seconds": round(elapsed, 1),
+    }

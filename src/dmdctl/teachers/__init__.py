@@ -43,7 +43,9 @@ def get_kind(name: str) -> TeacherKind:
     table = presets()
     if name in table:
         return KINDS[table[name][0]]
-    raise UserError(f"unknown teacher '{name}' (known: {', '.join(sorted(set(KINDS) | set(table)))})")
+    raise UserError(
+        f"unknown teacher '{name}' (known: {', '.join(sorted(set(KINDS) | set(table)))})"
+    )
 
 
 def preset_config(name: str) -> tuple[TeacherKind, dict]:
@@ -88,8 +90,12 @@ class Teacher:
         return IdentityCodec()
 
     def identity(self) -> dict:
-        return {"kind": self.name, "path": str(self.path) if self.path else None,
-                "sha256": self.sha256, "config": self.config}
+        return {
+            "kind": self.name,
+            "path": str(self.path) if self.path else None,
+            "sha256": self.sha256,
+            "config": self.config,
+        }
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -115,8 +121,9 @@ def load_state(path: Path, expected_format: str) -> tuple[dict, dict[str, torch.
     return meta, load_file(str(path))
 
 
-def save_teacher(denoiser: nn.Module, kind: TeacherKind, config: dict, path: Path,
-                 extra: dict | None = None) -> Path:
+def save_teacher(
+    denoiser: nn.Module, kind: TeacherKind, config: dict, path: Path, extra: dict | None = None
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": TEACHER_FORMAT, "kind": kind.name, "config": json.dumps(config)}
     meta.update({k: str(v) for k, v in (extra or {}).items()})
@@ -139,7 +146,9 @@ def load_teacher(path: Path, expected: str | None = None) -> Teacher:
     try:
         denoiser.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise UserError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
+        raise UserError(
+            f"{path}: weights do not match its config ({str(e).splitlines()[0]})"
+        ) from None
     denoiser.eval().requires_grad_(False)
     return Teacher(kind, config, denoiser, path, sha256_file(path))
 
@@ -148,7 +157,9 @@ def resolve_teacher(teacher: str | None, teacher_path: Path | None) -> Teacher:
     """The teacher named by ``--teacher`` / ``--teacher-path`` on any command."""
     if teacher_path is None:
         if teacher is None:
-            raise UserError("no teacher given: pass --teacher-path FILE (and optionally --teacher NAME)")
+            raise UserError(
+                "no teacher given: pass --teacher-path FILE (and optionally --teacher NAME)"
+            )
         kind = get_kind(teacher)
         default = kind.default_path()
         if default is None or not default.is_file():

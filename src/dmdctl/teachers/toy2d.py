@@ -40,11 +40,19 @@ class Toy2DBackbone(nn.Module):
     ring; without them training stalls on a blurred ring for some seeds.
     """
 
-    def __init__(self, hidden: int, depth: int, fourier_features: int, fourier_scale: float,
-                 init_seed: int = 0):
+    def __init__(
+        self,
+        hidden: int,
+        depth: int,
+        fourier_features: int,
+        fourier_scale: float,
+        init_seed: int = 0,
+    ):
         super().__init__()
         gen = torch.Generator().manual_seed(init_seed)
-        self.register_buffer("x_freqs", torch.randn(2, fourier_features, generator=gen) * fourier_scale)
+        self.register_buffer(
+            "x_freqs", torch.randn(2, fourier_features, generator=gen) * fourier_scale
+        )
         self.register_buffer("t_freqs", torch.randn(1, 16, generator=gen))
         width = 2 + 2 * fourier_features + 32
         layers: list[nn.Module] = []
@@ -85,14 +93,21 @@ class Toy2D(TeacherKind):
         }
 
     def build(self, config: dict) -> EDMPrecond:
-        backbone = Toy2DBackbone(config["hidden"], config["depth"], config["fourier_features"],
-                                 config["fourier_scale"], config.get("init_seed", 0))
+        backbone = Toy2DBackbone(
+            config["hidden"],
+            config["depth"],
+            config["fourier_features"],
+            config["fourier_scale"],
+            config.get("init_seed", 0),
+        )
         return EDMPrecond(backbone, config["sigma_data"], config["sigma_min"], config["sigma_max"])
 
     def sample_shape(self, config: dict) -> tuple[int, ...]:
         return (2,)
 
-    def sample_data(self, config: dict, n: int, generator: torch.Generator) -> tuple[torch.Tensor, None]:
+    def sample_data(
+        self, config: dict, n: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, None]:
         idx = torch.multinomial(mode_weights(config), n, replacement=True, generator=generator)
         noise = torch.randn(n, 2, generator=generator) * config["mode_std"]
         return mode_centers(config)[idx] + noise, None
@@ -103,8 +118,16 @@ class Toy2D(TeacherKind):
         w = mode_weights(config).double()
         mu = (w[:, None] * c).sum(0)
         second = (w[:, None, None] * (c[:, :, None] * c[:, None, :])).sum(0)
-        sigma = second + config["mode_std"] ** 2 * torch.eye(2, dtype=torch.float64) - torch.outer(mu, mu)
-        return mu.numpy(), sigma.numpy(), f"toy2d mixture (exact moments, {config['num_modes']} modes)"
+        sigma = (
+            second
+            + config["mode_std"] ** 2 * torch.eye(2, dtype=torch.float64)
+            - torch.outer(mu, mu)
+        )
+        return (
+            mu.numpy(),
+            sigma.numpy(),
+            f"toy2d mixture (exact moments, {config['num_modes']} modes)",
+        )
 
     def quality_metrics(self, config: dict, samples: torch.Tensor) -> dict:
         """Mode coverage and sharpness, which the 2-D Fréchet distance cannot see."""
@@ -125,4 +148,6 @@ class Toy2D(TeacherKind):
     def save_plot(self, panels: list[tuple[str, torch.Tensor]], path: Path, config: dict) -> Path:
         from ..plots import scatter_panels
 
-        return scatter_panels(panels, path, extent=1.6 * config["radius"], centers=mode_centers(config))
+        return scatter_panels(
+            panels, path, extent=1.6 * config["radius"], centers=mode_centers(config)
+        )

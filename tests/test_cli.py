@@ -1,0 +1,195 @@
+"""The command line as a user meets it: help, versions, and one-line errors with exit code 2."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from dmdctl.cli import app
+
+runner = CliRunner()
+COMMANDS = ["train-teacher", "make-pairs", "distill", "eval-fid", "sample", "export", "demo"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_version_lists_the_libraries():
+    r = run("--version")
+    assert r.exit_code == 0
+    for name in ("dmdctl", "torch", "diffusers", "accelerate"):
+        assert name in r.output
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_an_example_and_a_config_option(command):
+    r = run(command, "--help")
+    assert r.exit_code == 0
+    assert "Example" in r.output and "dmdctl " + command in r.output.replace("\n", " ")
+    assert "--config" in r.output
+
+
+def one_line_error(r, *fragments):
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ")
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    assert "Traceback" not in r.output
+
+
+def test_bad_inputs_exit_2_with_one_line(toy_teacher, toy_pairs, tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    one_line_error(
+        run("make-pairs", "--teacher-path", missing, "--out", tmp_path / "p"),
+        "file not found",
+        str(missing),
+    )
+    one_line_error(
+        run(
+            "make-pairs", "--teacher-path", toy_teacher, "--num-pairs", -3, "--out", tmp_path / "p"
+        ),
+        "--num-pairs must be positive",
+    )
+    one_line_error(
+        run(
+            "make-pairs",
+            "--teacher",
+            "sd99",
+            "--teacher-path",
+            toy_teacher,
+            "--out",
+            tmp_path / "p",
+        ),
+        "unknown teacher 'sd99'",
+    )
+    one_line_error(
+        run("distill", "--teacher-path", toy_teacher, "--out", tmp_path / "d"), "no --pairs folder"
+    )
+    one_line_error(
+        run(
+            "distill",
+            "--teacher-path",
+            toy_teacher,
+            "--pairs",
+            tmp_path / "none",
+            "--out",
+            tmp_path / "d",
+        ),
+        "pairs folder not found",
+    )
+    one_line_error(
+        run(
+            "distill",
+            "--teacher-path",
+            toy_teacher,
+            "--pairs",
+            toy_pairs,
+            "--reg-loss",
+            "l7",
+            "--out",
+            tmp_path / "d",
+        ),
+        "--reg-loss must be one of",
+    )
+    one_line_error(
+        run(
+            "distill",
+            "--teacher-path",
+            toy_teacher,
+            "--pairs",
+            toy_pairs,
+            "--reg-weight",
+            0,
+            "--dm-weight",
+            0,
+            "--out",
+            tmp_path / "d",
+        ),
+        "nothing to train",
+    )
+    one_line_error(
+        run(
+            "distill",
+            "--teacher-path",
+            toy_teacher,
+            "--pairs",
+            toy_pairs,
+            "--resume",
+            "latest",
+            "--out",
+            tmp_path / "d",
+        ),
+        "no complete checkpoint",
+    )
+    not_a_teacher = tmp_path / "x.safetensors"
+    not_a_teacher.write_bytes(b"garbage")
+    one_line_error(
+        run("eval-fid", "--teacher-path", not_a_teacher), "not a readable safetensors file"
+    )
+    one_line_error(run("eval-fid"), "nothing to score")
+    one_line_error(run("eval-fid", "--generator", toy_teacher), "is not a dmdctl generator file")
+    one_line_error(
+        run("eval-fid", "--teacher-path", toy_teacher, "--steps", 2, "--ref", tmp_path / "ref.npz"),
+        "reference statistics not found",
+    )
+    one_line_error(
+        run("export", tmp_path / "nothing-here", "-o", tmp_path / "g.safetensors"),
+        "nothing to export",
+    )
+    one_line_error(run("train-teacher", "sd15"), "unknown teacher 'sd15'")
+    one_line_error(run("demo", "imagenet"), "unknown demo")
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("steps = [\n")
+    one_line_error(run("train-teacher", "--config", bad_toml), "not valid TOML")
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("stepz = 3\n")
+    one_line_error(run("train-teacher", "--config", unknown), "unknown key(s)", "stepz")
+
+
+def test_flags_override_the_config_file_and_the_resolved_config_is_written(toy_teacher, tmp_path):
+    conf = tmp_path / "pairs.toml"
+    conf.write_text(f'teacher_path = "{toy_teacher}"\nnum_pairs = 50\nsteps = 3\nshard_size = 10\n')
+    r = run("make-pairs", "--config", conf, "--num-pairs", 20, "--out", tmp_path / "p")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["num_pairs"] == 20 and manifest["sampler"]["steps"] == 3
+    written = (tmp_path / "p" / "config.toml").read_text()
+    assert "num_pairs = 20" in written and "steps = 3" in written and "shard_size = 10" in written
+    # the written config repeats the run
+    r = run("make-pairs", "--config", tmp_path / "p" / "config.toml")
+    assert r.exit_code == 0, r.output
+    assert "made_now" in r.output
+
+
+def test_sample_and_eval_fid_of_the_teacher(toy_teacher, tmp_path):
+    r = run(
+        "sample", "--teacher-path", toy_teacher, "--steps", 4, "--num", 300, "--out", tmp_path / "s"
+    )
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "s" / "samples.png").stat().st_size > 0
+    r = run(
+        "eval-fid",
+        "--teacher-path",
+        toy_teacher,
+        "--steps",
+        4,
+        "--num-samples",
+        500,
+        "--json",
+        tmp_path / "f.json",
+    )
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "f.json").read_text())
+    assert {
+        "fid",
+        "num_samples",
+        "reference",
+        "features",
+        "modes_covered",
+        "frac_within_3std",
+    } <= set(result)
+    assert result["num_samples"] == 500 and result["nfe"] == 7 and result["features"] == "identity"
+    assert 0 <= result["modes_covered"] <= 8

@@ -1,0 +1,32 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from dmdctl.cli import app
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    """The full toy2d demo (about 2 minutes on 2 cores): every artefact and the paper's picture."""
+    r = CliRunner().invoke(app, ["demo", "toy2d", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"teacher_35nfe", "teacher_1step", "dmd", "dmd_real_only", "dmd_no_reg"} <= set(metrics)
+    for row in metrics.values():
+        assert {
+            "fid",
+            "num_samples",
+            "reference",
+            "features",
+            "modes_covered",
+            "frac_within_3std",
+        } <= set(row)
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "toy2d.png").stat().st_size > 0
+    assert (tmp_path / "generator.safetensors").is_file()
+    teacher, dmd = metrics["teacher_35nfe"], metrics["dmd"]
+    assert teacher["modes_covered"] == 8
+    assert dmd["modes_covered"] == 8
+    assert dmd["frac_within_3std"] >= 0.7 * teacher["frac_within_3std"]
+    assert metrics["teacher_1step"]["modes_covered"] < 8
+    assert metrics["dmd_real_only"]["modes_covered"] < 8
