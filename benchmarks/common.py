@@ -26,11 +26,11 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
-def append_markdown(title: str, body: str) -> Path:
+def append_markdown(title: str, body: str, module: str) -> Path:
     path = ROOT / "BENCHMARKS.md"
     if not path.exists():
         path.write_text("# Benchmarks\n\nAppended by the scripts under benchmarks/; newest last.\n")
-    cmd = "python " + " ".join([sys.argv[0].replace(str(ROOT) + "/", ""), *sys.argv[1:]])
+    cmd = " ".join(["OMP_WAIT_POLICY=PASSIVE python -m", module, *sys.argv[1:]])
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     with open(path, "a") as f:
         f.write(

@@ -74,7 +74,12 @@ def main() -> None:
         "row against the exact mixture moments.\n\n" + "\n".join(lines) + "\n"
     )
     print(body)
-    print("appended to", append_markdown("toy2d quality: DMD against its ablations", body))
+    print(
+        "appended to",
+        append_markdown(
+            "toy2d quality: DMD against its ablations", body, "benchmarks.toy2d_quality"
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -422,7 +422,10 @@ def plot_samples(trainer: DMDTrainer, path: Path) -> Path | None:
     with torch.no_grad():
         x = g(z, c).float().cpu()
     return trainer.teacher.kind.save_plot(
-        [(f"DMD step {trainer.step} (EMA)", x)], path, trainer.teacher.config
+        [(f"DMD step {trainer.step} (EMA)", x)],
+        path,
+        trainer.teacher.config,
+        labels=c.cpu() if c is not None else None,
     )
 
 

@@ -15,6 +15,7 @@ from .fid import FeatureStats, frechet_distance, load_stats_npz
 from .files import sha256_file
 from .generator import generate, load_generator, teacher_source
 from .make_pairs import pick_device
+from .sampling import class_labels
 from .teachers import resolve_teacher
 from .ui import progress
 
@@ -32,6 +33,7 @@ class EvalFidConfig:
     batch_size: int = 1000
     ref: str | None = None
     json: str | None = None
+    grid: str | None = None
     device: str = "auto"
 
     def validate(self) -> None:
@@ -74,13 +76,15 @@ def evaluate(cfg: EvalFidConfig, source=None, show_progress: bool = True) -> dic
     device = pick_device(cfg.device)
     source.to(device)
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_samples))
+    labels = class_labels(seeds, cfg.seed, source.num_classes)
     stats = None
     metrics_samples = []
     t0 = time.perf_counter()
     with progress(transient=True, disable=None if show_progress else True) as bar:
         task = bar.add_task(f"eval {source.description}", total=cfg.num_samples, info="")
         for i in range(0, cfg.num_samples, cfg.batch_size):
-            x, _ = generate(source, seeds[i : i + cfg.batch_size], cfg.batch_size, device=device)
+            sl = slice(i, i + cfg.batch_size)
+            x, _ = generate(source, seeds[sl], cfg.batch_size, labels[sl], device=device)
             f = kind.features(x)
             stats = stats or FeatureStats(f.shape[1])
             stats.update(f)
@@ -101,7 +105,14 @@ def evaluate(cfg: EvalFidConfig, source=None, show_progress: bool = True) -> dic
         "seed_start": cfg.seed,
         "seconds": round(gen_seconds, 2),
     }
-    result.update(kind.quality_metrics(tconfig, torch.cat(metrics_samples)))
+    samples = torch.cat(metrics_samples)
+    result.update(kind.quality_metrics(tconfig, samples, labels))
+    if cfg.grid:
+        result["grid"] = str(
+            kind.save_plot(
+                [(source.description, samples[:100])], Path(cfg.grid), tconfig, labels=labels[:100]
+            )
+        )
     if cfg.json:
         path = Path(cfg.json)
         path.parent.mkdir(parents=True, exist_ok=True)

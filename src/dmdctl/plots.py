@@ -40,3 +40,50 @@ def scatter_panels(
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def image_grid_panels(
+    panels: list[tuple[str, torch.Tensor]],
+    path: Path,
+    labels: torch.Tensor | None,
+    num_classes: int = 0,
+    per_row: int = 10,
+    scale: int = 3,
+) -> Path:
+    """Image grids side by side: one row per class (when labels are given), images in [-1, 1]."""
+    pad_top, gap = 22, 12
+    tiles = []
+    for title, x in panels:
+        x = x.detach().float().cpu()
+        if labels is not None and num_classes:
+            rows = [x[: len(labels)][labels[: len(x)] == k][:per_row] for k in range(num_classes)]
+        else:
+            rows = [x[i : i + per_row] for i in range(0, min(len(x), per_row * per_row), per_row)]
+        tiles.append((title, rows))
+    h, w = panels[0][1].shape[-2:]
+    cell_h, cell_w = h * scale + 2, w * scale + 2
+    n_rows = max(len(rows) for _, rows in tiles)
+    panel_w = per_row * cell_w
+    img = Image.new("RGB", (len(tiles) * (panel_w + gap), n_rows * cell_h + pad_top), "white")
+    draw = ImageDraw.Draw(img)
+    for p, (title, rows) in enumerate(tiles):
+        ox = p * (panel_w + gap)
+        draw.text((ox + 2, 4), title, fill="black")
+        for r, row in enumerate(rows):
+            for c, im in enumerate(row):
+                arr = ((im.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+                arr = (
+                    arr.permute(1, 2, 0).squeeze(-1).numpy()
+                    if arr.shape[0] in (1, 3)
+                    else arr.numpy()
+                )
+                tile = (
+                    Image.fromarray(arr)
+                    .convert("RGB")
+                    .resize((w * scale, h * scale), Image.NEAREST)
+                )
+                img.paste(tile, (ox + c * cell_w + 1, pad_top + r * cell_h + 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

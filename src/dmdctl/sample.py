@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import write_config
-from .errors import require
+from .errors import UserError, require
 from .eval_fid import source_from
 from .generator import generate
 from .make_pairs import pick_device
@@ -27,6 +27,7 @@ class SampleConfig:
     batch_size: int = 1000
     out: str = "samples"
     plot: bool = True
+    class_label: int | None = None
     device: str = "auto"
 
     def validate(self) -> None:
@@ -42,6 +43,15 @@ class SampleConfig:
 
 def sample(cfg: SampleConfig) -> dict:
     source = source_from(cfg)
+    labels = None
+    if cfg.class_label is not None:
+        k = source.num_classes
+        if not 0 <= cfg.class_label < max(k, 1) or k == 0:
+            raise UserError(
+                f"--class {cfg.class_label} is out of range: this teacher has "
+                + (f"classes 0..{k - 1}" if k else "no classes")
+            )
+        labels = torch.full((cfg.num,), cfg.class_label, dtype=torch.int64)
     device = pick_device(cfg.device)
     source.to(device)
     out = Path(cfg.out)
@@ -50,7 +60,12 @@ def sample(cfg: SampleConfig) -> dict:
     with progress(transient=True) as bar:
         task = bar.add_task(f"sample {source.description}", total=cfg.num, info="")
         x, labels = generate(
-            source, seeds, cfg.batch_size, device=device, progress_cb=lambda n: bar.advance(task, n)
+            source,
+            seeds,
+            cfg.batch_size,
+            labels,
+            device=device,
+            progress_cb=lambda n: bar.advance(task, n),
         )
     save_file(
         {"samples": x.contiguous(), "labels": labels, "seed": torch.tensor(seeds)},
@@ -66,6 +81,8 @@ def sample(cfg: SampleConfig) -> dict:
     }
     if cfg.plot:
         result["plot"] = str(
-            source.kind.save_plot([(source.description, x)], out / "samples.png", source.config)
+            source.kind.save_plot(
+                [(source.description, x)], out / "samples.png", source.config, labels=labels
+            )
         )
     return result

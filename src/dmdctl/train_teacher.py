@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,9 +22,10 @@ from .ui import progress
 class TrainTeacherConfig:
     teacher: str = "toy2d"
     out: str = "runs/teacher"
-    steps: int = 8000
-    batch_size: int = 512
-    lr: float = 2e-3
+    # None: the teacher kind's own default (TeacherKind.train_defaults)
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
     warmup: int = 200
     ema_decay: float = 0.999
     p_mean: float = -1.2
@@ -32,9 +33,12 @@ class TrainTeacherConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        require(self.steps > 0, f"--steps must be positive, got {self.steps}")
-        require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        require(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        require(self.steps is None or self.steps > 0, f"--steps must be positive, got {self.steps}")
+        require(
+            self.batch_size is None or self.batch_size > 0,
+            f"--batch-size must be positive, got {self.batch_size}",
+        )
+        require(self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}")
         require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
 
 
@@ -52,6 +56,7 @@ def train_teacher(cfg: TrainTeacherConfig) -> dict:
         raise UserError(
             f"train-teacher trains built-in teachers only; '{kind.name}' is loaded from a file"
         )
+    cfg = replace(cfg, **{k: v for k, v in kind.train_defaults.items() if getattr(cfg, k) is None})
     out = Path(cfg.out)
     write_config(cfg, out)
     torch.manual_seed(cfg.seed)

@@ -20,9 +20,10 @@ from ..codec import IdentityCodec
 from ..errors import UserError
 from ..files import sha256_file
 from .base import TeacherKind
+from .digits import Digits
 from .toy2d import Toy2D
 
-KINDS: dict[str, TeacherKind] = {k.name: k for k in (Toy2D(),)}
+KINDS: dict[str, TeacherKind] = {k.name: k for k in (Toy2D(), Digits())}
 
 TEACHER_FORMAT = "dmdctl.teacher"
 GENERATOR_FORMAT = "dmdctl.generator"

@@ -19,6 +19,8 @@ class TeacherKind:
     builtin: bool = False
     # default number of Heun steps of the teacher's sampler (N=18 -> 35 NFE)
     default_steps: int = 18
+    # train-teacher's defaults for this kind (built-in kinds only)
+    train_defaults: dict = {}
 
     def presets(self) -> dict[str, dict]:
         raise NotImplementedError
@@ -45,8 +47,17 @@ class TeacherKind:
         """(mu, sigma, description) of the data, or None when there is no built-in reference."""
         return None
 
-    def quality_metrics(self, config: dict, samples: torch.Tensor) -> dict:
+    def quality_metrics(
+        self, config: dict, samples: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> dict:
         return {}
 
-    def save_plot(self, panels: list[tuple[str, torch.Tensor]], path: Path, config: dict) -> Path:
+    def save_plot(
+        self,
+        panels: list[tuple[str, torch.Tensor]],
+        path: Path,
+        config: dict,
+        labels: torch.Tensor | None = None,
+    ) -> Path:
+        """One PNG with a panel per (title, samples); ``labels`` are the samples' classes."""
         raise NotImplementedError

@@ -85,6 +85,7 @@ class Toy2D(TeacherKind):
     name = "toy2d"
     default_preset = "toy2d"
     builtin = True
+    train_defaults = {"steps": 8000, "batch_size": 512, "lr": 2e-3}
 
     def presets(self) -> dict[str, dict]:
         return {
@@ -129,7 +130,9 @@ class Toy2D(TeacherKind):
             f"toy2d mixture (exact moments, {config['num_modes']} modes)",
         )
 
-    def quality_metrics(self, config: dict, samples: torch.Tensor) -> dict:
+    def quality_metrics(
+        self, config: dict, samples: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> dict:
         """Mode coverage and sharpness, which the 2-D Fréchet distance cannot see."""
         x = samples.float().cpu()
         c = mode_centers(config)
@@ -145,7 +148,13 @@ class Toy2D(TeacherKind):
             "frac_within_3std": float(within.float().mean()),
         }
 
-    def save_plot(self, panels: list[tuple[str, torch.Tensor]], path: Path, config: dict) -> Path:
+    def save_plot(
+        self,
+        panels: list[tuple[str, torch.Tensor]],
+        path: Path,
+        config: dict,
+        labels: torch.Tensor | None = None,
+    ) -> Path:
         from ..plots import scatter_panels
 
         return scatter_panels(
