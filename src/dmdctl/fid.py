@@ -99,3 +99,67 @@ def save_stats_npz(path: Path, mu: np.ndarray, sigma: np.ndarray, **extra) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, mu=mu, sigma=sigma, **extra)
     return path
+
+
+# ---------------------------------------------------------------- additions for eval-fid
+
+
+def stats_to_vector(stats: FeatureStats) -> np.ndarray:
+    """(n, sum, sum_outer) as one float64 vector: what processes add up to merge their stats."""
+    return np.concatenate([[float(stats.n)], stats.sum, stats.sum_outer.ravel()])
+
+
+def stats_from_vector(dim: int, vec: np.ndarray) -> FeatureStats:
+    vec = np.asarray(vec, np.float64)
+    if vec.shape != (1 + dim + dim * dim,):
+        raise ValueError(
+            f"a {dim}-d statistics vector has {1 + dim + dim * dim} entries, got {vec.shape}"
+        )
+    stats = FeatureStats(dim)
+    stats.n = int(round(vec[0]))
+    stats.sum = vec[1 : 1 + dim].copy()
+    stats.sum_outer = vec[1 + dim :].reshape(dim, dim).copy()
+    return stats
+
+
+def load_stats_extra(path: Path, keys: tuple[str, ...]) -> dict:
+    """Optional arrays of a statistics npz (e.g. num_samples, features, protocol), when present.
+
+    0-d arrays come back as Python scalars/strings; missing keys are left out.
+    """
+    out = {}
+    with np.load(Path(path), allow_pickle=False) as data:
+        for k in keys:
+            if k in data.files:
+                try:
+                    v = data[k]
+                except ValueError:  # an object array: not ours, ignored
+                    continue
+                out[k] = v.item() if v.ndim == 0 else v
+    return out
+
+
+def frechet_distance_fast(mu1, sigma1, mu2, sigma2) -> float:
+    """:func:`frechet_distance` via a Cholesky factor: same value, about 3x less work.
+
+    With S1 = L L^T, the eigenvalues of S1 S2 are those of the symmetric PSD matrix L^T S2 L, so
+    tr((S1 S2)^1/2) is the sum of their square roots: one Cholesky factorisation and one
+    eigenvalues-only decomposition (LAPACK ``syev``) instead of a full eigendecomposition plus
+    an eigenvalue decomposition. Falls back to :func:`frechet_distance` when S1 is not
+    positive definite (e.g. fewer samples than dimensions).
+    """
+    import scipy.linalg
+
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise UserError(f"statistics have different shapes: {mu1.shape} vs {mu2.shape}")
+    try:
+        low = np.linalg.cholesky((s1 + s1.T) / 2)
+    except np.linalg.LinAlgError:
+        return frechet_distance(mu1, s1, mu2, s2)
+    m = low.T @ ((s2 + s2.T) / 2) @ low
+    eig = scipy.linalg.eigh((m + m.T) / 2, eigvals_only=True, driver="ev")
+    tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
