@@ -1,26 +1,112 @@
-"""Training checkpoints as safetensors + JSON (no pickle).
+"""Training checkpoints as safetensors + JSON (no pickle), and what lets a run survive.
 
 A checkpoint is a folder ``checkpoints/step-0000500/`` holding one safetensors file per model,
 per optimiser and for the EMA, plus ``state.json`` (step, config, scalars). It is written under
 a temporary name and renamed when complete, so a crash mid-write never leaves a folder that
 looks complete. (Accelerate's ``save_state`` pickles optimiser and RNG states; this format
 keeps every file loadable without unpickling.)
+
+Also here: :class:`StopRequested` (SIGTERM/SIGINT become a flag the loops check, so a
+preempted run ends at a clean point), the resume checks, and the process-group timeout.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import signal
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .files import atomic_write_bytes
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+
+# Collectives (barriers, DDP's all-reduce) wait at most this long for the slowest process.
+# Generous because the main process alone writes checkpoints, plots and evaluations while the
+# others wait at a barrier; the defaults (10 min NCCL, 30 min gloo) can be too short for that.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
+
+
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun, accelerate launch) started, from its env."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def use_cpu(requested: bool) -> bool:
+    """Run on the CPU: when asked, or when several processes were launched on a machine without
+    an accelerator (Accelerate only sets up multi-CPU/gloo training when told ``cpu=True``;
+    otherwise each process would believe it is alone and all would write the same files)."""
+    if requested:
+        return True
+    if launched_processes() <= 1:
+        return False
+    has = getattr(torch, "accelerator", None)
+    return not (has.is_available() if has is not None else torch.cuda.is_available())
+
+
+def check_launch(num_processes: int) -> None:
+    """Refuse a launch where the processes did not join one group (each would act as main)."""
+    world = launched_processes()
+    if world > 1 and num_processes != world:
+        raise UserError(
+            f"the launcher started {world} processes but they did not form one process group "
+            f"(this one sees {num_processes}); check the accelerate/torchrun settings"
+        )
+
+
+class StopRequested:
+    """Turns SIGTERM/SIGINT into a flag the loop checks, so the run can stop at a clean point.
+
+    A second signal raises KeyboardInterrupt at once (the user insists).
+    """
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.signal).name if self.signal is not None else None
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def describe_os_error(e: BaseException) -> str:
+    """A short reason for a failed write, with a hint when the disk is full."""
+    if isinstance(e, OSError):
+        reason = e.strerror or str(e)
+        if e.errno == errno.ENOSPC:
+            reason += " (free some space first)"
+        return reason
+    text = str(e)  # safetensors reports I/O errors as SafetensorError
+    return text + (" (free some space first)" if "No space left" in text else "")
 
 
 def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -59,8 +145,8 @@ def save_checkpoint(
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         meta = {"step": str(step)}
         for name, model in models.items():
             sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -84,9 +170,12 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write checkpoint {final}: {e.strerror or e}") from None
+        raise UserError(
+            f"could not write checkpoint {final}: {describe_os_error(e)}; the earlier checkpoints "
+            "are intact, resume from them with --resume latest"
+        ) from None
     if keep > 0:
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -138,3 +227,60 @@ def load_checkpoint(path: Path) -> tuple[dict, callable]:
         return load_file(str(f))
 
     return state, loader
+
+
+def read_checkpoint_state(path: Path) -> dict:
+    state, _ = load_checkpoint(path)
+    return state
+
+
+def config_differences(saved: dict, current: dict, names) -> list[str]:
+    """``"name A there, B now"`` for each of ``names`` whose value differs."""
+    return [
+        f"{n} {saved.get(n)!r} there, {current.get(n)!r} now"
+        for n in names
+        if saved.get(n) != current.get(n)
+    ]
+
+
+def trim_log(path: Path, last_step: int) -> int:
+    """Keep the rows of a JSON-lines log up to ``last_step``; return how many were dropped.
+
+    After a crash or SIGKILL the log can hold rows past the checkpoint a run resumes from;
+    the resumed run writes those steps again, so each step appears once.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            dropped += 1  # a half-written last line
+            continue
+        if step <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+    return dropped
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line; on failure (disk full) cut the file back so no half line remains."""
+    path = Path(path)
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+    except OSError as e:
+        try:
+            os.truncate(path, size)
+        except OSError:
+            pass
+        raise UserError(
+            f"could not write {path}: {describe_os_error(e)}; resume with --resume latest"
+        ) from None

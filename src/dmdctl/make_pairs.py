@@ -1,19 +1,67 @@
-"""``dmdctl make-pairs``: run the teacher's deterministic ODE sampler on seeded noise."""
+"""``dmdctl make-pairs``: run the teacher's deterministic ODE sampler on seeded noise.
+
+Several processes (``accelerate launch`` / ``torchrun``) split the missing shards between them
+(process r makes every world-th missing shard); the main process keeps manifest.json. SIGTERM or
+SIGINT stops at the next batch: the unfinished shard is dropped, the complete ones are recorded,
+and running the same command again (in any number of processes) makes only what is missing.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .checkpoint import PROCESS_GROUP_TIMEOUT, StopRequested, check_launch, use_cpu
 from .config import write_config
-from .errors import require
+from .errors import UserError, require
 from .pairs import DTYPES, PairWriter
 from .sampling import class_labels, heun_nfe, heun_sample, karras_sigmas, seeded_noise
 from .teachers import resolve_teacher
 from .ui import progress
+
+
+def check_out_folder(out: Path, flag: str = "--out") -> None:
+    """Refuse an output path that cannot become a folder, before anything is computed or written."""
+    out = Path(out)
+    if out.exists():
+        require(out.is_dir(), f"{flag} {out} is a file, not a folder; choose another {flag}")
+        require(os.access(out, os.W_OK), f"{flag} {out} is not writable; choose another {flag}")
+        return
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    require(
+        parent.is_dir(),
+        f"{flag} {out} cannot be created: {parent} is a file; choose another {flag}",
+    )
+    require(
+        os.access(parent, os.W_OK),
+        f"{flag} {out} cannot be created: {parent} is not writable; choose another {flag}",
+    )
+
+
+def check_teacher_path(path: str | None) -> None:
+    """--teacher-path must name a readable file (checked before anything is loaded)."""
+    if path is None:
+        return
+    p = Path(path)
+    require(
+        p.exists(),
+        f"teacher file not found: {p} (check the path, or train one with "
+        "`dmdctl train-teacher toy2d --out DIR`)",
+    )
+    require(
+        not p.is_dir(),
+        f"--teacher-path {p} is a folder; pass the teacher file in it (e.g. {p / 'teacher.safetensors'})",
+    )
+    require(
+        not p.is_file() or os.access(p, os.R_OK),
+        f"--teacher-path {p} is not readable (permission denied)",
+    )
 
 
 @dataclass
@@ -39,17 +87,63 @@ class MakePairsConfig:
         require(
             self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"
         )
+        require(self.rho > 0, f"--rho must be positive, got {self.rho}")
+        check_device(self.device)
+        check_teacher_path(self.teacher_path)
+        check_out_folder(Path(self.out))
 
 
-def pick_device(name: str) -> torch.device:
+def check_device(name: str) -> None:
     if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(
+            f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cuda":
+        require(
+            torch.cuda.is_available(),
+            f"--device {name}: no CUDA GPU is available here; use --device cpu or auto",
+        )
+        require(
+            dev.index is None or dev.index < torch.cuda.device_count(),
+            f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)",
+        )
+
+
+def pick_device(name: str, state=None) -> torch.device:
+    """``auto``: this process's accelerator (one GPU per process when launched several times)."""
+    world = state.num_processes if state is not None else 1
+    if name == "auto" or (name == "cuda" and world > 1):
+        if state is not None:
+            return state.device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    dev = torch.device(name)
+    if world > 1 and dev.type != "cpu":
+        raise UserError(
+            f"--device {name} with {world} processes would put them all on one device; "
+            "use --device auto (one GPU per process)"
+        )
+    return dev
+
+
+def process_state(cpu: bool = False):
+    """Accelerate's view of the launch (1 process unless started by accelerate launch/torchrun)."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=use_cpu(cpu), timeout=PROCESS_GROUP_TIMEOUT)
+    check_launch(state.num_processes)
+    return state
 
 
 def make_pairs(cfg: MakePairsConfig) -> dict:
+    cfg.validate()
     teacher = resolve_teacher(cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None)
-    device = pick_device(cfg.device)
+    state = process_state(cpu=cfg.device == "cpu")
+    main, rank, world = state.is_main_process, state.process_index, state.num_processes
+    device = pick_device(cfg.device, state)
     sigmas = karras_sigmas(cfg.steps, teacher.sigma_min, teacher.sigma_max, cfg.rho)
     settings = {
         "teacher": {"kind": teacher.name, "sha256": teacher.sha256, "config": teacher.config},
@@ -69,29 +163,39 @@ def make_pairs(cfg: MakePairsConfig) -> dict:
         "num_classes": teacher.num_classes,
     }
     out = Path(cfg.out)
-    writer = PairWriter(out, settings)
-    write_config(cfg, out)
+    # the main process checks the folder, verifies its shards and merges what a killed run left;
+    # the others read the result, and nobody writes a shard before everybody has read it
+    writer = PairWriter(out, settings, main=main)
+    if main:
+        write_config(cfg, out)
+    state.wait_for_everyone()
+    if not main:
+        writer.reload()
+    todo = writer.missing()
+    done_before = writer.complete_pairs
+    state.wait_for_everyone()
+    mine = todo[rank::world]
     denoiser = teacher.denoiser.to(device)
-    start = writer.next_shard
     t0 = time.perf_counter()
     made = 0
-    with progress() as bar:
-        task = bar.add_task(
-            "make-pairs",
-            total=cfg.num_pairs,
-            completed=sum(e["count"] for e in writer.shards),
-            info="",
-        )
-        for index in range(start, writer.num_shards):
+    stopped = None
+    with StopRequested() as stop, progress(disable=None if main else True) as bar:
+        task = bar.add_task("make-pairs", total=cfg.num_pairs, completed=done_before, info="")
+        for index in mine:
             seeds = writer.shard_seeds(index)
             noise = seeded_noise(seeds, teacher.sample_shape)
             cond = class_labels(seeds, cfg.seed, teacher.num_classes)
             targets = []
             for i in range(0, len(seeds), cfg.batch_size):
+                if stop.signal is not None:
+                    break  # drop the unfinished shard: a re-run makes it again
                 z = noise[i : i + cfg.batch_size].to(device)
                 c = cond[i : i + cfg.batch_size].to(device) if teacher.num_classes else None
                 targets.append(heun_sample(denoiser, z, sigmas, c).cpu())
-                bar.advance(task, z.shape[0])
+                bar.advance(task, z.shape[0] * world)
+            if stop.signal is not None:
+                stopped = stop.name
+                break
             writer.write_shard(
                 index,
                 {
@@ -104,12 +208,22 @@ def make_pairs(cfg: MakePairsConfig) -> dict:
             made += len(seeds)
             bar.update(task, info=f"shard {index + 1}/{writer.num_shards}")
     elapsed = time.perf_counter() - t0
-    return {
+    state.wait_for_everyone()  # every process's shards are on disk (or dropped)
+    if main:
+        writer.merge()
+    result = {
         "out": str(out),
         "pairs": cfg.num_pairs,
-        "made_now": made,
-        "resumed_after_shard": start if start else "-",
+        "complete_pairs": writer.complete_pairs if main else "-",
+        "made_now": writer.complete_pairs - done_before if main else made,
+        "resumed_after_shard": (todo[0] if todo else writer.num_shards) if done_before else "-",
         "shards": writer.num_shards,
+        "processes": world,
         "nfe_per_pair": heun_nfe(cfg.steps),
-        "pairs_per_s": round(made / elapsed, 1) if made else "-",
+        "pairs_per_s": round(made * world / elapsed, 1) if made else "-",
     }
+    if writer.remade:
+        result["remade_shards"] = len(writer.remade)
+    if stopped is not None:
+        result["interrupted"] = stopped
+    return result

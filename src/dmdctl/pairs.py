@@ -5,15 +5,24 @@ Layout of a pairs folder::
     manifest.json            settings, teacher identity, one entry per complete shard (sha256)
     pairs-00000.safetensors  tensors: noise [n,...] f32, target [n,...], cond [n] i64, seed [n] i64
     ...
+    .progress/               while a run is going: one small record per shard written but not
+                             yet in the manifest (gone when the manifest has caught up)
 
 Pair ``i`` always comes from seed ``seed_start + i`` (one RNG per seed), and shards hold fixed
-seed ranges, so a re-run that finds a manifest continues after the last complete shard and
-produces byte-identical files.
+seed ranges, so shards can be made in any order, by any number of processes, and a re-run makes
+only the missing ones, producing byte-identical files.
+
+Writing a shard: the tensors go to ``pairs-NNNNN.safetensors.tmp``, renamed when complete; then
+a record ``.progress/pairs-NNNNN.json`` (name, seeds, sha256) is written atomically. Only the
+main process writes ``manifest.json``: it merges the records (its own after each of its shards,
+everybody's at the end, and any left over by a killed run at the start of the next one), with
+an atomic rename. A shard file without a record is simply made again.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +34,21 @@ from .errors import UserError
 from .files import atomic_write_bytes, sha256_file
 
 MANIFEST = "manifest.json"
+PROGRESS = ".progress"
 PAIRS_FORMAT = "dmdctl.pairs"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SHARD_FILE = re.compile(r"^pairs-(\d+)\.safetensors$")
 
 
 def shard_name(index: int) -> str:
     return f"pairs-{index:05d}.safetensors"
+
+
+def shard_index(entry: dict) -> int:
+    m = SHARD_FILE.match(entry.get("file", ""))
+    if not m:
+        raise UserError(f"bad shard entry in the pairs manifest: {entry!r}")
+    return int(m.group(1))
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -43,26 +61,58 @@ def read_manifest(folder: Path) -> dict | None:
         raise UserError(
             f"{path} is not valid JSON ({e}); delete the folder and make the pairs again"
         ) from None
-    if data.get("format") != PAIRS_FORMAT:
+    except OSError as e:
+        raise UserError(f"{path} is unreadable ({e.strerror or e})") from None
+    if not isinstance(data, dict) or data.get("format") != PAIRS_FORMAT:
         raise UserError(f"{path} is not a dmdctl pairs manifest")
     return data
 
 
-class PairWriter:
-    """Writes shards in seed order and keeps the manifest in step with what is on disk."""
+def _write_failed(path: Path, e: BaseException) -> UserError:
+    from .checkpoint import describe_os_error
 
-    def __init__(self, folder: Path, settings: dict):
+    return UserError(
+        f"could not write {path}: {describe_os_error(e)}; run the same command again to "
+        "continue after the last complete shard"
+    )
+
+
+class PairWriter:
+    """Writes shards (any order, any process) and keeps manifest.json in step with the disk.
+
+    ``main`` marks the one process that writes the manifest; the others only write shards and
+    their records.
+    """
+
+    def __init__(self, folder: Path, settings: dict, main: bool = True):
         self.folder = Path(folder)
         self.settings = settings
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.main = main
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UserError(f"--out {self.folder} is a file, not a folder; choose another --out")
         existing = read_manifest(self.folder)
-        if existing is None:
-            self.shards: list[dict] = []
-        else:
+        if existing is not None:
             self._check_same_settings(existing)
-            self.shards = existing["shards"]
-            for entry in self.shards:
-                verify_shard(self.folder, entry)
+        self.shards: dict[int, dict] = {}
+        if existing is not None:
+            self.shards = {shard_index(e): e for e in existing["shards"]}
+        self.remade: list[int] = []
+        if main:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise _write_failed(self.folder, e) from None
+            for index, entry in sorted(self.shards.items()):
+                try:
+                    verify_shard(self.folder, entry)
+                except UserError:  # deleted or damaged since: make it again
+                    self.remade.append(index)
+                    del self.shards[index]
+            if self.remade:
+                self._write_manifest()
+            for stale in self.folder.glob("pairs-*.safetensors.tmp"):
+                stale.unlink(missing_ok=True)  # a shard cut short by a crash
+            self.merge(verify=True)  # records left by an interrupted run
 
     def _check_same_settings(self, existing: dict) -> None:
         for key, value in self.settings.items():
@@ -83,15 +133,28 @@ class PairWriter:
         last = min(first + s["shard_size"], s["num_pairs"])
         return [s["seed_start"] + i for i in range(first, last)]
 
+    def reload(self) -> None:
+        """Re-read the manifest (non-main processes, after the main one has merged)."""
+        existing = read_manifest(self.folder)
+        self.shards = {shard_index(e): e for e in existing["shards"]} if existing else {}
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.num_shards) if i not in self.shards]
+
     @property
     def next_shard(self) -> int:
-        return len(self.shards)
+        """The first shard not made yet (``num_shards`` when complete)."""
+        todo = self.missing()
+        return todo[0] if todo else self.num_shards
+
+    @property
+    def complete_pairs(self) -> int:
+        return sum(e["count"] for e in self.shards.values())
 
     def write_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> dict:
-        if index != self.next_shard:
-            raise RuntimeError(
-                f"shards must be written in order (expected {self.next_shard}, got {index})"
-            )
+        seeds = tensors["seed"].tolist()
+        if seeds != self.shard_seeds(index):
+            raise RuntimeError(f"shard {index} must hold seeds {self.shard_seeds(index)[:3]}…")
         path = self.folder / shard_name(index)
         tmp = path.with_name(path.name + ".tmp")
         try:
@@ -99,16 +162,54 @@ class PairWriter:
             tmp.replace(path)
         except (OSError, SafetensorError) as e:
             tmp.unlink(missing_ok=True)
-            raise UserError(f"could not write {path}: {e}") from None
+            raise _write_failed(path, e) from None
         entry = {
             "file": path.name,
-            "first_seed": int(tensors["seed"][0]),
-            "count": int(tensors["seed"].numel()),
+            "first_seed": int(seeds[0]),
+            "count": len(seeds),
             "sha256": sha256_file(path),
         }
-        self.shards.append(entry)
-        self._write_manifest()
+        progress = self.folder / PROGRESS
+        try:
+            progress.mkdir(exist_ok=True)
+        except OSError as e:
+            raise _write_failed(progress, e) from None
+        atomic_write_bytes(progress / f"{path.stem}.json", json.dumps(entry).encode())
+        if self.main:
+            self.merge()
         return entry
+
+    def merge(self, verify: bool = False) -> int:
+        """Fold the progress records into manifest.json (main process only); return how many."""
+        if not self.main:
+            raise RuntimeError("only the main process writes the manifest")
+        progress = self.folder / PROGRESS
+        records = sorted(progress.glob("pairs-*.json")) if progress.is_dir() else []
+        added = 0
+        for record in records:
+            try:
+                entry = json.loads(record.read_text())
+                index = shard_index(entry)
+            except (json.JSONDecodeError, UnicodeDecodeError, UserError, AttributeError):
+                continue  # a damaged record: its shard is made again
+            if index in self.shards or index >= self.num_shards:
+                continue
+            if entry.get("first_seed") != self.shard_seeds(index)[0]:
+                continue
+            if verify:
+                try:
+                    verify_shard(self.folder, entry)
+                except UserError:
+                    continue  # listed nowhere yet, so it is simply made again
+            self.shards[index] = entry
+            added += 1
+        if added or not (self.folder / MANIFEST).is_file():
+            self._write_manifest()
+        for record in records:  # merged now, or useless
+            record.unlink(missing_ok=True)
+        if progress.is_dir() and not any(progress.iterdir()):
+            progress.rmdir()
+        return added
 
     def _write_manifest(self) -> None:
         data = {
@@ -116,7 +217,7 @@ class PairWriter:
             "version": 1,
             **self.settings,
             "complete": len(self.shards) == self.num_shards,
-            "shards": self.shards,
+            "shards": [self.shards[i] for i in sorted(self.shards)],
         }
         atomic_write_bytes(self.folder / MANIFEST, (json.dumps(data, indent=2) + "\n").encode())
 
@@ -124,10 +225,14 @@ class PairWriter:
 def verify_shard(folder: Path, entry: dict) -> Path:
     path = Path(folder) / entry["file"]
     if not path.is_file():
-        raise UserError(f"pairs shard {path} is listed in the manifest but missing")
+        raise UserError(
+            f"pairs shard {path} is listed in the manifest but missing; run the same "
+            "`dmdctl make-pairs` command again to remake it"
+        )
     if sha256_file(path) != entry["sha256"]:
         raise UserError(
-            f"pairs shard {path} is corrupt or truncated (sha256 differs from the manifest)"
+            f"pairs shard {path} is corrupt or truncated (sha256 differs from the manifest); "
+            "run the same `dmdctl make-pairs` command again to remake it"
         )
     return path
 
@@ -148,6 +253,8 @@ class Pairs:
 def load_pairs(folder: Path, teacher=None, limit: int | None = None) -> Pairs:
     """Load and verify a pairs folder; with ``teacher``, check it was made by that teacher."""
     folder = Path(folder)
+    if folder.is_file():
+        raise UserError(f"--pairs {folder} is a file; pass the folder made by `dmdctl make-pairs`")
     if not folder.is_dir():
         raise UserError(f"pairs folder not found: {folder} (make one with `dmdctl make-pairs`)")
     manifest = read_manifest(folder)
@@ -174,9 +281,15 @@ def load_pairs(folder: Path, teacher=None, limit: int | None = None) -> Pairs:
                 f"{folder} was made by a different teacher file (sha256 {mt['sha256'][:12]}…, "
                 f"this teacher {teacher.sha256[:12]}…); make pairs with this teacher"
             )
+    available = sum(e["count"] for e in manifest["shards"])
+    if limit is not None and limit > available:
+        raise UserError(
+            f"--num-pairs {limit} but {folder} holds only {available} complete pairs; pass "
+            f"--num-pairs {available} or less (0 uses all), or make more with `dmdctl make-pairs`"
+        )
     parts: dict[str, list[torch.Tensor]] = {"noise": [], "target": [], "cond": []}
     total = 0
-    for entry in manifest["shards"]:
+    for entry in sorted(manifest["shards"], key=shard_index):
         data = load_file(str(verify_shard(folder, entry)))
         for k in parts:
             parts[k].append(data[k])

@@ -1,0 +1,497 @@
+"""Bad input everywhere: one line on stderr naming the problem and the fix, exit code 2, and
+nothing written (the folder tree is byte-for-byte what it was, apart from a disk-full run's own
+output folder, which must hold no half-written file).
+
+The cases run in a folder laid out like a user's (``runs/teacher/teacher.safetensors``,
+``runs/pairs`` …) so the messages carry stable relative paths. ``docs/ERRORS.md`` is made from
+these same cases by ``scripts/bad_inputs_table.py``; each case also checks that its row there
+is still true.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shlex
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "ERRORS.md"
+SCRIPT = "scripts/bad_inputs_table.py"
+
+T = "--teacher-path runs/teacher/teacher.safetensors"
+MP = f"make-pairs {T} --out {{out}} --num-pairs 64 --shard-size 32 --steps 4"
+D = f"distill {T} --pairs runs/pairs --out {{out}} --steps 4 --batch-size 16 --pair-batch-size 16 --plot-samples 0"
+RUN = D.replace("{out}", "runs/run")  # the settings of the run in runs/run (checkpoint at step 4)
+
+
+@dataclass
+class Case:
+    id: str
+    what: str
+    command: str  # ``dmdctl`` arguments; {out} is a fresh folder that must not appear
+    expect: str  # a fragment of the message
+    patch: str | None = None  # a simulated failure (see failure())
+    writes: bool = False  # the run starts for real: its {out} may exist, without half files
+    launcher: str | None = None  # "torchrun": needs 2 processes (tests/test_multiprocess.py)
+    skip_if_cuda: bool = False
+
+    @property
+    def out(self) -> str:
+        return f"runs/out-{self.id}"
+
+    @property
+    def argv(self) -> list[str]:
+        return shlex.split(self.command.replace("{out}", self.out))
+
+    @property
+    def shown(self) -> str:
+        prefix = "torchrun --nproc_per_node 2 -m dmdctl " if self.launcher else "dmdctl "
+        return prefix + self.command.replace("{out}", self.out)
+
+
+CASES = [
+    # --- make-pairs ---
+    Case(
+        "mp-missing-teacher",
+        "teacher file does not exist",
+        MP.replace(T, "--teacher-path runs/missing.safetensors"),
+        "file not found: runs/missing.safetensors",
+    ),
+    Case(
+        "mp-teacher-is-folder",
+        "teacher path is a folder",
+        MP.replace(T, "--teacher-path runs/teacher"),
+        "is a folder; pass the teacher file",
+    ),
+    Case(
+        "mp-teacher-not-safetensors",
+        "teacher file is not safetensors",
+        MP.replace(T, "--teacher-path runs/garbage.safetensors"),
+        "is not a readable safetensors file",
+    ),
+    Case(
+        "mp-generator-as-teacher",
+        "a generator file passed as the teacher",
+        MP.replace(T, "--teacher-path runs/run/generator.safetensors"),
+        "is not a dmdctl teacher file",
+    ),
+    Case(
+        "mp-unknown-preset",
+        "unknown teacher preset",
+        MP + " --teacher sd99",
+        "unknown teacher 'sd99'",
+    ),
+    Case(
+        "mp-wrong-kind",
+        "--teacher names another kind than the file holds",
+        MP + " --teacher digits",
+        "holds a 'toy2d' teacher, but --teacher says 'digits'",
+    ),
+    Case(
+        "mp-negative-num-pairs",
+        "negative pair count",
+        MP.replace("--num-pairs 64", "--num-pairs -3"),
+        "--num-pairs must be positive, got -3",
+    ),
+    Case(
+        "mp-zero-steps",
+        "zero sampler steps",
+        MP.replace("--steps 4", "--steps 0"),
+        "--steps must be positive",
+    ),
+    Case(
+        "mp-zero-shard-size",
+        "zero shard size",
+        MP.replace("--shard-size 32", "--shard-size 0"),
+        "--shard-size must be positive",
+    ),
+    Case("mp-bad-dtype", "unknown storage dtype", MP + " --dtype float8", "--dtype must be one of"),
+    Case("mp-bad-device", "not a device", MP + " --device potato", "is not a device"),
+    Case(
+        "mp-no-gpu",
+        "--device cuda on a machine without a GPU",
+        MP + " --device cuda",
+        "no CUDA GPU is available",
+        skip_if_cuda=True,
+    ),
+    Case(
+        "mp-out-is-file",
+        "--out is an existing file",
+        MP.replace("{out}", "runs/afile.txt"),
+        "is a file, not a folder",
+    ),
+    Case(
+        "mp-out-under-file",
+        "--out cannot be created (a file in its path)",
+        MP.replace("{out}", "runs/afile.txt/pairs"),
+        "cannot be created: runs/afile.txt is a file",
+    ),
+    Case(
+        "mp-other-settings",
+        "re-run into a pairs folder made with other settings",
+        f"make-pairs {T} --out runs/pairs --num-pairs 256 --shard-size 64 --steps 9",
+        "already holds pairs made with a different 'sampler'",
+    ),
+    Case(
+        "mp-missing-config",
+        "--config file does not exist",
+        "make-pairs --config runs/nope.toml",
+        "config file not found",
+    ),
+    Case(
+        "mp-bad-toml",
+        "--config file is not TOML",
+        "make-pairs --config runs/bad.toml",
+        "is not valid TOML",
+    ),
+    Case(
+        "mp-unknown-config-key",
+        "--config file with a misspelt key",
+        "make-pairs --config runs/unknown.toml",
+        "unknown key(s)",
+    ),
+    Case(
+        "mp-disk-full",
+        "disk full while writing a shard (test: save_file raises ENOSPC)",
+        MP,
+        "No space left on device",
+        patch="shard-enospc",
+        writes=True,
+    ),
+    # --- distill ---
+    Case("d-no-teacher", "no teacher given", D.replace(T + " ", ""), "no teacher given"),
+    Case(
+        "d-no-pairs",
+        "regression on, no pairs folder",
+        D.replace("--pairs runs/pairs ", ""),
+        "no --pairs folder was given",
+    ),
+    Case(
+        "d-pairs-missing",
+        "pairs folder does not exist",
+        D.replace("runs/pairs", "runs/nothing"),
+        "pairs folder not found: runs/nothing",
+    ),
+    Case(
+        "d-pairs-is-file",
+        "--pairs is a file",
+        D.replace("runs/pairs", "runs/afile.txt"),
+        "is a file",
+    ),
+    Case(
+        "d-pairs-not-pairs",
+        "--pairs is some other folder",
+        D.replace("runs/pairs", "runs/teacher"),
+        "has no manifest.json",
+    ),
+    Case(
+        "d-pairs-other-teacher",
+        "pairs made by another teacher file",
+        D.replace(T, "--teacher-path runs/other/teacher.safetensors"),
+        "was made by a different teacher file",
+    ),
+    Case(
+        "d-pairs-other-kind",
+        "pairs of another teacher kind (2-D points for an image teacher)",
+        D.replace(T, "--teacher-path runs/digits/teacher.safetensors"),
+        "was made by a 'toy2d' teacher with samples of shape (2,)",
+    ),
+    Case(
+        "d-pairs-other-resolution",
+        "pairs of another resolution (16x16 for an 8x8 teacher)",
+        D.replace(T, "--teacher-path runs/digits/teacher.safetensors").replace(
+            "runs/pairs", "runs/digits16-pairs"
+        ),
+        "samples of shape (1, 16, 16), not this 'digits' teacher (1, 8, 8)",
+    ),
+    Case(
+        "d-pairs-corrupt",
+        "a pairs shard changed after it was written",
+        D.replace("runs/pairs", "runs/pairs-corrupt"),
+        "is corrupt or truncated",
+    ),
+    Case(
+        "d-too-many-pairs",
+        "--num-pairs beyond what the folder holds",
+        D + " --num-pairs 1000",
+        "holds only 256 complete pairs",
+    ),
+    Case(
+        "d-negative-steps",
+        "negative step count",
+        D.replace("--steps 4", "--steps -5"),
+        "--steps must be positive, got -5",
+    ),
+    Case(
+        "d-zero-batch",
+        "zero batch size",
+        D.replace("--batch-size 16", "--batch-size 0"),
+        "--batch-size must be positive",
+    ),
+    Case("d-nan-lr", "learning rate NaN", D + " --lr nan", "--lr must be positive, got nan"),
+    Case(
+        "d-bad-reg-loss",
+        "unknown regression loss",
+        D + " --reg-loss l7",
+        "--reg-loss must be one of",
+    ),
+    Case(
+        "d-nothing-to-train",
+        "both loss weights 0",
+        D + " --reg-weight 0 --dm-weight 0",
+        "nothing to train",
+    ),
+    Case(
+        "d-step-fracs",
+        "noise range inverted",
+        D + " --min-step-frac 0.9 --max-step-frac 0.5",
+        "need 0 <= --min-step-frac < --max-step-frac <= 1",
+    ),
+    Case(
+        "d-mixed-precision",
+        "unknown precision",
+        D + " --mixed-precision fp8",
+        "--mixed-precision must be",
+    ),
+    Case(
+        "d-negative-keep",
+        "negative --keep-checkpoints",
+        D + " --keep-checkpoints -1",
+        "--keep-checkpoints must be >= 0",
+    ),
+    Case(
+        "d-lr-schedule", "unknown lr schedule", D + " --lr-schedule linear", "--lr-schedule must be"
+    ),
+    Case(
+        "d-out-is-file",
+        "--out is an existing file",
+        D.replace("{out}", "runs/afile.txt"),
+        "is a file, not a folder",
+    ),
+    Case(
+        "d-existing-run",
+        "--out holds a run, no --resume",
+        RUN,
+        "already holds checkpoints of a run",
+    ),
+    Case(
+        "d-resume-nothing",
+        "--resume latest with no checkpoint",
+        D + " --resume latest",
+        "no complete checkpoint under",
+    ),
+    Case(
+        "d-resume-not-checkpoint",
+        "--resume names a folder that is no checkpoint",
+        D + " --resume runs/pairs",
+        "not a checkpoint folder",
+    ),
+    Case(
+        "d-resume-other-batch",
+        "resume with other batch sizes",
+        RUN.replace("--batch-size 16 --pair-batch-size 16", "--batch-size 32 --pair-batch-size 8")
+        + " --resume latest",
+        "batch_size 16 there, 32 now; pair_batch_size 16 there, 8 now",
+    ),
+    Case(
+        "d-resume-other-fake",
+        "resume without the fake score it was trained with",
+        RUN + " --real-only --resume latest",
+        "fake score on there, off now",
+    ),
+    Case(
+        "d-resume-other-teacher",
+        "resume with another teacher file",
+        RUN.replace(T, "--teacher-path runs/other/teacher.safetensors")
+        + " --reg-weight 0 --resume latest",
+        "was trained from a different teacher file",
+    ),
+    Case(
+        "d-resume-past-steps",
+        "resume a checkpoint past --steps",
+        RUN.replace("--steps 4", "--steps 2") + " --resume latest",
+        "is at step 4, past --steps 2",
+    ),
+    Case(
+        "d-batch-not-divisible",
+        "global batch not divisible by the processes (2 processes)",
+        D + " --batch-size 63",
+        "error: --batch-size 63 is not divisible by the 2 processes",
+        launcher="torchrun",
+    ),
+    Case(
+        "d-disk-full",
+        "disk full while writing a checkpoint (test: save_file raises ENOSPC)",
+        D + " --checkpoint-every 2",
+        "No space left on device",
+        patch="checkpoint-enospc",
+        writes=True,
+    ),
+]
+
+
+# --- the folder the cases run in ---------------------------------------------------------------
+def build_env(root: Path, teacher: str | None = None, pairs: str | None = None) -> None:
+    """Lay out ``root/runs`` (a few seconds); reuse the test session's teacher and pairs if given."""
+    from dmdctl.distill import DistillConfig, distill
+    from dmdctl.make_pairs import MakePairsConfig, make_pairs
+    from dmdctl.teachers import KINDS, preset_config, save_teacher
+    from dmdctl.train_teacher import TrainTeacherConfig, train_teacher
+
+    runs = root / "runs"
+    (runs / "teacher").mkdir(parents=True)
+    if teacher:
+        shutil.copy(teacher, runs / "teacher" / "teacher.safetensors")
+    else:
+        train_teacher(TrainTeacherConfig(out=str(runs / "teacher"), steps=300, batch_size=256))
+    if pairs:
+        shutil.copytree(pairs, runs / "pairs")
+    else:
+        make_pairs(
+            MakePairsConfig(
+                teacher_path=str(runs / "teacher" / "teacher.safetensors"),
+                out=str(runs / "pairs"),
+                num_pairs=256,
+                shard_size=64,
+                steps=8,
+            )
+        )
+    train_teacher(TrainTeacherConfig(out=str(runs / "other"), steps=5, seed=1))
+    digits = KINDS["digits"]
+    _, base = preset_config("digits")
+    torch.manual_seed(0)
+    for name, res in (("digits", 8), ("digits16", 16)):
+        config = dict(base, resolution=res)
+        save_teacher(digits.build(config), digits, config, runs / name / "teacher.safetensors")
+    make_pairs(
+        MakePairsConfig(
+            teacher_path=str(runs / "digits16" / "teacher.safetensors"),
+            out=str(runs / "digits16-pairs"),
+            num_pairs=4,
+            shard_size=4,
+            steps=2,
+        )
+    )
+    shutil.copytree(runs / "pairs", runs / "pairs-corrupt")
+    shard = runs / "pairs-corrupt" / "pairs-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    args = dict(
+        teacher_path=str(runs / "teacher" / "teacher.safetensors"),
+        pairs=str(runs / "pairs"),
+        out=str(runs / "run"),
+        steps=4,
+        batch_size=16,
+        pair_batch_size=16,
+        plot_samples=0,
+        checkpoint_every=4,
+    )
+    distill(DistillConfig(**args))
+    (runs / "garbage.safetensors").write_bytes(b"not a safetensors file")
+    (runs / "afile.txt").write_text("just a file\n")
+    (runs / "bad.toml").write_text("steps = [\n")
+    (runs / "unknown.toml").write_text("num_pairz = 3\n")
+
+
+def _enospc(*a, **k):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@contextlib.contextmanager
+def failure(name: str | None):
+    """Simulated failures: the named write raises ENOSPC (disk full)."""
+    if name is None:
+        yield
+        return
+    target = {
+        "shard-enospc": "dmdctl.pairs.save_file",
+        "checkpoint-enospc": "dmdctl.checkpoint.save_file",
+    }
+    with mock.patch(target[name], _enospc):
+        yield
+
+
+def run_case(case: Case) -> tuple[int, list[str]]:
+    """Run one case in this process (cwd = the env root): (exit code, non-empty stderr lines)."""
+    from typer.testing import CliRunner
+
+    from dmdctl.cli import app
+
+    with failure(case.patch):
+        r = CliRunner().invoke(app, case.argv)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return r.exit_code, [line for line in r.stderr.splitlines() if line.strip()]
+
+
+def normalise(message: str) -> str:
+    """Hashes differ between machines (a teacher trained elsewhere): hide them."""
+    return re.sub(r"\b[0-9a-f]{12}\b", "<sha>", message)
+
+
+def render_row(case: Case, message: str) -> str:
+    cell = normalise(message).replace("|", "\\|")
+    return f"| `{case.id}` | {case.what} | `{case.shown}` | `` {cell} `` |"
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under root, with size and modification time for files."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        if p.is_file()
+        else (-1, 0)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+# --- the test ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def env(toy_teacher, toy_pairs, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("user")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        build_env(root, toy_teacher, toy_pairs)
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_gives_one_line_exit_2_and_writes_nothing(case, env, monkeypatch):
+    doc = DOC.read_text() if DOC.is_file() else ""
+    if case.launcher:  # run for real in tests/test_multiprocess.py; here only its documented row
+        assert render_row(case, case.expect) in doc, f"docs/ERRORS.md is stale: run {SCRIPT}"
+        return
+    if case.skip_if_cuda and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.chdir(env)
+    before = snapshot(env)
+    code, lines = run_case(case)
+    assert code == 2, (code, lines)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and case.expect in lines[0], lines[0]
+    out = env / case.out
+    if case.writes:
+        # the run had started: its folder may exist, but no temporary or half-written file
+        leftovers = [p for p in out.rglob("*") if ".tmp" in p.name or p.name == ".progress"]
+        assert not leftovers, leftovers
+        if (out / "checkpoints").is_dir():
+            assert not any((out / "checkpoints").iterdir())
+        shutil.rmtree(out, ignore_errors=True)
+    assert not out.exists()
+    assert snapshot(env) == before  # nothing else created, changed or removed
+    assert render_row(case, lines[0]) in doc, f"docs/ERRORS.md is stale: run {SCRIPT}"
+
+
+def test_there_are_enough_documented_cases():
+    assert len(CASES) >= 20
+    assert len({c.id for c in CASES}) == len(CASES)
