@@ -26,29 +26,31 @@ from dmdctl.teachers.digits import (
     train_classifier,
 )
 
-TEACHER_CMD = ["dmdctl", "train-teacher", "digits", "--seed", "0"]
+TEACHER_CMD = ["dmdctl", "train-teacher", "digits", "--seed", "0"]  # run as python -m dmdctl
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--classifier-only", action="store_true")
+    ap.add_argument("--teacher-only", action="store_true")
     args = ap.parse_args()
     ASSETS.mkdir(parents=True, exist_ok=True)
     prov = json.loads(PROVENANCE_FILE.read_text()) if PROVENANCE_FILE.is_file() else {}
-    t0 = time.time()
-    result = train_classifier(FEATURES_FILE)
-    prov["digits_features.safetensors"] = {
-        "command": "python scripts/make_digits_assets.py --classifier-only",
-        "function": "dmdctl.teachers.digits.train_classifier",
-        **result,
-        "seconds": round(time.time() - t0, 1),
-        "sha256": sha256_file(FEATURES_FILE),
-    }
-    print("classifier:", prov["digits_features.safetensors"])
+    if not args.teacher_only:
+        t0 = time.time()
+        result = train_classifier(FEATURES_FILE)
+        prov["digits_features.safetensors"] = {
+            "command": "python scripts/make_digits_assets.py --classifier-only",
+            "function": "dmdctl.teachers.digits.train_classifier",
+            **result,
+            "seconds": round(time.time() - t0, 1),
+            "sha256": sha256_file(FEATURES_FILE),
+        }
+        print("classifier:", prov["digits_features.safetensors"])
     if not args.classifier_only:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.time()
-            subprocess.run([*TEACHER_CMD, "--out", tmp], check=True)
+            subprocess.run([sys.executable, "-m", *TEACHER_CMD, "--out", tmp], check=True)
             shutil.copyfile(Path(tmp) / "teacher.safetensors", TEACHER_FILE)
             prov["digits_teacher.safetensors"] = {
                 "command": " ".join(TEACHER_CMD + ["--out", "DIR"]),

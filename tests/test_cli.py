@@ -30,6 +30,11 @@ def test_every_command_has_help_with_an_example_and_a_config_option(command):
     assert "--config" in r.output
 
 
+def test_help_shows_the_defaults():
+    out = run("distill", "--help").output
+    assert "[default: 2000]" in out and "[default: runs/distill]" in out
+
+
 def one_line_error(r, *fragments):
     assert r.exit_code == 2, r.output
     lines = [line for line in r.stderr.splitlines() if line.strip()]

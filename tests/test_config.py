@@ -195,12 +195,12 @@ def test_written_config_then_overrides(tmp_path):
 
 
 def test_default_help_appends_default():
-    assert default_help(ToyConfig, "steps", "Training steps.") == "Training steps. [default: 100]"
-    assert default_help(ToyConfig, "lr", "Learning rate.") == "Learning rate. [default: 0.001]"
-    assert default_help(ToyConfig, "name", "Run name.") == "Run name. [default: toy]"
+    assert default_help(ToyConfig, "steps", "Training steps.") == "Training steps. \\[default: 100]"
+    assert default_help(ToyConfig, "lr", "Learning rate.") == "Learning rate. \\[default: 0.001]"
+    assert default_help(ToyConfig, "name", "Run name.") == "Run name. \\[default: toy]"
 
 
 def test_default_help_bool_and_none():
-    assert default_help(ToyConfig, "ema", "Use EMA.") == "Use EMA. [default: false]"
+    assert default_help(ToyConfig, "ema", "Use EMA.") == "Use EMA. \\[default: false]"
     # no default to show
     assert default_help(ToyConfig, "teacher_path", "Teacher file.") == "Teacher file."

@@ -158,7 +158,7 @@ TeacherPathOpt = Annotated[
     Path | None, typer.Option(help="Teacher weights (a dmdctl teacher .safetensors).")
 ]
 DeviceOpt = Annotated[
-    str | None, typer.Option(help="Device: auto, cpu, cuda, cuda:1 … [default: auto]")
+    str | None, typer.Option(help="Device: auto, cpu, cuda, cuda:1 … \\[default: auto]")
 ]
 
 
@@ -197,10 +197,13 @@ def make_pairs_cmd(
 ):
     """Run the teacher's deterministic ODE sampler on seeded noise and store the pairs.
 
-    Re-running the same command after an interruption continues after the last complete shard.
+    Re-running the same command after an interruption (Ctrl-C, SIGTERM, a crash) makes only the
+    missing shards. Several processes split the shards: [bold]accelerate launch --num_processes 8 -m dmdctl make-pairs ...[/bold]
 
     Example: [bold]dmdctl make-pairs --teacher-path runs/teacher/teacher.safetensors --num-pairs 4096 --out runs/pairs[/bold]
     """
+    from accelerate import PartialState
+
     from .make_pairs import make_pairs
 
     cfg = resolve(
@@ -217,7 +220,18 @@ def make_pairs_cmd(
         dtype=dtype,
         device=device,
     )
-    _show("make-pairs", make_pairs(cfg))
+    result = make_pairs(cfg)
+    main = PartialState().is_main_process  # the other processes of a launch print nothing
+    if main:
+        _show("make-pairs", result)
+    if "interrupted" in result:
+        if main:
+            error_line(
+                f"stopped by {result['interrupted']}: the complete shards are recorded in "
+                f"{Path(cfg.out) / 'manifest.json'} and the unfinished one was dropped. "
+                "Resume by running the same command again"
+            )
+        raise typer.Exit(130 if result["interrupted"] == "SIGINT" else 143)
 
 
 # --- distill -----------------------------------------------------------------------------------
@@ -277,7 +291,7 @@ def distill_cmd(
     reg_loss: Annotated[
         str | None,
         typer.Option(
-            help=_h(DC, "reg_loss", "Regression loss: l2, pseudo-huber (lpips for image teachers).")
+            help=_h(DC, "reg_loss", "Regression loss: l2, pseudo-huber, lpips (image teachers).")
         ),
     ] = None,
     reg_weight: Annotated[
@@ -287,6 +301,28 @@ def distill_cmd(
                 DC, "reg_weight", "Weight of the regression loss (0: ablation without regression)."
             )
         ),
+    ] = None,
+    lpips_net: Annotated[
+        str | None, typer.Option(help=_h(DC, "lpips_net", "LPIPS backbone: vgg, alex or squeeze."))
+    ] = None,
+    lpips_random_backbone: Annotated[
+        bool | None,
+        typer.Option(
+            "--lpips-random-backbone",
+            help="Run LPIPS with a random backbone when the pretrained one is not cached (tests only: it is not LPIPS).",
+        ),
+    ] = None,
+    eval_every: Annotated[
+        int | None,
+        typer.Option(
+            help=_h(
+                DC, "eval_every", "Score the EMA generator every N steps into log.jsonl (0: off)."
+            )
+        ),
+    ] = None,
+    eval_samples: Annotated[
+        int | None,
+        typer.Option(help=_h(DC, "eval_samples", "Samples per evaluation during training.")),
     ] = None,
     dm_weight: Annotated[
         float | None,
@@ -344,6 +380,12 @@ def distill_cmd(
     log_every: Annotated[
         int | None, typer.Option(help=_h(DC, "log_every", "Log losses every N steps."))
     ] = None,
+    plot_samples: Annotated[
+        int | None,
+        typer.Option(
+            help=_h(DC, "plot_samples", "Samples in the plot written at each checkpoint (0: none).")
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help=_h(DC, "seed", "Random seed."))] = None,
     resume: Annotated[
         str | None, typer.Option(help="Continue a run: 'latest' or a checkpoint folder.")
@@ -351,14 +393,24 @@ def distill_cmd(
     cpu: Annotated[
         bool | None, typer.Option("--cpu", help="Train on the CPU even if a GPU is present.")
     ] = None,
+    skip_nonfinite: Annotated[
+        bool | None,
+        typer.Option(
+            "--skip-nonfinite",
+            help="Skip updates whose loss or gradient is NaN/inf (counted in log.jsonl) instead of stopping the run.",
+        ),
+    ] = None,
     config: ConfigOpt = None,
 ):
     """Train a one-step generator with the DMD loss plus the regression loss on the pairs.
 
     Example: [bold]dmdctl distill --teacher-path runs/teacher/teacher.safetensors --pairs runs/pairs --out runs/dmd[/bold]
 
-    Multi-GPU: [bold]accelerate launch --num_processes 8 -m dmdctl distill ...[/bold]
+    Multi-GPU: [bold]accelerate launch --num_processes 8 -m dmdctl distill ...[/bold] (the batch
+    sizes are global; SIGTERM saves a checkpoint and exits 143; resume with --resume latest).
     """
+    from accelerate import PartialState
+
     from .distill import distill
 
     cfg = resolve(
@@ -380,6 +432,10 @@ def distill_cmd(
         grad_clip=grad_clip,
         reg_loss=reg_loss,
         reg_weight=reg_weight,
+        lpips_net=lpips_net,
+        lpips_random_backbone=lpips_random_backbone,
+        eval_every=eval_every,
+        eval_samples=eval_samples,
         dm_weight=dm_weight,
         real_only=real_only,
         fake_updates=fake_updates,
@@ -390,17 +446,22 @@ def distill_cmd(
         checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints,
         log_every=log_every,
+        plot_samples=plot_samples,
         seed=seed,
         resume=resume,
         cpu=cpu,
+        skip_nonfinite=skip_nonfinite,
     )
     result = distill(cfg)
-    _show("distill", result)
+    main = PartialState().is_main_process  # the other processes of a launch print nothing
+    if main:
+        _show("distill", result)
     if "interrupted" in result:
-        error_line(
-            f"stopped by {result['interrupted']} at step {result['step']}; checkpoint saved. "
-            f"Resume with the same command plus --resume latest"
-        )
+        if main:
+            error_line(
+                f"stopped by {result['interrupted']} at step {result['step']}; checkpoint saved "
+                f"in {Path(cfg.out) / 'checkpoints'}. Resume with the same command plus --resume latest"
+            )
         raise typer.Exit(130 if result["interrupted"] == "SIGINT" else 143)
 
 
@@ -436,11 +497,108 @@ def eval_fid_cmd(
     batch_size: Annotated[
         int | None, typer.Option(help=_h(EF, "batch_size", "Generation batch size."))
     ] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            help="Score a folder of images (searched recursively) instead of a generator."
+        ),
+    ] = None,
+    make_ref: Annotated[
+        Path | None,
+        typer.Option(
+            "--make-ref",
+            help="Make reference statistics of a folder of images or an ADM-style npz (arr_0, NHWC uint8); needs -o.",
+        ),
+    ] = None,
+    stats: Annotated[
+        Path | None,
+        typer.Option(help="Statistics npz to compare with --ref (no features are computed)."),
+    ] = None,
     ref: Annotated[
         Path | None,
         typer.Option(
             help="Reference statistics npz (mu, sigma); default: the teacher's built-in reference."
         ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Write the statistics (mu, sigma, KID features) of what was scored here.",
+        ),
+    ] = None,
+    features: Annotated[
+        str | None,
+        typer.Option(
+            help=_h(
+                EF,
+                "features",
+                "auto (a built-in teacher's own features; Inception for images), native, or inception.",
+            )
+        ),
+    ] = None,
+    protocol: Annotated[
+        str | None,
+        typer.Option(
+            help=_h(
+                EF,
+                "protocol",
+                "How images reach Inception: edm (EDM/ADM, TF1 bilinear) or clean (COCO-30k: crop, LANCZOS 256, clean-fid resize).",
+            )
+        ),
+    ] = None,
+    inception_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: looked for in $TORCH_HOME/hub/checkpoints/)."
+        ),
+    ] = None,
+    inception_sha256: Annotated[
+        str | None,
+        typer.Option(
+            help="Accept Inception weights with this sha256 instead of the official file's (results are then not comparable)."
+        ),
+    ] = None,
+    inception_batch: Annotated[
+        int | None,
+        typer.Option(help=_h(EF, "inception_batch", "Images per Inception forward pass.")),
+    ] = None,
+    offline: Annotated[
+        bool | None,
+        typer.Option(
+            "--offline",
+            help="Never download (eval-fid never does: Inception weights must be local).",
+        ),
+    ] = None,
+    kid: Annotated[
+        bool | None,
+        typer.Option(
+            "--kid/--no-kid",
+            help=_h(
+                EF, "kid", "Also report KID when the reference holds features (made by --make-ref)."
+            ),
+        ),
+    ] = None,
+    kid_subsets: Annotated[
+        int | None, typer.Option(help=_h(EF, "kid_subsets", "KID: number of random subsets."))
+    ] = None,
+    kid_subset_size: Annotated[
+        int | None,
+        typer.Option(
+            help=_h(EF, "kid_subset_size", "KID: subset size (capped at the smaller set).")
+        ),
+    ] = None,
+    kid_max_features: Annotated[
+        int | None,
+        typer.Option(
+            help=_h(
+                EF, "kid_max_features", "KID: features kept per side (uniform reservoir sample)."
+            )
+        ),
+    ] = None,
+    grid: Annotated[
+        Path | None, typer.Option(help="Also save a PNG grid of the first 100 scored samples here.")
     ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the result as JSON here.")
@@ -448,9 +606,15 @@ def eval_fid_cmd(
     device: DeviceOpt = None,
     config: ConfigOpt = None,
 ):
-    """Fréchet distance of a generator (or of the teacher's sampler) to reference statistics.
+    """Fréchet distance (and KID) of a generator, the teacher's sampler or images to reference statistics.
 
     Example: [bold]dmdctl eval-fid --generator runs/dmd/generator.safetensors --json fid.json[/bold]
+
+    ImageNet 64 (EDM protocol): [bold]dmdctl eval-fid --generator gen.safetensors --features inception --ref imagenet-64x64.npz --num-samples 50000[/bold]
+
+    References: [bold]dmdctl eval-fid --make-ref val2014/ --protocol clean -o coco.npz[/bold];
+    two statistics files: [bold]dmdctl eval-fid --stats a.npz --ref b.npz[/bold].
+    Multi-GPU: [bold]accelerate launch -m dmdctl eval-fid ...[/bold] (each process scores its share).
     """
     from .eval_fid import evaluate, result_rows
 
@@ -464,12 +628,28 @@ def eval_fid_cmd(
         num_samples=num_samples,
         seed=seed,
         batch_size=batch_size,
+        images=images,
+        make_ref=make_ref,
+        stats=stats,
         ref=ref,
+        out=out,
+        features=features,
+        protocol=protocol,
+        inception_weights=inception_weights,
+        inception_sha256=inception_sha256,
+        inception_batch=inception_batch,
+        offline=offline,
+        kid=kid,
+        kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size,
+        kid_max_features=kid_max_features,
         json=json_out,
+        grid=grid,
         device=device,
     )
-    result = evaluate(cfg)
-    print_table(summary_table("eval-fid", result_rows(result)))
+    result = evaluate(cfg, multiprocess=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_table(summary_table("eval-fid", result_rows(result)))
 
 
 # --- sample ------------------------------------------------------------------------------------
@@ -498,6 +678,10 @@ def sample_cmd(
         Path | None,
         typer.Option(help=_h(SC, "out", "Output folder (samples.safetensors, samples.png).")),
     ] = None,
+    class_label: Annotated[
+        int | None,
+        typer.Option("--class", help="Sample only this class (class-conditional teachers)."),
+    ] = None,
     plot: Annotated[
         bool | None,
         typer.Option("--plot/--no-plot", help=_h(SC, "plot", "Write a PNG of the samples.")),
@@ -523,6 +707,7 @@ def sample_cmd(
         batch_size=batch_size,
         out=out,
         plot=plot,
+        class_label=class_label,
         device=device,
     )
     _show("sample", sample(cfg))
@@ -572,24 +757,38 @@ DM = DemoConfig
 @user_errors
 def demo_cmd(
     teacher: Annotated[
-        str | None, typer.Argument(help=_h(DM, "teacher", "Which demo: toy2d."))
+        str | None,
+        typer.Argument(
+            help=_h(
+                DM,
+                "teacher",
+                "Which demo: toy2d (2-D points, ~2 min) or digits (8x8 images, <10 min).",
+            )
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help=_h(DM, "out", "Output folder."))] = None,
     distill_steps: Annotated[
-        int | None, typer.Option(help=_h(DM, "distill_steps", "Steps of each distillation run."))
+        int | None,
+        typer.Option(help="Steps of each distillation run \\[default: 2000 toy2d, 400 digits]"),
     ] = None,
     num_pairs: Annotated[
-        int | None, typer.Option(help=_h(DM, "num_pairs", "Regression pairs."))
+        int | None, typer.Option(help="Regression pairs \\[default: 128 toy2d, 1000 digits]")
     ] = None,
     teacher_steps: Annotated[
-        int | None, typer.Option(help=_h(DM, "teacher_steps", "Teacher training steps."))
+        int | None,
+        typer.Option(
+            help="Teacher training steps; 0 uses the shipped teacher \\[default: 8000 toy2d, 0 digits]"
+        ),
     ] = None,
     eval_samples: Annotated[
-        int | None, typer.Option(help=_h(DM, "eval_samples", "Samples per evaluation."))
+        int | None,
+        typer.Option(help="Samples per evaluation \\[default: 10000 toy2d, 1000 digits]"),
     ] = None,
     lr: Annotated[
         float | None,
-        typer.Option(help=_h(DM, "lr", "Learning rate of the generator and the fake score.")),
+        typer.Option(
+            help="Learning rate of the generator and the fake score \\[default: 1e-3 toy2d, 2e-5 digits]"
+        ),
     ] = None,
     seed: Annotated[int | None, typer.Option(help=_h(DM, "seed", "Random seed."))] = None,
     config: ConfigOpt = None,

@@ -31,7 +31,7 @@ def default_help(cls: type, name: str, text: str) -> str:
         return text
     if isinstance(value, bool):
         value = str(value).lower()
-    return f"{text} [default: {value}]"
+    return f"{text} \\[default: {value}]"
 
 
 def load_toml(path: Path) -> dict[str, Any]:

@@ -24,20 +24,41 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from safetensors import SafetensorError
 
-from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    PROCESS_GROUP_TIMEOUT,
+    StopRequested,
+    append_line,
+    check_launch,
+    config_differences,
+    describe_os_error,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_checkpoint_state,
+    save_checkpoint,
+    trim_log,
+    use_cpu,
+)
 from .config import write_config
 from .denoiser import OneStepGenerator
 from .ema import EMA
 from .errors import UserError, require
 from .generator import save_generator
 from .losses import dm_loss, edm_denoising_loss, regression_loss
+from .lpips_loss import RANDOM_BACKBONE_NOTE
 from .pairs import load_pairs
 from .sampling import dmd_sigma_grid, seeded_noise
 from .teachers import resolve_teacher
 from .ui import info, progress
 
 REG_LOSSES = ("l2", "pseudo-huber", "lpips")
+# with several processes a SIGTERM is acted on at a step all of them agree on: the next log,
+# checkpoint or evaluation step, or the next multiple of this (a launcher's grace period before
+# SIGKILL is often ~30 s: torchrun's, SLURM's default KillWait)
+STOP_CHECK_EVERY = 10
 PLOT_SEED_START = 10_000_000  # fixed noise for the sample plots, far from the pairs' seeds
 
 
@@ -59,6 +80,9 @@ class DistillConfig:
     grad_clip: float = 10.0
     reg_loss: str = "l2"
     reg_weight: float = 0.25
+    lpips_net: str = "vgg"
+    lpips_size: int = 32
+    lpips_random_backbone: bool = False
     dm_weight: float = 1.0
     real_only: bool = False
     fake_updates: int = 1
@@ -70,10 +94,13 @@ class DistillConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 0
     log_every: int = 50
+    eval_every: int = 0
+    eval_samples: int = 1000
     plot_samples: int = 2000
     seed: int = 0
     resume: str | None = None
     cpu: bool = False
+    skip_nonfinite: bool = False
 
     def validate(self) -> None:
         for name in (
@@ -84,6 +111,8 @@ class DistillConfig:
             "sigma_levels",
             "checkpoint_every",
             "log_every",
+            "lpips_size",
+            "eval_samples",
         ):
             v = getattr(self, name)
             require(v > 0, f"--{name.replace('_', '-')} must be positive, got {v}")
@@ -101,6 +130,7 @@ class DistillConfig:
             "num_pairs",
             "keep_checkpoints",
             "plot_samples",
+            "eval_every",
         ):
             v = getattr(self, name)
             require(v >= 0, f"--{name.replace('_', '-')} must be >= 0, got {v}")
@@ -126,6 +156,14 @@ class DistillConfig:
             "both --dm-weight and --reg-weight are 0: nothing to train",
         )
         require(
+            self.resume is None or str(self.resume).strip() != "",
+            "--resume needs 'latest' or a checkpoint folder",
+        )
+        from .make_pairs import check_out_folder, check_teacher_path
+
+        check_teacher_path(self.teacher_path)
+        check_out_folder(Path(self.out))
+        require(
             self.reg_weight == 0 or self.pairs is not None,
             f"--reg-weight is {self.reg_weight} but no --pairs folder was given "
             "(make one with `dmdctl make-pairs`, or pass --reg-weight 0 to train without regression)",
@@ -145,33 +183,12 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-class StopRequested:
-    """Turns SIGTERM/SIGINT into a flag the loop checks, so the run can checkpoint and exit."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 class DMDTrainer:
     """Holds the networks, optimisers and EMA of one distillation run."""
+
+    # steps whose generator (fake-score) update --skip-nonfinite skipped, over the whole run
+    skipped_steps: int = 0
+    skipped_fake_updates: int = 0
 
     def __init__(self, cfg: DistillConfig, accelerator: Accelerator | None = None):
         self.cfg = cfg
@@ -195,9 +212,14 @@ class DMDTrainer:
             self.pairs = load_pairs(Path(cfg.pairs), t, limit=cfg.num_pairs or None)
         self.lpips = None
         if cfg.reg_weight > 0 and cfg.reg_loss == "lpips":
-            raise UserError(
-                "--reg-loss lpips needs image teachers; use l2 or pseudo-huber for this teacher"
-            )
+            if len(t.sample_shape) != 3:
+                raise UserError(
+                    "--reg-loss lpips needs image teachers; use l2 or pseudo-huber for this teacher"
+                )
+            from .lpips_loss import ImageLPIPS
+
+            self.lpips = ImageLPIPS(cfg.lpips_net, cfg.lpips_random_backbone, cfg.lpips_size)
+            self.lpips.to(acc.device)
 
         self.device = acc.device
         self.real = t.denoiser.to(self.device).eval().requires_grad_(False)
@@ -206,14 +228,24 @@ class DMDTrainer:
             copy.deepcopy(t.denoiser).requires_grad_(True).train(), t.sigma_max
         )
         self.ema = EMA(generator.denoiser, cfg.ema_decay)
+        # --skip-nonfinite needs the fused kernel, which can skip a step on the device (see _gate)
+        fused = True if cfg.skip_nonfinite else None
         opt_g = torch.optim.AdamW(
-            generator.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
+            generator.parameters(),
+            lr=cfg.lr,
+            betas=(0.9, 0.999),
+            weight_decay=cfg.weight_decay,
+            fused=fused,
         )
         self.use_fake = cfg.dm_weight > 0 and not cfg.real_only
         if self.use_fake:
             fake = copy.deepcopy(t.denoiser).requires_grad_(True).train()
             opt_f = torch.optim.AdamW(
-                fake.parameters(), lr=cfg.fake_lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
+                fake.parameters(),
+                lr=cfg.fake_lr,
+                betas=(0.9, 0.999),
+                weight_decay=cfg.weight_decay,
+                fused=fused,
             )
             self.generator, self.opt_g, self.fake, self.opt_f = acc.prepare(
                 generator, opt_g, fake, opt_f
@@ -250,6 +282,23 @@ class DMDTrainer:
         if self.opt_f is not None:
             for g in self.opt_f.param_groups:
                 g["lr"] = self.cfg.fake_lr * m
+
+    def _gate(self, opt, gnorm) -> torch.Tensor | None:
+        """--skip-nonfinite: turn ``opt.step()`` into a no-op when the gradient norm is not finite.
+
+        The optimisers are then fused AdamW, whose kernel takes a ``found_inf`` tensor (the hook
+        torch's GradScaler uses) and, when it is 1, leaves parameters, both moments and the step
+        count untouched. The decision stays on the device: no host sync, no copy of the weights
+        (a torch.where over weights and moments would need both). A non-finite loss gives
+        non-finite gradients, and the norm is taken after DDP's all-reduce, so every process
+        skips the same steps. Under fp16 the loss scaler sets ``found_inf`` itself.
+        """
+        if not self.cfg.skip_nonfinite:
+            return None
+        bad = (~torch.isfinite(torch.as_tensor(gnorm, device=self.device))).float()
+        if self.cfg.mixed_precision != "fp16":
+            getattr(opt, "optimizer", opt).found_inf = bad
+        return bad
 
     @property
     def unwrapped_generator(self) -> OneStepGenerator:
@@ -303,11 +352,14 @@ class DMDTrainer:
                 logs["loss_reg"] = loss_reg.detach()
         acc.backward(loss_g)
         gnorm = acc.clip_grad_norm_(self.generator.parameters(), cfg.grad_clip or float("inf"))
+        skipped = self._gate(self.opt_g, gnorm)
         self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
         self.ema.update(self.unwrapped_generator.denoiser)
         logs["loss_g"] = loss_g.detach()
         logs["grad_norm_g"] = torch.as_tensor(gnorm).detach()
+        if skipped is not None:
+            logs["skipped"] = skipped
 
         if self.use_fake:
             x_fake = x.detach()
@@ -327,6 +379,9 @@ class DMDTrainer:
                     )
                 acc.backward(loss_f)
                 gnorm_f = acc.clip_grad_norm_(self.fake.parameters(), cfg.grad_clip or float("inf"))
+                skipped_f = self._gate(self.opt_f, gnorm_f)
+                if skipped_f is not None:
+                    logs["skipped_fake"] = logs.get("skipped_fake", 0) + skipped_f
                 self.opt_f.step()
                 self.opt_f.zero_grad(set_to_none=True)
             logs["loss_fake"] = loss_f.detach()
@@ -345,7 +400,8 @@ class DMDTrainer:
             "ema_updates": self.ema.num_updates,
         }
 
-    def save(self) -> Path | None:
+    def save(self, extra: dict | None = None) -> Path | None:
+        """Checkpoint on the main process; the others wait at the barriers around it."""
         self.acc.wait_for_everyone()
         path = None
         if self.acc.is_main_process:
@@ -360,7 +416,7 @@ class DMDTrainer:
                 models,
                 optims,
                 {"ema": self.ema.state_dict()},
-                self.checkpoint_state(),
+                dict(self.checkpoint_state(), **(extra or {})),
                 keep=self.cfg.keep_checkpoints,
             )
         self.acc.wait_for_everyone()
@@ -388,14 +444,20 @@ class DMDTrainer:
             if self.use_fake:
                 self.acc.unwrap_model(self.fake).load_state_dict(load("fake"))
                 self.opt_f.load_state_dict(_optim_state(load, state, "fake"))
+            ema = {k: v.to(self.device) for k, v in load("ema").items()}
+        except SafetensorError as e:
+            raise UserError(
+                f"checkpoint {path} is damaged ({e}); resume from an earlier one with "
+                f"--resume {path.parent}/step-N"
+            ) from None
         except (RuntimeError, KeyError, ValueError) as e:
             raise UserError(
                 f"checkpoint {path} does not fit this run's networks ({str(e).splitlines()[0]})"
             ) from None
-        self.ema.load_state_dict(
-            {k: v.to(self.device) for k, v in load("ema").items()}, state["ema_updates"]
-        )
+        self.ema.load_state_dict(ema, state["ema_updates"])
         self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.skipped_fake_updates = int(state.get("skipped_fake_updates", 0))
         return path
 
     def ema_generator(self) -> OneStepGenerator:
@@ -429,48 +491,205 @@ def plot_samples(trainer: DMDTrainer, path: Path) -> Path | None:
     )
 
 
+def evaluate_generator(trainer: DMDTrainer) -> dict:
+    """FID (and the kind's quality metrics) of the current EMA generator, for FID-vs-step curves."""
+    from .eval_fid import EvalFidConfig, evaluate
+    from .generator import Source
+
+    t = trainer.teacher
+    source = Source(t.kind, t.config, f"DMD step {trainer.step} (EMA)", 1, trainer.ema_generator())
+    res = evaluate(
+        EvalFidConfig(num_samples=trainer.cfg.eval_samples, device=str(trainer.device)),
+        source,
+        show_progress=False,
+    )
+    keep = {
+        k: v
+        for k, v in res.items()
+        if isinstance(v, (int, float)) and k not in ("nfe", "seed_start")
+    }
+    return {f"eval_{k}": v for k, v in keep.items()}
+
+
+# settings a resumed run must share with its checkpoint: the networks and optimiser states only
+# fit the same teacher and fake-score setting (checked in DMDTrainer.resume / below), and the
+# step-seeded draws only continue the same run with the same global batch sizes
+RESUME_MUST_MATCH = ("batch_size", "pair_batch_size")
+
+
+def check_resume(ckpt: Path, cfg: DistillConfig) -> dict:
+    """Compare a checkpoint's saved config with this run's before anything is built."""
+    state = read_checkpoint_state(ckpt)
+    diffs = config_differences(state.get("config", {}), asdict(cfg), RESUME_MUST_MATCH)
+    fake_then = "fake" in state.get("optimizers", {})
+    fake_now = cfg.dm_weight > 0 and not cfg.real_only
+    if fake_then != fake_now:
+        on = {True: "on", False: "off"}
+        diffs.append(
+            f"fake score {on[fake_then]} there, {on[fake_now]} now (--dm-weight, --real-only)"
+        )
+    if diffs:
+        raise UserError(
+            f"checkpoint {ckpt} comes from a run with other settings: {'; '.join(diffs)}. "
+            "Resume with the same values, or start a new run with another --out"
+        )
+    step = int(state.get("step", 0))
+    if step > cfg.steps:
+        raise UserError(
+            f"checkpoint {ckpt} is at step {step}, past --steps {cfg.steps}; "
+            f"pass --steps {step} or more to continue it"
+        )
+    return state
+
+
+class StepWatch:
+    """Watches every step for non-finite losses and gradients without a host sync per step.
+
+    Each step adds device-side flags (a few tiny tensor ops queued behind the step itself); the
+    host reads them only at log, checkpoint and evaluation steps, where it waits anyway, in one
+    gather that also carries the other processes' flags, their stop requests, and the losses
+    (averaged over processes, so a 2-process log matches a 1-process one).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.names: list[str] | None = None
+
+    def add(self, logs: dict[str, torch.Tensor], step: int) -> None:
+        skipped = logs.pop("skipped", None)
+        skipped_fake = logs.pop("skipped_fake", None)
+        if self.names is None:
+            self.names = list(logs)
+            self.bad = torch.zeros(len(self.names), device=self.device)
+            self.first_bad = torch.full((1,), -1.0, device=self.device)
+            self.skipped = torch.zeros(2, device=self.device)
+        self.last = torch.stack([logs[k].detach().float().reshape(()) for k in self.names])
+        bad = ~torch.isfinite(self.last)
+        self.bad += bad
+        self.first_bad = torch.where((self.first_bad < 0) & bad.any(), float(step), self.first_bad)
+        if skipped is not None:
+            self.skipped[0] += skipped
+        if skipped_fake is not None:
+            self.skipped[1] += skipped_fake
+
+    def collect(self, acc: Accelerator, stop_signal: int | None) -> dict:
+        n = len(self.names)
+        stop = torch.tensor([float(stop_signal or 0)], device=self.device)
+        packet = torch.cat([self.last, self.bad, self.first_bad, self.skipped, stop])
+        rows = acc.gather(packet[None]).cpu().double().reshape(-1, packet.numel())
+        firsts = [v for v in rows[:, 2 * n].tolist() if v >= 0]
+        return {
+            "values": dict(zip(self.names, rows[:, :n].mean(0).tolist(), strict=True)),
+            "bad": [
+                k for k, b in zip(self.names, rows[:, n : 2 * n].sum(0).tolist(), strict=True) if b
+            ],
+            "first_bad": int(min(firsts)) if firsts else None,
+            "skipped": int(rows[:, 2 * n + 1].max()),
+            "skipped_fake": int(rows[:, 2 * n + 2].max()),
+            "stop": int(rows[:, 2 * n + 3].max()) or None,
+        }
+
+
+def _json_value(v: float):
+    return v if math.isfinite(v) else None  # JSON has no NaN/inf
+
+
 def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
-    trainer = DMDTrainer(cfg, accelerator)
-    acc = trainer.acc
-    out = trainer.out
-    main = acc.is_main_process
-    resumed_from = None
+    cfg.validate()
+    out = Path(cfg.out)
+    # every check that needs no network comes first: nothing is built or written before it
+    ckpt = None
     if cfg.resume:
-        resumed_from = trainer.resume(cfg.resume)
-    elif main and list_checkpoints(out / "checkpoints"):
+        ckpt = find_checkpoint(out, cfg.resume)
+        check_resume(ckpt, cfg)
+    elif list_checkpoints(out / "checkpoints"):
         raise UserError(
             f"{out} already holds checkpoints of a run; pass --resume latest to continue it, "
             "or choose another --out"
         )
+    if accelerator is None:
+        accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            cpu=use_cpu(cfg.cpu),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)],
+        )
+    check_launch(accelerator.num_processes)
+    trainer = DMDTrainer(cfg, accelerator)
+    acc = trainer.acc
+    main = acc.is_main_process
+    resumed_from = trainer.resume(str(ckpt)) if ckpt is not None else None
+    log_path = out / "log.jsonl"
     if main:
         write_config(cfg, out)
+        # rows past the checkpoint (a run killed after it) are written again by this run
+        dropped = trim_log(log_path, trainer.step)
+        if trainer.lpips is not None and trainer.lpips.random_backbone:
+            info(
+                f"[bold red]warning:[/bold red] regression loss uses LPIPS with a {RANDOM_BACKBONE_NOTE}"
+            )
         if resumed_from:
-            info(f"resumed from {resumed_from} (step {trainer.step})")
-    log_path = out / "log.jsonl"
+            note = f"; dropped {dropped} log rows past it" if dropped else ""
+            info(f"resumed from {resumed_from} (step {trainer.step}){note}")
+    fp16 = cfg.mixed_precision == "fp16"
+    watch = StepWatch(acc.device)
     t_start = time.perf_counter()
     t_last, step_last = t_start, trainer.step
+    log_step, log_skipped = trainer.step, 0
     last: dict[str, float] = {}
+    skipped: dict[str, int] = {}
     interrupted = None
     with StopRequested() as stop, progress(disable=None if main else True) as bar:
         task = bar.add_task("distill", total=cfg.steps, completed=trainer.step, info="")
         while trainer.step < cfg.steps:
             logs = trainer.train_step()
             step = trainer.step
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                values = {k: float(v) for k, v in logs.items()}
-                if not all(math.isfinite(v) for v in values.values()):
-                    bad = ", ".join(k for k, v in values.items() if not math.isfinite(v))
-                    raise UserError(
-                        f"non-finite {bad} at step {step}: stopping without saving; the last "
-                        "good checkpoint is intact (try a lower --lr)"
-                    )
+            watch.add(logs, step)
+            is_log = step % cfg.log_every == 0 or step == cfg.steps
+            is_ckpt = step % cfg.checkpoint_every == 0 or step == cfg.steps
+            is_eval = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or step == cfg.steps)
+            # one process alone may act on its stop flag at once; several agree at the next sync
+            if acc.num_processes == 1:
+                stop_here = stop.signal is not None
+            else:
+                stop_here = step % STOP_CHECK_EVERY == 0
+            if not (is_log or is_ckpt or is_eval or stop_here):
+                bar.update(task, completed=step)
+                continue
+            seen = watch.collect(acc, stop.signal)
+            bad = [k for k in seen["bad"] if not (fp16 and k.startswith("grad_norm"))]
+            if bad and not cfg.skip_nonfinite:
+                found = list_checkpoints(out / "checkpoints")
+                raise UserError(
+                    f"non-finite {', '.join(bad)} at step {seen['first_bad']} (checked at step "
+                    f"{step}): stopped without saving; the last good checkpoint "
+                    f"({found[-1] if found else 'none yet'}) is intact. Resume it with a lower "
+                    "--lr (--resume latest), or pass --skip-nonfinite to skip such steps"
+                )
+            skipped = {
+                "skipped_steps": trainer.skipped_steps + seen["skipped"],
+                "skipped_fake_updates": trainer.skipped_fake_updates + seen["skipped_fake"],
+            }
+            if is_log:
+                if cfg.skip_nonfinite and step - log_step >= cfg.log_every:
+                    if seen["skipped"] - log_skipped >= step - log_step:
+                        raise UserError(
+                            f"every step from {log_step + 1} to {step} had a non-finite loss or "
+                            "gradient and was skipped (--skip-nonfinite): training is stuck. "
+                            "Check the teacher and pairs, or resume with a lower --lr"
+                        )
+                log_step, log_skipped = step, seen["skipped"]
+                values = seen["values"]
                 now = time.perf_counter()
                 rate = (step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
                 t_last, step_last = now, step
                 last = dict(values, samples_per_s=rate, lr=trainer.opt_g.param_groups[0]["lr"])
+                if cfg.skip_nonfinite:
+                    last.update(skipped)
                 if main:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": step, **last}) + "\n")
+                    row = {"step": step, **{k: _json_value(v) for k, v in last.items()}}
+                    if trainer.lpips is not None and trainer.lpips.random_backbone:
+                        row["warning"] = RANDOM_BACKBONE_NOTE
+                    append_line(log_path, json.dumps(row))
                 bar.update(
                     task,
                     completed=step,
@@ -482,39 +701,66 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
                 )
             else:
                 bar.update(task, completed=step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.signal is not None:
-                trainer.save()
+            if is_eval:
+                if main:
+                    row = evaluate_generator(trainer)
+                    append_line(log_path, json.dumps({"step": step, **row}))
+                    last.update(row)
+                # the others wait here, at a barrier with a generous timeout (not inside DDP)
+                acc.wait_for_everyone()
+                t_last = time.perf_counter()  # evaluation time is not training throughput
+            if is_ckpt or seen["stop"]:
+                trainer.save(extra=skipped)
                 if main:
                     plot_samples(trainer, out / "samples" / f"step-{step:07d}.png")
-            if stop.signal is not None:
-                interrupted = stop.signal
+                acc.wait_for_everyone()
+                t_last = time.perf_counter()
+            if seen["stop"]:
+                interrupted = seen["stop"]
                 break
     elapsed = time.perf_counter() - t_start
     result = {
         "out": str(out),
         "step": trainer.step,
         "steps": cfg.steps,
-        **{k: round(v, 5) for k, v in last.items()},
+        **{
+            k: round(v, 5)
+            for k, v in last.items()
+            if isinstance(v, (int, float)) and math.isfinite(v)
+        },
         "seconds": round(elapsed, 1),
-        "reg_loss": cfg.reg_loss if trainer.pairs is not None else "none",
+        "reg_loss": (trainer.lpips.description if trainer.lpips is not None else cfg.reg_loss)
+        if trainer.pairs is not None
+        else "none",
         "reg_weight": cfg.reg_weight,
         "dm_weight": cfg.dm_weight,
         "real_only": cfg.real_only,
         "num_pairs": len(trainer.pairs) if trainer.pairs is not None else 0,
+        "processes": acc.num_processes,
     }
+    if cfg.skip_nonfinite:
+        result.update(skipped)
     if interrupted is not None:
         result["interrupted"] = signal.Signals(interrupted).name
         return result
     if main:
         t = trainer.teacher
-        save_generator(
-            trainer.ema_generator().denoiser,
-            t.name,
-            t.config,
-            t.sha256,
-            out / "generator.safetensors",
-            extra={"step": str(trainer.step), "ema": "true"},
-        )
-        result["generator"] = str(out / "generator.safetensors")
+        path = out / "generator.safetensors"
+        try:
+            save_generator(
+                trainer.ema_generator().denoiser,
+                t.name,
+                t.config,
+                t.sha256,
+                path,
+                extra={"step": str(trainer.step), "ema": "true"},
+            )
+        except (OSError, SafetensorError) as e:
+            path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+            raise UserError(
+                f"could not write {path}: {describe_os_error(e)}; the final checkpoint is saved: "
+                f"`dmdctl export {out}` writes the generator from it"
+            ) from None
+        result["generator"] = str(path)
     acc.wait_for_everyone()
     return result
