@@ -291,6 +291,7 @@ def test_adm_npz_is_streamed_like_the_folder(random_weights, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_images_end_to_end_with_random_weights(random_weights, tmp_path):
     """The whole Inception path through the CLI: 2049 images (the minimum); 16 min on 2 busy cores."""
     path, sha = random_weights
