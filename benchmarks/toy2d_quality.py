@@ -24,8 +24,8 @@ from .common import append_markdown  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--num-pairs", type=int, default=DemoConfig.num_pairs)
-    ap.add_argument("--distill-steps", type=int, default=DemoConfig.distill_steps)
+    ap.add_argument("--num-pairs", type=int, default=128)
+    ap.add_argument("--distill-steps", type=int, default=2000)
     ap.add_argument(
         "--out", type=Path, default=None, help="keep the runs here (default: a temp folder)"
     )
@@ -36,6 +36,7 @@ def main() -> None:
         for seed in args.seeds:
             m = run_demo(
                 DemoConfig(
+                    teacher="toy2d",
                     out=str(root / f"seed{seed}"),
                     seed=seed,
                     num_pairs=args.num_pairs,

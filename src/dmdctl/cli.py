@@ -762,7 +762,7 @@ def demo_cmd(
             help=_h(
                 DM,
                 "teacher",
-                "Which demo: toy2d (2-D points, ~2 min) or digits (8x8 images, <10 min).",
+                "Which demo: digits (8x8 images, about 5 min) or toy2d (2-D points, about 2 min).",
             )
         ),
     ] = None,

@@ -48,6 +48,8 @@ DEMOS: dict[str, dict] = {
             eval_samples=10000,
             batch_size=512,
             reg_loss="l2",
+            fake_updates=1,
+            warmup=100,
         ),
         "runs": {
             "dmd": {},
@@ -59,9 +61,11 @@ DEMOS: dict[str, dict] = {
     "digits": {
         "defaults": dict(
             teacher_steps=0,
-            num_pairs=1000,
-            distill_steps=400,
-            lr=2e-5,
+            num_pairs=100,
+            distill_steps=200,
+            lr=1e-4,
+            fake_updates=3,
+            warmup=20,
             eval_samples=1000,
             batch_size=64,
             reg_loss="l2",
@@ -77,7 +81,7 @@ DEMOS: dict[str, dict] = {
 
 @dataclass
 class DemoConfig:
-    teacher: str = "toy2d"
+    teacher: str = "digits"
     out: str = "dmdctl-demo"
     teacher_steps: int | None = None
     num_pairs: int | None = None
@@ -85,6 +89,8 @@ class DemoConfig:
     lr: float | None = None
     batch_size: int | None = None
     reg_loss: str | None = None
+    fake_updates: int | None = None
+    warmup: int | None = None
     eval_samples: int | None = None
     seed: int = 0
 
@@ -149,6 +155,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         batch_size=cfg.batch_size,
         pair_batch_size=cfg.batch_size,
         reg_loss=cfg.reg_loss,
+        fake_updates=cfg.fake_updates,
+        warmup=cfg.warmup,
     )
     runs = DEMOS[cfg.teacher]["runs"]
     for i, (name, overrides) in enumerate(runs.items()):
@@ -275,7 +283,8 @@ def write_report(
         "(the NFE ratio is 35).",
         "",
         f"Settings: {cfg.num_pairs} regression pairs ({cfg.reg_loss}); {cfg.distill_steps} distillation steps "
-        f"per run at batch {cfg.batch_size}, lr {cfg.lr}; seed {cfg.seed}. Total time {elapsed:.0f} s.",
+        f"per run at batch {cfg.batch_size}, lr {cfg.lr}, {cfg.fake_updates} fake-score update(s) per "
+        f"generator update; seed {cfg.seed}. Total time {elapsed:.0f} s.",
         "Reproduce: `dmdctl demo --config " + str(out / "config.toml") + "`.",
         "",
     ]

@@ -228,25 +228,19 @@ class DMDTrainer:
             copy.deepcopy(t.denoiser).requires_grad_(True).train(), t.sigma_max
         )
         self.ema = EMA(generator.denoiser, cfg.ema_decay)
-        # --skip-nonfinite needs the fused kernel, which can skip a step on the device (see _gate)
-        fused = True if cfg.skip_nonfinite else None
-        opt_g = torch.optim.AdamW(
-            generator.parameters(),
-            lr=cfg.lr,
-            betas=(0.9, 0.999),
-            weight_decay=cfg.weight_decay,
-            fused=fused,
-        )
+
+        def adamw(params, lr):
+            # --skip-nonfinite needs the fused kernel, which can skip a step on the device (_gate)
+            fused = True if cfg.skip_nonfinite else None
+            return torch.optim.AdamW(
+                params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=fused
+            )
+
+        opt_g = adamw(generator.parameters(), cfg.lr)
         self.use_fake = cfg.dm_weight > 0 and not cfg.real_only
         if self.use_fake:
             fake = copy.deepcopy(t.denoiser).requires_grad_(True).train()
-            opt_f = torch.optim.AdamW(
-                fake.parameters(),
-                lr=cfg.fake_lr,
-                betas=(0.9, 0.999),
-                weight_decay=cfg.weight_decay,
-                fused=fused,
-            )
+            opt_f = adamw(fake.parameters(), cfg.fake_lr)
             self.generator, self.opt_g, self.fake, self.opt_f = acc.prepare(
                 generator, opt_g, fake, opt_f
             )
