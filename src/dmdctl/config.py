@@ -112,7 +112,9 @@ def dumps_toml(data: dict[str, Any]) -> str:
 
 
 def write_config(cfg: Any, directory: Path, name: str = "config.toml") -> Path:
+    from .files import atomic_write_bytes
+
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
-    path.write_text(dumps_toml(dataclasses.asdict(cfg)))
+    atomic_write_bytes(path, dumps_toml(dataclasses.asdict(cfg)).encode())
     return path

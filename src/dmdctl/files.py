@@ -30,3 +30,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UserError(f"could not write {path}: {e.strerror or e}") from None
+
+
+def atomic_save_safetensors(
+    tensors: dict, path: Path, metadata: dict[str, str] | None = None
+) -> Path:
+    """``safetensors.torch.save_file`` under a temporary name, renamed when complete.
+
+    On failure (a full disk) the temporary file is removed and the error re-raised for the
+    caller to report.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from .denoiser import OneStepGenerator
 from .errors import UserError
+from .files import atomic_save_safetensors
 from .sampling import class_labels, heun_nfe, heun_sample, karras_sigmas, seeded_noise
 from .teachers import GENERATOR_FORMAT, Teacher, get_kind, load_state
 from .teachers.base import TeacherKind
@@ -41,10 +41,7 @@ def save_generator(
     }
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
     state = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return atomic_save_safetensors(state, path, meta)
 
 
 @dataclass

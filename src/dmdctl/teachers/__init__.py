@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 from torch import nn
 
 from ..codec import IdentityCodec
 from ..errors import UserError
-from ..files import sha256_file
+from ..files import atomic_save_safetensors, sha256_file
 from .base import TeacherKind
 from .digits import Digits
 from .toy2d import Toy2D
@@ -129,10 +129,10 @@ def save_teacher(
     meta = {"format": TEACHER_FORMAT, "kind": kind.name, "config": json.dumps(config)}
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     state = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    try:
+        return atomic_save_safetensors(state, path, meta)
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"could not write {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def load_teacher(path: Path, expected: str | None = None) -> Teacher:
