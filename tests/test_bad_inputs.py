@@ -103,10 +103,10 @@ CASES = [
         "--num-pairs must be positive, got -3",
     ),
     Case(
-        "mp-zero-steps",
-        "zero sampler steps",
-        MP.replace("--steps 4", "--steps 0"),
-        "--steps must be positive",
+        "mp-negative-steps",
+        "negative sampler steps",
+        MP.replace("--steps 4", "--steps -1"),
+        "--steps must be >= 0",
     ),
     Case(
         "mp-zero-shard-size",

@@ -144,7 +144,8 @@ def test_bad_inputs_exit_2_with_one_line(toy_teacher, toy_pairs, tmp_path):
         run("export", tmp_path / "nothing-here", "-o", tmp_path / "g.safetensors"),
         "nothing to export",
     )
-    one_line_error(run("train-teacher", "sd15"), "unknown teacher 'sd15'")
+    one_line_error(run("train-teacher", "sd99"), "unknown teacher 'sd99'")
+    one_line_error(run("train-teacher", "sd15"), "built-in teachers only", "--teacher-path")
     one_line_error(run("demo", "imagenet"), "unknown demo")
     bad_toml = tmp_path / "bad.toml"
     bad_toml.write_text("steps = [\n")

@@ -155,7 +155,24 @@ TeacherOpt = Annotated[
     str | None, typer.Option(help="Teacher kind or preset (e.g. toy2d); checked against the file.")
 ]
 TeacherPathOpt = Annotated[
-    Path | None, typer.Option(help="Teacher weights (a dmdctl teacher .safetensors).")
+    Path | None,
+    typer.Option(
+        help="Teacher weights: a dmdctl teacher .safetensors; for --teacher sd15 a diffusers "
+        "pipeline folder or hub id \\[default for sd15: stable-diffusion-v1-5/stable-diffusion-v1-5]."
+    ),
+]
+PromptsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Text-to-image teachers: prompts file, one per line, or JSONL with a 'caption' field."
+    ),
+]
+OfflineOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--offline",
+        help="Never touch the network (as HF_HUB_OFFLINE=1): hub ids must be in the local cache.",
+    ),
 ]
 DeviceOpt = Annotated[
     str | None, typer.Option(help="Device: auto, cpu, cuda, cuda:1 … \\[default: auto]")
@@ -192,10 +209,30 @@ def make_pairs_cmd(
             help=_h(MP, "dtype", "Storage dtype of the targets: float32, float16, bfloat16.")
         ),
     ] = None,
+    prompts: PromptsOpt = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(help=_h(MP, "scheduler", "Text-to-image teachers: sampler, ddim or pndm.")),
+    ] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option(help=_h(MP, "guidance", "Text-to-image teachers: CFG scale (1: none).")),
+    ] = None,
+    save_images: Annotated[
+        bool | None,
+        typer.Option(
+            "--save-images", help="Text-to-image teachers: also store the decoded images (uint8)."
+        ),
+    ] = None,
+    offline: OfflineOpt = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
 ):
     """Run the teacher's deterministic ODE sampler on seeded noise and store the pairs.
+
+    --steps 0 (the default) uses the teacher's own default: 18 Heun steps (35 NFE) for the
+    built-in teachers, 50 scheduler steps for Stable Diffusion. For --teacher sd15 the pairs are
+    latents from the pipeline's scheduler with CFG; pair i uses prompt i mod the prompt count.
 
     Re-running the same command after an interruption (Ctrl-C, SIGTERM, a crash) makes only the
     missing shards. Several processes split the shards: [bold]accelerate launch --num_processes 8 -m dmdctl make-pairs ...[/bold]
@@ -219,6 +256,11 @@ def make_pairs_cmd(
         batch_size=batch_size,
         dtype=dtype,
         device=device,
+        prompts=prompts,
+        scheduler=scheduler,
+        guidance=guidance,
+        save_images=save_images,
+        offline=offline,
     )
     result = make_pairs(cfg)
     main = PartialState().is_main_process  # the other processes of a launch print nothing
@@ -400,9 +442,34 @@ def distill_cmd(
             help="Skip updates whose loss or gradient is NaN/inf (counted in log.jsonl) instead of stopping the run.",
         ),
     ] = None,
+    grad_checkpointing: Annotated[
+        bool | None,
+        typer.Option(
+            "--grad-checkpointing",
+            help="Recompute activations in the backward pass of the generator and fake score (less memory, ~30% slower).",
+        ),
+    ] = None,
+    optimizer: Annotated[
+        str | None,
+        typer.Option(
+            help=_h(DC, "optimizer", "adamw, or adamw8bit (bitsandbytes, CUDA) to save memory.")
+        ),
+    ] = None,
+    prompts: PromptsOpt = None,
+    real_guidance: Annotated[
+        float | None,
+        typer.Option(
+            help="Text-to-image teachers: CFG scale of the real score (the empty prompt is the "
+            "unconditional branch; the fake score has none) \\[default: 1.75 for sd15]."
+        ),
+    ] = None,
+    offline: OfflineOpt = None,
     config: ConfigOpt = None,
 ):
     """Train a one-step generator with the DMD loss plus the regression loss on the pairs.
+
+    The defaults shown are the built-in teachers'; a preset may bring its own (--teacher sd15:
+    lr 1e-5, fake-updates 10, warmup 500, batch 32, bf16; flags and --config override them).
 
     Example: [bold]dmdctl distill --teacher-path runs/teacher/teacher.safetensors --pairs runs/pairs --out runs/dmd[/bold]
 
@@ -411,11 +478,12 @@ def distill_cmd(
     """
     from accelerate import PartialState
 
-    from .distill import distill
+    from .distill import distill, preset_defaults
 
     cfg = resolve(
         DC,
         config,
+        preset_defaults=preset_defaults,
         teacher=teacher,
         teacher_path=teacher_path,
         pairs=pairs,
@@ -451,6 +519,11 @@ def distill_cmd(
         resume=resume,
         cpu=cpu,
         skip_nonfinite=skip_nonfinite,
+        grad_checkpointing=grad_checkpointing,
+        optimizer=optimizer,
+        prompts=prompts,
+        real_guidance=real_guidance,
+        offline=offline,
     )
     result = distill(cfg)
     main = PartialState().is_main_process  # the other processes of a launch print nothing
@@ -686,12 +759,20 @@ def sample_cmd(
         bool | None,
         typer.Option("--plot/--no-plot", help=_h(SC, "plot", "Write a PNG of the samples.")),
     ] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="Text-to-image generators: one prompt for every image.")
+    ] = None,
+    prompts: PromptsOpt = None,
+    offline: OfflineOpt = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
 ):
     """Draw samples from a generator or from the teacher's sampler.
 
     Example: [bold]dmdctl sample --generator runs/dmd/generator.safetensors --num 2000 --out samples[/bold]
+
+    Text-to-image: [bold]dmdctl sample --generator runs/sd/generator.safetensors --prompts prompts.txt --out imgs[/bold]
+    writes imgs/images/NNNNN.png (image i: prompt i, seed --seed+i) and imgs/images.jsonl.
     """
     from .sample import sample
 
@@ -709,6 +790,9 @@ def sample_cmd(
         plot=plot,
         class_label=class_label,
         device=device,
+        prompt=prompt,
+        prompts=prompts,
+        offline=offline,
     )
     _show("sample", sample(cfg))
 
@@ -733,18 +817,81 @@ def export_cmd(
         bool | None, typer.Option("--ema/--no-ema", help=_h(EX, "ema", "Export the EMA weights."))
     ] = None,
     format_: Annotated[
-        str | None, typer.Option("--format", help=_h(EX, "format", "Output format."))
+        str | None,
+        typer.Option(
+            "--format",
+            help=_h(
+                EX,
+                "format",
+                "safetensors (one file), or diffusers (Stable Diffusion: a pipeline folder).",
+            ),
+        ),
     ] = None,
+    teacher_path: Annotated[
+        Path | None,
+        typer.Option(
+            help="--format diffusers: the teacher pipeline (folder or hub id) to take the VAE, "
+            "text encoder and tokenizer from \\[default: the one the generator records]."
+        ),
+    ] = None,
+    offline: OfflineOpt = None,
     config: ConfigOpt = None,
 ):
     """Export the distilled generator as one safetensors file (config in its metadata).
 
     Example: [bold]dmdctl export runs/dmd -o generator.safetensors[/bold]
+
+    Stable Diffusion: [bold]dmdctl export runs/sd --format diffusers -o sd-dmd[/bold] writes a folder
+    that runs as StableDiffusionPipeline.from_pretrained("sd-dmd")(prompt, num_inference_steps=1,
+    guidance_scale=0).
     """
     from .export import export
 
-    cfg = resolve(EX, config, source=source, out=out, ema=ema, format=format_)
+    cfg = resolve(
+        EX,
+        config,
+        source=source,
+        out=out,
+        ema=ema,
+        format=format_,
+        teacher_path=teacher_path,
+        offline=offline,
+    )
     _show("export", export(cfg))
+
+
+# --- convert-edm -------------------------------------------------------------------------------
+from .edm.convert import ConvertEdmConfig  # noqa: E402
+
+CE = ConvertEdmConfig
+
+
+@app.command("convert-edm")
+@user_errors
+def convert_edm_cmd(
+    source: Annotated[
+        Path | None,
+        typer.Argument(help="NVlabs EDM network pickle, e.g. edm-imagenet-64x64-cond-adm.pkl."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help=_h(CE, "out", "Teacher file to write."))
+    ] = None,
+    entry: Annotated[
+        str | None, typer.Option(help=_h(CE, "entry", "Which network of the pickle to convert."))
+    ] = None,
+    config: ConfigOpt = None,
+):
+    """Convert an NVlabs EDM checkpoint into a dmdctl teacher (safetensors), without running its code.
+
+    The pickle is read as data by a restricted unpickler: its embedded Python source is never
+    executed, and anything outside the EDM network format is refused.
+
+    Example: [bold]dmdctl convert-edm edm-imagenet-64x64-cond-adm.pkl -o teacher.safetensors[/bold]
+    """
+    from .edm.convert import convert_edm
+
+    cfg = resolve(CE, config, source=source, out=out, entry=entry)
+    _show("convert-edm", convert_edm(cfg))
 
 
 # --- demo --------------------------------------------------------------------------------------

@@ -69,8 +69,14 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def resolve(cls: type[T], config_file: Path | None = None, **overrides: Any) -> T:
-    """Build ``cls`` from its defaults, then the TOML file, then non-None overrides."""
+def resolve(
+    cls: type[T], config_file: Path | None = None, preset_defaults=None, **overrides: Any
+) -> T:
+    """Build ``cls`` from its defaults, then the TOML file, then non-None overrides.
+
+    ``preset_defaults(values)`` may return defaults that depend on the chosen teacher (e.g. the
+    sd15 preset's learning rate); they sit between the dataclass defaults and the TOML file.
+    """
     values: dict[str, Any] = {}
     names = {f.name for f in dataclasses.fields(cls)}
     if config_file is not None:
@@ -83,6 +89,8 @@ def resolve(cls: type[T], config_file: Path | None = None, **overrides: Any) -> 
             )
         values.update(data)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if preset_defaults is not None:
+        values = {**preset_defaults(values), **values}
     hints = get_type_hints(cls)
     values = {k: _coerce(k, v, hints[k]) for k, v in values.items()}
     cfg = cls(**values)

@@ -68,9 +68,12 @@ class OneStepGenerator(nn.Module):
         super().__init__()
         self.denoiser = denoiser
         self.sigma_max = float(sigma_max)
+        # discrete-time teachers (SD) take pure noise as x_T itself: x_sigma = z / sqrt(abar_T),
+        # slightly more than sigma_max * z; the same input a diffusers pipeline gives its UNet
+        self.input_scale = float(getattr(denoiser, "generator_input_scale", self.sigma_max))
 
     def forward(self, z: torch.Tensor, cond=None) -> torch.Tensor:
-        return self.denoiser(z * self.sigma_max, self.sigma_max, cond)
+        return self.denoiser(z * self.input_scale, self.sigma_max, cond)
 
 
 def fourier_embedding(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import json
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -51,10 +51,14 @@ from .losses import dm_loss, edm_denoising_loss, regression_loss
 from .lpips_loss import RANDOM_BACKBONE_NOTE
 from .pairs import load_pairs
 from .sampling import dmd_sigma_grid, seeded_noise
+from .sd.denoiser import GuidedDenoiser
 from .teachers import resolve_teacher
 from .ui import info, progress
 
 REG_LOSSES = ("l2", "pseudo-huber", "lpips")
+OPTIMIZERS = ("adamw", "adamw8bit")
+# text-to-image plots decode every sample with the VAE: a few are enough
+TEXT_PLOT_SAMPLES = 16
 # with several processes a SIGTERM is acted on at a step all of them agree on: the next log,
 # checkpoint or evaluation step, or the next multiple of this (a launcher's grace period before
 # SIGKILL is often ~30 s: torchrun's, SLURM's default KillWait)
@@ -101,6 +105,12 @@ class DistillConfig:
     resume: str | None = None
     cpu: bool = False
     skip_nonfinite: bool = False
+    grad_checkpointing: bool = False
+    optimizer: str = "adamw"
+    # text-to-image (Stable Diffusion) teachers
+    prompts: str | None = None
+    real_guidance: float | None = None
+    offline: bool = False
 
     def validate(self) -> None:
         for name in (
@@ -152,6 +162,25 @@ class DistillConfig:
         )
         require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         require(
+            self.optimizer in OPTIMIZERS,
+            f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
+        )
+        if self.optimizer == "adamw8bit":
+            import importlib.util
+
+            require(
+                importlib.util.find_spec("bitsandbytes") is not None,
+                "--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes; CUDA only)",
+            )
+        require(
+            not (self.optimizer == "adamw8bit" and self.skip_nonfinite),
+            "--skip-nonfinite needs --optimizer adamw (it uses torch's fused AdamW)",
+        )
+        require(
+            self.real_guidance is None or self.real_guidance >= 1,
+            f"--real-guidance must be >= 1 (1: no guidance), got {self.real_guidance}",
+        )
+        require(
             self.dm_weight > 0 or self.reg_weight > 0,
             "both --dm-weight and --reg-weight are 0: nothing to train",
         )
@@ -161,13 +190,49 @@ class DistillConfig:
         )
         from .make_pairs import check_out_folder, check_teacher_path
 
-        check_teacher_path(self.teacher_path)
+        check_teacher_path(self.teacher_path, self.teacher)
         check_out_folder(Path(self.out))
         require(
             self.reg_weight == 0 or self.pairs is not None,
             f"--reg-weight is {self.reg_weight} but no --pairs folder was given "
             "(make one with `dmdctl make-pairs`, or pass --reg-weight 0 to train without regression)",
         )
+
+
+def _forget_other_precision(mixed_precision: str) -> None:
+    """Accelerate keeps one precision per process; a second run in the same Python process (the
+    API, tests, benchmarks) with another --mixed-precision starts from a fresh state."""
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and str(shared.get("_mixed_precision", mixed_precision)) != mixed_precision:
+        AcceleratorState._reset_state()
+
+
+def preset_defaults(values: dict) -> dict:
+    """Distillation defaults a teacher preset carries (e.g. sd15: lr 1e-5, 10 fake updates)."""
+    from .sd.pipeline import is_pipeline_folder
+    from .teachers import preset_config
+
+    name, path = values.get("teacher"), values.get("teacher_path")
+    if name is None and path is not None and is_pipeline_folder(Path(path)):
+        name = "sd"
+    if name is None:
+        return {}
+    try:
+        kind, cfg = preset_config(str(name))
+    except UserError:
+        return {}  # reported, with the known names, when the teacher is loaded
+    if name == kind.name and len(kind.presets()) > 1:
+        return {}  # a kind with several presets (edm): only a named preset brings a recipe
+    recipe = cfg.get("distill") or cfg.get("recipe", {}).get("distill", {})
+    defaults = {f.name: f.default for f in fields(DistillConfig)}
+    # keep the settings this config has, of the field's type (recipes also carry notes)
+    return {
+        k: v
+        for k, v in recipe.items()
+        if k in defaults and (defaults[k] is None or isinstance(v, type(defaults[k])))
+    }
 
 
 def lr_multiplier(step: int, cfg: DistillConfig) -> float:
@@ -195,7 +260,7 @@ class DMDTrainer:
         self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
         acc = self.acc
         self.teacher = resolve_teacher(
-            cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None
+            cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None, cfg.offline
         )
         t = self.teacher
         world = acc.num_processes
@@ -210,6 +275,7 @@ class DMDTrainer:
         self.pairs = None
         if cfg.reg_weight > 0:
             self.pairs = load_pairs(Path(cfg.pairs), t, limit=cfg.num_pairs or None)
+        self._setup_conditions(acc)
         self.lpips = None
         if cfg.reg_weight > 0 and cfg.reg_loss == "lpips":
             if len(t.sample_shape) != 3:
@@ -222,24 +288,31 @@ class DMDTrainer:
             self.lpips.to(acc.device)
 
         self.device = acc.device
-        self.real = t.denoiser.to(self.device).eval().requires_grad_(False)
-        self.sigma_data = float(self.real.sigma_data)
+        self.sigma_data = float(t.denoiser.sigma_data)
+        # the fake score's loss: the teacher's own training loss (EDM weighting, SD's eps-MSE)
+        self.loss_weight = getattr(t.denoiser, "loss_weight", None)
         generator = OneStepGenerator(
             copy.deepcopy(t.denoiser).requires_grad_(True).train(), t.sigma_max
         )
+        if cfg.grad_checkpointing:
+            enable_checkpointing(generator.denoiser)
         self.ema = EMA(generator.denoiser, cfg.ema_decay)
-
-        def adamw(params, lr):
-            # --skip-nonfinite needs the fused kernel, which can skip a step on the device (_gate)
-            fused = True if cfg.skip_nonfinite else None
-            return torch.optim.AdamW(
-                params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=fused
-            )
-
+        adamw = optimizer_factory(cfg, acc.device)
         opt_g = adamw(generator.parameters(), cfg.lr)
         self.use_fake = cfg.dm_weight > 0 and not cfg.real_only
+        fake = None
         if self.use_fake:
             fake = copy.deepcopy(t.denoiser).requires_grad_(True).train()
+            if cfg.grad_checkpointing:
+                enable_checkpointing(fake)
+        # frozen networks run in the compute dtype (fp32 master weights stay with G and the fake)
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        self.real = t.denoiser.to(self.device, compute).eval().requires_grad_(False)
+        if t.text_conditioned and self.guidance != 1.0:
+            self.real = GuidedDenoiser(self.real, self.guidance, self.uncond).to(self.device)
+        if self.lpips is not None and getattr(t.codec, "latent", False):
+            t.codec.vae.to(self.device, compute)  # LPIPS sees decoded images
+        if self.use_fake:
             opt_f = adamw(fake.parameters(), cfg.fake_lr)
             self.generator, self.opt_g, self.fake, self.opt_f = acc.prepare(
                 generator, opt_g, fake, opt_f
@@ -248,10 +321,14 @@ class DMDTrainer:
             self.generator, self.opt_g = acc.prepare(generator, opt_g)
             self.fake = self.opt_f = None
         self.ema_shadow_to(self.device)
-        grid = dmd_sigma_grid(t.sigma_min, t.sigma_max, cfg.sigma_levels)
-        self.grid = grid.to(self.device)
-        self.lo = int(cfg.min_step_frac * cfg.sigma_levels)
-        self.hi = max(self.lo + 1, int(cfg.max_step_frac * cfg.sigma_levels))
+        if hasattr(t.denoiser, "training_sigmas"):  # discrete-time teachers: their own timesteps
+            grid = t.denoiser.training_sigmas()
+        else:
+            grid = dmd_sigma_grid(t.sigma_min, t.sigma_max, cfg.sigma_levels)
+        self.grid = grid.float().to(self.device)
+        self.levels = len(grid)
+        self.lo = int(cfg.min_step_frac * self.levels)
+        self.hi = max(self.lo + 1, int(cfg.max_step_frac * self.levels))
         self.step = 0
         self.out = Path(cfg.out)
 
@@ -265,9 +342,53 @@ class DMDTrainer:
         i = self.acc.process_index
         return x[i * n : (i + 1) * n].to(self.device)
 
+    def _setup_conditions(self, acc) -> None:
+        """Class labels, or for text-to-image teachers prompt embeddings looked up by index."""
+        cfg, t = self.cfg, self.teacher
+        self.num_conditions = t.num_classes
+        self.gen_table = self.pair_table = None
+        self.guidance = 1.0
+        if not t.text_conditioned:
+            require(cfg.prompts is None, f"--prompts is for text-to-image teachers, not '{t.name}'")
+            return
+        from .sd.pipeline import load_prompt_table, prompt_table
+
+        if self.pairs is not None:
+            self.pair_table = load_prompt_table(Path(cfg.pairs))
+        if cfg.prompts is not None:
+            if acc.is_main_process:  # the text encoder runs once; the others read its cache
+                self.gen_table = prompt_table(t, Path(cfg.prompts), Path(cfg.out), acc.device)
+            acc.wait_for_everyone()
+            if not acc.is_main_process:
+                self.gen_table = load_prompt_table(Path(cfg.out))
+        else:
+            require(
+                self.pair_table is not None,
+                "a text-to-image teacher needs --prompts FILE (or --pairs made with prompts)",
+            )
+            self.gen_table = self.pair_table
+        self.num_conditions = len(self.gen_table)
+        self.uncond = self.gen_table.uncond
+        preset = t.kind.presets()[t.kind.default_preset].get("real_guidance", 1.0)
+        self.guidance = float(cfg.real_guidance if cfg.real_guidance is not None else preset)
+        require(
+            cfg.eval_every == 0,
+            "--eval-every is not available for text-to-image teachers; sample images with "
+            "`dmdctl sample` and score them with `dmdctl eval-fid --images`",
+        )
+
     def _labels(self, n: int, gen: torch.Generator) -> torch.Tensor | None:
-        k = self.teacher.num_classes
+        k = self.num_conditions
         return torch.randint(0, k, (n,), generator=gen) if k else None
+
+    def _cond(self, idx: torch.Tensor | None, table=None):
+        """What the networks take for condition indices: labels, or prompt embeddings."""
+        if idx is None:
+            return None
+        table = table if table is not None else self.gen_table
+        if table is None:
+            return idx.to(self.device)
+        return table.embeddings[idx.cpu()].to(self.device, non_blocking=True)
 
     def _set_lr(self, step: int) -> None:
         m = lr_multiplier(step, self.cfg)
@@ -308,14 +429,14 @@ class DMDTrainer:
 
         z = self._slice(torch.randn(B, *shape, generator=gen))
         c = self._labels(B, gen)
-        c = self._slice(c) if c is not None else None
+        c = self._cond(self._slice(c) if c is not None else None)
         sig_idx = self._slice(torch.randint(self.lo, self.hi, (B,), generator=gen))
         eps = self._slice(torch.randn(B, *shape, generator=gen))
         zs, cs = [z], [c]
         if self.pairs is not None:
             pidx = self._slice(torch.randint(0, len(self.pairs), (P,), generator=gen)).cpu()
             zs.append(self.pairs.noise[pidx].to(self.device))
-            cs.append(self.pairs.cond[pidx].to(self.device) if c is not None else None)
+            cs.append(self._cond(self.pairs.cond[pidx], self.pair_table) if c is not None else None)
             y_pair = self.pairs.target[pidx].to(self.device)
         cond_all = torch.cat(cs) if c is not None else None
 
@@ -339,9 +460,13 @@ class DMDTrainer:
                 loss_g = loss_g + cfg.dm_weight * loss_dm
                 logs["loss_dm"] = loss_dm.detach()
             if self.pairs is not None:
-                loss_reg = regression_loss(
-                    cfg.reg_loss, x_all[z.shape[0] :], y_pair, lpips_fn=self.lpips
-                )
+                pred = x_all[z.shape[0] :]
+                if self.lpips is not None and getattr(self.teacher.codec, "latent", False):
+                    # LPIPS compares images: decode both (gradients flow through the decoder)
+                    pred = self.teacher.codec.decode(pred)
+                    with torch.no_grad():
+                        y_pair = self.teacher.codec.decode(y_pair)
+                loss_reg = regression_loss(cfg.reg_loss, pred, y_pair, lpips_fn=self.lpips)
                 loss_g = loss_g + cfg.reg_weight * loss_reg
                 logs["loss_reg"] = loss_reg.detach()
         acc.backward(loss_g)
@@ -361,15 +486,21 @@ class DMDTrainer:
                 if k > 0:  # fresh generator samples for each extra fake-score update (TTUR)
                     zk = self._slice(torch.randn(B, *shape, generator=gen))
                     ck = self._labels(B, gen)
-                    c = self._slice(ck) if ck is not None else None
+                    c = self._cond(self._slice(ck) if ck is not None else None)
                     with torch.no_grad(), acc.autocast():
                         x_fake = self.unwrapped_generator(zk, c)
                 # the fake score learns the generator's distribution over the whole noise range
-                fidx = self._slice(torch.randint(0, cfg.sigma_levels, (B,), generator=gen))
+                fidx = self._slice(torch.randint(0, self.levels, (B,), generator=gen))
                 feps = self._slice(torch.randn(B, *shape, generator=gen))
                 with acc.autocast():
                     loss_f = edm_denoising_loss(
-                        self.fake, x_fake.float(), self.grid[fidx], feps, c, self.sigma_data
+                        self.fake,
+                        x_fake.float(),
+                        self.grid[fidx],
+                        feps,
+                        c,
+                        self.sigma_data,
+                        self.loss_weight,
                     )
                 acc.backward(loss_f)
                 gnorm_f = acc.clip_grad_norm_(self.fake.parameters(), cfg.grad_clip or float("inf"))
@@ -460,6 +591,45 @@ class DMDTrainer:
         return g
 
 
+def enable_checkpointing(denoiser: torch.nn.Module) -> None:
+    """--grad-checkpointing: recompute activations in the backward pass (the outermost network
+    that supports it: diffusers UNets, the EDM networks)."""
+    for m in denoiser.modules():
+        fn = getattr(m, "enable_gradient_checkpointing", None)
+        if callable(fn):
+            fn()
+            return
+    raise UserError("--grad-checkpointing: this teacher's network does not support it")
+
+
+def optimizer_factory(cfg: DistillConfig, device):
+    """AdamW as DMD2 uses it; fused on CUDA; 8-bit (bitsandbytes) to save optimizer memory."""
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError(
+                "--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes; CUDA only)"
+            ) from None
+
+        def make(params, lr):
+            return bnb.optim.AdamW8bit(
+                params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
+            )
+
+        return make
+
+    # --skip-nonfinite needs the fused kernel, which can skip a step on the device (_gate)
+    fused = True if cfg.skip_nonfinite or torch.device(device).type == "cuda" else None
+
+    def make(params, lr):
+        return torch.optim.AdamW(
+            params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=fused
+        )
+
+    return make
+
+
 def _optim_state(load, state: dict, name: str) -> dict:
     from .checkpoint import unflatten_optimizer
 
@@ -470,13 +640,25 @@ def plot_samples(trainer: DMDTrainer, path: Path) -> Path | None:
     n = trainer.cfg.plot_samples
     if n == 0:
         return None
+    t = trainer.teacher
+    if t.text_conditioned:
+        n = min(n, TEXT_PLOT_SAMPLES)
     g = trainer.ema_generator()
     seeds = list(range(PLOT_SEED_START, PLOT_SEED_START + n))
-    z = seeded_noise(seeds, trainer.teacher.sample_shape, trainer.device)
-    k = trainer.teacher.num_classes
+    z = seeded_noise(seeds, t.sample_shape, trainer.device)
+    k = trainer.num_conditions
     c = (torch.arange(n, device=trainer.device) % k) if k else None
     with torch.no_grad():
-        x = g(z, c).float().cpu()
+        x = g(z, trainer._cond(c)).float()
+        if getattr(t.codec, "latent", False):
+            vae = t.codec.vae  # on the accelerator only while it decodes
+            home = next(vae.parameters()).device
+            vae.to(trainer.device)
+            x = t.codec.decode(x)
+            vae.to(home)
+        x = x.cpu()
+    if t.text_conditioned:
+        c = None  # prompts, not classes: one plain grid
     return trainer.teacher.kind.save_plot(
         [(f"DMD step {trainer.step} (EMA)", x)],
         path,
@@ -602,6 +784,7 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
             "or choose another --out"
         )
     if accelerator is None:
+        _forget_other_precision(cfg.mixed_precision)
         accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             cpu=use_cpu(cfg.cpu),

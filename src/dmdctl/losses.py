@@ -43,12 +43,18 @@ def edm_denoising_loss(
     noise: torch.Tensor,
     cond=None,
     sigma_data: float = 0.5,
+    weight_fn=None,
 ) -> torch.Tensor:
-    """Denoising score matching with EDM weighting, mean over the batch."""
+    """Denoising score matching, mean over the batch.
+
+    EDM weighting by default; ``weight_fn(sigma)`` replaces it (SD: ``sigma^-2`` makes this
+    exactly the eps-prediction MSE the UNet was trained with).
+    """
     s = broadcast_sigma(sigma, x)
     pred = denoiser(x + s * noise, sigma, cond)
     per = _per_sample_mean((pred.float() - x.float()) ** 2)
-    return (edm_weight(sigma.float(), sigma_data) * per).mean()
+    w = weight_fn(sigma.float()) if weight_fn is not None else edm_weight(sigma.float(), sigma_data)
+    return (w * per).mean()
 
 
 def regression_loss(

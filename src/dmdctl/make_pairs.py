@@ -44,11 +44,24 @@ def check_out_folder(out: Path, flag: str = "--out") -> None:
     )
 
 
-def check_teacher_path(path: str | None) -> None:
-    """--teacher-path must name a readable file (checked before anything is loaded)."""
+def check_teacher_path(path: str | None, teacher: str | None = None) -> None:
+    """--teacher-path must name a readable file (checked before anything is loaded).
+
+    Stable Diffusion teachers are a diffusers pipeline folder or a hub id instead.
+    """
     if path is None:
         return
+    from .sd.pipeline import is_pipeline_folder, looks_like_hub_id
+    from .teachers.sd import is_sd_name
+
     p = Path(path)
+    if is_pipeline_folder(p) or (is_sd_name(teacher) and looks_like_hub_id(str(path))):
+        return
+    if is_sd_name(teacher):
+        raise UserError(
+            f"--teacher-path {p} is neither a diffusers pipeline folder (with model_index.json) "
+            "nor a hub id like stable-diffusion-v1-5/stable-diffusion-v1-5"
+        )
     require(
         p.exists(),
         f"teacher file not found: {p} (check the path, or train one with "
@@ -57,6 +70,11 @@ def check_teacher_path(path: str | None) -> None:
     require(
         not p.is_dir(),
         f"--teacher-path {p} is a folder; pass the teacher file in it (e.g. {p / 'teacher.safetensors'})",
+    )
+    require(
+        p.suffix.lower() != ".pkl",
+        f"--teacher-path {p} is a pickle, which dmdctl does not load (pickles can run code); "
+        f"convert an NVlabs EDM checkpoint with `dmdctl convert-edm {p} -o teacher.safetensors`",
     )
     require(
         not p.is_file() or os.access(p, os.R_OK),
@@ -71,16 +89,27 @@ class MakePairsConfig:
     out: str = "runs/pairs"
     num_pairs: int = 4096
     seed: int = 0
-    steps: int = 18
+    steps: int = 0
     rho: float = 7.0
     shard_size: int = 1024
     batch_size: int = 1024
     dtype: str = "float32"
     device: str = "auto"
+    # text-to-image (Stable Diffusion) teachers
+    prompts: str | None = None
+    scheduler: str = "pndm"
+    guidance: float = 7.5
+    save_images: bool = False
+    offline: bool = False
 
     def validate(self) -> None:
         require(self.num_pairs > 0, f"--num-pairs must be positive, got {self.num_pairs}")
-        require(self.steps > 0, f"--steps must be positive, got {self.steps}")
+        require(
+            self.steps >= 0, f"--steps must be >= 0 (0: the teacher's default), got {self.steps}"
+        )
+        require(
+            self.guidance >= 1, f"--guidance must be >= 1 (1: no guidance), got {self.guidance}"
+        )
         require(self.shard_size > 0, f"--shard-size must be positive, got {self.shard_size}")
         require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
         require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
@@ -89,7 +118,7 @@ class MakePairsConfig:
         )
         require(self.rho > 0, f"--rho must be positive, got {self.rho}")
         check_device(self.device)
-        check_teacher_path(self.teacher_path)
+        check_teacher_path(self.teacher_path, self.teacher)
         check_out_folder(Path(self.out))
 
 
@@ -138,31 +167,106 @@ def process_state(cpu: bool = False):
     return state
 
 
+class HeunPairs:
+    """Built-in and EDM teachers: Heun's method on the Karras schedule, conditions = labels."""
+
+    def __init__(self, teacher, steps: int, rho: float):
+        self.denoiser = teacher.denoiser
+        self.sigmas = karras_sigmas(steps, teacher.sigma_min, teacher.sigma_max, rho)
+        self.num_conditions = teacher.num_classes
+        self.nfe = heun_nfe(steps)
+        self.settings = {
+            "name": "heun",
+            "steps": steps,
+            "nfe": self.nfe,
+            "sigma_min": teacher.sigma_min,
+            "sigma_max": teacher.sigma_max,
+            "rho": rho,
+        }
+
+    def __call__(self, z, c_idx, device):
+        c = c_idx.to(device) if self.num_conditions else None
+        return heun_sample(self.denoiser, z, self.sigmas, c)
+
+
+class PromptPairs:
+    """Stable Diffusion: the pipeline's scheduler with CFG; conditions index the prompt table."""
+
+    def __init__(self, teacher, cfg: MakePairsConfig, out: Path, device, main: bool, state):
+        from .sd.pipeline import SchedulerSampler, load_prompt_table, prompt_table
+
+        require(
+            cfg.prompts is not None,
+            "a text-to-image teacher needs --prompts FILE (one prompt per line, or JSONL with "
+            "a 'caption' field)",
+        )
+        if main:  # the text encoder runs once; the other processes read its cache
+            self.table = prompt_table(teacher, Path(cfg.prompts), out, device)
+        state.wait_for_everyone()
+        if not main:
+            self.table = load_prompt_table(out)
+        self.denoiser = teacher.denoiser
+        self.teacher = teacher
+        self.save_images = cfg.save_images
+        self.num_conditions = len(self.table)
+        self.sampler = SchedulerSampler(
+            teacher.denoiser.unet,
+            teacher.config["scheduler_config"],
+            cfg.scheduler,
+            cfg.steps,
+            cfg.guidance,
+            self.table.uncond,
+        )
+        self.nfe = self.sampler.nfe
+        self.settings = {
+            "name": cfg.scheduler,
+            "steps": cfg.steps,
+            "nfe": self.nfe,
+            "guidance": cfg.guidance,
+            "prompts": {"count": len(self.table), "key": self.table.sha256},
+            "images": cfg.save_images,
+        }
+
+    def __call__(self, z, c_idx, device):
+        emb = self.table.embeddings[c_idx].to(device)
+        lat = self.sampler(z, emb)
+        if self.save_images:
+            with torch.no_grad():
+                img = self.teacher.codec.decode(lat)
+            self.images.append(((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+        return lat
+
+
 def make_pairs(cfg: MakePairsConfig) -> dict:
     cfg.validate()
-    teacher = resolve_teacher(cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None)
+    teacher = resolve_teacher(
+        cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None, cfg.offline
+    )
+    if cfg.steps == 0:
+        cfg.steps = teacher.kind.default_steps_for(teacher.config)
     state = process_state(cpu=cfg.device == "cpu")
     main, rank, world = state.is_main_process, state.process_index, state.num_processes
     device = pick_device(cfg.device, state)
-    sigmas = karras_sigmas(cfg.steps, teacher.sigma_min, teacher.sigma_max, cfg.rho)
+    out = Path(cfg.out)
+    if teacher.text_conditioned:
+        sampler = PromptPairs(teacher, cfg, out, device, main, state)
+        if cfg.save_images:
+            teacher.codec.vae.to(device)
+    else:
+        require(
+            cfg.prompts is None, f"--prompts is for text-to-image teachers, not '{teacher.name}'"
+        )
+        sampler = HeunPairs(teacher, cfg.steps, cfg.rho)
     settings = {
         "teacher": {"kind": teacher.name, "sha256": teacher.sha256, "config": teacher.config},
-        "sampler": {
-            "name": "heun",
-            "steps": cfg.steps,
-            "nfe": heun_nfe(cfg.steps),
-            "sigma_min": teacher.sigma_min,
-            "sigma_max": teacher.sigma_max,
-            "rho": cfg.rho,
-        },
+        "sampler": sampler.settings,
         "seed_start": cfg.seed,
         "num_pairs": cfg.num_pairs,
         "shard_size": cfg.shard_size,
         "dtype": cfg.dtype,
         "sample_shape": list(teacher.sample_shape),
-        "num_classes": teacher.num_classes,
+        "num_classes": sampler.num_conditions,
     }
-    out = Path(cfg.out)
     # the main process checks the folder, verifies its shards and merges what a killed run left;
     # the others read the result, and nobody writes a shard before everybody has read it
     writer = PairWriter(out, settings, main=main)
@@ -175,7 +279,7 @@ def make_pairs(cfg: MakePairsConfig) -> dict:
     done_before = writer.complete_pairs
     state.wait_for_everyone()
     mine = todo[rank::world]
-    denoiser = teacher.denoiser.to(device)
+    teacher.denoiser.to(device)
     t0 = time.perf_counter()
     made = 0
     stopped = None
@@ -184,27 +288,27 @@ def make_pairs(cfg: MakePairsConfig) -> dict:
         for index in mine:
             seeds = writer.shard_seeds(index)
             noise = seeded_noise(seeds, teacher.sample_shape)
-            cond = class_labels(seeds, cfg.seed, teacher.num_classes)
+            cond = class_labels(seeds, cfg.seed, sampler.num_conditions)
             targets = []
+            sampler.images = []
             for i in range(0, len(seeds), cfg.batch_size):
                 if stop.signal is not None:
                     break  # drop the unfinished shard: a re-run makes it again
                 z = noise[i : i + cfg.batch_size].to(device)
-                c = cond[i : i + cfg.batch_size].to(device) if teacher.num_classes else None
-                targets.append(heun_sample(denoiser, z, sigmas, c).cpu())
+                targets.append(sampler(z, cond[i : i + cfg.batch_size], device).cpu())
                 bar.advance(task, z.shape[0] * world)
             if stop.signal is not None:
                 stopped = stop.name
                 break
-            writer.write_shard(
-                index,
-                {
-                    "noise": noise,
-                    "target": torch.cat(targets).to(DTYPES[cfg.dtype]),
-                    "cond": cond,
-                    "seed": torch.tensor(seeds, dtype=torch.int64),
-                },
-            )
+            tensors = {
+                "noise": noise,
+                "target": torch.cat(targets).to(DTYPES[cfg.dtype]),
+                "cond": cond,
+                "seed": torch.tensor(seeds, dtype=torch.int64),
+            }
+            if sampler.images:
+                tensors["image"] = torch.cat(sampler.images)
+            writer.write_shard(index, tensors)
             made += len(seeds)
             bar.update(task, info=f"shard {index + 1}/{writer.num_shards}")
     elapsed = time.perf_counter() - t0
@@ -219,7 +323,7 @@ def make_pairs(cfg: MakePairsConfig) -> dict:
         "resumed_after_shard": (todo[0] if todo else writer.num_shards) if done_before else "-",
         "shards": writer.num_shards,
         "processes": world,
-        "nfe_per_pair": heun_nfe(cfg.steps),
+        "nfe_per_pair": sampler.nfe,
         "pairs_per_s": round(made * world / elapsed, 1) if made else "-",
     }
     if writer.remade:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,10 @@ class SampleConfig:
     plot: bool = True
     class_label: int | None = None
     device: str = "auto"
+    # text-to-image generators: image i uses prompt i (cycling) and seed seed+i
+    prompt: str | None = None
+    prompts: str | None = None
+    offline: bool = False
 
     def validate(self) -> None:
         require(self.num > 0, f"--num must be positive, got {self.num}")
@@ -42,7 +47,20 @@ class SampleConfig:
 
 
 def sample(cfg: SampleConfig) -> dict:
+    if cfg.generator is None and cfg.teacher is not None:
+        from .teachers.sd import is_sd_name
+
+        require(
+            not is_sd_name(cfg.teacher),
+            "sampling the Stable Diffusion teacher itself is left to diffusers; pass --generator",
+        )
     source = source_from(cfg)
+    if source.kind.name == "sd":
+        return sample_text_to_image(cfg, source)
+    require(
+        cfg.prompt is None and cfg.prompts is None,
+        "--prompt/--prompts are for text-to-image generators",
+    )
     labels = None
     if cfg.class_label is not None:
         k = source.num_classes
@@ -83,6 +101,67 @@ def sample(cfg: SampleConfig) -> dict:
         result["plot"] = str(
             source.kind.save_plot(
                 [(source.description, x)], out / "samples.png", source.config, labels=labels
+            )
+        )
+    return result
+
+
+def sample_text_to_image(cfg: SampleConfig, source) -> dict:
+    """PNG files (and a grid) from a one-step Stable Diffusion generator."""
+    from .plots import image_grid_panels
+    from .sd.generate import pipeline_folder_for, text_to_image
+    from .sd.pipeline import read_prompts
+
+    require(
+        (cfg.prompt is None) != (cfg.prompts is None),
+        "a text-to-image generator needs --prompt TEXT or --prompts FILE (one of them)",
+    )
+    require(cfg.class_label is None, "--class is for class-conditional generators")
+    prompts = [cfg.prompt] if cfg.prompt is not None else read_prompts(Path(cfg.prompts))
+    # --num defaults to one image per prompt of a file (4 for a single --prompt)
+    num = cfg.num
+    if num == SampleConfig.num:
+        num = len(prompts) if cfg.prompts is not None else 4
+    folder = pipeline_folder_for(source.config, cfg.teacher_path, cfg.offline)
+    device = pick_device(cfg.device)
+    seeds = list(range(cfg.seed, cfg.seed + num))
+    chosen = [prompts[i % len(prompts)] for i in range(num)]
+    out = Path(cfg.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    with progress(transient=True) as bar:
+        task = bar.add_task(f"sample {source.description}", total=num, info="")
+        images = text_to_image(
+            source.fn,
+            folder,
+            source.config,
+            chosen,
+            seeds,
+            device,
+            min(cfg.batch_size, 16),
+            progress_cb=lambda n: bar.advance(task, n),
+        )
+    from PIL import Image
+
+    rows = []
+    for i, (img, seed, text) in enumerate(zip(images, seeds, chosen, strict=True)):
+        name = f"images/{i:05d}.png"
+        arr = (img * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(arr).save(out / name)
+        rows.append(json.dumps({"file": name, "seed": seed, "prompt": text}))
+    (out / "images.jsonl").write_text("\n".join(rows) + "\n")
+    write_config(cfg, out)
+    result = {
+        "out": str(out / "images"),
+        "num": num,
+        "source": source.description,
+        "nfe": source.nfe,
+        "index": str(out / "images.jsonl"),
+    }
+    if cfg.plot:
+        grid = images[:16] * 2 - 1
+        result["plot"] = str(
+            image_grid_panels(
+                [(source.description, grid)], out / "samples.png", None, per_row=8, scale=1
             )
         )
     return result

@@ -54,7 +54,8 @@ def train_teacher(cfg: TrainTeacherConfig) -> dict:
     kind, tcfg = preset_config(cfg.teacher)
     if not kind.builtin:
         raise UserError(
-            f"train-teacher trains built-in teachers only; '{kind.name}' is loaded from a file"
+            f"train-teacher trains built-in teachers only; a '{kind.name}' teacher is "
+            "loaded with --teacher-path"
         )
     cfg = replace(cfg, **{k: v for k, v in kind.train_defaults.items() if getattr(cfg, k) is None})
     out = Path(cfg.out)

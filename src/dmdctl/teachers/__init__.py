@@ -21,9 +21,11 @@ from ..errors import UserError
 from ..files import atomic_save_safetensors, sha256_file
 from .base import TeacherKind
 from .digits import Digits
+from .edm import EDM
+from .sd import StableDiffusion
 from .toy2d import Toy2D
 
-KINDS: dict[str, TeacherKind] = {k.name: k for k in (Toy2D(), Digits())}
+KINDS: dict[str, TeacherKind] = {k.name: k for k in (Toy2D(), Digits(), StableDiffusion(), EDM())}
 
 TEACHER_FORMAT = "dmdctl.teacher"
 GENERATOR_FORMAT = "dmdctl.generator"
@@ -65,6 +67,8 @@ class Teacher:
     denoiser: nn.Module
     path: Path | None = None
     sha256: str = ""
+    # text-to-image teachers take prompt embeddings; the others class labels (or nothing)
+    text_conditioned = False
 
     @property
     def name(self) -> str:
@@ -97,6 +101,46 @@ class Teacher:
             "sha256": self.sha256,
             "config": self.config,
         }
+
+
+@dataclass
+class SDTeacher(Teacher):
+    """A diffusers Stable Diffusion pipeline as a teacher (latent space, prompt embeddings)."""
+
+    folder: Path | None = None
+    source: str = ""
+    text_conditioned = True
+    _codec = None
+
+    @property
+    def codec(self):
+        """The VAE, loaded on first use (training without LPIPS or plots never loads it)."""
+        if self._codec is None:
+            from ..sd.pipeline import VAECodec, load_vae
+
+            self._codec = VAECodec(load_vae(self.folder), self.config["scaling_factor"])
+        return self._codec
+
+    def text_encoder(self):
+        from ..sd.pipeline import load_text_encoder
+
+        return load_text_encoder(self.folder)
+
+    def identity(self) -> dict:
+        return dict(super().identity(), path=self.source)
+
+
+def load_sd_teacher(source: str, offline: bool = False) -> SDTeacher:
+    """A pipeline folder or hub id as a teacher (frozen UNet wrapped as a denoiser)."""
+    from ..sd import pipeline as sdp
+
+    folder = sdp.resolve_pipeline_folder(str(source), offline)
+    config = sdp.sd_config(folder, str(source))
+    sha = sdp.pipeline_identity(folder)
+    denoiser = sdp.build_denoiser(config, sdp.load_unet(folder))
+    denoiser.eval().requires_grad_(False)
+    kind = KINDS["sd"]
+    return SDTeacher(kind, config, denoiser, None, sha, folder=folder, source=str(source))
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -138,6 +182,11 @@ def save_teacher(
 def load_teacher(path: Path, expected: str | None = None) -> Teacher:
     """Load a teacher file; ``expected`` (a kind or preset name) guards against mix-ups."""
     path = Path(path)
+    if path.suffix.lower() == ".pkl":
+        raise UserError(
+            f"{path} is a pickle, which dmdctl does not load as a teacher (pickles can run code); "
+            f"convert an NVlabs EDM checkpoint with `dmdctl convert-edm {path} -o teacher.safetensors`"
+        )
     meta, state = load_state(path, TEACHER_FORMAT)
     kind = get_kind(meta["kind"])
     if expected is not None and get_kind(expected).name != kind.name:
@@ -154,8 +203,22 @@ def load_teacher(path: Path, expected: str | None = None) -> Teacher:
     return Teacher(kind, config, denoiser, path, sha256_file(path))
 
 
-def resolve_teacher(teacher: str | None, teacher_path: Path | None) -> Teacher:
+def resolve_teacher(
+    teacher: str | None, teacher_path: Path | str | None, offline: bool = False
+) -> Teacher:
     """The teacher named by ``--teacher`` / ``--teacher-path`` on any command."""
+    from ..sd.pipeline import is_pipeline_folder
+
+    sd_named = teacher is not None and get_kind(teacher).name == "sd"
+    if sd_named or (teacher_path is not None and is_pipeline_folder(Path(teacher_path))):
+        if teacher is not None and not sd_named:
+            raise UserError(
+                f"{teacher_path} is a diffusers pipeline, but --teacher says '{teacher}'"
+            )
+        if teacher_path is None:
+            _, cfg = preset_config(teacher)
+            teacher_path = cfg["pipeline"]
+        return load_sd_teacher(str(teacher_path), offline)
     if teacher_path is None:
         if teacher is None:
             raise UserError(
@@ -164,9 +227,10 @@ def resolve_teacher(teacher: str | None, teacher_path: Path | None) -> Teacher:
         kind = get_kind(teacher)
         default = kind.default_path()
         if default is None or not default.is_file():
+            hint = getattr(kind, "missing_path_hint", None)
             raise UserError(
                 f"teacher '{teacher}' needs --teacher-path FILE; "
-                f"train one with `dmdctl train-teacher {kind.name} --out DIR`"
+                + (hint or f"train one with `dmdctl train-teacher {kind.name} --out DIR`")
             )
         teacher_path = default
     return load_teacher(teacher_path, expected=teacher)

@@ -25,6 +25,10 @@ class TeacherKind:
     def presets(self) -> dict[str, dict]:
         raise NotImplementedError
 
+    def default_steps_for(self, config: dict) -> int:
+        """make-pairs' default sampler steps for this teacher (``--steps 0``)."""
+        return self.default_steps
+
     def build(self, config: dict) -> nn.Module:
         raise NotImplementedError
 

@@ -1,0 +1,174 @@
+"""Random-weight Stable Diffusion pipelines written to disk, for tests and benchmarks.
+
+Nothing is downloaded: the tokenizer's vocabulary and merges are written here (lower-case
+letters, a few merged words), the networks are built from configs with random weights, and the
+folder is saved with diffusers' ``save_pretrained``, so loading it exercises the real code path.
+``size="sd15"`` gives SD1.5's real network shapes (860M-parameter UNet, 64x64 latents).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+WORDS = ("cat", "dog", "red", "blue", "photo", "of", "a", "the", "on", "grass", "sky")
+
+
+def write_tokenizer_files(folder: Path) -> tuple[Path, Path]:
+    """A small CLIP BPE vocabulary: every letter, and the WORDS above as merged tokens."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for c in letters:
+        vocab[c] = len(vocab)
+    for c in letters:
+        vocab[c + "</w>"] = len(vocab)
+    merges = []
+    for w in WORDS:  # merge left to right: c+a -> ca, ca+t</w> -> cat</w>
+        prev = w[0]
+        for i, c in enumerate(w[1:], 1):
+            nxt = c + "</w>" if i == len(w) - 1 else c
+            merges.append(f"{prev} {nxt}")
+            prev = prev + nxt
+            vocab.setdefault(prev, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    return folder / "vocab.json", folder / "merges.txt"
+
+
+def _configs(size: str, prediction_type: str) -> dict:
+    if size == "tiny":
+        return {
+            "unet": dict(
+                block_out_channels=(8, 16),
+                layers_per_block=1,
+                sample_size=8,
+                in_channels=4,
+                out_channels=4,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                cross_attention_dim=16,
+                attention_head_dim=2,
+                norm_num_groups=4,
+            ),
+            "vae": dict(
+                block_out_channels=(8, 16),
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2,
+                latent_channels=4,
+                norm_num_groups=4,
+                sample_size=16,
+            ),
+            "text": dict(
+                hidden_size=16,
+                intermediate_size=32,
+                num_attention_heads=2,
+                num_hidden_layers=2,
+                max_position_embeddings=16,
+                projection_dim=16,
+            ),
+            "max_length": 16,
+        }
+    if size == "sd15":  # stable-diffusion-v1-5's configs (random weights)
+        return {
+            "unet": dict(
+                block_out_channels=(320, 640, 1280, 1280),
+                layers_per_block=2,
+                sample_size=64,
+                in_channels=4,
+                out_channels=4,
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                cross_attention_dim=768,
+                attention_head_dim=8,
+            ),
+            "vae": dict(
+                block_out_channels=(128, 256, 512, 512),
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                latent_channels=4,
+                layers_per_block=2,
+                sample_size=512,
+            ),
+            "text": dict(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_attention_heads=12,
+                num_hidden_layers=12,
+                max_position_embeddings=77,
+                projection_dim=768,
+                hidden_act="quick_gelu",
+            ),
+            "max_length": 77,
+        }
+    raise ValueError(f"unknown size {size!r}")
+
+
+def build_pipeline(
+    folder: Path,
+    size: str = "tiny",
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+    scheduler: str = "pndm",
+) -> Path:
+    """Write a random-weight SD pipeline folder (``model_index.json`` and components)."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    cfg = _configs(size, prediction_type)
+    with tempfile.TemporaryDirectory() as tmp:  # save_pretrained writes the tokenizer's own copy
+        vocab, merges = write_tokenizer_files(Path(tmp))
+        tok = CLIPTokenizer(str(vocab), str(merges), model_max_length=cfg["max_length"])
+        vocab_size = len(json.loads(vocab.read_text()))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**cfg["unet"])
+    vae = AutoencoderKL(**cfg["vae"])
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            vocab_size=vocab_size,
+            **cfg["text"],
+        )
+    )
+    common = dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    if scheduler == "pndm":
+        sched = PNDMScheduler(skip_prk_steps=True, **common)
+    else:
+        sched = DDIMScheduler(clip_sample=False, **common)
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tok,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

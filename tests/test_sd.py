@@ -1,0 +1,321 @@
+"""Stable Diffusion teachers, exercised for real on tiny random diffusers pipelines on disk.
+
+The pipelines are written with ``save_pretrained`` (tokenizer from locally written vocab/merges
+files), loaded through the same code a user's ``--teacher sd15`` run takes, and the distilled
+generator is exported and run by stock diffusers.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from dmdctl.cli import app
+from dmdctl.errors import UserError
+
+runner = CliRunner()
+PROMPTS = ["a photo of a cat", "a red dog", "the blue sky", "a dog on the grass"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def ok(r):
+    assert r.exit_code == 0, r.output + str(r.exception)
+    return r
+
+
+def one_line_error(r, *fragments):
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def sd_pipe(tmp_path_factory) -> Path:
+    from dmdctl.sd.testing import build_pipeline
+
+    return build_pipeline(tmp_path_factory.mktemp("sd") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def vpred_pipe(tmp_path_factory) -> Path:
+    from dmdctl.sd.testing import build_pipeline
+
+    return build_pipeline(
+        tmp_path_factory.mktemp("sdv") / "pipe", prediction_type="v_prediction", seed=1
+    )
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    p.write_text("\n".join(PROMPTS) + "\n")
+    return p
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no test may reach for the network
+
+
+def _ddim(folder, **kw):
+    from diffusers import DDIMScheduler
+
+    s = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", clip_sample=False, **kw)
+    s.set_timesteps(10)
+    return s
+
+
+@pytest.mark.parametrize("which", ["eps", "v"])
+def test_x0_and_cfg_match_the_diffusers_scheduler_step(which, sd_pipe, vpred_pipe):
+    """D(x_sigma, sigma, c) equals DDIM's pred_original_sample for the same UNet output, and
+    the guided real score equals the step on eps_u + w (eps_c - eps_u)."""
+    from dmdctl.sd.denoiser import GuidedDenoiser
+    from dmdctl.teachers import resolve_teacher
+
+    folder = sd_pipe if which == "eps" else vpred_pipe
+    teacher = resolve_teacher("sd15", folder)
+    assert teacher.denoiser.prediction_type == ("epsilon" if which == "eps" else "v_prediction")
+    sched = _ddim(folder)
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(3, 4, 8, 8, generator=g)
+    cond = torch.randn(3, 16, 16, generator=g)
+    uncond = torch.randn(1, 16, 16, generator=g)
+    unet = teacher.denoiser.unet
+    for t in sched.timesteps[[0, 4, 9]]:
+        abar = sched.alphas_cumprod[t]
+        sigma = ((1 - abar) / abar).sqrt().expand(3)
+        out_c = unet(x_t, t, encoder_hidden_states=cond).sample
+        ref = sched.step(out_c, t, x_t).pred_original_sample
+        mine = teacher.denoiser(x_t / abar.sqrt(), sigma, cond)
+        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-4)
+        out_u = unet(x_t, t, encoder_hidden_states=uncond.expand(3, -1, -1)).sample
+        ref_cfg = sched.step(out_u + 2.5 * (out_c - out_u), t, x_t).pred_original_sample
+        guided = GuidedDenoiser(teacher.denoiser, 2.5, uncond)
+        torch.testing.assert_close(
+            guided(x_t / abar.sqrt(), sigma, cond), ref_cfg, rtol=1e-4, atol=1e-4
+        )
+
+
+def test_fake_score_loss_is_the_unets_eps_mse(sd_pipe):
+    from dmdctl.losses import edm_denoising_loss
+    from dmdctl.teachers import resolve_teacher
+
+    d = resolve_teacher("sd15", sd_pipe).denoiser
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(4, 4, 8, 8, generator=g)
+    eps = torch.randn(4, 4, 8, 8, generator=g)
+    cond = torch.randn(4, 16, 16, generator=g)
+    t = torch.tensor([10, 200, 600, 990])
+    sigma = d.sigmas[t]
+    loss = edm_denoising_loss(d, x0, sigma, eps, cond, weight_fn=d.loss_weight)
+    abar = d.abar[t].reshape(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    eps_hat = d.unet(x_t, t, encoder_hidden_states=cond).sample
+    torch.testing.assert_close(loss, ((eps_hat - eps) ** 2).mean(), rtol=1e-3, atol=1e-6)
+
+
+def test_pairs_are_the_pipelines_own_latents(sd_pipe, prompts_file, tmp_path):
+    """make-pairs (PNDM, CFG 3) stores what StableDiffusionPipeline computes for the same noise."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    out = tmp_path / "pairs"
+    ok(
+        run(
+            "make-pairs", "--teacher", "sd15", "--teacher-path", sd_pipe, "--prompts",
+            prompts_file, "--num-pairs", 4, "--steps", 5, "--guidance", 3.0, "--out", out,
+            "--shard-size", 4, "--save-images", "--device", "cpu",
+        )
+    )  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sampler"]["name"] == "pndm" and manifest["sampler"]["nfe"] == 10
+    shard = load_file(str(out / manifest["shards"][0]["file"]))
+    assert shard["cond"].tolist() == [0, 1, 2, 3] and shard["image"].dtype == torch.uint8
+    pipe = StableDiffusionPipeline.from_pretrained(sd_pipe)
+    for i in (0, 3):
+        ref = pipe(
+            PROMPTS[i],
+            num_inference_steps=5,
+            guidance_scale=3.0,
+            latents=shard["noise"][i : i + 1],
+            output_type="latent",
+        ).images[0]
+        torch.testing.assert_close(shard["target"][i], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_prompt_files_and_their_errors(tmp_path):
+    from dmdctl.sd.pipeline import read_prompts
+
+    p = tmp_path / "caps.jsonl"
+    p.write_text('{"caption": "a cat"}\n\n{"prompt": "a dog", "id": 3}\n')
+    assert read_prompts(p) == ["a cat", "a dog"]
+    p.write_text('{"caption": "a cat"}\n{"image": "x.png"}\n')
+    with pytest.raises(UserError, match=r"caps.jsonl:2 has no 'caption'"):
+        read_prompts(p)
+    p.write_text("\n\n")
+    with pytest.raises(UserError, match="holds no prompt"):
+        read_prompts(p)
+
+
+def test_embeddings_are_cached_and_the_text_encoder_is_not_reloaded(sd_pipe, prompts_file, tmp_path):
+    from dmdctl.sd.pipeline import prompt_table
+    from dmdctl.teachers import resolve_teacher
+
+    teacher = resolve_teacher("sd15", sd_pipe)
+    first = prompt_table(teacher, prompts_file, tmp_path)
+    assert first.embeddings.shape == (len(PROMPTS), 16, 16)
+
+    def no_encoder():
+        raise AssertionError("the text encoder was loaded again")
+
+    teacher.text_encoder = no_encoder
+    again = prompt_table(teacher, prompts_file, tmp_path)
+    assert torch.equal(again.embeddings, first.embeddings)
+    assert torch.equal(again.uncond, first.uncond)
+
+
+def test_loading_errors_are_one_line(sd_pipe, tmp_path, prompts_file):
+    # a hub id that is not cached, offline: a message, no download attempt
+    r = run(
+        "make-pairs", "--teacher", "sd15", "--teacher-path", "nobody/no-such-model",
+        "--prompts", prompts_file, "--out", tmp_path / "p", "--offline",
+    )  # fmt: skip
+    one_line_error(r, "nobody/no-such-model", "offline")
+    # a folder that is not a pipeline
+    r = run("make-pairs", "--teacher", "sd15", "--teacher-path", tmp_path, "--out", tmp_path / "p")
+    one_line_error(r, "neither a diffusers pipeline folder")
+    # a pipeline whose UNet weights are only a pickle: refused, not loaded
+    bad = tmp_path / "binpipe"
+    import shutil
+
+    shutil.copytree(sd_pipe, bad)
+    w = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    w.rename(w.with_suffix(".bin"))
+    r = run(
+        "make-pairs", "--teacher-path", bad, "--prompts", prompts_file, "--out", tmp_path / "p2"
+    )
+    one_line_error(r, "no .safetensors weights", "safetensors only")
+    # a text-to-image teacher without prompts
+    r = run("make-pairs", "--teacher-path", sd_pipe, "--out", tmp_path / "p3")
+    one_line_error(r, "--prompts FILE")
+
+
+def test_sd_end_to_end_export_runs_in_stock_diffusers(sd_pipe, prompts_file, tmp_path):
+    """make-pairs -> distill -> export --format diffusers -> StableDiffusionPipeline, which
+    reproduces `dmdctl sample` for the same noise."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from dmdctl.generator import load_generator
+    from dmdctl.sd.generate import text_to_image
+
+    pairs, run_dir = tmp_path / "pairs", tmp_path / "run"
+    ok(
+        run(
+            "make-pairs", "--teacher-path", sd_pipe, "--prompts", prompts_file,
+            "--num-pairs", 8, "--steps", 3, "--shard-size", 8, "--out", pairs, "--device", "cpu",
+        )
+    )  # fmt: skip
+    r = ok(
+        run(
+            "distill", "--teacher", "sd15", "--teacher-path", sd_pipe, "--pairs", pairs,
+            "--out", run_dir, "--steps", 3, "--batch-size", 2, "--pair-batch-size", 2,
+            "--fake-updates", 2, "--reg-loss", "lpips", "--lpips-random-backbone",
+            "--grad-checkpointing", "--checkpoint-every", 3, "--log-every", 1,
+            "--plot-samples", 4, "--warmup", 0, "--lr", "1e-3", "--cpu",
+        )
+    )  # fmt: skip
+    import tomllib
+
+    used = tomllib.loads((run_dir / "config.toml").read_text())
+    # the sd15 preset's defaults (bf16: the frozen real UNet runs in bf16), flags win over them
+    assert used["mixed_precision"] == "bf16" and used["warmup"] == 0 and used["lr"] == 1e-3
+    assert used["fake_lr"] == 1e-5 and used["fake_updates"] == 2
+    rows = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(np.isfinite(row["loss_dm"]) for row in rows)
+    assert (run_dir / "samples" / "step-0000003.png").is_file()
+    # the generator moved away from the teacher
+    gen = load_generator(run_dir / "generator.safetensors")
+    from dmdctl.teachers import resolve_teacher
+
+    teacher_unet = resolve_teacher("sd15", sd_pipe).denoiser.unet.state_dict()
+    moved = max(
+        (v - teacher_unet[k.removeprefix("unet.")]).abs().max().item()
+        for k, v in gen.fn.denoiser.state_dict().items()
+    )
+    assert moved > 1e-5
+
+    samples = tmp_path / "samples"
+    ok(
+        run(
+            "sample", "--generator", run_dir / "generator.safetensors", "--prompts",
+            prompts_file, "--out", samples, "--seed", 5, "--device", "cpu",
+        )
+    )  # fmt: skip
+    index = [json.loads(x) for x in (samples / "images.jsonl").read_text().splitlines()]
+    assert [row["prompt"] for row in index] == PROMPTS and index[0]["seed"] == 5
+
+    export = tmp_path / "export"
+    ok(run("export", run_dir, "--format", "diffusers", "-o", export))
+    card = (export / "README.md").read_text()
+    assert "num_inference_steps=1" in card and "guidance_scale=0" in card
+    assert not list(export.rglob("*.bin")) and list((export / "unet").glob("*.safetensors"))
+
+    pipe = StableDiffusionPipeline.from_pretrained(export)
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    ours = text_to_image(gen.fn, sd_pipe, gen.config, PROMPTS, list(range(5, 9)), "cpu")
+    for i, prompt in enumerate(PROMPTS):
+        theirs = pipe(
+            prompt,
+            num_inference_steps=1,
+            guidance_scale=0,
+            generator=torch.Generator().manual_seed(5 + i),
+            output_type="pt",
+        ).images[0]
+        torch.testing.assert_close(theirs, ours[i], rtol=0, atol=2e-5)
+        png = np.asarray(Image.open(samples / index[i]["file"])).astype(np.float64) / 255
+        assert np.abs(png - theirs.permute(1, 2, 0).numpy()).max() <= 0.5 / 255 + 1e-6
+
+
+def test_vprediction_teacher_distils(vpred_pipe, prompts_file, tmp_path):
+    r = ok(
+        run(
+            "distill", "--teacher-path", vpred_pipe, "--prompts", prompts_file,
+            "--reg-weight", 0, "--out", tmp_path / "run", "--steps", 2, "--batch-size", 2,
+            "--real-guidance", 2.0, "--plot-samples", 0, "--cpu",
+        )
+    )  # fmt: skip
+    assert "loss_dm" in r.output
+    import tomllib
+
+    used = tomllib.loads((tmp_path / "run" / "config.toml").read_text())
+    assert used["fake_updates"] == 10 and used["lr"] == 1e-5 and used["real_guidance"] == 2.0
+
+
+def test_sd_usage_errors(sd_pipe, prompts_file, tmp_path, toy_teacher):
+    r = run(
+        "distill", "--teacher-path", sd_pipe, "--reg-weight", 0, "--out", tmp_path / "r",
+        "--steps", 1, "--cpu",
+    )  # fmt: skip
+    one_line_error(r, "--prompts FILE")
+    r = run(
+        "distill", "--teacher-path", toy_teacher, "--prompts", prompts_file, "--reg-weight", 0,
+        "--out", tmp_path / "r2", "--steps", 1, "--cpu",
+    )  # fmt: skip
+    one_line_error(r, "--prompts is for text-to-image teachers")
+    r = run(
+        "distill", "--teacher-path", sd_pipe, "--prompts", prompts_file, "--reg-weight", 0,
+        "--optimizer", "adamw8bit", "--out", tmp_path / "r3", "--steps", 1, "--cpu",
+    )  # fmt: skip
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        one_line_error(r, "bitsandbytes")
