@@ -263,6 +263,12 @@ def test_sd_end_to_end_export_runs_in_stock_diffusers(sd_pipe, prompts_file, tmp
     index = [json.loads(x) for x in (samples / "images.jsonl").read_text().splitlines()]
     assert [row["prompt"] for row in index] == PROMPTS and index[0]["seed"] == 5
 
+    # FID of a text-to-image generator goes through its images, and says so
+    one_line_error(
+        run("eval-fid", "--generator", run_dir / "generator.safetensors", "--num-samples", 10),
+        "eval-fid --images",
+    )
+
     export = tmp_path / "export"
     ok(run("export", run_dir, "--format", "diffusers", "-o", export))
     card = (export / "README.md").read_text()

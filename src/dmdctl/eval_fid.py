@@ -511,6 +511,12 @@ def _device(cfg, procs: Processes) -> torch.device:
 def _score_source(cfg: EvalFidConfig, source, procs: Processes, show_progress: bool) -> dict:
     source = source or source_from(cfg)
     kind, tconfig = source.kind, source.config
+    if kind.name == "sd":
+        raise UserError(
+            "text-to-image generators are scored from their images: `dmdctl sample --generator "
+            "G --prompts captions.txt --out imgs`, then `dmdctl eval-fid --images imgs/images "
+            "--features inception --protocol clean --ref REF.npz` (the COCO-30k protocol)"
+        )
     use_inception = cfg.features == "inception" or (cfg.features == "auto" and not kind.builtin)
     if use_inception:
         from .inception import FEATURE_DIM

@@ -8,6 +8,7 @@ a hub id must already be in the local cache.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -118,6 +119,14 @@ def _read_json(path: Path) -> dict:
 
 def pipeline_identity(folder: Path) -> str:
     """sha256 over the component configs and weight files (what a teacher "is")."""
+    files = [_weights_file(folder, c) for c in WEIGHTED]
+    stamp = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _identity(Path(folder).resolve(), stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _identity(folder: Path, stamp: tuple) -> str:
+    # hashing SD1.5's 4 GB takes seconds: once per process per unchanged set of files
     h = hashlib.sha256()
     for comp in WEIGHTED:
         h.update(comp.encode())
