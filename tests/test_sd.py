@@ -166,7 +166,9 @@ def test_prompt_files_and_their_errors(tmp_path):
         read_prompts(p)
 
 
-def test_embeddings_are_cached_and_the_text_encoder_is_not_reloaded(sd_pipe, prompts_file, tmp_path):
+def test_embeddings_are_cached_and_the_text_encoder_is_not_reloaded(
+    sd_pipe, prompts_file, tmp_path
+):
     from dmdctl.sd.pipeline import prompt_table
     from dmdctl.teachers import resolve_teacher
 
@@ -224,7 +226,7 @@ def test_sd_end_to_end_export_runs_in_stock_diffusers(sd_pipe, prompts_file, tmp
             "--num-pairs", 8, "--steps", 3, "--shard-size", 8, "--out", pairs, "--device", "cpu",
         )
     )  # fmt: skip
-    r = ok(
+    ok(
         run(
             "distill", "--teacher", "sd15", "--teacher-path", sd_pipe, "--pairs", pairs,
             "--out", run_dir, "--steps", 3, "--batch-size", 2, "--pair-batch-size", 2,
@@ -325,3 +327,60 @@ def test_sd_usage_errors(sd_pipe, prompts_file, tmp_path, toy_teacher):
         import bitsandbytes  # noqa: F401
     except ImportError:
         one_line_error(r, "bitsandbytes")
+
+
+def test_two_processes_split_the_prompts_and_match_one(sd_pipe, prompts_file, tmp_path):
+    """torchrun with 2 processes: the main process encodes the prompts once, both sample their
+    shards, and the pairs equal a 1-process run's; a 2-process distill runs on them."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    env = dict(
+        os.environ,
+        DMDCTL_QUIET="1",
+        OMP_WAIT_POLICY="PASSIVE",
+        DMDCTL_THREADS="1",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+    )
+    common = [
+        "make-pairs", "--teacher-path", str(sd_pipe), "--prompts", str(prompts_file),
+        "--num-pairs", "8", "--shard-size", "2", "--batch-size", "2", "--steps", "3",
+        "--guidance", "2.0", "--device", "cpu",
+    ]  # fmt: skip
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    two, one = tmp_path / "two", tmp_path / "one"
+    r = subprocess.run(
+        [*launch, "-m", "dmdctl", *common, "--out", str(two)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    ok(run(*common, "--out", one))
+    m2 = json.loads((two / "manifest.json").read_text())
+    m1 = json.loads((one / "manifest.json").read_text())
+    assert len(m2["shards"]) == len(m1["shards"]) == 4
+    for e1, e2 in zip(m1["shards"], m2["shards"], strict=True):
+        a, b = load_file(str(one / e1["file"])), load_file(str(two / e2["file"]))
+        assert torch.equal(a["cond"], b["cond"]) and torch.equal(a["noise"], b["noise"])
+        torch.testing.assert_close(a["target"], b["target"], rtol=1e-5, atol=1e-5)
+    r = subprocess.run(
+        [
+            *launch, "-m", "dmdctl", "distill", "--teacher-path", str(sd_pipe), "--pairs",
+            str(two), "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2",
+            "--pair-batch-size", "2", "--fake-updates", "1", "--mixed-precision", "no",
+            "--plot-samples", "0", "--cpu",
+        ],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "run" / "generator.safetensors").is_file()
