@@ -3,16 +3,10 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from dmdctl.cli import app
+from cli_helpers import one_line_error, run
 
-runner = CliRunner()
 COMMANDS = ["train-teacher", "make-pairs", "distill", "eval-fid", "sample", "export", "demo"]
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def test_version_lists_the_libraries():
@@ -33,16 +27,6 @@ def test_every_command_has_help_with_an_example_and_a_config_option(command):
 def test_help_shows_the_defaults():
     out = run("distill", "--help").output
     assert "[default: 2000]" in out and "[default: runs/distill]" in out
-
-
-def one_line_error(r, *fragments):
-    assert r.exit_code == 2, r.output
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("error: ")
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    assert "Traceback" not in r.output
 
 
 def test_bad_inputs_exit_2_with_one_line(toy_teacher, toy_pairs, tmp_path):

@@ -23,16 +23,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from dmdctl.cli import app
+from cli_helpers import one_line_error, run
 from dmdctl.denoiser import EDMPrecond
 from dmdctl.edm.networks import EDMBackbone
 from dmdctl.edm.pickle_loader import backbone_from_checkpoint, read_edm_checkpoint
 from dmdctl.errors import UserError
 from dmdctl.teachers import KINDS, load_teacher
-
-runner = CliRunner()
 
 ADM = {
     "architecture": "DhariwalUNet",
@@ -370,18 +367,6 @@ def test_bf16_autocast_and_gradient_checkpointing(tmp_path):
 
 
 # --- the command line --------------------------------------------------------------------------
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(r, *fragments):
-    assert r.exit_code == 2, r.output
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("error: ")
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    assert "Traceback" not in r.output
 
 
 def test_convert_edm_errors_are_one_line(tmp_path):

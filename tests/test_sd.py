@@ -12,30 +12,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from dmdctl.cli import app
+from cli_helpers import ok, one_line_error, run
 from dmdctl.errors import UserError
 
-runner = CliRunner()
 PROMPTS = ["a photo of a cat", "a red dog", "the blue sky", "a dog on the grass"]
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(r):
-    assert r.exit_code == 0, r.output + str(r.exception)
-    return r
-
-
-def one_line_error(r, *fragments):
-    assert r.exit_code == 2, r.output
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,27 @@
+"""Running the CLI in-process as a user would, and the one-line-error contract every command keeps."""
+
+from typer.testing import CliRunner
+
+from dmdctl.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def ok(r):
+    assert r.exit_code == 0, r.output + str(r.exception)
+    return r
+
+
+def one_line_error(r, *fragments):
+    """Exit code 2 and exactly one `error:` line on stderr holding every fragment, no traceback."""
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ")
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    assert "Traceback" not in r.output
