@@ -27,7 +27,10 @@ def edm_scalings(sigma: torch.Tensor, sigma_data: float):
 
 def broadcast_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """Sigma as a float32 tensor of shape [N, 1, 1, ...] matching ``x``."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    if torch.is_tensor(sigma):
+        sigma = sigma.to(device=x.device, dtype=torch.float32)
+    else:  # a Python number (the generator's sigma_max): a fill on the device, no host copy/sync
+        sigma = torch.full((x.shape[0],), float(sigma), dtype=torch.float32, device=x.device)
     if sigma.ndim == 0:
         sigma = sigma.expand(x.shape[0])
     return sigma.reshape(-1, *([1] * (x.ndim - 1)))

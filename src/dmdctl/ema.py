@@ -22,12 +22,17 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        shadows, values = [], []
         for k, v in model.state_dict().items():
             s = self.shadow[k]
             if v.dtype.is_floating_point:
-                s.lerp_(v.detach().float(), 1 - d)
+                shadows.append(s)
+                values.append(v.detach().float())
             else:
                 s.copy_(v)
+        if shadows:
+            # one multi-tensor lerp instead of one kernel launch per tensor
+            torch._foreach_lerp_(shadows, values, 1 - d)
 
     def copy_to(self, model: nn.Module) -> nn.Module:
         ref = model.state_dict()
