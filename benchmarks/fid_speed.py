@@ -4,16 +4,18 @@ Prints one table: the time of dmdctl's ``frechet_distance`` (symmetric eigendeco
 of ``frechet_distance_fast`` (Cholesky + eigenvalues only; what eval-fid uses) and of the
 textbook ``scipy.linalg.sqrtm`` formula on the same 2048-d statistics (ratios, target >= 3x, and
 their agreement), then Inception-v3 feature throughput (images/s) at a stated batch for the
-edm and clean protocols. The network has RANDOM weights (the speed does not depend on them).
+edm and clean protocols against the bare network on ready 299x299 input (the share of the
+pipeline's throughput the network allows). The network has RANDOM weights (the speed does not
+depend on them). Needs torch-fidelity for the Inception rows (skipped with a note without it).
 
     OMP_WAIT_POLICY=PASSIVE python -m benchmarks.fid_speed
+    python -m benchmarks.fid_speed --device cuda --batch 256
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import time
 import warnings
 
 os.environ.setdefault("DMDCTL_QUIET", "1")
@@ -24,9 +26,18 @@ import scipy.linalg  # noqa: E402
 import torch  # noqa: E402
 
 from dmdctl.fid import FeatureStats, frechet_distance, frechet_distance_fast  # noqa: E402
-from dmdctl.inception import InceptionFeatures, build_network  # noqa: E402
 
-from .common import append_markdown, machine  # noqa: E402
+from .common import (  # noqa: E402
+    add_common_args,
+    finish,
+    fmt_s,
+    interleaved,
+    md_table,
+    median,
+    missing_packages,
+    say,
+    setup,
+)
 
 
 def sqrtm_fid(mu1, s1, mu2, s2) -> float:
@@ -48,74 +59,109 @@ def statistics(d: int, n: int, seed: int):
     return s.mu, s.sigma
 
 
-def best_time(fn, repeats: int) -> tuple[float, float]:
-    times, value = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        value = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), value
+def inception_rows(args, device) -> list[list]:
+    """Features per second of the eval-fid pipeline (protocol resize + network) against the bare
+    network on ready 299x299 input, interleaved, per protocol."""
+    from dmdctl.inception import InceptionFeatures, build_network, pool3_from_normalized
 
-
-def inception_throughput(protocol: str, batch: int, size: int, repeats: int) -> float:
     torch.manual_seed(0)
-    ext = InceptionFeatures(protocol, net=build_network(), batch_size=batch)
+    net = build_network().eval()
     rng = np.random.default_rng(0)
-    imgs = torch.from_numpy(rng.integers(0, 256, (batch, 3, size, size), dtype=np.uint8))
-    ext.from_uint8(imgs[:2])  # warm-up
-    t, _ = best_time(lambda: ext.from_uint8(imgs), repeats)
-    return batch / t
+    b = args.batch
+    ready = torch.from_numpy(rng.standard_normal((b, 3, 299, 299)).astype(np.float32)).to(device)
+
+    def bare():
+        with torch.no_grad():
+            pool3_from_normalized(net, ready)
+
+    runs = {"bare network": bare}
+    sizes = {"edm": 64, "clean": 256}
+    for protocol, size in sizes.items():
+        ext = InceptionFeatures(protocol, net=net, batch_size=b, device=device)
+        imgs = torch.from_numpy(rng.integers(0, 256, (b, 3, size, size), dtype=np.uint8))
+        runs[protocol] = lambda ext=ext, imgs=imgs: ext.from_uint8(imgs)
+    say(f"fid_speed: Inception features, batch {b}, {', '.join(runs)}")
+    times = interleaved(runs, args.repeats, device)
+    tb = median(times["bare network"])
+    rows = [["Inception pool3, bare network on ready 299x299 float input", f"{b / tb:,.1f} images/s",
+             "", ""]]  # fmt: skip
+    what = {"edm": "edm (64x64 uint8 -> TF1 bilinear 299)",
+            "clean": "clean (256x256 -> crop, LANCZOS 256, PIL bicubic 299)"}  # fmt: skip
+    for protocol in sizes:
+        t = median(times[protocol])
+        rows.append([f"Inception features, eval-fid pipeline, {what[protocol]}",
+                     f"{b / t:,.1f} images/s", f"bare network {b / tb:,.1f} images/s",
+                     f"**{tb / t:.2f}** of the bare network's throughput"])  # fmt: skip
+    return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap, repeats=3)
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--samples", type=int, default=4096, help="features behind each statistic")
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=32, help="images per Inception forward pass")
-    ap.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
-    args = ap.parse_args()
+    ap.add_argument("--no-sqrtm", action="store_true", help="skip the slow scipy sqrtm reference")
+    ap.add_argument("--no-append", action="store_true", help=argparse.SUPPRESS)  # the default now
+    args = ap.parse_args(argv)
+    device = setup(args)
 
+    say(f"fid_speed: Fréchet distance on {args.dim}-d statistics")
     mu1, s1 = statistics(args.dim, args.samples, 0)
     mu2, s2 = statistics(args.dim, args.samples, 1)
-    t_ours, fid_ours = best_time(lambda: frechet_distance(mu1, s1, mu2, s2), args.repeats)
-    t_fast, fid_fast = best_time(lambda: frechet_distance_fast(mu1, s1, mu2, s2), args.repeats)
-    t_sqrtm, fid_sqrtm = best_time(lambda: sqrtm_fid(mu1, s1, mu2, s2), args.repeats)
-    rel = abs(fid_ours - fid_sqrtm) / abs(fid_sqrtm)
-    rel_fast = abs(fid_fast - fid_sqrtm) / abs(fid_sqrtm)
-    edm = inception_throughput("edm", args.batch, 64, args.repeats)
-    clean = inception_throughput("clean", args.batch, 256, args.repeats)
+    value = {}
 
+    def run(name, fn):
+        def go():
+            value[name] = fn(mu1, s1, mu2, s2)
+
+        return go
+
+    runs = {"eigh": run("eigh", frechet_distance), "fast": run("fast", frechet_distance_fast)}
+    if not args.no_sqrtm:
+        runs["sqrtm"] = run("sqrtm", sqrtm_fid)
+    times = interleaved(runs, args.repeats, torch.device("cpu"), warmup=0)
+    t_ours, t_fast = median(times["eigh"]), median(times["fast"])
+    rows = []
+    if "sqrtm" in times:
+        t_sqrtm, fid_sqrtm = median(times["sqrtm"]), value["sqrtm"]
+        rel = abs(value["eigh"] - fid_sqrtm) / abs(fid_sqrtm)
+        rel_fast = abs(value["fast"] - fid_sqrtm) / abs(fid_sqrtm)
+        ref = f"{fmt_s(t_sqrtm)} (scipy {scipy.__version__} sqrtm)"
+        rows += [
+            [f"FID {args.dim}-d, frechet_distance (eigh + eigvalsh): time", fmt_s(t_ours), ref,
+             f"**{t_sqrtm / t_ours:.1f}x** faster"],
+            [f"FID {args.dim}-d, frechet_distance_fast (Cholesky + syev, used by eval-fid): time",
+             fmt_s(t_fast), ref, f"**{t_sqrtm / t_fast:.1f}x** faster (target >= 3x)"],
+            [f"FID {args.dim}-d: value", f"{value['eigh']:.10g} / {value['fast']:.10g}",
+             f"{fid_sqrtm:.10g}", f"relative difference {rel:.1e} / {rel_fast:.1e}"],
+        ]  # fmt: skip
+    else:
+        rows += [
+            [f"FID {args.dim}-d, frechet_distance_fast vs frechet_distance: time", fmt_s(t_fast),
+             fmt_s(t_ours), f"**{t_ours / t_fast:.1f}x** faster"],
+        ]  # fmt: skip
+    note = ""
+    if missing_packages(["torch_fidelity"]):
+        note = " Inception rows skipped: needs torch-fidelity (not installed)."
+    else:
+        rows += inception_rows(args, device)
     body = "\n".join(
         [
             f"Fréchet distance on {args.dim}-d statistics (each from {args.samples} correlated "
-            f"features), best of {args.repeats}; Inception-v3 (torch-fidelity layout, random "
-            f"weights) at batch {args.batch}, {torch.get_num_threads()} torch thread(s), CPU.",
+            f"features), median of {args.repeats} interleaved runs on the CPU; Inception-v3 "
+            f"(torch-fidelity layout, random weights) at batch {args.batch} on {device}, "
+            f"{torch.get_num_threads()} torch thread(s).{note}",
             "",
-            "| measurement | dmdctl | reference | ratio / agreement |",
-            "|---|---|---|---|",
-            f"| FID {args.dim}-d, frechet_distance (eigh + eigvalsh): time | {t_ours:.2f} s | "
-            f"{t_sqrtm:.2f} s (scipy {scipy.__version__} sqrtm) | {t_sqrtm / t_ours:.1f}x faster |",
-            f"| FID {args.dim}-d, frechet_distance_fast (Cholesky + syev, used by eval-fid): "
-            f"time | {t_fast:.2f} s | {t_sqrtm:.2f} s | {t_sqrtm / t_fast:.1f}x faster "
-            "(target >= 3x) |",
-            f"| FID {args.dim}-d: value | {fid_ours:.10g} / {fid_fast:.10g} | {fid_sqrtm:.10g} | "
-            f"relative difference {rel:.1e} / {rel_fast:.1e} |",
-            f"| Inception features, edm (64x64 uint8 -> TF1 bilinear 299) | {edm:.2f} images/s | "
-            "| |",
-            f"| Inception features, clean (256x256 -> crop, LANCZOS 256, PIL bicubic 299) | "
-            f"{clean:.2f} images/s | | |",
+            md_table(["measurement", "dmdctl", "reference", "ratio / agreement"], rows),
         ]
     )
-    print(f"machine: {machine()}\n")
-    print(body)
-    if not args.no_append:
-        path = append_markdown(
-            "FID speed: eigh Fréchet distance vs scipy sqrtm; Inception throughput",
-            body,
-            "benchmarks.fid_speed",
-        )
-        print(f"\nappended to {path}")
+    return finish(
+        args,
+        "FID speed: eigh Fréchet distance vs scipy sqrtm; Inception throughput",
+        body,
+        "benchmarks.fid_speed",
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""The speed suite at tiny sizes: every part runs, prints its ratio columns, records only when
+asked, and skips a row cleanly when a package is missing. (Speed itself is checked by running
+the benchmarks, never by timing assertions here.)"""
+
+import re
+
+import pytest
+from benchmarks import all as suite
+from benchmarks import common, one_step
+
+
+@pytest.fixture
+def bench_root(tmp_path, monkeypatch):
+    """BENCHMARKS.md goes to a temporary folder, never the repository's."""
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    return tmp_path
+
+
+def test_quick_suite_prints_ratios_and_records(bench_root, capsys):
+    assert suite.main(["--device", "cpu", "--quick", "--record"]) == 0
+    out = capsys.readouterr().out
+    for column in (
+        "speed-up / NFE ratio",  # one_step
+        "overhead vs passes",  # train_step
+        "bare heun_sample",  # make_pairs_speed
+        "ratio / agreement",  # fid_speed
+        "step peak above the built trainer",  # memory
+    ):
+        assert column in out, column
+    # every ratio cell holds a number
+    one = out[out.index("speed-up / NFE ratio |") :].split("\n\n")[0]
+    assert len(re.findall(r"\| \*\*\d+\.\d\d\*\* \|", one)) == 2, one
+    step = out[out.index("overhead vs passes |") :].split("\n\n")[0]
+    assert len(re.findall(r"\*\*[+-]\d+\.\d%\*\*", step)) == 2, step
+    assert "skipped on CPU" in out  # the real-size rows need a GPU
+    for variant in (
+        "fused AdamW",
+        "channels-last",
+        "batched (vmap)",
+        "bf16 autocast",
+        "inference_mode",
+    ):
+        assert re.search(rf"\| digits \| [^|]*{re.escape(variant)}[^|]* \| ", out), variant
+    md = (bench_root / "BENCHMARKS.md").read_text()
+    assert md.count("\n## ") == 5
+    assert md.count("python -m benchmarks.all --device cpu --quick --record") == 5
+    assert "this part: `python -m benchmarks.train_step" in md
+    assert md.count("- machine: ") == 5 and md.count("- date: ") == 5
+
+
+def test_no_record_without_the_flag(bench_root):
+    body = one_step.main(["--device", "cpu", "--repeats", "1", "--steps", "1",
+                          "--teachers", "toy2d", "--batch", "toy2d=16"])  # fmt: skip
+    assert "speed-up / NFE ratio" in body
+    assert not (bench_root / "BENCHMARKS.md").exists()
+
+
+def test_missing_package_skips_the_row(bench_root, monkeypatch):
+    monkeypatch.setitem(common.TEACHER_PACKAGES, "digits", ("no_such_package_dmdctl",))
+    body = one_step.main(["--device", "cpu", "--repeats", "1", "--teachers", "digits"])
+    assert "skipped: needs no_such_package_dmdctl (not installed)" in body
