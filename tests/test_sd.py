@@ -256,6 +256,10 @@ def test_sd_end_to_end_export_runs_in_stock_diffusers(sd_pipe, prompts_file, tmp
     ok(run("export", run_dir, "--format", "diffusers", "-o", export))
     card = (export / "README.md").read_text()
     assert "num_inference_steps=1" in card and "guidance_scale=0" in card
+    assert '"fake_updates": 2' in card  # the run's training settings, from the generator file
+    # the raw (non-EMA) generator of the last checkpoint exports too
+    ok(run("export", run_dir, "--format", "diffusers", "--no-ema", "-o", tmp_path / "raw"))
+    assert '"fake_updates": 2' in (tmp_path / "raw" / "README.md").read_text()
     assert not list(export.rglob("*.bin")) and list((export / "unet").glob("*.safetensors"))
 
     pipe = StableDiffusionPipeline.from_pretrained(export)

@@ -57,8 +57,6 @@ from .ui import info, progress
 
 REG_LOSSES = ("l2", "pseudo-huber", "lpips")
 OPTIMIZERS = ("adamw", "adamw8bit")
-# text-to-image plots decode every sample with the VAE: a few are enough
-TEXT_PLOT_SAMPLES = 16
 # with several processes a SIGTERM is acted on at a step all of them agree on: the next log,
 # checkpoint or evaluation step, or the next multiple of this (a launcher's grace period before
 # SIGKILL is often ~30 s: torchrun's, SLURM's default KillWait)
@@ -645,8 +643,6 @@ def plot_samples(trainer: DMDTrainer, path: Path) -> Path | None:
     if n == 0:
         return None
     t = trainer.teacher
-    if t.text_conditioned:
-        n = min(n, TEXT_PLOT_SAMPLES)
     g = trainer.ema_generator()
     seeds = list(range(PLOT_SEED_START, PLOT_SEED_START + n))
     z = seeded_noise(seeds, t.sample_shape, trainer.device)
@@ -934,7 +930,8 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
                 t.config,
                 t.sha256,
                 path,
-                extra={"step": str(trainer.step), "ema": "true"},
+                # the training settings travel with the weights (the diffusers model card)
+                extra={"step": str(trainer.step), "ema": "true", "train_config": asdict(cfg)},
             )
         except (OSError, SafetensorError) as e:
             path.with_name(path.name + ".tmp").unlink(missing_ok=True)

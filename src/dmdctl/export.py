@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint
-from .denoiser import OneStepGenerator
+from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, read_checkpoint_state
 from .errors import UserError, require
 from .generator import load_generator, save_generator
 from .teachers import GENERATOR_FORMAT, get_kind, read_metadata
@@ -45,6 +45,18 @@ def _checkpoint_of(source: Path) -> Path | None:
     return None
 
 
+def _from_checkpoint(source: Path, ema: bool):
+    """(checkpoint folder, its state, the generator's denoiser with EMA or raw weights)."""
+    ckpt = _checkpoint_of(source)
+    if ckpt is None:
+        raise UserError(f"{source} holds no checkpoint (no state.json, no checkpoints/step-*)")
+    state, load = load_checkpoint(ckpt)
+    denoiser = get_kind(state["teacher_kind"]).build(state["teacher_config"])
+    weights = load("ema" if ema else "generator")
+    denoiser.load_state_dict({k: v.to(denoiser.state_dict()[k].dtype) for k, v in weights.items()})
+    return ckpt, state, denoiser
+
+
 def export(cfg: ExportConfig) -> dict:
     source = Path(cfg.source)
     out = Path(cfg.out)
@@ -59,23 +71,20 @@ def export(cfg: ExportConfig) -> dict:
             shutil.copyfile(source, out)
         gen = load_generator(out)
         return {"out": str(out), "from": str(source), "kind": gen.kind.name}
-    ckpt = _checkpoint_of(source)
-    if ckpt is None:
-        raise UserError(f"{source} holds no checkpoint (no state.json, no checkpoints/step-*)")
-    state, load = load_checkpoint(ckpt)
+    ckpt, state, denoiser = _from_checkpoint(source, cfg.ema)
     kind = get_kind(state["teacher_kind"])
-    config = state["teacher_config"]
-    denoiser = kind.build(config)
-    weights = load("ema" if cfg.ema else "generator")
-    denoiser.load_state_dict({k: v.to(denoiser.state_dict()[k].dtype) for k, v in weights.items()})
-    gen = OneStepGenerator(denoiser, denoiser.sigma_max)
     save_generator(
-        gen.denoiser,
+        denoiser,
         kind.name,
-        config,
+        state["teacher_config"],
         state["teacher_sha256"],
         out,
-        extra={"step": str(state["step"]), "ema": str(cfg.ema).lower(), "checkpoint": str(ckpt)},
+        extra={
+            "step": str(state["step"]),
+            "ema": str(cfg.ema).lower(),
+            "checkpoint": str(ckpt),
+            "train_config": state.get("config", {}),
+        },
     )
     return {
         "out": str(out),
@@ -106,30 +115,18 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
         gen = load_generator(path)
         denoiser, config, sha = gen.fn.denoiser, gen.config, meta["teacher_sha256"]
         what = str(path)
-        run_cfg = (path.parent / "config.toml") if path.parent.is_dir() else None
+        if "train_config" in meta:
+            train_config = json.loads(meta["train_config"])
     else:
         ckpt = _checkpoint_of(source)
-        if ckpt is None:
-            raise UserError(f"{source} holds no checkpoint (no state.json, no checkpoints/step-*)")
-        state, load = load_checkpoint(ckpt)
-        if state["teacher_kind"] != "sd":
+        if ckpt is not None and read_checkpoint_state(ckpt).get("teacher_kind") != "sd":
             raise UserError(
-                f"--format diffusers is for Stable Diffusion generators; {ckpt} is a "
-                f"'{state['teacher_kind']}' run (use --format safetensors)"
+                f"--format diffusers is for Stable Diffusion generators; {ckpt} is not an SD "
+                "run (use --format safetensors)"
             )
-        config = state["teacher_config"]
-        denoiser = get_kind("sd").build(config)
-        weights = load("ema" if cfg.ema else "generator")
-        denoiser.load_state_dict(
-            {k: v.to(denoiser.state_dict()[k].dtype) for k, v in weights.items()}
-        )
-        sha, what = state["teacher_sha256"], str(ckpt)
+        ckpt, state, denoiser = _from_checkpoint(source, cfg.ema)
+        config, sha, what = state["teacher_config"], state["teacher_sha256"], str(ckpt)
         train_config = state.get("config")
-        run_cfg = None
-    if train_config is None and run_cfg is not None and run_cfg.is_file():
-        import tomllib
-
-        train_config = tomllib.loads(run_cfg.read_text())
     folder = export_diffusers(
         denoiser.eval(), config, sha, out, cfg.teacher_path, cfg.offline, train_config
     )

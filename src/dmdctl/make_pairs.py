@@ -184,9 +184,9 @@ class HeunPairs:
             "rho": rho,
         }
 
-    def __call__(self, z, c_idx, device):
+    def __call__(self, z, c_idx, device) -> dict[str, torch.Tensor]:
         c = c_idx.to(device) if self.num_conditions else None
-        return heun_sample(self.denoiser, z, self.sigmas, c)
+        return {"target": heun_sample(self.denoiser, z, self.sigmas, c)}
 
 
 class PromptPairs:
@@ -227,14 +227,14 @@ class PromptPairs:
             "images": cfg.save_images,
         }
 
-    def __call__(self, z, c_idx, device):
+    def __call__(self, z, c_idx, device) -> dict[str, torch.Tensor]:
         emb = self.table.embeddings[c_idx].to(device)
-        lat = self.sampler(z, emb)
+        out = {"target": self.sampler(z, emb)}
         if self.save_images:
             with torch.no_grad():
-                img = self.teacher.codec.decode(lat)
-            self.images.append(((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
-        return lat
+                img = self.teacher.codec.decode(out["target"])
+            out["image"] = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return out
 
 
 def make_pairs(cfg: MakePairsConfig) -> dict:
@@ -289,25 +289,25 @@ def make_pairs(cfg: MakePairsConfig) -> dict:
             seeds = writer.shard_seeds(index)
             noise = seeded_noise(seeds, teacher.sample_shape)
             cond = class_labels(seeds, cfg.seed, sampler.num_conditions)
-            targets = []
-            sampler.images = []
+            made_here: dict[str, list[torch.Tensor]] = {}  # target (and SD's decoded image)
             for i in range(0, len(seeds), cfg.batch_size):
                 if stop.signal is not None:
                     break  # drop the unfinished shard: a re-run makes it again
                 z = noise[i : i + cfg.batch_size].to(device)
-                targets.append(sampler(z, cond[i : i + cfg.batch_size], device).cpu())
+                for k, v in sampler(z, cond[i : i + cfg.batch_size], device).items():
+                    made_here.setdefault(k, []).append(v.cpu())
                 bar.advance(task, z.shape[0] * world)
             if stop.signal is not None:
                 stopped = stop.name
                 break
+            made_now = {k: torch.cat(v) for k, v in made_here.items()}
             tensors = {
                 "noise": noise,
-                "target": torch.cat(targets).to(DTYPES[cfg.dtype]),
+                "target": made_now.pop("target").to(DTYPES[cfg.dtype]),
                 "cond": cond,
                 "seed": torch.tensor(seeds, dtype=torch.int64),
+                **made_now,
             }
-            if sampler.images:
-                tensors["image"] = torch.cat(sampler.images)
             writer.write_shard(index, tensors)
             made += len(seeds)
             bar.update(task, info=f"shard {index + 1}/{writer.num_shards}")

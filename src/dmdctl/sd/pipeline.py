@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -271,7 +271,6 @@ class PromptTable:
     uncond: torch.Tensor  # [1, L, D]: the empty prompt
     path: Path | None = None
     sha256: str = ""
-    extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .base import TeacherKind
@@ -54,12 +53,6 @@ class StableDiffusion(TeacherKind):
     def sample_shape(self, config: dict) -> tuple[int, ...]:
         side = int(config["resolution"]) // int(config["vae_scale"])
         return (int(config["latent_channels"]), side, side)
-
-    def feature_name(self) -> str:
-        return "latent-mean"
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(2).mean(-1)
 
     def save_plot(self, panels, path: Path, config: dict, labels=None) -> Path:
         """Panels of decoded images in [-1, 1] (callers decode latents with the VAE first)."""
