@@ -36,6 +36,21 @@ def broadcast_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tenso
     return sigma.reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def freeze_in_dtype(module: nn.Module, device, dtype: torch.dtype | None) -> nn.Module:
+    """Move a frozen network to ``device`` with only its *weights* in ``dtype``.
+
+    ``module.to(device, dtype)`` would cast every floating buffer too: a noise schedule stored as
+    a buffer (SD's ``abar``/``sigmas``, Fourier frequencies) would become bf16, collapsing
+    neighbouring timesteps and biasing the x0 conversion. Buffers keep their dtype (fp32);
+    autocast, or the wrapper itself, casts at the point of use.
+    """
+    module.to(device)
+    if dtype is not None:
+        for p in module.parameters():
+            p.data = p.data.to(dtype)
+    return module.eval().requires_grad_(False)
+
+
 class EDMPrecond(nn.Module):
     """Wraps a raw backbone ``F(c_in * x, c_noise, cond)`` into an EDM denoiser.
 

@@ -43,7 +43,7 @@ from .checkpoint import (
     use_cpu,
 )
 from .config import write_config
-from .denoiser import OneStepGenerator
+from .denoiser import OneStepGenerator, freeze_in_dtype
 from .ema import EMA
 from .errors import UserError, require
 from .generator import save_generator
@@ -242,6 +242,17 @@ def lr_multiplier(step: int, cfg: DistillConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def dm_index_range(levels: int, min_frac: float, max_frac: float) -> tuple[int, int]:
+    """The DM loss's noise-level indices as a half-open range [lo, hi).
+
+    As in DMD2's code: ``int(min_frac * levels)`` to ``int(max_frac * levels)`` *inclusive*, so
+    0.02..0.98 of 1000 levels draws indices 20..980.
+    """
+    lo = int(min_frac * levels)
+    hi = min(levels, int(max_frac * levels) + 1)
+    return lo, max(lo + 1, hi)
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
@@ -255,7 +266,10 @@ class DMDTrainer:
 
     def __init__(self, cfg: DistillConfig, accelerator: Accelerator | None = None):
         self.cfg = cfg
-        self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+        if accelerator is None:
+            _forget_other_precision(cfg.mixed_precision)
+            accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+        self.acc = accelerator
         acc = self.acc
         self.teacher = resolve_teacher(
             cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None, cfg.offline
@@ -303,13 +317,19 @@ class DMDTrainer:
             fake = copy.deepcopy(t.denoiser).requires_grad_(True).train()
             if cfg.grad_checkpointing:
                 enable_checkpointing(fake)
-        # frozen networks run in the compute dtype (fp32 master weights stay with G and the fake)
+        # the DM loss's noise levels, read before anything is cast: schedules stay fp32
+        if hasattr(t.denoiser, "training_sigmas"):  # discrete-time teachers: their own timesteps
+            grid = t.denoiser.training_sigmas()
+        else:
+            grid = dmd_sigma_grid(t.sigma_min, t.sigma_max, cfg.sigma_levels)
+        # frozen networks run with their *weights* in the compute dtype (fp32 master weights stay
+        # with G and the fake); their schedule buffers stay fp32 (freeze_in_dtype)
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-        self.real = t.denoiser.to(self.device, compute).eval().requires_grad_(False)
+        self.real = freeze_in_dtype(t.denoiser, self.device, compute)
         if t.text_conditioned and self.guidance != 1.0:
             self.real = GuidedDenoiser(self.real, self.guidance, self.uncond).to(self.device)
         if self.lpips is not None and getattr(t.codec, "latent", False):
-            t.codec.vae.to(self.device, compute)  # LPIPS sees decoded images
+            freeze_in_dtype(t.codec.vae, self.device, compute)  # LPIPS sees decoded images
         if self.use_fake:
             opt_f = adamw(fake.parameters(), cfg.fake_lr)
             self.generator, self.opt_g, self.fake, self.opt_f = acc.prepare(
@@ -319,14 +339,9 @@ class DMDTrainer:
             self.generator, self.opt_g = acc.prepare(generator, opt_g)
             self.fake = self.opt_f = None
         self.ema_shadow_to(self.device)
-        if hasattr(t.denoiser, "training_sigmas"):  # discrete-time teachers: their own timesteps
-            grid = t.denoiser.training_sigmas()
-        else:
-            grid = dmd_sigma_grid(t.sigma_min, t.sigma_max, cfg.sigma_levels)
         self.grid = grid.float().to(self.device)
         self.levels = len(grid)
-        self.lo = int(cfg.min_step_frac * self.levels)
-        self.hi = max(self.lo + 1, int(cfg.max_step_frac * self.levels))
+        self.lo, self.hi = dm_index_range(self.levels, cfg.min_step_frac, cfg.max_step_frac)
         self.step = 0
         self.out = Path(cfg.out)
 
