@@ -207,21 +207,35 @@ def test_sd_end_to_end_export_runs_in_stock_diffusers(sd_pipe, prompts_file, tmp
             "--num-pairs", 8, "--steps", 3, "--shard-size", 8, "--out", pairs, "--device", "cpu",
         )
     )  # fmt: skip
+    # make-pairs' default CFG is the DMD recipe's, the same as the sd15-dmd real score's
+    assert json.loads((pairs / "manifest.json").read_text())["sampler"]["guidance"] == 3.0
+    # pairs made at another guidance than the real score's are refused, in one line
+    one_line_error(
+        run(
+            "distill", "--teacher", "sd15-dmd", "--teacher-path", sd_pipe, "--pairs", pairs,
+            "--real-guidance", 1.75, "--out", tmp_path / "mismatch", "--steps", 1,
+            "--batch-size", 2, "--pair-batch-size", 2, "--cpu",
+        ),
+        "made with guidance 3.0", "--allow-guidance-mismatch",
+    )  # fmt: skip
     ok(
         run(
-            "distill", "--teacher", "sd15", "--teacher-path", sd_pipe, "--pairs", pairs,
+            "distill", "--teacher", "sd15-dmd", "--teacher-path", sd_pipe, "--pairs", pairs,
             "--out", run_dir, "--steps", 3, "--batch-size", 2, "--pair-batch-size", 2,
-            "--fake-updates", 2, "--reg-loss", "lpips", "--lpips-random-backbone",
-            "--grad-checkpointing", "--checkpoint-every", 3, "--log-every", 1,
-            "--plot-samples", 4, "--warmup", 0, "--lr", "1e-3", "--cpu",
+            "--fake-updates", 2, "--lpips-random-backbone", "--lpips-size", 32,
+            "--checkpoint-every", 3, "--log-every", 1,
+            "--plot-samples", 4, "--lr", "1e-3", "--cpu",
         )
     )  # fmt: skip
     import tomllib
 
     used = tomllib.loads((run_dir / "config.toml").read_text())
-    # the sd15 preset's defaults (bf16: the frozen real UNet runs in bf16), flags win over them
+    # the sd15-dmd preset's defaults (bf16: the frozen real UNet runs in bf16; LPIPS regression),
+    # flags win over them
     assert used["mixed_precision"] == "bf16" and used["warmup"] == 0 and used["lr"] == 1e-3
     assert used["fake_lr"] == 1e-5 and used["fake_updates"] == 2
+    assert used["reg_loss"] == "lpips" and used["reg_weight"] == 0.25
+    assert used["real_guidance"] == 3.0 and used["grad_checkpointing"] is True
     rows = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(np.isfinite(row["loss_dm"]) for row in rows)
     assert (run_dir / "samples" / "step-0000003.png").is_file()
@@ -290,7 +304,21 @@ def test_vprediction_teacher_distils(vpred_pipe, prompts_file, tmp_path):
     import tomllib
 
     used = tomllib.loads((tmp_path / "run" / "config.toml").read_text())
+    # a bare pipeline folder takes the sd15 recipe (DMD2: no regression, constant lr, no EMA)
     assert used["fake_updates"] == 10 and used["lr"] == 1e-5 and used["real_guidance"] == 2.0
+    assert used["reg_weight"] == 0.0 and used["lr_schedule"] == "constant"
+    assert used["ema_decay"] == 0.0 and used["warmup"] == 0
+
+
+def test_sd15_recipe_runs_without_pairs(sd_pipe, prompts_file, tmp_path):
+    r = ok(
+        run(
+            "distill", "--teacher", "sd15", "--teacher-path", sd_pipe, "--prompts", prompts_file,
+            "--out", tmp_path / "run", "--steps", 1, "--batch-size", 2, "--fake-updates", 1,
+            "--plot-samples", 0, "--cpu",
+        )
+    )  # fmt: skip
+    assert "loss_dm" in r.output and "loss_reg" not in r.output
 
 
 def test_sd_usage_errors(sd_pipe, prompts_file, tmp_path, toy_teacher):
@@ -361,7 +389,8 @@ def test_two_processes_split_the_prompts_and_match_one(sd_pipe, prompts_file, tm
     r = subprocess.run(
         [
             *launch, "-m", "dmdctl", "distill", "--teacher-path", str(sd_pipe), "--pairs",
-            str(two), "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2",
+            str(two), "--teacher", "sd15-dmd", "--reg-loss", "l2", "--real-guidance", "2.0",
+            "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2",
             "--pair-batch-size", "2", "--fake-updates", "1", "--mixed-precision", "no",
             "--plot-samples", "0", "--cpu",
         ],

@@ -216,7 +216,10 @@ def make_pairs_cmd(
     ] = None,
     guidance: Annotated[
         float | None,
-        typer.Option(help=_h(MP, "guidance", "Text-to-image teachers: CFG scale (1: none).")),
+        typer.Option(
+            help="Text-to-image teachers: CFG scale (1: none) \\[default: the pairs recipe's, "
+            "3.0 for Stable Diffusion: the DMD paper's, equal to its real score's guidance]."
+        ),
     ] = None,
     save_images: Annotated[
         bool | None,
@@ -319,10 +322,24 @@ def distill_cmd(
     ] = None,
     lr_schedule: Annotated[
         str | None,
-        typer.Option(help=_h(DC, "lr_schedule", "cosine or constant, after the warm-up.")),
+        typer.Option(
+            help=_h(
+                DC,
+                "lr_schedule",
+                "cosine (to 0 at --steps) or constant, after the warm-up; both learning rates.",
+            )
+        ),
     ] = None,
     warmup: Annotated[
-        int | None, typer.Option(help=_h(DC, "warmup", "Linear warm-up steps."))
+        int | None,
+        typer.Option(
+            help=_h(
+                DC,
+                "warmup",
+                "Linear warm-up, in generator steps; the fake score follows the same multiplier "
+                "(so its warm-up spans warmup x fake-updates updates).",
+            )
+        ),
     ] = None,
     weight_decay: Annotated[
         float | None, typer.Option(help=_h(DC, "weight_decay", "AdamW weight decay."))
@@ -346,6 +363,10 @@ def distill_cmd(
     ] = None,
     lpips_net: Annotated[
         str | None, typer.Option(help=_h(DC, "lpips_net", "LPIPS backbone: vgg, alex or squeeze."))
+    ] = None,
+    lpips_size: Annotated[
+        int | None,
+        typer.Option(help=_h(DC, "lpips_size", "Images are resized to this many pixels for LPIPS.")),
     ] = None,
     lpips_random_backbone: Annotated[
         bool | None,
@@ -460,7 +481,16 @@ def distill_cmd(
         float | None,
         typer.Option(
             help="Text-to-image teachers: CFG scale of the real score (the empty prompt is the "
-            "unconditional branch; the fake score has none) \\[default: 1.75 for sd15]."
+            "unconditional branch; the fake score has none) \\[default: the preset's: 1.75 "
+            "for sd15, 3.0 for sd15-dmd]."
+        ),
+    ] = None,
+    allow_guidance_mismatch: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-guidance-mismatch",
+            help="Train on pairs made with another CFG scale than the real score's (refused "
+            "by default: the two losses would pull toward different distributions).",
         ),
     ] = None,
     offline: OfflineOpt = None,
@@ -468,8 +498,10 @@ def distill_cmd(
 ):
     """Train a one-step generator with the DMD loss plus the regression loss on the pairs.
 
-    The defaults shown are the built-in teachers'; a preset may bring its own (--teacher sd15:
-    lr 1e-5, fake-updates 10, warmup 500, batch 32, bf16; flags and --config override them).
+    The defaults shown are the built-in teachers' (ours). A preset brings the recipe it names,
+    with every value's source in docs/RECIPES.md: --teacher sd15 is DMD2's SD1.5 recipe (no
+    pairs: --prompts only), sd15-dmd the DMD paper's (LPIPS regression on pairs made at the real
+    score's guidance), edm-imagenet64 DMD2's, edm-cifar10 DMD's. Flags and --config override them.
 
     Example: [bold]dmdctl distill --teacher-path runs/teacher/teacher.safetensors --pairs runs/pairs --out runs/dmd[/bold]
 
@@ -501,6 +533,7 @@ def distill_cmd(
         reg_loss=reg_loss,
         reg_weight=reg_weight,
         lpips_net=lpips_net,
+        lpips_size=lpips_size,
         lpips_random_backbone=lpips_random_backbone,
         eval_every=eval_every,
         eval_samples=eval_samples,
@@ -523,6 +556,7 @@ def distill_cmd(
         optimizer=optimizer,
         prompts=prompts,
         real_guidance=real_guidance,
+        allow_guidance_mismatch=allow_guidance_mismatch,
         offline=offline,
     )
     result = distill(cfg)
@@ -649,7 +683,10 @@ def eval_fid_cmd(
         typer.Option(
             "--kid/--no-kid",
             help=_h(
-                EF, "kid", "Also report KID when the reference holds features (made by --make-ref)."
+                EF,
+                "kid",
+                "Also report KID (± std over subsets) when the reference holds features (built-in "
+                "teachers' training data, or --ref made by --make-ref).",
             ),
         ),
     ] = None,
@@ -670,6 +707,33 @@ def eval_fid_cmd(
             )
         ),
     ] = None,
+    precision_recall: Annotated[
+        bool | None,
+        typer.Option(
+            "--precision-recall/--no-precision-recall",
+            help=_h(
+                EF,
+                "precision_recall",
+                "Also report precision, recall (k-NN manifolds), density and coverage against the "
+                "reference's features (any feature set; --ref files made by --make-ref).",
+            ),
+        ),
+    ] = None,
+    pr_k: Annotated[
+        int | None,
+        typer.Option(help=_h(EF, "pr_k", "Precision/recall: k of the k-nearest-neighbour balls.")),
+    ] = None,
+    bootstrap: Annotated[
+        int | None,
+        typer.Option(
+            help=_h(
+                EF,
+                "bootstrap",
+                "Rounds of a bootstrap over samples for 95% intervals of KID and precision/recall "
+                "(0: none).",
+            )
+        ),
+    ] = None,
     grid: Annotated[
         Path | None, typer.Option(help="Also save a PNG grid of the first 100 scored samples here.")
     ] = None,
@@ -687,6 +751,8 @@ def eval_fid_cmd(
 
     References: [bold]dmdctl eval-fid --make-ref val2014/ --protocol clean -o coco.npz[/bold];
     two statistics files: [bold]dmdctl eval-fid --stats a.npz --ref b.npz[/bold].
+    Built-in teachers are scored against their own training data; KID, precision and recall with
+    95% intervals: [bold]dmdctl eval-fid --generator gen.safetensors --precision-recall --bootstrap 200[/bold].
     Multi-GPU: [bold]accelerate launch -m dmdctl eval-fid ...[/bold] (each process scores its share).
     """
     from .eval_fid import evaluate, result_rows
@@ -716,6 +782,9 @@ def eval_fid_cmd(
         kid_subsets=kid_subsets,
         kid_subset_size=kid_subset_size,
         kid_max_features=kid_max_features,
+        precision_recall=precision_recall,
+        pr_k=pr_k,
+        bootstrap=bootstrap,
         json=json_out,
         grid=grid,
         device=device,

@@ -108,6 +108,7 @@ class DistillConfig:
     # text-to-image (Stable Diffusion) teachers
     prompts: str | None = None
     real_guidance: float | None = None
+    allow_guidance_mismatch: bool = False
     offline: bool = False
 
     def validate(self) -> None:
@@ -208,9 +209,9 @@ def _forget_other_precision(mixed_precision: str) -> None:
 
 
 def preset_defaults(values: dict) -> dict:
-    """Distillation defaults a teacher preset carries (e.g. sd15: lr 1e-5, 10 fake updates)."""
+    """The distill recipe a teacher preset carries (docs/RECIPES.md: every value's source)."""
     from .sd.pipeline import is_pipeline_folder
-    from .teachers import preset_config
+    from .teachers import get_kind, preset_config
 
     name, path = values.get("teacher"), values.get("teacher_path")
     if name is None and path is not None and is_pipeline_folder(Path(path)):
@@ -218,19 +219,20 @@ def preset_defaults(values: dict) -> dict:
     if name is None:
         return {}
     try:
-        kind, cfg = preset_config(str(name))
+        kind = get_kind(str(name))
     except UserError:
         return {}  # reported, with the known names, when the teacher is loaded
-    if name == kind.name and len(kind.presets()) > 1:
-        return {}  # a kind with several presets (edm): only a named preset brings a recipe
+    if name == kind.name:
+        if not kind.default_recipe_applies:
+            return {}  # e.g. edm: only a named preset (edm-imagenet64, edm-cifar10) brings one
+        name = kind.default_preset
+    _, cfg = preset_config(str(name))
     recipe = cfg.get("distill") or cfg.get("recipe", {}).get("distill", {})
     defaults = {f.name: f.default for f in fields(DistillConfig)}
-    # keep the settings this config has, of the field's type (recipes also carry notes)
-    return {
-        k: v
-        for k, v in recipe.items()
-        if k in defaults and (defaults[k] is None or isinstance(v, type(defaults[k])))
-    }
+    unknown = sorted(set(recipe) - set(defaults))
+    if unknown:  # a preset must be runnable as written: no silently dropped settings
+        raise RuntimeError(f"preset {name} sets unknown distill settings {unknown}")
+    return dict(recipe)
 
 
 def lr_multiplier(step: int, cfg: DistillConfig) -> float:
@@ -384,8 +386,20 @@ class DMDTrainer:
             self.gen_table = self.pair_table
         self.num_conditions = len(self.gen_table)
         self.uncond = self.gen_table.uncond
-        preset = t.kind.presets()[t.kind.default_preset].get("real_guidance", 1.0)
-        self.guidance = float(cfg.real_guidance if cfg.real_guidance is not None else preset)
+        if cfg.real_guidance is not None:
+            self.guidance = float(cfg.real_guidance)
+        else:  # a config built without the CLI: the kind's default recipe
+            recipe = t.kind.presets()[t.kind.default_preset].get("distill", {})
+            self.guidance = float(recipe.get("real_guidance", 1.0))
+        if self.pairs is not None:
+            made = self.pairs.manifest.get("sampler", {}).get("guidance")
+            require(
+                made is None or float(made) == self.guidance or cfg.allow_guidance_mismatch,
+                f"the pairs in {cfg.pairs} were made with guidance {made}, but the real score "
+                f"uses {self.guidance}: the regression and the DM loss would pull toward "
+                f"different distributions. Make pairs with --guidance {self.guidance}, pass "
+                f"--real-guidance {made}, or --allow-guidance-mismatch to train anyway",
+            )
         require(
             cfg.eval_every == 0,
             "--eval-every is not available for text-to-image teachers; sample images with "
@@ -818,6 +832,11 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
         if trainer.lpips is not None and trainer.lpips.random_backbone:
             info(
                 f"[bold red]warning:[/bold red] regression loss uses LPIPS with a {RANDOM_BACKBONE_NOTE}"
+            )
+        if cfg.pairs is not None and trainer.pairs is None:
+            info(
+                f"[bold red]warning:[/bold red] --pairs {cfg.pairs} is not used: --reg-weight is 0 "
+                "(the sd15 and edm-imagenet64 recipes, DMD2's, have no regression loss)"
             )
         if resumed_from:
             note = f"; dropped {dropped} log rows past it" if dropped else ""

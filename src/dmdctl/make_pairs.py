@@ -98,7 +98,8 @@ class MakePairsConfig:
     # text-to-image (Stable Diffusion) teachers
     prompts: str | None = None
     scheduler: str = "pndm"
-    guidance: float = 7.5
+    # None: the teacher's pairs recipe (SD: 3.0, the DMD paper's, equal to its real score's)
+    guidance: float | None = None
     save_images: bool = False
     offline: bool = False
 
@@ -108,7 +109,8 @@ class MakePairsConfig:
             self.steps >= 0, f"--steps must be >= 0 (0: the teacher's default), got {self.steps}"
         )
         require(
-            self.guidance >= 1, f"--guidance must be >= 1 (1: no guidance), got {self.guidance}"
+            self.guidance is None or self.guidance >= 1,
+            f"--guidance must be >= 1 (1: no guidance), got {self.guidance}",
         )
         require(self.shard_size > 0, f"--shard-size must be positive, got {self.shard_size}")
         require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
@@ -237,6 +239,18 @@ class PromptPairs:
         return out
 
 
+def pairs_guidance(kind, name: str | None) -> float:
+    """CFG of the teacher's pairs when --guidance is not given: the named preset's pairs recipe,
+    else the first of the kind's presets that has one (pairs exist for DMD v1 recipes only)."""
+    presets = kind.presets()
+    order = ([name] if name in presets else []) + list(presets)
+    for key in order:
+        pairs = presets[key].get("pairs")
+        if pairs is not None:
+            return float(pairs["guidance"])
+    return 1.0
+
+
 def make_pairs(cfg: MakePairsConfig) -> dict:
     cfg.validate()
     teacher = resolve_teacher(
@@ -244,6 +258,8 @@ def make_pairs(cfg: MakePairsConfig) -> dict:
     )
     if cfg.steps == 0:
         cfg.steps = teacher.kind.default_steps_for(teacher.config)
+    if cfg.guidance is None:
+        cfg.guidance = pairs_guidance(teacher.kind, cfg.teacher)
     state = process_state(cpu=cfg.device == "cpu")
     main, rank, world = state.is_main_process, state.process_index, state.num_processes
     device = pick_device(cfg.device, state)

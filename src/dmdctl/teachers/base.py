@@ -19,6 +19,10 @@ class TeacherKind:
     builtin: bool = False
     # default number of Heun steps of the teacher's sampler (N=18 -> 35 NFE)
     default_steps: int = 18
+    # whether the kind's name (or a teacher file/folder of this kind given without --teacher)
+    # brings the default preset's distill recipe; kinds whose presets differ in kind (edm's
+    # ImageNet and CIFAR-10) bring one only when a preset is named
+    default_recipe_applies: bool = False
     # train-teacher's defaults for this kind (built-in kinds only)
     train_defaults: dict = {}
 

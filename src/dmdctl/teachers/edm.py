@@ -64,17 +64,22 @@ RECIPES = {
         "teacher_fid": "1.36 with EDM's stochastic sampler, 256 steps / 511 NFE (EDM paper)",
         "dmd_fid": "2.62 at 1 NFE (DMD paper, ImageNet 64x64 class-conditional)",
         "dmd2_fid": "1.28 at 1 NFE (DMD2 paper; with its GAN term, which dmdctl does not have)",
+        # DMD2's ImageNet-64 run without GAN (the public script imagenet_lr2e-6_scratch.sh);
+        # sources of every value in docs/RECIPES.md
         "distill": {
+            "reg_weight": 0.0,
             "lr": 2e-6,
             "fake_lr": 2e-6,
             "batch_size": 280,
             "fake_updates": 5,
             "weight_decay": 0.01,
-            "warmup": 500,
+            "lr_schedule": "constant",
+            "warmup": 14,
             "grad_clip": 10.0,
+            "min_step_frac": 0.02,
+            "max_step_frac": 0.98,
+            "ema_decay": 0.0,
             "mixed_precision": "bf16",
-            "source": "DMD2 public scripts (fp16 diverged, bf16 works)",
-            "ema_decay": "dmdctl default 0.999 (DMD2's scripts keep no EMA)",
         },
     },
     "edm-cifar10": {
@@ -83,13 +88,18 @@ RECIPES = {
         "pairs_sampler": "Heun, N=18 steps (35 NFE), sigma 0.002..80, rho 7 (EDM and DMD papers)",
         "teacher_fid": "1.79 at 35 NFE (EDM paper, class-conditional CIFAR-10)",
         "dmd_fid": "2.66 at 1 NFE (DMD paper, class-conditional CIFAR-10)",
+        # DMD (v1) CIFAR-10: sources of every value (and which are ours) in docs/RECIPES.md
         "distill": {
             "lr": 5e-5,
+            "fake_lr": 5e-5,
             "batch_size": 392,
+            "pair_batch_size": 392,
             "reg_weight": 0.25,
             "reg_loss": "lpips",
-            "source": "DMD paper (v1)",
-            "ema_decay": "dmdctl default 0.999",
+            "lpips_size": 224,
+            "fake_updates": 1,
+            "lr_schedule": "constant",
+            "warmup": 0,
         },
     },
 }

@@ -18,31 +18,64 @@ class StableDiffusion(TeacherKind):
     default_preset = "sd15"
     default_steps = 50
 
+    # a bare pipeline folder (or `--teacher sd`) gets the default preset's recipe
+    default_recipe_applies = True
+
     def presets(self) -> dict[str, dict]:
+        """Two SD1.5 recipes; every value and its source is listed in docs/RECIPES.md."""
         from ..sd.pipeline import SD15_HUB_ID
 
-        # real-score CFG 1.75 and 10 fake-score updates per generator step: DMD2's SD1.5 recipe
-        # (its public scripts: lr 1e-5 at batch 2048 on 64 GPUs); pairs: the pipeline's default
-        # sampler (PNDM, 50 steps, CFG 7.5) as in DMD (v1)
         return {
+            # DMD2 (Yin et al. 2024), stage 1 of its public SD1.5 script: no regression, no GAN
             "sd15": {
                 "pipeline": SD15_HUB_ID,
-                "real_guidance": 1.75,
-                "pairs_scheduler": "pndm",
-                "pairs_steps": 50,
-                "pairs_guidance": 7.5,
-                # `dmdctl distill --teacher sd15` defaults (flags and --config override them)
+                "recipe_name": "DMD2 SD1.5, stage 1 (no regression, no GAN)",
                 "distill": {
+                    "reg_weight": 0.0,
+                    "real_guidance": 1.75,
                     "lr": 1e-5,
                     "fake_lr": 1e-5,
                     "fake_updates": 10,
-                    "warmup": 500,
-                    "batch_size": 32,
-                    "pair_batch_size": 32,
+                    "batch_size": 2048,
+                    "lr_schedule": "constant",
+                    "warmup": 0,
+                    "weight_decay": 0.01,
+                    "grad_clip": 10.0,
+                    "min_step_frac": 0.02,
+                    "max_step_frac": 0.98,
+                    "ema_decay": 0.0,
+                    "grad_checkpointing": True,
                     "mixed_precision": "bf16",
                     "plot_samples": 16,
                 },
-            }
+            },
+            # DMD (Yin et al. 2023), text-to-image: LPIPS regression on pairs made at the real
+            # score's own guidance, one fake-score update per generator update
+            "sd15-dmd": {
+                "pipeline": SD15_HUB_ID,
+                "recipe_name": "DMD (v1) text-to-image: DM loss + LPIPS regression on teacher pairs",
+                "pairs": {"scheduler": "pndm", "steps": 50, "guidance": 3.0},
+                "distill": {
+                    "reg_loss": "lpips",
+                    "reg_weight": 0.25,
+                    "real_guidance": 3.0,
+                    "lr": 1e-5,
+                    "fake_lr": 1e-5,
+                    "fake_updates": 1,
+                    "batch_size": 2048,
+                    "pair_batch_size": 2048,
+                    "lr_schedule": "constant",
+                    "warmup": 0,
+                    "weight_decay": 0.01,
+                    "grad_clip": 10.0,
+                    "min_step_frac": 0.02,
+                    "max_step_frac": 0.98,
+                    "ema_decay": 0.0,
+                    "grad_checkpointing": True,
+                    "mixed_precision": "bf16",
+                    "plot_samples": 16,
+                },
+            },
         }
 
     def build(self, config: dict) -> nn.Module:
