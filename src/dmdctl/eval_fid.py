@@ -43,7 +43,7 @@ from .fid import (
 )
 from .files import sha256_file
 from .generator import generate, load_generator, teacher_source
-from .kid import KID_SEED, Reservoir, kid
+from .kid import KID_SEED, Reservoir
 from .make_pairs import pick_device
 from .protocols import PROTOCOLS, get_protocol
 from .sampling import class_labels
@@ -84,6 +84,9 @@ class EvalFidConfig:
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     kid_max_features: int = 10000
+    precision_recall: bool = False
+    pr_k: int = 3
+    bootstrap: int = 0
 
     def validate(self) -> None:
         require(self.num_samples >= 2, f"--num-samples must be at least 2, got {self.num_samples}")
@@ -110,6 +113,16 @@ class EvalFidConfig:
             self.kid_max_features >= 2,
             f"--kid-max-features must be >= 2, got {self.kid_max_features}",
         )
+        require(self.pr_k >= 1, f"--pr-k must be at least 1, got {self.pr_k}")
+        require(
+            self.bootstrap == 0 or self.bootstrap >= 10,
+            f"--bootstrap must be 0 (no intervals) or at least 10 rounds, got {self.bootstrap}",
+        )
+        if self.make_ref:
+            require(
+                not self.precision_recall,
+                "--make-ref makes a reference, there is nothing to compare: drop --precision-recall",
+            )
         model = (
             self.generator is not None or self.teacher_path is not None or self.teacher is not None
         )
@@ -264,8 +277,19 @@ def _load_reference(cfg, protocol: str, features: str, want_kid: bool):
     record = {"path": str(path), "sha256": sha256_file(path)}
     if "num_samples" in meta:
         record["num_samples"] = int(meta["num_samples"])
-    feats = load_stats_extra(path, ("kid_features",)).get("kid_features") if want_kid else None
+    want = want_kid or cfg.precision_recall
+    feats = load_stats_extra(path, ("kid_features",)).get("kid_features") if want else None
+    _need_features(cfg, feats, path)
     return mu, sigma, record, feats
+
+
+def _need_features(cfg, feats, path) -> None:
+    if cfg.precision_recall and feats is None:
+        raise UserError(
+            f"--precision-recall needs the features of the reference, but {path} holds only "
+            "mu/sigma: make it with `dmdctl eval-fid --make-ref ... -o REF.npz` (it keeps up to "
+            "--kid-max-features features)"
+        )
 
 
 def _check_meta(meta: dict, protocol: str | None, features: str | None, path: Path) -> None:
@@ -444,8 +468,10 @@ class Accumulator:
         return stats, feats
 
 
-def _kid_result(cfg, feats, ref_feats) -> dict:
-    if not cfg.kid:
+def _kid_result(cfg, feats, ref_feats, standardise: bool = False) -> dict:
+    """KID (and with --precision-recall precision, recall, density, coverage; with --bootstrap
+    their intervals) of the kept features against the reference's (see :mod:`dmdctl.quality`)."""
+    if not (cfg.kid or cfg.precision_recall):
         return {}
     if ref_feats is None or feats is None:
         return {"kid": None, "kid_note": "the reference holds no features (only mu/sigma); "
@@ -454,9 +480,20 @@ def _kid_result(cfg, feats, ref_feats) -> dict:
         raise UserError(
             f"reference KID features are {ref_feats.shape[1]}-d but features are {feats.shape[1]}-d"
         )
-    out = kid(feats, ref_feats, cfg.kid_subsets, cfg.kid_subset_size, KID_SEED)
-    out["kid_features_used"] = [int(len(feats)), int(len(ref_feats))]
-    return out
+    from .quality import score_features
+
+    return score_features(
+        feats,
+        ref_feats,
+        standardise=standardise,
+        want_kid=cfg.kid,
+        precision_recall=cfg.precision_recall,
+        k=cfg.pr_k,
+        bootstrap=cfg.bootstrap,
+        kid_subsets=cfg.kid_subsets,
+        kid_subset_size=cfg.kid_subset_size,
+        seed=cfg.seed,
+    )
 
 
 def _save_stats(cfg, stats: FeatureStats, feats, ext: Extractor) -> dict:
@@ -527,7 +564,8 @@ def _score_source(cfg: EvalFidConfig, source, procs: Processes, show_progress: b
                 f"{source.sample_shape} (use --features native)"
             )
         _check_sample_count(cfg.num_samples, FEATURE_DIM, "samples")
-    want_kid = cfg.kid and cfg.ref is not None
+    want_kid = cfg.kid or cfg.precision_recall
+    builtin_ref = None
     if cfg.ref:
         from .inception import FEATURE_NAME
 
@@ -541,16 +579,29 @@ def _score_source(cfg: EvalFidConfig, source, procs: Processes, show_progress: b
             "(e.g. EDM's fid-refs/imagenet-64x64.npz, or one made with --make-ref)"
         )
     else:
-        ref = kind.reference_stats(tconfig)
+        from .quality import training_reference
+
+        # built-in teachers: their own training data (dmdctl.quality), features and moments
+        builtin_ref = training_reference(kind, tconfig)
+        ref = (
+            (builtin_ref.mu, builtin_ref.sigma, builtin_ref.description)
+            if builtin_ref is not None
+            else kind.reference_stats(tconfig)
+        )
         if ref is None:
             raise UserError(
                 f"teacher '{kind.name}' has no built-in reference; pass --ref STATS.npz"
             )
         mu_ref, sigma_ref, desc = ref
         reference, ref_feats = {"builtin": desc}, None
+        if builtin_ref is not None:
+            reference["features_of"] = builtin_ref.feature_description
+            reference["num_samples"] = int(len(builtin_ref.features))
+            ref_feats = builtin_ref.features
+        _need_features(cfg, ref_feats, f"the built-in reference of '{kind.name}'")
     device = _device(cfg, procs)
     ext = _inception(cfg, device, procs) if use_inception else _native(kind)
-    keep_features = cfg.kid and (ref_feats is not None or cfg.out is not None)
+    keep_features = want_kid and (ref_feats is not None or cfg.out is not None)
 
     source.to(device)
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_samples))
@@ -595,7 +646,8 @@ def _score_source(cfg: EvalFidConfig, source, procs: Processes, show_progress: b
         "seed_start": cfg.seed,
         "seconds": round(gen_seconds, 2),
     }
-    result.update(_kid_result(cfg, feats, ref_feats) if want_kid else {})
+    if want_kid and ref_feats is not None:
+        result.update(_kid_result(cfg, feats, ref_feats, standardise=builtin_ref is not None))
     if ext.weights:
         result["inception_weights"] = ext.weights
     if procs.world > 1:
@@ -634,7 +686,8 @@ def _score_images(cfg: EvalFidConfig, procs: Processes, show_progress: bool) -> 
         )
     device = _device(cfg, procs)
     ext = _inception(cfg, device, procs)
-    keep_features = cfg.kid and (ref_feats is not None or cfg.out is not None)
+    want = cfg.kid or cfg.precision_recall
+    keep_features = want and (ref_feats is not None or cfg.out is not None)
     acc = Accumulator(keep_features, cfg.kid_max_features, procs)
     t0 = time.perf_counter()
     with progress(transient=True, disable=None if (show_progress and procs.main) else True) as bar:
@@ -718,9 +771,11 @@ def compare_stats(cfg: EvalFidConfig) -> dict:
         "features": meta_a.get("features") or meta_b.get("features") or unknown,
         "protocol": protocol,
     }
-    if cfg.kid:
+    if cfg.kid or cfg.precision_recall:
         fa = load_stats_extra(a, ("kid_features",)).get("kid_features")
         fb = load_stats_extra(b, ("kid_features",)).get("kid_features")
+        _need_features(cfg, fa, a)
+        _need_features(cfg, fb, b)
         result.update(_kid_result(cfg, fa, fb))
     result["versions"] = _versions()
     _write_json(cfg, result)
@@ -733,6 +788,17 @@ def result_rows(result: dict) -> list[tuple[str, object]]:
         rows.append(("FID", result["fid"]))
     if result.get("kid") is not None:
         rows.append(("KID", f"{result['kid']:.5g} ± {result['kid_std']:.2g}"))
+    if "kid_interval" in result:
+        lo, hi = result["kid_interval"]
+        rows.append(
+            ("KID (all features), 95% interval", f"{result['kid_all']:.5g} [{lo:.3g}, {hi:.3g}]")
+        )
+    for key in ("precision", "recall", "density", "coverage"):
+        if key in result:
+            iv = result.get(f"{key}_interval")
+            rows.append(
+                (key, f"{result[key]:.4f}" + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else ""))
+            )
     rows.append(("samples", result.get("num_samples")))
     ref = result.get("reference")
     if ref:

@@ -29,6 +29,13 @@ KID_SEED = 2020  # torch-fidelity's default rng_seed
 RESERVOIR_CAP = 10_000
 
 
+def _cube(a: np.ndarray) -> np.ndarray:
+    """a ** 3 by two in-place products: numpy's power is about 4x slower than the matmuls."""
+    out = a * a
+    out *= a
+    return out
+
+
 def polynomial_mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     """Unbiased MMD^2 between two equal-size samples with k(a, b) = (a . b / d + 1)^3."""
     x = np.asarray(x, np.float64)
@@ -36,9 +43,9 @@ def polynomial_mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     m, d = x.shape
     if y.shape != (m, d):
         raise ValueError(f"need two samples of the same shape, got {x.shape} and {y.shape}")
-    k_xx = (x @ x.T / d + 1) ** 3
-    k_yy = (y @ y.T / d + 1) ** 3
-    k_xy = (x @ y.T / d + 1) ** 3
+    k_xx = _cube(x @ x.T / d + 1)
+    k_yy = _cube(y @ y.T / d + 1)
+    k_xy = _cube(x @ y.T / d + 1)
     off_xx = k_xx.sum() - np.trace(k_xx)
     off_yy = k_yy.sum() - np.trace(k_yy)
     return float((off_xx + off_yy) / (m * (m - 1)) - 2 * k_xy.sum() / (m * m))
