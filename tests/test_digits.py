@@ -145,7 +145,10 @@ def test_short_digits_distillation_end_to_end(tmp_path):
     )
     result = json.loads((tmp_path / "f.json").read_text())
     assert result["num_samples"] == 100 and "digits classifier" in result["features"]
-    assert 0 <= result["class_accuracy"] <= 1 and (tmp_path / "grid.png").is_file()
+    # two small steps from the shipped teacher: the one-step generator still draws the digit it
+    # is asked for (the teacher at one step scores 0.99 in the demo); a label bug scores ~0.1
+    assert result["class_accuracy"] > 0.8, result
+    assert (tmp_path / "grid.png").is_file()
     r = runner.invoke(
         app,
         [

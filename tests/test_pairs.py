@@ -91,6 +91,19 @@ def test_corrupt_shard_is_named(toy_teacher, tmp_path):
         load_pairs(tmp_path)
 
 
+def test_a_flipped_byte_of_the_same_length_is_named(toy_teacher, tmp_path):
+    """Truncation safetensors rejects by itself; one flipped bit in the tensor data it would
+    read without complaint, as a slightly wrong target. The manifest's sha256 catches it."""
+    make_pairs(cfg(toy_teacher, tmp_path, num_pairs=40))
+    shard = tmp_path / "pairs-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-7] ^= 0x01  # inside the last tensor's bytes: the file still parses
+    shard.write_bytes(bytes(data))
+    assert "target" in load_file(str(shard))  # safetensors alone does not notice
+    with pytest.raises(UserError, match="pairs-00000.safetensors is corrupt or truncated"):
+        load_pairs(tmp_path)
+
+
 def test_pairs_from_another_teacher_are_refused(toy_teacher, tmp_path):
     from dmdctl.train_teacher import TrainTeacherConfig, train_teacher
 
