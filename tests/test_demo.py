@@ -21,6 +21,10 @@ def test_demo_end_to_end(tmp_path):
             "features",
             "modes_covered",
             "frac_within_3std",
+            "kid",
+            "kid_std",
+            "precision",
+            "recall",
         } <= set(row)
     assert (tmp_path / "report.md").is_file() and (tmp_path / "toy2d.png").stat().st_size > 0
     assert (tmp_path / "generator.safetensors").is_file()
@@ -46,14 +50,18 @@ def test_digits_demo_end_to_end(tmp_path):
         "dmd_reg_only",
         "noise_floor",
     }
-    assert (
-        len({m["num_samples"] for m in metrics.values()}) == 1
-    )  # every row on the same sample count
+    # every model row on the same sample count; the floor is the 297 held-out digits
+    assert len({m["num_samples"] for k, m in metrics.items() if k != "noise_floor"}) == 1
+    assert metrics["noise_floor"]["num_samples"] == 297
+    # KID against the training data: the floor's interval holds 0, the 1-step teacher's does not
+    assert metrics["noise_floor"]["kid_interval"][0] < 0 < metrics["noise_floor"]["kid_interval"][1]
+    assert metrics["teacher_1step"]["kid_interval"][0] > 0
+    assert metrics["teacher_1step"]["recall"] < metrics["teacher_35nfe"]["recall"]
     assert (tmp_path / "digits.png").stat().st_size > 0 and (
         tmp_path / "generator.safetensors"
     ).is_file()
     report = (tmp_path / "report.md").read_text()
-    assert "faster" in report and "Noise floor" in report
+    assert "faster" in report and "Floor:" in report and "KID ± std" in report
     # the one-step generator is far closer to the data than the teacher run for one step
     assert metrics["dmd"]["fid"] < 0.5 * metrics["teacher_1step"]["fid"]
     assert metrics["dmd"]["class_accuracy"] > 0.9

@@ -1,0 +1,301 @@
+"""The ablation tables of toy2d and digits, measured with an instrument that can tell rows apart.
+
+For each teacher and each seed (the seed is the training seed of the teacher (toy2d), the pairs
+and every distillation run, and it moves the sampling noise of the evaluation), the rows
+
+    teacher 35 NFE, teacher 1 step, full DMD, no regression, regression only, real score only
+
+are scored against the teacher's own training data (``dmdctl.quality``): KID on standardised
+features (± std over 100 subsets), FID (sample count and reference size stated), precision,
+recall, density, coverage (k = 3), and the kind's own metrics (class accuracy; modes covered);
+with a percentile bootstrap interval over samples for KID and precision/recall. A row's
+interval is the hull of its per-seed bootstrap intervals (seed-to-seed spread plus sampling
+noise); two rows are called different only when their intervals do not overlap.
+
+Targets checked (issue 12): two disjoint halves of the digits training set score a KID whose
+interval contains 0; the KID gap between the teacher at 35 NFE and at 1 step is at least 20
+times the seed-to-seed standard deviation of either.
+
+The distillation settings are the demo's (``dmdctl.demo.DEMOS``). The digits teacher is the
+shipped one: its rows vary by sampling seed only.
+
+    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.quality_ablation --teachers toy2d digits --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("DMDCTL_QUIET", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dmdctl.demo import DEMOS  # noqa: E402
+from dmdctl.distill import DistillConfig, distill  # noqa: E402
+from dmdctl.eval_fid import EVAL_SEED_START, EvalFidConfig, evaluate  # noqa: E402
+from dmdctl.generator import load_generator, teacher_source  # noqa: E402
+from dmdctl.intervals import compare_intervals, hull  # noqa: E402
+from dmdctl.make_pairs import MakePairsConfig, make_pairs  # noqa: E402
+from dmdctl.quality import score_features, score_floor, training_reference  # noqa: E402
+from dmdctl.teachers import get_kind, load_teacher  # noqa: E402
+from dmdctl.train_teacher import TrainTeacherConfig, train_teacher  # noqa: E402
+
+from .common import finish, say  # noqa: E402
+
+ROWS = {
+    "teacher_35nfe": "teacher 35 NFE",
+    "teacher_1step": "teacher 1 step",
+    "dmd": "DMD (DM + regression)",
+    "dmd_no_reg": "no regression",
+    "dmd_reg_only": "regression only",
+    "dmd_real_only": "real score only",
+}
+RUNS = {
+    "dmd": {},
+    "dmd_no_reg": {"reg_weight": 0.0},
+    "dmd_reg_only": {"dm_weight": 0.0},
+    "dmd_real_only": {"real_only": True, "reg_weight": 0.0},
+}
+SEED_STRIDE = 100_000  # pairs and evaluation noise of seed s start at s * stride (+ eval offset)
+
+
+def run_seed(teacher_name: str, seed: int, args, root: Path) -> dict:
+    """Train (toy2d teacher), make pairs, distil every run, score every row: one seed."""
+    d = args.settings[teacher_name]
+    out = root / teacher_name / f"seed{seed}"
+    if teacher_name == "toy2d":
+        say(f"{teacher_name} seed {seed}: training the teacher ({d['teacher_steps']} steps)")
+        train_teacher(TrainTeacherConfig(teacher="toy2d", out=str(out / "teacher"),
+                                         steps=d["teacher_steps"], seed=seed))  # fmt: skip
+        teacher_path = out / "teacher" / "teacher.safetensors"
+    else:
+        teacher_path = get_kind(teacher_name).default_path()
+    teacher = load_teacher(teacher_path)
+    say(f"{teacher_name} seed {seed}: {d['num_pairs']} pairs")
+    make_pairs(MakePairsConfig(teacher_path=str(teacher_path), out=str(out / "pairs"),
+                               num_pairs=d["num_pairs"], seed=seed * SEED_STRIDE, batch_size=500))  # fmt: skip
+    base = DistillConfig(
+        teacher_path=str(teacher_path),
+        pairs=str(out / "pairs"),
+        steps=d["distill_steps"],
+        seed=seed,
+        checkpoint_every=d["distill_steps"],
+        lr=d["lr"],
+        fake_lr=d["lr"],
+        batch_size=d["batch_size"],
+        pair_batch_size=d["batch_size"],
+        reg_loss=d["reg_loss"],
+        fake_updates=d["fake_updates"],
+        warmup=d["warmup"],
+        plot_samples=0,
+    )
+    for name, overrides in RUNS.items():
+        if not (out / name / "generator.safetensors").is_file():
+            say(f"{teacher_name} seed {seed}: distilling {name} ({d['distill_steps']} steps)")
+            distill(replace(base, out=str(out / name), **overrides))
+    sources = {
+        "teacher_35nfe": teacher_source(teacher, 18),
+        "teacher_1step": teacher_source(teacher, 1),
+    }
+    sources.update({name: load_generator(out / name / "generator.safetensors") for name in RUNS})
+    n = args.samples[teacher_name]
+    ecfg = EvalFidConfig(num_samples=n, seed=EVAL_SEED_START + seed * SEED_STRIDE,
+                         precision_recall=True, bootstrap=args.bootstrap, batch_size=500,
+                         kid_max_features=max(n, 10_000))  # fmt: skip
+    res = {}
+    for name, src in sources.items():
+        t0 = time.perf_counter()
+        r = evaluate(ecfg, src, show_progress=False)
+        r.pop("versions", None)
+        res[name] = r
+        say(f"{teacher_name} seed {seed}: {name} KID {r['kid']:.4g} ± {r['kid_std']:.2g}, "
+            f"P {r['precision']:.3f} R {r['recall']:.3f} ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+    return res
+
+
+def halves_check(teacher_name: str, bootstrap: int) -> dict | None:
+    """KID of two disjoint halves of the training data (same distribution: interval holds 0)."""
+    if teacher_name != "digits":
+        return None
+    kind = get_kind("digits")
+    ref = training_reference(kind, load_teacher(kind.default_path()).config)
+    perm = np.random.default_rng(0).permutation(len(ref.features))
+    a, b = ref.features[perm[: len(perm) // 2]], ref.features[perm[len(perm) // 2 :]]
+    r = score_features(b, a, standardise=True, precision_recall=True, bootstrap=bootstrap)
+    r["sizes"] = [len(a), len(b)]
+    return r
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(teacher_name: str, per_seed: dict[int, dict], floor: dict, halves, args) -> str:
+    seeds = sorted(per_seed)
+    rows = list(ROWS)
+    any_row = per_seed[seeds[0]]["dmd"]
+    ref = any_row["reference"]
+    n = any_row["num_samples"]
+    fmt = "{:.4f}" if teacher_name == "toy2d" else "{:.2f}"
+
+    def agg(row, key):
+        return mean_std([per_seed[s][row][key] for s in seeds])
+
+    def interval(row, key):
+        return hull([per_seed[s][row][f"{key}_interval"] for s in seeds])
+
+    extra_cols = (
+        ["class accuracy"] if teacher_name == "digits" else ["modes covered", "within 3 std"]
+    )
+    head = ["row", "KID (mean ± seed std)", "KID interval", "FID", "precision [interval]",
+            "recall [interval]", "density", "coverage", *extra_cols]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        km, ks = agg(row, "kid")
+        ki = interval(row, "kid")
+        fm, fs = agg(row, "fid")
+        cells = [ROWS[row], f"{km:.4f} ± {ks:.4f}", f"[{ki[0]:.4f}, {ki[1]:.4f}]",
+                 f"{fmt.format(fm)} ± {fmt.format(fs)}"]  # fmt: skip
+        for key in ("precision", "recall"):
+            m, s = agg(row, key)
+            iv = interval(row, key)
+            cells.append(f"{m:.3f} ± {s:.3f} [{iv[0]:.3f}, {iv[1]:.3f}]")
+        for key in ("density", "coverage"):
+            m, s = agg(row, key)
+            cells.append(f"{m:.3f} ± {s:.3f}")
+        if teacher_name == "digits":
+            m, s = agg(row, "class_accuracy")
+            cells.append(f"{m:.3f} ± {s:.3f}")
+        else:
+            cells.append(" / ".join(str(per_seed[s][row]["modes_covered"]) for s in seeds))
+            m, s = agg(row, "frac_within_3std")
+            cells.append(f"{m:.3f} ± {s:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    fl = floor
+    fl_cells = [f"floor: {fl['source']}", f"{fl['kid']:.4f} ± {fl['kid_std']:.4f} (subsets)",
+                f"[{fl['kid_interval'][0]:.4f}, {fl['kid_interval'][1]:.4f}]", fmt.format(fl["fid"]),
+                f"{fl['precision']:.3f} [{fl['precision_interval'][0]:.3f}, {fl['precision_interval'][1]:.3f}]",
+                f"{fl['recall']:.3f} [{fl['recall_interval'][0]:.3f}, {fl['recall_interval'][1]:.3f}]",
+                f"{fl['density']:.3f}", f"{fl['coverage']:.3f}"]  # fmt: skip
+    if teacher_name == "digits":
+        fl_cells.append(f"{fl['class_accuracy']:.3f}")
+    else:
+        fl_cells += [str(fl["modes_covered"]), f"{fl['frac_within_3std']:.3f}"]
+    lines.append("| " + " | ".join(fl_cells) + " |")
+
+    # separation matrices: cell (A, B) says how A's interval lies against B's
+    sym = {"lower": "lower", "higher": "higher", "not separated": "n.s."}
+    blocks = []
+    for key, better in (("kid", "lower"), ("precision", "higher"), ("recall", "higher")):
+        m = [
+            "| " + key + " | " + " | ".join(ROWS[r] for r in rows) + " |",
+            "|---" * (len(rows) + 1) + "|",
+        ]
+        for a in rows:
+            cells = [
+                "-" if a == b else sym[compare_intervals(interval(a, key), interval(b, key))]
+                for b in rows
+            ]
+            m.append(f"| {ROWS[a]} | " + " | ".join(cells) + " |")
+        blocks.append(f"{key} ({better} is better): row against column\n\n" + "\n".join(m))
+    not_sep = [
+        f"{ROWS[a]} / {ROWS[b]}"
+        for i, a in enumerate(rows) for b in rows[i + 1 :]
+        if compare_intervals(interval(a, "kid"), interval(b, "kid")) == "not separated"
+    ]  # fmt: skip
+
+    # targets
+    k35, s35 = agg("teacher_35nfe", "kid")
+    k1, s1 = agg("teacher_1step", "kid")
+    gap = abs(k1 - k35)
+    worst = max(s35, s1)
+    ratio = gap / worst if worst > 0 else float("inf")
+    targets = [
+        f"- resolution: KID gap teacher 1 step - teacher 35 NFE = {gap:.4f}; seed std {s35:.4f} / "
+        f"{s1:.4f}: gap = {ratio:.0f}x the larger std (target >= 20x): "
+        f"**{'met' if ratio >= 20 else 'NOT met'}**"
+    ]
+    if halves is not None:
+        lo, hi = halves["kid_interval"]
+        ok = lo <= 0 <= hi
+        targets.append(
+            f"- same distribution: two disjoint halves of the digits training set ({halves['sizes'][0]} "
+            f"and {halves['sizes'][1]} images): KID {halves['kid']:.4f} ± {halves['kid_std']:.4f} "
+            f"(subsets of {halves['kid_subset_size']}), on all features {halves['kid_all']:.4f}, "
+            f"95% interval [{lo:.4f}, {hi:.4f}]: contains 0: **{'met' if ok else 'NOT met'}**; "
+            f"precision {halves['precision']:.3f}, recall {halves['recall']:.3f}"
+        )
+    targets.append(f"- rows not separated by KID: {', '.join(not_sep) if not_sep else 'none'}")
+    d = args.settings[teacher_name]
+    return (
+        f"{teacher_name}: seeds {seeds}; {n} samples per row and seed against {ref['builtin']} "
+        f"(KID/precision/recall features: {ref.get('features_of')}, {ref.get('num_samples')} points); "
+        f"KID on standardised features, 100 subsets of {any_row['kid_subset_size']}; precision/recall "
+        f"k = {any_row['pr_k']}; intervals: 95% percentile bootstrap over samples "
+        f"({args.bootstrap} rounds), a row's interval the hull over its seeds. Distillation as the "
+        f"demo: {d['num_pairs']} pairs, {d['distill_steps']} steps, lr {d['lr']}, batch "
+        f"{d['batch_size']}, {d['fake_updates']} fake update(s), {d['reg_loss']} regression.\n\n"
+        + "\n".join(lines) + "\n\n" + "\n".join(targets) + "\n\n" + "\n\n".join(blocks) + "\n"
+    )  # fmt: skip
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--teachers", nargs="+", default=["toy2d", "digits"], choices=["toy2d", "digits"]
+    )
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--samples", nargs="+", default=["toy2d=10000", "digits=5000"],
+                    help="samples per row and seed, per teacher (name=N)")  # fmt: skip
+    ap.add_argument("--bootstrap", type=int, default=200, help="bootstrap rounds")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("runs/quality_ablation"),
+                    help="runs and per-seed results (a finished seed is not run again)")  # fmt: skip
+    ap.add_argument("--record", action="store_true", help="append the tables to BENCHMARKS.md")
+    ap.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # tests: tiny sizes
+    args = ap.parse_args(argv)
+    args.samples = {k: int(v) for k, v in (s.split("=") for s in args.samples)}
+    torch.set_num_threads(max(1, args.threads))
+    quick = dict(teacher_steps=30, num_pairs=16, distill_steps=2, batch_size=16, warmup=1)
+    args.settings = {
+        name: dict(DEMOS[name]["defaults"], **(quick if args.quick else {})) for name in DEMOS
+    }
+    bodies = []
+    for teacher_name in args.teachers:
+        t0 = time.time()
+        per_seed = {}
+        for seed in args.seeds:
+            path = args.out / teacher_name / f"seed{seed}" / "results.json"
+            if path.is_file() and not args.quick:
+                per_seed[seed] = json.loads(path.read_text())
+                continue
+            per_seed[seed] = run_seed(teacher_name, seed, args, args.out)
+            path.write_text(json.dumps(per_seed[seed], indent=1) + "\n")
+        teacher = load_teacher(
+            args.out / teacher_name / f"seed{args.seeds[0]}" / "teacher" / "teacher.safetensors"
+            if teacher_name == "toy2d"
+            else get_kind(teacher_name).default_path()
+        )
+        floor = score_floor(teacher.kind, teacher.config, args.samples[teacher_name],
+                            bootstrap=args.bootstrap)  # fmt: skip
+        floor.pop("versions", None)
+        halves = halves_check(teacher_name, args.bootstrap)
+        (args.out / teacher_name / "floor.json").write_text(
+            json.dumps({"floor": floor, "halves": halves}, indent=1, default=str) + "\n"
+        )
+        body = summarise(teacher_name, per_seed, floor, halves, args)
+        body += f"\nTotal {(time.time() - t0) / 60:.1f} min ({args.threads} torch thread(s)).\n"
+        bodies.append(finish(args, f"quality with intervals: {teacher_name} ablations", body,
+                             "benchmarks.quality_ablation"))  # fmt: skip
+    return "\n".join(bodies)
+
+
+if __name__ == "__main__":
+    main()
