@@ -1,0 +1,74 @@
+"""The presets in the code are the recipes docs/RECIPES.md lists, value for value."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from dmdctl.distill import DistillConfig, preset_defaults
+from dmdctl.make_pairs import pairs_guidance
+from dmdctl.teachers import KINDS
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "RECIPES.md"
+
+
+def documented() -> dict[str, dict[str, str]]:
+    """{preset: {setting: value cell}} for the rows whose setting is in `code` font."""
+    out, section = {}, None
+    for line in DOC.read_text().splitlines():
+        m = re.match(r"^## `([\w-]+)`", line)
+        if m:
+            section = out.setdefault(m.group(1), {})
+            continue
+        m = re.match(r"^\| `(\w+)` \| ([^|]+) \|", line)
+        if m and section is not None:
+            section[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def parse(cell: str):
+    if cell in ("true", "false"):
+        return cell == "true"
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
+
+
+RECIPE_PRESETS = ["sd15", "sd15-dmd", "edm-imagenet64", "edm-cifar10"]
+
+
+@pytest.mark.parametrize("name", RECIPE_PRESETS)
+def test_preset_equals_its_documented_recipe(name):
+    doc = documented()[name]
+    recipe = preset_defaults({"teacher": name})
+    assert recipe, name
+    fields = {f.name for f in DistillConfig.__dataclass_fields__.values()}
+    for key, value in recipe.items():
+        assert key in fields, (name, key)
+        assert key in doc, f"{name}: `{key}` = {value!r} is not in docs/RECIPES.md"
+        assert parse(doc[key]) == value, (name, key, doc[key], value)
+    # a row documented with a value (not "default ...") is set by the preset
+    for key, cell in doc.items():
+        if not cell.startswith("default"):
+            assert key in recipe, f"{name}: docs/RECIPES.md lists `{key}` but the preset does not set it"
+
+
+def test_every_preset_is_documented():
+    names = {p for kind in KINDS.values() for p in kind.presets()}
+    text = DOC.read_text()
+    for name in names:
+        assert f"`{name}`" in text, name
+
+
+def test_dmd2_recipes_have_no_regression_and_dmd_pairs_match_the_real_guidance():
+    assert preset_defaults({"teacher": "sd15"})["reg_weight"] == 0.0
+    assert preset_defaults({"teacher": "edm-imagenet64"})["reg_weight"] == 0.0
+    # a bare SD pipeline folder takes the sd15 (DMD2) recipe; `--teacher sd` too
+    assert preset_defaults({"teacher": "sd"}) == preset_defaults({"teacher": "sd15"})
+    # the DMD text-to-image recipe: pairs at the real score's own CFG
+    dmd = preset_defaults({"teacher": "sd15-dmd"})
+    assert pairs_guidance(KINDS["sd"], "sd15-dmd") == dmd["real_guidance"] == 3.0
+    assert pairs_guidance(KINDS["sd"], None) == 3.0
+    # edm: only a named preset brings a recipe (ImageNet and CIFAR-10 recipes differ)
+    assert preset_defaults({"teacher": "edm"}) == {}
