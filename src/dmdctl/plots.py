@@ -5,7 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+
+TITLE_SIZE = 13
+
+
+def _font():
+    try:
+        return ImageFont.load_default(size=TITLE_SIZE)  # Pillow >= 10.1: a scalable font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def draw_title(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str) -> None:
+    """Text with visible word gaps: Pillow's default font draws a space about 2-3 px wide, so
+    "DMD one-step" read as "DMDone-step"; words are placed one by one, half an em apart."""
+    font = _font()
+    gap = draw.textlength("n", font=font) * 0.8
+    x, y = xy
+    for word in text.split(" "):
+        if word:
+            draw.text((x, y), word, fill="black", font=font)
+            x += draw.textlength(word, font=font)
+        x += gap
 
 
 def scatter_panels(
@@ -28,7 +50,7 @@ def scatter_panels(
     for i, (title, pts) in enumerate(panels):
         ox = i * size
         draw.rectangle([ox, pad_top, ox + size - 1, pad_top + size - 1], outline=(180, 180, 180))
-        draw.text((ox + 6, 4), title, fill="black")
+        draw_title(draw, (ox + 6, 4), title)
         us, vs = to_px(pts.detach().float().cpu()[:, :2], ox)
         for u, v in zip(us, vs, strict=True):
             draw.point((u, v), fill=(30, 80, 200))
@@ -68,7 +90,7 @@ def image_grid_panels(
     draw = ImageDraw.Draw(img)
     for p, (title, rows) in enumerate(tiles):
         ox = p * (panel_w + gap)
-        draw.text((ox + 2, 4), title, fill="black")
+        draw_title(draw, (ox + 2, 4), title)
         for r, row in enumerate(rows):
             for c, im in enumerate(row):
                 arr = ((im.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
