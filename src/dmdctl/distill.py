@@ -1,4 +1,4 @@
-"""``dmdctl distill``: train a one-step generator with the DMD loss (../shared/docs/DMD.md).
+"""``dmdctl distill``: train a one-step generator with the DMD loss (docs/METHOD.md).
 
 Per step: the generator maps noise to samples x; the frozen teacher (real score) and the
 online fake score denoise ``x + sigma * eps``; their difference, normalised per sample, is the

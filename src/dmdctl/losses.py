@@ -1,4 +1,4 @@
-"""The losses of DMD (see ../shared/docs/DMD.md sections 5-6) as pure functions."""
+"""The losses of DMD (docs/METHOD.md sections 4-5) as pure functions."""
 
 from __future__ import annotations
 

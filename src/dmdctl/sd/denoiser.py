@@ -2,7 +2,7 @@
 
 SD defines ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` at integer timesteps t = 0..T-1.
 In the EDM convention used by the rest of dmdctl, ``x_sigma = x0 + sigma eps`` with
-``sigma_t = sqrt((1 - abar_t) / abar_t)``, so ``x_t = sqrt(abar_t) x_sigma`` (DMD.md section 2).
+``sigma_t = sqrt((1 - abar_t) / abar_t)``, so ``x_t = sqrt(abar_t) x_sigma`` (docs/METHOD.md section 1).
 The wrapper snaps each sigma to the nearest timestep (in log sigma; exact for the timestep grid
 that distillation draws from), runs the UNet on ``x_t`` and turns its prediction into x0.
 """
