@@ -2,7 +2,7 @@
 
 Rows, all scored with the shipped classifier features on the same number of samples against the
 training split: teacher 35-NFE Heun, teacher 1 step, DMD (DM + regression), DMD without
-regression, regression only; plus the noise floor (held-out images). Each distillation row logs
+regression, regression only; plus the floor (the 297 held-out images against the same reference). Each distillation row logs
 the FID of its EMA generator every ``--eval-every`` steps, and the table prints those curves.
 
     OMP_WAIT_POLICY=PASSIVE python -m benchmarks.digits_quality --steps 1500 --eval-every 250
@@ -26,6 +26,7 @@ from dmdctl.distill import DistillConfig, distill  # noqa: E402
 from dmdctl.eval_fid import EvalFidConfig, evaluate  # noqa: E402
 from dmdctl.generator import teacher_source  # noqa: E402
 from dmdctl.make_pairs import MakePairsConfig, make_pairs  # noqa: E402
+from dmdctl.quality import score_floor  # noqa: E402
 from dmdctl.teachers import load_teacher  # noqa: E402
 from dmdctl.teachers.digits import TEACHER_FILE, Digits  # noqa: E402
 
@@ -67,7 +68,7 @@ def main() -> None:
     fixed = {
         "teacher 35 NFE": evaluate(ecfg, teacher_source(teacher, 18), show_progress=False),
         "teacher 1 step": evaluate(ecfg, teacher_source(teacher, 1), show_progress=False),
-        "noise floor (training images)": kind.noise_floor(teacher.config, args.eval_samples),
+        "floor (297 held-out images)": score_floor(kind, teacher.config, precision_recall=False),
     }
     curves: dict[str, list[tuple[int, float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,14 +111,17 @@ def main() -> None:
             ]
             print(name, curves[name], flush=True)
     elapsed = time.time() - t0
-    lines = ["| row | NFE | FID | class accuracy |", "|---|---|---|---|"]
+    lines = ["| row | NFE | KID ± std | FID | class accuracy |", "|---|---|---|---|---|"]
     for name, m in fixed.items():
-        lines.append(f"| {name} | {m['nfe']} | {m['fid']:.2f} | {m['class_accuracy']:.3f} |")
+        kid = f"{m['kid']:.4f} ± {m['kid_std']:.4f}" if m.get("kid") is not None else "-"
+        lines.append(
+            f"| {name} | {m['nfe']} | {kid} | {m['fid']:.2f} | {m['class_accuracy']:.3f} |"
+        )
     for name, curve in curves.items():
         step, fid, acc = curve[-1]
         best = min(curve, key=lambda r: r[1])
         lines.append(
-            f"| {name} (step {step}; best {best[1]:.2f} at step {best[0]}) | 1 | {fid:.2f} | {acc:.3f} |"
+            f"| {name} (step {step}; best {best[1]:.2f} at step {best[0]}) | 1 | - | {fid:.2f} | {acc:.3f} |"
         )
     steps = sorted({s for c in curves.values() for s, _, _ in c})
     curve_lines = ["| step | " + " | ".join(curves) + " |", "|---" * (len(curves) + 1) + "|"]
@@ -127,7 +131,9 @@ def main() -> None:
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "rows")}
     body = (
         f"digits (shipped teacher), FID with the shipped classifier's 64-d features on {args.eval_samples} samples "
-        f"per row against the 297-image held-out split; noise floor = as many real training images.\n"
+        f"per row against {fixed['teacher 35 NFE']['reference']['builtin']}; KID on standardised "
+        "features; the floor is the 297 held-out images against the same reference (see "
+        "benchmarks.quality_ablation for seeds and intervals).\n"
         f"Settings: {json.dumps(settings)}. Total {elapsed / 60:.1f} min.\n\n"
         + "\n".join(lines)
         + "\n\nFID of the EMA generator against step:\n\n"

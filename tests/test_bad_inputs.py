@@ -336,6 +336,19 @@ CASES = [
         patch="checkpoint-enospc",
         writes=True,
     ),
+    # --- eval-fid ---
+    Case(
+        "ef-bootstrap-too-few",
+        "too few bootstrap rounds for an interval",
+        f"eval-fid {T} --steps 2 --precision-recall --bootstrap 3",
+        "--bootstrap must be 0 (no intervals) or at least 10 rounds, got 3",
+    ),
+    Case(
+        "ef-pr-k-zero",
+        "precision/recall with k = 0 neighbours",
+        f"eval-fid {T} --steps 2 --precision-recall --pr-k 0",
+        "--pr-k must be at least 1, got 0",
+    ),
 ]
 
 
