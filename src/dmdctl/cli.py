@@ -963,6 +963,79 @@ def convert_edm_cmd(
     _show("convert-edm", convert_edm(cfg))
 
 
+# --- clip-score --------------------------------------------------------------------------------
+from .clip_eval import ClipScoreConfig  # noqa: E402
+
+CS = ClipScoreConfig
+
+
+@app.command("clip-score")
+@user_errors
+def clip_score_cmd(
+    images: Annotated[
+        Path | None, typer.Option(help="Folder of images to score (searched recursively).")
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            help="The images.jsonl `dmdctl sample --prompts` wrote (each image with its prompt), "
+            "or one prompt per line for the folder's images in sorted order."
+        ),
+    ] = None,
+    clip_model: Annotated[
+        str | None,
+        typer.Option(
+            help="A transformers CLIPModel folder or hub id, with its processor (e.g. "
+            "laion/CLIP-ViT-g-14-laion2B-s12B-b42K, the OpenCLIP model GigaGAN and DMD2 use)."
+        ),
+    ] = None,
+    prefix: Annotated[
+        str | None,
+        typer.Option(
+            help=_h(
+                CS, "prefix", 'Text put before every prompt (GigaGAN/DMD2: "A photo depicts ").'
+            )
+        ),
+    ] = None,
+    resize: Annotated[
+        int | None,
+        typer.Option(
+            help=_h(CS, "resize", "Centre-crop and LANCZOS-resize to this size first (0: none).")
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help=_h(CS, "batch_size", "Batch size."))
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the result as JSON here.")
+    ] = None,
+    device: DeviceOpt = None,
+    offline: OfflineOpt = None,
+    config: ConfigOpt = None,
+):
+    """CLIP score (mean image-prompt cosine similarity) of a folder of images.
+
+    Example: [bold]dmdctl sample --generator sd-gen.safetensors --prompts captions.txt --out imgs &&
+    dmdctl clip-score --images imgs/images --prompts imgs/images.jsonl --clip-model CLIP_DIR[/bold]
+    """
+    from .clip_eval import clip_score_folder
+
+    cfg = resolve(
+        CS,
+        config,
+        images=images,
+        prompts=prompts,
+        clip_model=clip_model,
+        prefix=prefix,
+        resize=resize,
+        batch_size=batch_size,
+        json=json_out,
+        device=device,
+        offline=offline,
+    )
+    _show("clip-score", clip_score_folder(cfg))
+
+
 # --- demo --------------------------------------------------------------------------------------
 from .demo import DemoConfig  # noqa: E402
 
