@@ -70,15 +70,17 @@ def run_seed(teacher_name: str, seed: int, args, root: Path) -> dict:
     """Train (toy2d teacher), make pairs, distil every run, score every row: one seed."""
     d = args.settings[teacher_name]
     out = root / teacher_name / f"seed{seed}"
-    if teacher_name == "toy2d":
+    if teacher_name == "toy2d" and not (out / "teacher" / "teacher.safetensors").is_file():
         say(f"{teacher_name} seed {seed}: training the teacher ({d['teacher_steps']} steps)")
         train_teacher(TrainTeacherConfig(teacher="toy2d", out=str(out / "teacher"),
                                          steps=d["teacher_steps"], seed=seed))  # fmt: skip
+    if teacher_name == "toy2d":
         teacher_path = out / "teacher" / "teacher.safetensors"
     else:
         teacher_path = get_kind(teacher_name).default_path()
     teacher = load_teacher(teacher_path)
     say(f"{teacher_name} seed {seed}: {d['num_pairs']} pairs")
+    # a finished pairs folder is kept as it is (make-pairs continues after its last shard)
     make_pairs(MakePairsConfig(teacher_path=str(teacher_path), out=str(out / "pairs"),
                                num_pairs=d["num_pairs"], seed=seed * SEED_STRIDE, batch_size=500))  # fmt: skip
     base = DistillConfig(
