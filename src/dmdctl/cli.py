@@ -1104,7 +1104,11 @@ def demo_cmd(
 
 
 def main() -> None:
-    app()
+    from .runtime import process_session
+
+    # the one place a command's process group is shut down: at the end, on error, on SIGTERM
+    with process_session():
+        app()
 
 
 if __name__ == "__main__":  # pragma: no cover

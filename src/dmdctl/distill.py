@@ -50,6 +50,7 @@ from .generator import save_generator
 from .losses import dm_loss, edm_denoising_loss, regression_loss
 from .lpips_loss import RANDOM_BACKBONE_NOTE
 from .pairs import load_pairs
+from .runtime import claim_output, holds_output
 from .sampling import dmd_sigma_grid, seeded_noise
 from .sd.denoiser import GuidedDenoiser
 from .teachers import resolve_teacher
@@ -799,6 +800,7 @@ def _json_value(v: float):
     return v if math.isfinite(v) else None  # JSON has no NaN/inf
 
 
+@holds_output
 def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
     cfg.validate()
     out = Path(cfg.out)
@@ -820,6 +822,7 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
             kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)],
         )
     check_launch(accelerator.num_processes)
+    claim_output(out, "distill", accelerator)  # one writer per run folder, until distill returns
     trainer = DMDTrainer(cfg, accelerator)
     acc = trainer.acc
     main = acc.is_main_process

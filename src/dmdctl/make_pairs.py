@@ -19,6 +19,7 @@ from .checkpoint import PROCESS_GROUP_TIMEOUT, StopRequested, check_launch, use_
 from .config import write_config
 from .errors import UserError, require
 from .pairs import DTYPES, PairWriter
+from .runtime import claim_output, holds_output
 from .sampling import class_labels, heun_nfe, heun_sample, karras_sigmas, seeded_noise
 from .teachers import resolve_teacher
 from .ui import progress
@@ -251,6 +252,7 @@ def pairs_guidance(kind, name: str | None) -> float:
     return 1.0
 
 
+@holds_output
 def make_pairs(cfg: MakePairsConfig) -> dict:
     cfg.validate()
     teacher = resolve_teacher(
@@ -264,6 +266,7 @@ def make_pairs(cfg: MakePairsConfig) -> dict:
     main, rank, world = state.is_main_process, state.process_index, state.num_processes
     device = pick_device(cfg.device, state)
     out = Path(cfg.out)
+    claim_output(out, "make-pairs", state)  # one writer per folder, until make_pairs returns
     if teacher.text_conditioned:
         sampler = PromptPairs(teacher, cfg, out, device, main, state)
         if cfg.save_images:

@@ -14,6 +14,7 @@ from .config import write_config
 from .ema import EMA
 from .errors import UserError, require
 from .losses import edm_denoising_loss
+from .runtime import claim_output, holds_output
 from .teachers import preset_config, save_teacher
 from .ui import progress
 
@@ -50,6 +51,7 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+@holds_output
 def train_teacher(cfg: TrainTeacherConfig) -> dict:
     kind, tcfg = preset_config(cfg.teacher)
     if not kind.builtin:
@@ -59,6 +61,7 @@ def train_teacher(cfg: TrainTeacherConfig) -> dict:
         )
     cfg = replace(cfg, **{k: v for k, v in kind.train_defaults.items() if getattr(cfg, k) is None})
     out = Path(cfg.out)
+    claim_output(out, "train-teacher")
     write_config(cfg, out)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -1,0 +1,303 @@
+"""How a dmdctl process ends, and who may write an output folder.
+
+:func:`process_session` wraps a whole command-line invocation (``cli.main``). When it ends, by
+success, a user error, a crash or SIGTERM, it destroys the ``torch.distributed`` process group
+the command created, while the Python interpreter is still fully alive.
+
+Why that matters (found with gdb on a 2-process gloo launch): when a process exits without
+``destroy_process_group()``, gloo's worker threads (``pt_gloo_runloop``) are still running.
+A worker drops its reference to a finished collective a moment after the main thread has been
+woken by it; if that reference is the last one, freeing the collective frees tensors that
+Python created, which needs the GIL. When the main thread has meanwhile reached interpreter
+shutdown (``Py_FinalizeEx``), CPython ends any thread that asks for the GIL with
+``pthread_exit``; its forced unwind runs into the collective's ``noexcept`` destructor and the
+C++ runtime calls ``std::terminate``: "terminate called without an active exception", SIGABRT,
+and the launcher reports a failed job for a run that had finished. How often depends on
+scheduling (rare after a real command; about half the launches of a script that exits right
+after its last collective). ``destroy_process_group()`` joins those threads, so nothing is
+left to run during shutdown.
+
+:func:`output_lock` keeps a second run from writing the same ``--out`` folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import functools
+import gc
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+LOCK_NAME = ".dmdctl.lock"
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived outside a loop that handles it (those stop at a clean point instead)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def process_group_threads() -> list[str]:
+    """Names of this process's live gloo worker threads (Linux; empty elsewhere)."""
+    names = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):
+                name = Path(f"/proc/self/task/{task}/comm").read_text().strip()
+                if name.startswith(("pt_gloo", "gloo_")):
+                    names.append(name)
+    return names
+
+
+def shutdown_process_group() -> bool:
+    """Destroy the default process group (and Accelerate's record of it) if one exists.
+
+    Returns whether there was one. Safe to call twice; never raises (this runs on the way out,
+    often because something else failed)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    gc.collect()  # wrappers (DDP) caught in reference cycles let go of the group first
+    try:
+        dist.destroy_process_group()
+    except Exception as e:  # noqa: BLE001 - report, keep exiting
+        sys.stderr.write(f"warning: could not destroy the process group: {e}\n")
+    with contextlib.suppress(Exception):
+        from accelerate.state import AcceleratorState
+
+        # Accelerate's singleton would otherwise still describe the destroyed group
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return True
+
+
+@contextlib.contextmanager
+def process_session():
+    """Run one command-line invocation; on the way out destroy its process group.
+
+    SIGTERM (what torchrun, Slurm and Kubernetes send) becomes :class:`Terminated` unless a
+    loop has its own handler (``StopRequested``: distill and make-pairs stop at a clean point and
+    exit 143 themselves); a Terminated run exits 143 after the cleanup, with one ``error:``
+    line. The process group is not destroyed between commands run in one Python process
+    (tests, the API): re-creating it under the same launcher is not reliable, so the caller that
+    runs several commands owns it (and can call :func:`shutdown_process_group`)."""
+    old = None
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        old = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    except Terminated as t:
+        from .ui import error_line
+
+        error_line(f"stopped by {signal.Signals(t.signum).name}")
+        raise SystemExit(128 + t.signum) from None
+    finally:
+        if old is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGTERM, old)
+        shutdown_process_group()
+
+
+# ---------------------------------------------------------------- one writer per folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _read_holder(fd: int) -> dict:
+    os.lseek(fd, 0, os.SEEK_SET)
+    raw = b""
+    while chunk := os.read(fd, 4096):
+        raw += chunk
+    try:
+        holder = json.loads(raw.decode() or "{}")
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe(holder: dict) -> str:
+    host, pid = holder.get("host", "?"), holder.get("pid", "?")
+    what = f"host {host}, pid {pid}"
+    if holder.get("command"):
+        what += f", dmdctl {holder['command']}"
+    if holder.get("started"):
+        what += f", started {holder['started']}"
+    return what
+
+
+class OutputLock:
+    """An exclusive claim on an output folder, held until :meth:`release`.
+
+    The file ``.dmdctl.lock`` in the folder names the holder (host, pid, command, start time)
+    and is ``flock``-ed while the run lasts, so the kernel frees the claim when the holder dies
+    however it dies. A file whose lock nobody holds is left over from a run that is gone: it is
+    taken over with a warning when it names this host and a process that no longer exists. One
+    from another host is refused (that host's processes cannot be checked from here)."""
+
+    def __init__(self, folder: Path, command: str):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.command = command
+        self.fd: int | None = None
+        self.took_over: dict | None = None
+
+    def acquire(self) -> OutputLock:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create {self.folder}: {e.strerror or e}") from None
+        host = socket.gethostname()
+        for _ in range(20):  # the holder may remove the file between our open and flock
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UserError(
+                    f"cannot write {self.folder}: {e.strerror or e} (a run needs a writable --out)"
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _read_holder(fd)
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                    raise UserError(
+                        f"{self.folder} is in use by another run ({_describe(holder)}): two runs "
+                        "on one --out would overwrite each other's files; wait for it to end, "
+                        "stop it, or choose another --out"
+                    ) from None
+                raise UserError(f"cannot lock {self.path}: {e.strerror or e}") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # we locked a file its holder had just removed: try again
+                os.close(fd)
+                continue
+            holder = _read_holder(fd)
+            if holder:
+                if holder.get("host") != host:
+                    os.close(fd)
+                    raise UserError(
+                        f"{self.folder} is locked by a run on another machine "
+                        f"({_describe(holder)}); if no such run is active, delete {self.path}"
+                    )
+                pid = holder.get("pid")
+                if isinstance(pid, int) and pid != os.getpid() and _alive(pid):
+                    os.close(fd)
+                    raise UserError(
+                        f"{self.folder} is in use by another run ({_describe(holder)}): wait "
+                        f"for it to end, or delete {self.path} if that process is not dmdctl"
+                    )
+                self.took_over = holder
+            body = {
+                "host": host,
+                "pid": os.getpid(),
+                "command": self.command,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            }
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, (json.dumps(body) + "\n").encode())
+            with contextlib.suppress(OSError):
+                os.fsync(fd)
+            self.fd = fd
+            if self.took_over is not None:
+                sys.stderr.write(
+                    f"warning: took over the lock of {self.folder} left by a run that no longer "
+                    f"exists ({_describe(self.took_over)})\n"
+                )
+                sys.stderr.flush()
+            return self
+        raise UserError(f"could not lock {self.path}: it keeps being replaced")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()  # while still locked: a waiting run then retries on a new file
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        self.fd = None
+
+
+def is_main_launch_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch, or a process launched alone."""
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
+
+
+# what the running @holds_output function must give back when it ends (locks, trackers)
+_held: list = []
+
+
+def release_on_return(thing):
+    """Have ``thing.release()`` called when the running :func:`holds_output` function ends."""
+    _held.append(thing)
+    return thing
+
+
+def claim_output(folder: Path, command: str, state=None) -> None:
+    """Claim ``folder`` for this run, until the function decorated by :func:`holds_output`
+    returns: the main process locks it, the other processes of a launch learn the outcome.
+
+    ``state`` (Accelerate's PartialState/Accelerator, or None when alone) lets every process
+    raise the same error when the main process is refused, instead of each waiting for it at
+    the next collective. Call it after the process group exists and before writing anything."""
+    main = state.is_main_process if state is not None else is_main_launch_process()
+    world = state.num_processes if state is not None else 1
+    refused = None
+    if main:
+        try:
+            _held.append(OutputLock(folder, command).acquire())
+        except UserError as e:
+            refused = str(e)
+    if world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refused = broadcast_object_list([refused], from_process=0)[0]
+    if refused is not None:
+        raise UserError(refused)
+
+
+def holds_output(fn):
+    """Release the folders ``fn`` claimed with :func:`claim_output` (and what it passed to
+    :func:`release_on_return`) when it returns or raises, newest first (a process that dies
+    loses its claim anyway: the kernel drops the lock)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = len(_held)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            while len(_held) > before:
+                _held.pop().release()
+
+    return wrapper
