@@ -174,6 +174,13 @@ OfflineOpt = Annotated[
         help="Never touch the network (as HF_HUB_OFFLINE=1): hub ids must be in the local cache.",
     ),
 ]
+ReportToOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Also send log.jsonl's values, the sample plots and the config to tensorboard "
+        "(event files in OUT/trackers/) or wandb \\[default: none]."
+    ),
+]
 DeviceOpt = Annotated[
     str | None, typer.Option(help="Device: auto, cpu, cuda, cuda:1 … \\[default: auto]")
 ]
@@ -494,6 +501,7 @@ def distill_cmd(
         ),
     ] = None,
     offline: OfflineOpt = None,
+    report_to: ReportToOpt = None,
     config: ConfigOpt = None,
 ):
     """Train a one-step generator with the DMD loss plus the regression loss on the pairs.
@@ -558,6 +566,7 @@ def distill_cmd(
         real_guidance=real_guidance,
         allow_guidance_mismatch=allow_guidance_mismatch,
         offline=offline,
+        report_to=report_to,
     )
     result = distill(cfg)
     main = PartialState().is_main_process  # the other processes of a launch print nothing

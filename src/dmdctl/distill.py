@@ -50,7 +50,9 @@ from .generator import save_generator
 from .losses import dm_loss, edm_denoising_loss, regression_loss
 from .lpips_loss import RANDOM_BACKBONE_NOTE
 from .pairs import load_pairs
-from .runtime import claim_output, holds_output
+from .runtime import claim_output, holds_output, release_on_return
+from .trackers import RunTrackers, check_report_to
+from .trackers import accelerator_kwargs as tracker_kwargs
 from .sampling import dmd_sigma_grid, seeded_noise
 from .sd.denoiser import GuidedDenoiser
 from .teachers import resolve_teacher
@@ -111,6 +113,7 @@ class DistillConfig:
     real_guidance: float | None = None
     allow_guidance_mismatch: bool = False
     offline: bool = False
+    report_to: str = "none"  # also send the log to tensorboard or wandb (dmdctl.trackers)
 
     def validate(self) -> None:
         for name in (
@@ -192,6 +195,7 @@ class DistillConfig:
 
         check_teacher_path(self.teacher_path, self.teacher)
         check_out_folder(Path(self.out))
+        check_report_to(self.report_to)
         require(
             self.reg_weight == 0 or self.pairs is not None,
             f"--reg-weight is {self.reg_weight} but no --pairs folder was given "
@@ -820,6 +824,7 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
             mixed_precision=cfg.mixed_precision,
             cpu=use_cpu(cfg.cpu),
             kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)],
+            **tracker_kwargs(cfg.report_to, out),
         )
     check_launch(accelerator.num_processes)
     claim_output(out, "distill", accelerator)  # one writer per run folder, until distill returns
@@ -828,6 +833,9 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
     main = acc.is_main_process
     resumed_from = trainer.resume(str(ckpt)) if ckpt is not None else None
     log_path = out / "log.jsonl"
+    trackers = release_on_return(
+        RunTrackers(acc, cfg.report_to, "dmdctl-distill", asdict(cfg), out)
+    )
     if main:
         write_config(cfg, out)
         # rows past the checkpoint (a run killed after it) are written again by this run
@@ -904,6 +912,7 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
                     if trainer.lpips is not None and trainer.lpips.random_backbone:
                         row["warning"] = RANDOM_BACKBONE_NOTE
                     append_line(log_path, json.dumps(row))
+                    trackers.log(row)
                 bar.update(
                     task,
                     completed=step,
@@ -919,6 +928,7 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
                 if main:
                     row = evaluate_generator(trainer)
                     append_line(log_path, json.dumps({"step": step, **row}))
+                    trackers.log({"step": step, **row})
                     last.update(row)
                 # the others wait here, at a barrier with a generous timeout (not inside DDP)
                 acc.wait_for_everyone()
@@ -926,7 +936,9 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
             if is_ckpt or seen["stop"]:
                 trainer.save(extra=skipped)
                 if main:
-                    plot_samples(trainer, out / "samples" / f"step-{step:07d}.png")
+                    trackers.image(
+                        plot_samples(trainer, out / "samples" / f"step-{step:07d}.png"), step
+                    )
                 acc.wait_for_everyone()
                 t_last = time.perf_counter()
             if seen["stop"]:
