@@ -98,7 +98,8 @@ def run_seed(teacher_name: str, seed: int, args, root: Path) -> dict:
         warmup=d["warmup"],
         plot_samples=0,
     )
-    for name, overrides in RUNS.items():
+    runs = {name: RUNS[name] for name in args.runs}
+    for name, overrides in runs.items():
         if not (out / name / "generator.safetensors").is_file():
             say(f"{teacher_name} seed {seed}: distilling {name} ({d['distill_steps']} steps)")
             distill(replace(base, out=str(out / name), **overrides))
@@ -106,7 +107,7 @@ def run_seed(teacher_name: str, seed: int, args, root: Path) -> dict:
         "teacher_35nfe": teacher_source(teacher, 18),
         "teacher_1step": teacher_source(teacher, 1),
     }
-    sources.update({name: load_generator(out / name / "generator.safetensors") for name in RUNS})
+    sources.update({name: load_generator(out / name / "generator.safetensors") for name in runs})
     n = args.samples[teacher_name]
     ecfg = EvalFidConfig(num_samples=n, seed=EVAL_SEED_START + seed * SEED_STRIDE,
                          precision_recall=True, bootstrap=args.bootstrap, batch_size=500,
@@ -141,7 +142,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def summarise(teacher_name: str, per_seed: dict[int, dict], floor: dict, halves, args) -> str:
     seeds = sorted(per_seed)
-    rows = list(ROWS)
+    rows = [r for r in ROWS if all(r in per_seed[s] for s in seeds)]
     any_row = per_seed[seeds[0]]["dmd"]
     ref = any_row["reference"]
     n = any_row["num_samples"]
@@ -257,6 +258,8 @@ def main(argv=None) -> str:
     ap.add_argument("--samples", nargs="+", default=["toy2d=10000", "digits=5000"],
                     help="samples per row and seed, per teacher (name=N)")  # fmt: skip
     ap.add_argument("--bootstrap", type=int, default=200, help="bootstrap rounds")
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS),
+                    help="distillation rows to run (default: all)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("runs/quality_ablation"),
                     help="runs and per-seed results (a finished seed is not run again)")  # fmt: skip
