@@ -126,3 +126,14 @@ def test_read_only_commands_do_not_need_the_lock(toy_teacher, tmp_path, command)
         ok(run(command, "--teacher-path", toy_teacher, "--steps", "2", *args))
     finally:
         held.release()
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharded_launch_is_refused_not_run_as_ddp(toy_teacher, tmp_path, monkeypatch, variable):
+    """`accelerate launch --config_file <fsdp config>` sets this variable; on the CPU Accelerate
+    1.15 would quietly train with DDP instead: dmdctl says so before training."""
+    monkeypatch.setenv(variable, "true")
+    r = run("distill", "--teacher-path", toy_teacher, "--reg-weight", "0", "--out", tmp_path / "d",
+            "--steps", "2", "--batch-size", "8", "--cpu")  # fmt: skip
+    one_line_error(r, "does not support", "DDP")
+    assert not (tmp_path / "d" / "log.jsonl").exists()

@@ -50,7 +50,7 @@ from .generator import save_generator
 from .losses import dm_loss, edm_denoising_loss, regression_loss
 from .lpips_loss import RANDOM_BACKBONE_NOTE
 from .pairs import load_pairs
-from .runtime import claim_output, holds_output, release_on_return
+from .runtime import claim_output, holds_output, refuse_sharding, release_on_return
 from .trackers import RunTrackers, check_report_to
 from .trackers import accelerator_kwargs as tracker_kwargs
 from .sampling import dmd_sigma_grid, seeded_noise
@@ -818,6 +818,7 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
             f"{out} already holds checkpoints of a run; pass --resume latest to continue it, "
             "or choose another --out"
         )
+    refuse_sharding(accelerator)  # FSDP/DeepSpeed configs: refused before anything is built
     if accelerator is None:
         _forget_other_precision(cfg.mixed_precision)
         accelerator = Accelerator(

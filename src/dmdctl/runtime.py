@@ -115,6 +115,33 @@ def process_session():
         shutdown_process_group()
 
 
+def refuse_sharding(accelerator=None) -> None:
+    """dmdctl trains with DDP only: refuse an Accelerate FSDP/DeepSpeed launch instead of
+    running it as something else (``accelerator``: one the caller built, or None: the
+    environment ``accelerate launch`` sets is checked before one is built).
+
+    Accelerate 1.15 turns ``distributed_type: FSDP`` into plain DDP when the processes run on
+    the CPU (gloo), silently; on GPUs it would hand the trainer sharded parameters, which its
+    EMA, checkpoints and non-finite guards do not handle (never run here)."""
+    from accelerate.utils import DistributedType
+
+    asked = [
+        name
+        for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+        if os.environ.get(var, "false").lower() in ("1", "true", "yes")
+    ]
+    if accelerator is not None:
+        got = accelerator.distributed_type
+        if got in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            asked = asked or [got.value]
+    if asked:
+        raise UserError(
+            f"the accelerate config asks for {asked[0]}, which dmdctl distill does not support "
+            "yet (it trains with DDP; on the CPU Accelerate would quietly run DDP instead): use "
+            "a multi-GPU/multi-CPU config without fsdp_config or deepspeed_config"
+        )
+
+
 # ---------------------------------------------------------------- one writer per folder
 
 
