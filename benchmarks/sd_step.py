@@ -1,15 +1,20 @@
-"""SD1.5-shaped DMD: training-step time and peak memory, and one-step vs 50-step sampling latency.
+"""SD1.5-shaped DMD: training-step time, model FLOPs utilisation and peak memory, and one-step vs
+50-step sampling latency.
 
 Builds a Stable Diffusion pipeline with SD1.5's real network shapes and random weights (860M-
 parameter UNet, 64x64 latents = 512 px images), writes it with diffusers' ``save_pretrained``,
-loads it back through dmdctl's ``--teacher sd15`` path and runs real ``DMDTrainer`` steps
-(generator, frozen real UNet with CFG, fake UNet with TTUR) in bf16 autocast with fp32 master
-weights, with and without gradient checkpointing. Then it times the 50-step PNDM + CFG 7.5
-pipeline against the exported one-step pipeline (LCMScheduler, 1 step) on the same weights.
-Random weights make the timings and memory those of the real model; the images are noise.
+loads it back through dmdctl's SD path and runs real ``DMDTrainer`` steps with a preset's own
+settings (``--recipe sd15``: DMD2's, 10 fake-score updates per generator step, no regression;
+``sd15-dmd``: DMD's LPIPS regression on pairs), with and without gradient checkpointing, and with
+speed levers side by side (``--levers``: SDPA backends, channels-last, regional torch.compile).
+MFU = the step's FLOPs (counted once with torch's FLOP counter at the real shapes) / step time /
+the device's dense bf16 peak (a table of known GPUs; the device name is printed). On CUDA the
+host-device syncs of one step are counted. Then it times the 50-step PNDM + CFG 7.5 pipeline
+against the exported one-step pipeline (LCMScheduler, 1 step) on the same weights. Random
+weights make the timings and memory those of the real model; the images are noise.
 
-    python -m benchmarks.sd_step                # GPU: the SD1.5 shape
-    python -m benchmarks.sd_step --size tiny    # CPU smoke test (seconds)
+    python -m benchmarks.sd_step --batch-sizes 8 32 --levers base sdpa-flash channels-last compile
+    python -m benchmarks.sd_step --size tiny --device cpu --skip-latency   # CPU smoke test
 """
 
 from __future__ import annotations
@@ -35,90 +40,198 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets; the device
+# name printed by torch is matched by the longest key it contains. Unknown devices get no MFU.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100 SXM": 989.4,
+    "H100 80GB HBM3": 989.4,
+    "H100 NVL": 835.5,
+    "H100 PCIe": 756.5,
+    "H100": 756.5,
+    "GH200": 989.4,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.1,
+    "L40": 181.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "RTX 4090": 165.2,
+    "RTX 6000 Ada": 364.2,
+}
+
+# the levers measured side by side (each a fresh trainer, same recipe and shapes)
+LEVERS = ("base", "sdpa-flash", "sdpa-efficient", "sdpa-math", "channels-last", "compile")
+
+
+def peak_tflops(device) -> tuple[str, float | None]:
+    if torch.device(device).type != "cuda":
+        return "cpu", None
+    name = torch.cuda.get_device_name(torch.device(device))
+    keys = [k for k in PEAK_BF16_TFLOPS if k in name]
+    return name, (PEAK_BF16_TFLOPS[max(keys, key=len)] if keys else None)
+
+
+def step_flops(trainer) -> float:
+    """FLOPs of one training step's network passes at the real shapes (torch's FLOP counter:
+    matmuls and convolutions, forward and backward), counted once."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        trainer.train_step()
+    return float(counter.get_total_flops())
+
+
+def apply_lever(trainer, lever: str):
+    """Put a lever in place on a built trainer; returns a context manager for the timed steps."""
+    import contextlib
+
+    nets = [trainer.unwrapped_generator.denoiser.unet, trainer.real, trainer.acc.unwrap_model(trainer.fake)]
+    if lever == "channels-last":
+        for n in nets:
+            n.to(memory_format=torch.channels_last)
+    if lever == "compile":
+        # regional compilation: each repeated UNet block once, not the whole graph
+        for unet in (nets[0], getattr(nets[1], "denoiser", nets[1]).unet, nets[2].unet):
+            for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+                block.compile()
+    if lever.startswith("sdpa-"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {
+            "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+            "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "sdpa-math": SDPBackend.MATH,
+        }[lever]
+        return sdpa_kernel(backend)
+    return contextlib.nullcontext()
+
+
+def recipe_config(folder: Path, prompts: Path, pairs: Path | None, args, batch: int, ckpt: bool):
+    """The preset's own settings (docs/RECIPES.md), with the benchmark's shapes on top."""
+    from dmdctl.distill import DistillConfig, preset_defaults
+
+    values = preset_defaults({"teacher": args.recipe})
+    values.update(
+        teacher=args.recipe,
+        teacher_path=str(folder),
+        prompts=str(prompts),
+        pairs=str(pairs) if pairs else None,
+        out=str(folder.parent / f"run-{batch}-{ckpt}"),
+        batch_size=batch,
+        pair_batch_size=batch,
+        mixed_precision=args.precision,
+        grad_checkpointing=ckpt,
+        warmup=0,
+        lpips_random_backbone=True,  # no download here; the random VGG costs what the real one does
+        cpu=torch.device(args.device).type == "cpu",
+    )
+    if args.fake_updates:
+        values["fake_updates"] = args.fake_updates
+    if args.reg_loss:
+        values["reg_loss"] = args.reg_loss
+    return DistillConfig(**values)
+
+
 def train_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
-    from dmdctl.distill import DistillConfig, DMDTrainer
+    import gc
+
+    from accelerate import Accelerator
+
+    from dmdctl.distill import DMDTrainer, preset_defaults
     from dmdctl.make_pairs import MakePairsConfig, make_pairs
 
-    # a few real pairs so the regression loss runs too (latent L2; the pairs' content is noise)
-    pairs = folder.parent / "pairs"
-    make_pairs(
-        MakePairsConfig(
-            teacher="sd15",
-            teacher_path=str(folder),
-            out=str(pairs),
-            num_pairs=max(args.batch_sizes),
-            shard_size=max(args.batch_sizes),
-            batch_size=max(args.batch_sizes),
-            steps=2,
-            prompts=str(prompts),
-            device=str(device),
+    pairs = None
+    if preset_defaults({"teacher": args.recipe}).get("reg_weight", 0) > 0:
+        # pairs at the recipe's guidance (make-pairs' default for it); their content is noise
+        pairs = folder.parent / "pairs"
+        make_pairs(
+            MakePairsConfig(
+                teacher=args.recipe,
+                teacher_path=str(folder),
+                out=str(pairs),
+                num_pairs=max(args.batch_sizes),
+                shard_size=max(args.batch_sizes),
+                batch_size=max(args.batch_sizes),
+                steps=2,
+                prompts=str(prompts),
+                device=str(device),
+            )
         )
-    )
+    gpu_name, peak = peak_tflops(device)
+    print(f"device: {gpu_name}; dense bf16 peak: {peak or 'unknown'} TFLOP/s", flush=True)
     rows = []
-    for batch, ckpt in [(b, c) for b in args.batch_sizes for c in args.checkpointing]:
-        import gc
-
-        from accelerate import Accelerator
-
-        cfg = DistillConfig(
-            teacher="sd15",
-            teacher_path=str(folder),
-            pairs=str(pairs),
-            out=str(folder.parent / f"run-{batch}-{ckpt}"),
-            batch_size=batch,
-            pair_batch_size=batch,
-            fake_updates=args.fake_updates,
-            mixed_precision=args.precision,
-            grad_checkpointing=ckpt,
-            warmup=0,
-            lr=1e-5,
-            fake_lr=1e-5,
-            cpu=torch.device(device).type == "cpu",
-        )
+    cases = [(b, c, lv) for b in args.batch_sizes for c in args.checkpointing for lv in args.levers]
+    for batch, ckpt, lever in cases:
+        cfg = recipe_config(folder, prompts, pairs, args, batch, ckpt)
         cfg.validate()
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
         trainer = None
+        row = {"lever": lever, "grad_checkpointing": ckpt, "batch_per_gpu": batch}
         try:
             trainer = DMDTrainer(cfg, acc)
-            for _ in range(args.warmup):
-                trainer.train_step()
-            _sync(device)
-            times = []
-            for _ in range(args.steps):
+            ctx = apply_lever(trainer, lever)
+            with ctx:
                 t0 = time.perf_counter()
-                logs = trainer.train_step()
+                trainer.train_step()  # the first step pays for compilation, if any
                 _sync(device)
-                times.append(time.perf_counter() - t0)
+                row["first_step_s"] = time.perf_counter() - t0
+                for _ in range(max(0, args.warmup - 1)):
+                    trainer.train_step()
+                flops = step_flops(trainer) if lever == "base" or args.count_all else None
+                _sync(device)
+                times = []
+                for _ in range(args.steps):
+                    t0 = time.perf_counter()
+                    logs = trainer.train_step()
+                    _sync(device)
+                    times.append(time.perf_counter() - t0)
+                syncs = None
+                if torch.device(device).type == "cuda" and lever == "base":
+                    from .train_step import host_syncs
+
+                    syncs = len(host_syncs(trainer.train_step))
         except torch.OutOfMemoryError:
-            rows.append({"grad_checkpointing": ckpt, "batch_per_gpu": batch, "oom": True})
+            rows.append(dict(row, oom=True))
             print(json.dumps(rows[-1]), flush=True)
             del trainer, acc
             gc.collect()
             continue
+        if flops is None:  # the levers change kernels, not the arithmetic: the base row's count
+            flops = next((r["flops"] for r in rows if r.get("flops") and r["batch_per_gpu"] == batch
+                          and r["grad_checkpointing"] == ckpt), None)  # fmt: skip
         finite = all(torch.isfinite(v).all().item() for v in logs.values())
-        peak = (
+        peak_mem = (
             torch.cuda.max_memory_allocated() / 2**30
             if torch.device(device).type == "cuda"
             else float("nan")
         )
         med = statistics.median(times)
-        rows.append(
+        achieved = flops / med / 1e12 if flops else None
+        row.update(
             {
-                "grad_checkpointing": ckpt,
-                "batch_per_gpu": batch,
-                "fake_updates": args.fake_updates,
+                "recipe": args.recipe,
+                "fake_updates": cfg.fake_updates,
                 "precision": args.precision,
                 "step_s": med,
                 "steps_per_s": 1 / med,
                 "images_per_s": batch / med,
-                "peak_gib": peak,
+                "peak_gib": peak_mem,
+                "flops": flops,
+                "tflops_per_s": achieved,
+                "mfu": achieved / peak if achieved and peak else None,
+                "host_syncs": syncs,
                 "finite": finite,
+                "device": gpu_name,
             }
         )
-        print(json.dumps(rows[-1]), flush=True)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
         del trainer, acc, logs
         gc.collect()
     return rows
@@ -171,7 +284,13 @@ def main() -> None:
     ap.add_argument("--size", choices=["sd15", "tiny"], default="sd15")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8], help="per GPU")
-    ap.add_argument("--fake-updates", type=int, default=1)
+    ap.add_argument("--recipe", default="sd15", choices=["sd15", "sd15-dmd"],
+                    help="the preset whose settings the step uses (docs/RECIPES.md)")
+    ap.add_argument("--fake-updates", type=int, default=0, help="0: the recipe's (sd15: 10)")
+    ap.add_argument("--reg-loss", default=None, help="override the recipe's (sd15-dmd: lpips)")
+    ap.add_argument("--levers", nargs="+", default=["base"], choices=LEVERS,
+                    help="speed levers measured side by side, each on a fresh trainer")
+    ap.add_argument("--count-all", action="store_true", help="count FLOPs for every lever")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
     ap.add_argument(
         "--checkpointing",
@@ -202,23 +321,26 @@ def main() -> None:
         train = train_rows(folder, prompts, args, args.device)
         latency = [] if args.skip_latency else latency_rows(folder, args, args.device)
     body = [
-        f"SD shape `{args.size}` (random weights), device {args.device}, {args.precision} autocast, "
-        "fp32 master weights for the generator and the fake score, frozen real UNet in the "
-        "compute dtype, real-score CFG 1.75, latent L2 regression.",
+        f"SD shape `{args.size}` (random weights), device {args.device}, recipe `{args.recipe}` "
+        f"(docs/RECIPES.md), {args.precision} autocast, fp32 master weights for the generator "
+        "and the fake score, frozen real UNet's weights in the compute dtype. MFU: the step's "
+        "FLOPs (torch's FLOP counter, at these shapes) / step time / the device's dense bf16 peak.",
         "",
-        "| grad checkpointing | batch/GPU | fake updates | step (s) | images/s | peak memory (GiB) |",
-        "|---|---|---|---|---|---|",
+        "| lever | grad ckpt | batch/GPU | fake updates | step (s) | first step (s) | images/s "
+        "| TFLOP/s | MFU | host syncs | peak memory (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in train:
+        lead = f"| {r['lever']} | {'on' if r['grad_checkpointing'] else 'off'} | {r['batch_per_gpu']} |"
         if r.get("oom"):
-            body.append(
-                f"| {'on' if r['grad_checkpointing'] else 'off'} | {r['batch_per_gpu']} | "
-                f"{args.fake_updates} | out of memory | | |"
-            )
+            body.append(f"{lead} | out of memory | | | | | | |")
             continue
+        tf = f"{r['tflops_per_s']:.3g}" if r["tflops_per_s"] else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
         body.append(
-            f"| {'on' if r['grad_checkpointing'] else 'off'} | {r['batch_per_gpu']} | "
-            f"{r['fake_updates']} | {r['step_s']:.3f} | {r['images_per_s']:.1f} | {r['peak_gib']:.1f} |"
+            f"{lead} {r['fake_updates']} | {r['step_s']:.3f} | {r['first_step_s']:.2f} | "
+            f"{r['images_per_s']:.1f} | {tf} | {mfu} | {r['host_syncs'] if r['host_syncs'] is not None else '-'} | "
+            f"{r['peak_gib']:.1f} |"
         )
     for r in latency:
         body += [
