@@ -1,0 +1,199 @@
+"""One declaration per option: a config dataclass field carries its default, help, limits and
+choices, and both the command line and the range checks are generated from it.
+
+    steps: int = option(2000, "Generator updates.", min=1)
+
+``typer_parameters(cls)`` turns the fields into Typer options whose own default is None (so a flag
+left out can be told from one given), with the field's real default and range shown in
+``--help``; ``check_options(cfg)`` applies the limits and choices with one message shape for every
+option. This module imports neither torch nor typer at import time: ``dmdctl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import typing
+from pathlib import Path
+from typing import Annotated, Any
+
+from .errors import UserError
+
+MISSING = dataclasses.MISSING
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    path: bool = False,
+    argument: bool = False,
+    cli: bool = True,
+    show_default: str | None = None,
+) -> Any:
+    """A dataclass field with what the CLI and the checks need.
+
+    ``min``/``max`` are inclusive, ``above``/``below`` exclusive limits; ``choices`` a closed set
+    of strings; ``path`` shows the option as a path; ``argument`` makes it positional; ``cli=False``
+    keeps a field out of the command line (set by presets or --config only); ``show_default``
+    replaces the shown default (a default that depends on the teacher, say)."""
+    meta = {
+        "help": help,
+        "min": min,
+        "max": max,
+        "above": above,
+        "below": below,
+        "choices": tuple(choices) if choices else None,
+        "path": path,
+        "argument": argument,
+        "cli": cli,
+        "show_default": show_default,
+    }
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _declared(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def _bare_type(hint) -> type:
+    """``int | None`` -> int, ``str`` -> str."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def range_text(meta: dict) -> str:
+    """The limits in words, for --help: ">= 1", "> 0", "0..1"."""
+    lo = (
+        (">=", meta["min"])
+        if meta["min"] is not None
+        else (">", meta["above"])
+        if meta["above"] is not None
+        else None
+    )
+    hi = (
+        ("<=", meta["max"])
+        if meta["max"] is not None
+        else ("<", meta["below"])
+        if meta["below"] is not None
+        else None
+    )
+    if lo and hi:
+        return f"{lo[0]} {_fmt(lo[1])} and {hi[0]} {_fmt(hi[1])}"
+    if lo:
+        return f"{lo[0]} {_fmt(lo[1])}"
+    if hi:
+        return f"{hi[0]} {_fmt(hi[1])}"
+    if meta["choices"]:
+        return "one of " + ", ".join(meta["choices"])
+    return ""
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def shown_default(f: dataclasses.Field) -> str | None:
+    meta = f.metadata
+    if meta.get("show_default"):
+        return meta["show_default"]
+    value = default_of(f)
+    if value is None or (isinstance(value, bool) and value is False):
+        return None
+    return _fmt(value)
+
+
+def help_text(f: dataclasses.Field) -> str:
+    """The help, the limits and the real default: ``Learning rate. [> 0] [default: 0.0003]``."""
+    text = f.metadata["help"]
+    limits = range_text(f.metadata)
+    if limits:
+        text += f" \\[{limits}]"
+    shown = shown_default(f)
+    if shown is not None:
+        text += f" \\[default: {shown}]"
+    return text
+
+
+def check_options(cfg: Any) -> None:
+    """Every declared limit and choice, one message shape: ``--name must be ..., got v``."""
+    for f in _declared(type(cfg)):
+        v = getattr(cfg, f.name)
+        if v is None or isinstance(v, bool):
+            continue
+        m, name = f.metadata, flag_name(f.name)
+        if m["choices"] is not None and v not in m["choices"]:
+            raise UserError(f"{name} must be one of {', '.join(m['choices'])}, got {v!r}")
+        if not isinstance(v, (int, float)):
+            continue
+        if isinstance(v, float) and math.isnan(v):
+            raise UserError(f"{name} must be a number, got nan")
+        if m["min"] is not None and v < m["min"]:
+            if m["min"] == 1 and isinstance(v, int):
+                raise UserError(f"{name} must be positive, got {v}")
+            raise UserError(f"{name} must be >= {_fmt(m['min'])}, got {v}")
+        if m["above"] is not None and not v > m["above"]:
+            if m["above"] == 0:
+                raise UserError(f"{name} must be positive, got {v}")
+            raise UserError(f"{name} must be > {_fmt(m['above'])}, got {v}")
+        if m["max"] is not None and v > m["max"]:
+            raise UserError(f"{name} must be <= {_fmt(m['max'])}, got {v}")
+        if m["below"] is not None and not v < m["below"]:
+            raise UserError(f"{name} must be < {_fmt(m['below'])}, got {v}")
+        if isinstance(v, float) and math.isinf(v) and m["max"] is None and m["below"] is None:
+            raise UserError(f"{name} must be finite, got {v}")
+
+
+def typer_parameters(cls, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """One Typer parameter per declared field (default None: "not given")."""
+    import typer
+
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in _declared(cls):
+        if not f.metadata["cli"] or f.name in skip:
+            continue
+        bare = _bare_type(hints[f.name])
+        cli_type = Path if f.metadata["path"] else bare
+        kw: dict[str, Any] = {"help": help_text(f), "show_default": False}
+        if f.metadata["argument"]:
+            info = typer.Argument(**kw)
+        elif bare is bool:
+            default = default_of(f)
+            decl = f"{flag_name(f.name)}/--no-{f.name.replace('_', '-')}" if default else flag_name(f.name)
+            info = typer.Option(decl, **kw)
+        else:
+            info = typer.Option(flag_name(f.name), **kw)
+        params.append(
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[cli_type | None, info],
+            )
+        )
+    return params
