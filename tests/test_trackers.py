@@ -62,3 +62,12 @@ def test_unknown_tracker_is_refused(toy_teacher, tmp_path):
             "mlflow")  # fmt: skip
     one_line_error(r, "--report-to", "mlflow", "tensorboard")
     assert not (tmp_path / "run").exists()
+
+
+def test_train_teacher_reports_its_losses(tmp_path):
+    out = tmp_path / "teacher"
+    ok(run("train-teacher", "--out", out, "--steps", "201", "--batch-size", "64",
+           "--report-to", "tensorboard"))  # fmt: skip
+    ev = events(out / "trackers")
+    assert [e.step for e in ev.Scalars("loss")] == [1, 101, 201]
+    assert all(e.value > 0 for e in ev.Scalars("loss"))

@@ -125,6 +125,7 @@ def train_teacher_cmd(
         float | None, typer.Option(help=_h(TT, "ema_decay", "EMA decay of the saved weights."))
     ] = None,
     seed: Annotated[int | None, typer.Option(help=_h(TT, "seed", "Random seed."))] = None,
+    report_to: ReportToOpt = None,
     config: ConfigOpt = None,
 ):
     """Train a built-in teacher (EDM denoiser) from its own data.
@@ -143,6 +144,7 @@ def train_teacher_cmd(
         lr=lr,
         ema_decay=ema_decay,
         seed=seed,
+        report_to=report_to,
     )
     _show("train-teacher", train_teacher(cfg))
 
@@ -177,8 +179,8 @@ OfflineOpt = Annotated[
 ReportToOpt = Annotated[
     str | None,
     typer.Option(
-        help="Also send log.jsonl's values, the sample plots and the config to tensorboard "
-        "(event files in OUT/trackers/) or wandb \\[default: none]."
+        help="Also report to tensorboard (event files in OUT/trackers/) or wandb: the logged "
+        "values (distill: log.jsonl's), distill's sample plots, the config \\[default: none]."
     ),
 ]
 DeviceOpt = Annotated[

@@ -98,3 +98,14 @@ class RunTrackers:
         if self.on:
             self.on = False
             self.acc.end_training()
+
+
+def standalone(report_to: str, project: str, config: dict, out: Path) -> RunTrackers:
+    """Trackers for a command that trains without an Accelerator of its own (train-teacher):
+    one is made for the trackers only when asked."""
+    if report_to == "none":
+        return RunTrackers(None, "none", project, config, out)
+    from accelerate import Accelerator
+
+    acc = Accelerator(**accelerator_kwargs(report_to, out))
+    return RunTrackers(acc, report_to, project, config, out)

@@ -14,8 +14,9 @@ from .config import write_config
 from .ema import EMA
 from .errors import UserError, require
 from .losses import edm_denoising_loss
-from .runtime import claim_output, holds_output
+from .runtime import claim_output, holds_output, release_on_return
 from .teachers import preset_config, save_teacher
+from .trackers import check_report_to, standalone
 from .ui import progress
 
 
@@ -32,8 +33,10 @@ class TrainTeacherConfig:
     p_mean: float = -1.2
     p_std: float = 1.2
     seed: int = 0
+    report_to: str = "none"  # also send the losses to tensorboard or wandb (dmdctl.trackers)
 
     def validate(self) -> None:
+        check_report_to(self.report_to)
         require(self.steps is None or self.steps > 0, f"--steps must be positive, got {self.steps}")
         require(
             self.batch_size is None or self.batch_size > 0,
@@ -63,6 +66,7 @@ def train_teacher(cfg: TrainTeacherConfig) -> dict:
     out = Path(cfg.out)
     claim_output(out, "train-teacher")
     write_config(cfg, out)
+    trackers = release_on_return(standalone(cfg.report_to, "dmdctl-teacher", asdict(cfg), out))
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     net = kind.build(tcfg)
@@ -89,6 +93,7 @@ def train_teacher(cfg: TrainTeacherConfig) -> dict:
             ema.update(net)
             if step % 100 == 0 or step == cfg.steps - 1:
                 losses.append(loss.item())
+                trackers.log({"step": step + 1, "loss": losses[-1], "lr": sched.get_last_lr()[0]})
                 bar.update(task, completed=step + 1, info=f"loss {losses[-1]:.4f}")
     elapsed = time.perf_counter() - t0
     ema.copy_to(net)
