@@ -70,8 +70,17 @@ def prepare(work: Path) -> dict:
     pairs = work / "pairs"
     subprocess.run(
         dmdctl(
-            "make-pairs", "--teacher-path", teacher / "teacher.safetensors", "--out", pairs,
-            "--num-pairs", 256, "--shard-size", 64, "--steps", 8,
+            "make-pairs",
+            "--teacher-path",
+            teacher / "teacher.safetensors",
+            "--out",
+            pairs,
+            "--num-pairs",
+            256,
+            "--shard-size",
+            64,
+            "--steps",
+            8,
         ),  # fmt: skip
         env=env(),
         check=True,

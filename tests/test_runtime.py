@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import ok, one_line_error, run
 
+from cli_helpers import ok, one_line_error, run
 from dmdctl.runtime import LOCK_NAME, OutputLock
 
 ENV = dict(

@@ -51,11 +51,11 @@ from .losses import dm_loss, edm_denoising_loss, regression_loss
 from .lpips_loss import RANDOM_BACKBONE_NOTE
 from .pairs import load_pairs
 from .runtime import claim_output, holds_output, refuse_sharding, release_on_return
-from .trackers import RunTrackers, check_report_to
-from .trackers import accelerator_kwargs as tracker_kwargs
 from .sampling import dmd_sigma_grid, seeded_noise
 from .sd.denoiser import GuidedDenoiser
 from .teachers import resolve_teacher
+from .trackers import RunTrackers, check_report_to
+from .trackers import accelerator_kwargs as tracker_kwargs
 from .ui import info, progress
 
 REG_LOSSES = ("l2", "pseudo-huber", "lpips")

@@ -127,7 +127,10 @@ def refuse_sharding(accelerator=None) -> None:
 
     asked = [
         name
-        for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+        for name, var in (
+            ("FSDP", "ACCELERATE_USE_FSDP"),
+            ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"),
+        )
         if os.environ.get(var, "false").lower() in ("1", "true", "yes")
     ]
     if accelerator is not None:

@@ -25,7 +25,9 @@ def check_report_to(value: str) -> None:
     if value not in REPORT_TO:
         raise UserError(f"--report-to must be one of {', '.join(REPORT_TO)}, got '{value}'")
     if value == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        raise UserError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
+        raise UserError(
+            "--report-to tensorboard needs the tensorboard package: pip install tensorboard"
+        )
     if value == "wandb" and importlib.util.find_spec("wandb") is None:
         raise UserError("--report-to wandb needs the wandb package: pip install wandb")
 
