@@ -80,7 +80,8 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            error_line(str(e))
+            if not getattr(e, "quiet", False):  # e.g. said once by the main process of a launch
+                error_line(str(e))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             error_line("interrupted")

@@ -40,6 +40,12 @@ from .errors import UserError
 LOCK_NAME = ".dmdctl.lock"
 
 
+class QuietUserError(UserError):
+    """A user error another process of the launch reports; this one exits 2 without a word."""
+
+    quiet = True
+
+
 class Terminated(BaseException):
     """SIGTERM arrived outside a loop that handles it (those stop at a clean point instead)."""
 
@@ -313,7 +319,9 @@ def claim_output(folder: Path, command: str, state=None) -> None:
 
         refused = broadcast_object_list([refused], from_process=0)[0]
     if refused is not None:
-        raise UserError(refused)
+        if main:
+            raise UserError(refused)
+        raise QuietUserError(refused)  # the main process says it: one line per launch
 
 
 def holds_output(fn):
