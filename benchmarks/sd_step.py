@@ -84,32 +84,16 @@ def step_flops(trainer) -> float:
     return float(counter.get_total_flops())
 
 
-def apply_lever(trainer, lever: str):
-    """Put a lever in place on a built trainer; returns a context manager for the timed steps."""
-    import contextlib
-
-    nets = [trainer.unwrapped_generator.denoiser.unet, trainer.real, trainer.acc.unwrap_model(trainer.fake)]
-    if lever == "channels-last":
-        for n in nets:
-            n.to(memory_format=torch.channels_last)
-    if lever == "compile":
-        # regional compilation: each repeated UNet block once, not the whole graph
-        for unet in (nets[0], getattr(nets[1], "denoiser", nets[1]).unet, nets[2].unet):
-            for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
-                block.compile()
+def lever_settings(lever: str) -> dict:
+    """A lever as the distill options a user would pass (what is measured is what they get)."""
     if lever.startswith("sdpa-"):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backend = {
-            "sdpa-flash": SDPBackend.FLASH_ATTENTION,
-            "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "sdpa-math": SDPBackend.MATH,
-        }[lever]
-        return sdpa_kernel(backend)
-    return contextlib.nullcontext()
+        return {"sdpa_backend": lever.removeprefix("sdpa-")}
+    return {"channels-last": {"channels_last": True}, "compile": {"compile": True}}.get(lever, {})
 
 
-def recipe_config(folder: Path, prompts: Path, pairs: Path | None, args, batch: int, ckpt: bool):
+def recipe_config(
+    folder: Path, prompts: Path, pairs: Path | None, args, batch: int, ckpt: bool, lever: str
+):
     """The preset's own settings (docs/RECIPES.md), with the benchmark's shapes on top."""
     from dmdctl.distill import DistillConfig, preset_defaults
 
@@ -127,6 +111,7 @@ def recipe_config(folder: Path, prompts: Path, pairs: Path | None, args, batch: 
         warmup=0,
         lpips_random_backbone=True,  # no download here; the random VGG costs what the real one does
         cpu=torch.device(args.device).type == "cpu",
+        **lever_settings(lever),
     )
     if args.fake_updates:
         values["fake_updates"] = args.fake_updates
@@ -165,7 +150,7 @@ def train_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
     rows = []
     cases = [(b, c, lv) for b in args.batch_sizes for c in args.checkpointing for lv in args.levers]
     for batch, ckpt, lever in cases:
-        cfg = recipe_config(folder, prompts, pairs, args, batch, ckpt)
+        cfg = recipe_config(folder, prompts, pairs, args, batch, ckpt, lever)
         cfg.validate()
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
@@ -175,27 +160,25 @@ def train_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
         row = {"lever": lever, "grad_checkpointing": ckpt, "batch_per_gpu": batch}
         try:
             trainer = DMDTrainer(cfg, acc)
-            ctx = apply_lever(trainer, lever)
-            with ctx:
+            t0 = time.perf_counter()
+            trainer.train_step()  # the first step pays for compilation, if any
+            _sync(device)
+            row["first_step_s"] = time.perf_counter() - t0
+            for _ in range(max(0, args.warmup - 1)):
+                trainer.train_step()
+            flops = step_flops(trainer) if lever == "base" or args.count_all else None
+            _sync(device)
+            times = []
+            for _ in range(args.steps):
                 t0 = time.perf_counter()
-                trainer.train_step()  # the first step pays for compilation, if any
+                logs = trainer.train_step()
                 _sync(device)
-                row["first_step_s"] = time.perf_counter() - t0
-                for _ in range(max(0, args.warmup - 1)):
-                    trainer.train_step()
-                flops = step_flops(trainer) if lever == "base" or args.count_all else None
-                _sync(device)
-                times = []
-                for _ in range(args.steps):
-                    t0 = time.perf_counter()
-                    logs = trainer.train_step()
-                    _sync(device)
-                    times.append(time.perf_counter() - t0)
-                syncs = None
-                if torch.device(device).type == "cuda" and lever == "base":
-                    from .train_step import host_syncs
+                times.append(time.perf_counter() - t0)
+            syncs = None
+            if torch.device(device).type == "cuda" and lever == "base":
+                from .train_step import host_syncs
 
-                    syncs = len(host_syncs(trainer.train_step))
+                syncs = len(host_syncs(trainer.train_step))
         except torch.OutOfMemoryError:
             rows.append(dict(row, oom=True))
             print(json.dumps(rows[-1]), flush=True)
@@ -284,12 +267,21 @@ def main() -> None:
     ap.add_argument("--size", choices=["sd15", "tiny"], default="sd15")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8], help="per GPU")
-    ap.add_argument("--recipe", default="sd15", choices=["sd15", "sd15-dmd"],
-                    help="the preset whose settings the step uses (docs/RECIPES.md)")
+    ap.add_argument(
+        "--recipe",
+        default="sd15",
+        choices=["sd15", "sd15-dmd"],
+        help="the preset whose settings the step uses (docs/RECIPES.md)",
+    )
     ap.add_argument("--fake-updates", type=int, default=0, help="0: the recipe's (sd15: 10)")
     ap.add_argument("--reg-loss", default=None, help="override the recipe's (sd15-dmd: lpips)")
-    ap.add_argument("--levers", nargs="+", default=["base"], choices=LEVERS,
-                    help="speed levers measured side by side, each on a fresh trainer")
+    ap.add_argument(
+        "--levers",
+        nargs="+",
+        default=["base"],
+        choices=LEVERS,
+        help="speed levers measured side by side, each on a fresh trainer",
+    )
     ap.add_argument("--count-all", action="store_true", help="count FLOPs for every lever")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
     ap.add_argument(

@@ -486,6 +486,28 @@ def distill_cmd(
             help=_h(DC, "optimizer", "adamw, or adamw8bit (bitsandbytes, CUDA) to save memory.")
         ),
     ] = None,
+    sdpa_backend: Annotated[
+        str | None,
+        typer.Option(
+            help=_h(
+                DC,
+                "sdpa_backend",
+                "Attention kernel of the UNets: auto, flash, efficient, cudnn or math.",
+            )
+        ),
+    ] = None,
+    channels_last: Annotated[
+        bool | None,
+        typer.Option("--channels-last", help="Convolutions in channels-last memory layout."),
+    ] = None,
+    compile: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile",
+            help="torch.compile each repeated block of the networks (regional compilation: "
+            "compiles once per block type; the first steps are slower).",
+        ),
+    ] = None,
     prompts: PromptsOpt = None,
     real_guidance: Annotated[
         float | None,
@@ -565,6 +587,9 @@ def distill_cmd(
         skip_nonfinite=skip_nonfinite,
         grad_checkpointing=grad_checkpointing,
         optimizer=optimizer,
+        sdpa_backend=sdpa_backend,
+        channels_last=channels_last,
+        compile=compile,
         prompts=prompts,
         real_guidance=real_guidance,
         allow_guidance_mismatch=allow_guidance_mismatch,

@@ -53,6 +53,7 @@ from .pairs import load_pairs
 from .runtime import claim_output, holds_output, refuse_sharding, release_on_return
 from .sampling import dmd_sigma_grid, seeded_noise
 from .sd.denoiser import GuidedDenoiser
+from .speed import SDPA_BACKENDS, apply_layout_and_compile, attention_backend
 from .teachers import resolve_teacher
 from .trackers import RunTrackers, check_report_to
 from .trackers import accelerator_kwargs as tracker_kwargs
@@ -108,6 +109,10 @@ class DistillConfig:
     skip_nonfinite: bool = False
     grad_checkpointing: bool = False
     optimizer: str = "adamw"
+    # speed levers (dmdctl.speed; measured by benchmarks/sd_step.py)
+    sdpa_backend: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
     # text-to-image (Stable Diffusion) teachers
     prompts: str | None = None
     real_guidance: float | None = None
@@ -164,6 +169,10 @@ class DistillConfig:
             f"need 0 <= --min-step-frac < --max-step-frac <= 1, got {self.min_step_frac}, {self.max_step_frac}",
         )
         require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        require(
+            self.sdpa_backend in SDPA_BACKENDS,
+            f"--sdpa-backend must be one of {', '.join(SDPA_BACKENDS)}, got {self.sdpa_backend!r}",
+        )
         require(
             self.optimizer in OPTIMIZERS,
             f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
@@ -337,6 +346,12 @@ class DMDTrainer:
             self.real = GuidedDenoiser(self.real, self.guidance, self.uncond).to(self.device)
         if self.lpips is not None and getattr(t.codec, "latent", False):
             freeze_in_dtype(t.codec.vae, self.device, compute)  # LPIPS sees decoded images
+        # --channels-last / --compile: on the three networks, before DDP wraps them
+        apply_layout_and_compile(
+            [generator.denoiser, t.denoiser, *([fake] if fake is not None else [])],
+            cfg.channels_last,
+            cfg.compile,
+        )
         if self.use_fake:
             opt_f = adamw(fake.parameters(), cfg.fake_lr)
             self.generator, self.opt_g, self.fake, self.opt_f = acc.prepare(
@@ -455,6 +470,10 @@ class DMDTrainer:
 
     # --- one training step ---------------------------------------------------------------
     def train_step(self) -> dict[str, torch.Tensor]:
+        with attention_backend(self.cfg.sdpa_backend):  # --sdpa-backend
+            return self._train_step()
+
+    def _train_step(self) -> dict[str, torch.Tensor]:
         cfg, acc = self.cfg, self.acc
         gen = step_generator(cfg.seed, self.step)
         shape = self.teacher.sample_shape

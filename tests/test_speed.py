@@ -1,0 +1,90 @@
+"""The speed levers change kernels, not results: a training step with --sdpa-backend math,
+--channels-last or --compile gives the default step's losses and weights."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import dmdctl.speed as speed
+from dmdctl.distill import DistillConfig, DMDTrainer
+from dmdctl.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def sd_pipe(tmp_path_factory) -> Path:
+    from dmdctl.sd.testing import build_pipeline
+
+    return build_pipeline(tmp_path_factory.mktemp("sdspeed") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    p.write_text("a red square\na blue circle\n")
+    return p
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def one_step(sd_pipe, prompts_file, out, **levers):
+    cfg = DistillConfig(
+        teacher_path=str(sd_pipe),
+        prompts=str(prompts_file),
+        out=str(out),
+        reg_weight=0,
+        batch_size=2,
+        fake_updates=1,
+        real_guidance=1.75,
+        lr=1e-3,
+        fake_lr=1e-3,
+        warmup=0,
+        plot_samples=0,
+        cpu=True,
+        **levers,
+    )
+    cfg.validate()
+    tr = DMDTrainer(cfg)
+    logs = tr.train_step()
+    weights = torch.cat([p.detach().flatten() for p in tr.unwrapped_generator.parameters()])
+    return tr, logs, weights
+
+
+def check_same_step(base, logs, w0, w, name):
+    # losses and gradient norms; not the weights: one AdamW step turns a 1e-9 difference in a
+    # near-zero gradient into a full lr-sized step of the opposite sign
+    for k in ("loss_dm", "loss_fake", "grad_norm_g", "grad_norm_fake"):
+        torch.testing.assert_close(logs[k], base[k], rtol=1e-4, atol=1e-7, msg=f"{name} {k}")
+    assert (w - w0).abs().max() <= 2.5e-3  # at most about one lr (1e-3) step apart
+
+
+def test_attention_backend_and_channels_last_give_the_default_step(sd_pipe, prompts_file, tmp_path):
+    _, base, w0 = one_step(sd_pipe, prompts_file, tmp_path / "base")
+    _, logs, w = one_step(sd_pipe, prompts_file, tmp_path / "math", sdpa_backend="math")
+    check_same_step(base, logs, w0, w, "math")
+    tr, logs, w = one_step(sd_pipe, prompts_file, tmp_path / "cl", channels_last=True)
+    check_same_step(base, logs, w0, w, "channels_last")
+    conv = tr.unwrapped_generator.denoiser.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.slow  # tracing three UNets takes ~30 s of CPU even without code generation
+def test_compile_gives_the_default_step(sd_pipe, prompts_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", "eager")  # the wiring, without code generation
+    _, base, w0 = one_step(sd_pipe, prompts_file, tmp_path / "base")
+    tr, logs, w = one_step(sd_pipe, prompts_file, tmp_path / "compile", compile=True)
+    check_same_step(base, logs, w0, w, "compile")
+    unet = tr.unwrapped_generator.denoiser.unet  # every down/mid/up block runs compiled
+    blocks = speed.repeated_blocks(unet)
+    assert len(blocks) == len(unet.down_blocks) + 1 + len(unet.up_blocks)
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    # the checkpoint's keys are the uncompiled network's
+    assert not any("_orig_mod" in k for k in tr.unwrapped_generator.state_dict())
+
+
+def test_unknown_attention_backend_is_one_line():
+    with pytest.raises(UserError, match="--sdpa-backend must be one of auto, flash"):
+        DistillConfig(sdpa_backend="fast", reg_weight=0, teacher="toy2d").validate()
