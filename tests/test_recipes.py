@@ -51,7 +51,9 @@ def test_preset_equals_its_documented_recipe(name):
     # a row documented with a value (not "default ...") is set by the preset
     for key, cell in doc.items():
         if not cell.startswith("default"):
-            assert key in recipe, f"{name}: docs/RECIPES.md lists `{key}` but the preset does not set it"
+            assert key in recipe, (
+                f"{name}: docs/RECIPES.md lists `{key}` but the preset does not set it"
+            )
 
 
 def test_every_preset_is_documented():

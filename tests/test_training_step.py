@@ -44,7 +44,9 @@ def spy_on_fake(fake: nn.Module, mean, var) -> list:
     original = fake.forward
 
     def forward(x, sigma, cond=None):
-        calls.append((x.detach().clone(), sigma.detach().clone().reshape(-1), torch.is_grad_enabled()))
+        calls.append(
+            (x.detach().clone(), sigma.detach().clone().reshape(-1), torch.is_grad_enabled())
+        )
         return gaussian_denoiser(x, sigma, mean, var) + 0.0 * original(x, sigma, cond)
 
     fake.forward = forward
@@ -118,7 +120,7 @@ def test_one_step_matches_the_dmd_gradient_and_losses(toy_teacher, tmp_path):
     assert torch.equal(seen["z"], d["z"])
     x = seen["x"]
     # the real and the fake score saw the same noisy sample at the same, drawn noise level
-    (noisy_r, sigma_r), = real.calls
+    ((noisy_r, sigma_r),) = real.calls
     noisy_f, sigma_f, grad_on = fake_calls[0]
     sigma = tr.grid[d["idx"]]
     assert not grad_on
@@ -171,7 +173,9 @@ def test_regression_pairs_each_noise_with_its_own_target(toy_teacher, toy_pairs,
     torch.testing.assert_close(logs["loss_reg"], expected, rtol=1e-5, atol=0)
     # and the gradient on G(z_i) is 2 * reg_weight * (G(z_i) - y_i) / (P * D); none on the DM rows
     grad = seen["grad"]
-    torch.testing.assert_close(grad[B:], 2 * 0.5 * (x_pair - y) / x_pair.numel(), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(
+        grad[B:], 2 * 0.5 * (x_pair - y) / x_pair.numel(), rtol=1e-4, atol=1e-9
+    )
     assert torch.count_nonzero(grad[:B]) == 0
 
 

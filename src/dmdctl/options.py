@@ -184,7 +184,11 @@ def typer_parameters(cls, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]
             info = typer.Argument(**kw)
         elif bare is bool:
             default = default_of(f)
-            decl = f"{flag_name(f.name)}/--no-{f.name.replace('_', '-')}" if default else flag_name(f.name)
+            decl = (
+                f"{flag_name(f.name)}/--no-{f.name.replace('_', '-')}"
+                if default
+                else flag_name(f.name)
+            )
             info = typer.Option(decl, **kw)
         else:
             info = typer.Option(flag_name(f.name), **kw)
