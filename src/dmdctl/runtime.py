@@ -201,8 +201,10 @@ class OutputLock:
         self.command = command
         self.fd: int | None = None
         self.took_over: dict | None = None
+        self.created = False
 
     def acquire(self) -> OutputLock:
+        self.created = not self.folder.exists()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -279,6 +281,9 @@ class OutputLock:
         with contextlib.suppress(OSError):
             os.close(self.fd)
         self.fd = None
+        if self.created:  # a run refused before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()  # only if empty
 
 
 def is_main_launch_process() -> bool:
