@@ -262,6 +262,131 @@ def latency_rows(folder: Path, args, device) -> list[dict]:
     return [row]
 
 
+def _timed(fns: dict, reps: int, device) -> dict[str, float]:
+    """Median seconds of each function, interleaved A, B, A, B ... after one warm-up call each."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            f()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def sampling_lever(folder: Path, lever: str, args, device) -> tuple[dict, torch.Tensor]:
+    """One sampling variant on a fresh pipeline: its timings and its image for seed 0."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from dmdctl.speed import compile_regions
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[args.precision]
+    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype).to(device)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    t0 = time.perf_counter()
+    if lever == "channels-last":
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if lever == "compile":
+        compile_regions(pipe.unet)
+        pipe.vae.decoder.compile()
+    emb, _ = pipe.encode_prompt("a photo of a cat", device, 1, False)
+    side = pipe.unet.config.sample_size
+    latents = torch.randn((1, 4, side, side), generator=torch.Generator().manual_seed(0))
+    latents = latents.to(device, dtype)
+
+    def with_text(n=1):
+        return pipe(["a photo of a cat"] * n, num_inference_steps=1, guidance_scale=0,
+                    latents=latents.expand(n, -1, -1, -1), output_type="pt").images  # fmt: skip
+
+    def without_text(n=1):
+        return pipe(prompt_embeds=emb.expand(n, -1, -1), num_inference_steps=1, guidance_scale=0,
+                    latents=latents.expand(n, -1, -1, -1), output_type="pt").images  # fmt: skip
+
+    image = without_text().float()  # also the warm-up that compiles
+    _sync(device)
+    first = time.perf_counter() - t0
+    med = _timed({"text": with_text, "no_text": without_text}, args.latency_reps, device)
+    n = args.throughput_batch
+    thr = _timed({"batch": lambda: without_text(n)}, max(1, args.latency_reps // 2), device)
+    row = {
+        "sampling_lever": lever,
+        "ms_with_text_encoder": med["text"] * 1e3,
+        "ms_without_text_encoder": med["no_text"] * 1e3,
+        "images_per_s": n / thr["batch"],
+        "throughput_batch": n,
+        "setup_and_first_call_s": first,
+    }
+    return row, image
+
+
+def sampling_rows(folder: Path, args, device) -> list[dict]:
+    """One-step sampling of a 512 px image at batch 1 (text encoder included and excluded) and at
+    batch ``--throughput-batch``, plain and with each sampling lever; every lever's image is
+    compared with the plain pipeline's for the same noise."""
+    rows, reference = [], None
+    for lever in args.sampling_levers:
+        row, image = sampling_lever(folder, lever, args, device)
+        reference = image if reference is None else reference
+        row["max_abs_diff_vs_plain"] = float((image - reference).abs().max())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def pairs_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
+    """make-pairs for SD against the stock StableDiffusionPipeline producing the same latents
+    (PNDM, the recipe's CFG, same noise, same batch), each timed from loading the pipeline to
+    the last latent: pairs per second, and the ratio."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    from dmdctl.make_pairs import MakePairsConfig, make_pairs
+    from dmdctl.pairs import load_pairs
+
+    n, b = args.pairs_num, args.pairs_batch
+    out = folder.parent / "pairs-bench"
+    prompt_list = [x for x in prompts.read_text().splitlines() if x.strip()]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[args.precision]
+
+    def ours():
+        shutil.rmtree(out, ignore_errors=True)
+        make_pairs(MakePairsConfig(teacher="sd15-dmd", teacher_path=str(folder), out=str(out),
+                                   num_pairs=n, shard_size=n, batch_size=b, steps=args.pairs_steps,
+                                   prompts=str(prompts), device=str(device)))  # fmt: skip
+
+    ours()
+    noise = load_pairs(out).noise  # the same noise for the stock pipeline
+    guidance = float(json.loads((out / "manifest.json").read_text())["sampler"]["guidance"])
+
+    def stock():  # loads the pipeline too, as make-pairs loads its teacher: like for like
+        pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        for i in range(0, n, b):
+            idx = list(range(i, min(n, i + b)))
+            pipe([prompt_list[j % len(prompt_list)] for j in idx],
+                 num_inference_steps=args.pairs_steps, guidance_scale=guidance,
+                 latents=noise[idx].to(device, dtype), output_type="latent")  # fmt: skip
+
+    med = _timed({"dmdctl": ours, "diffusers": stock}, max(1, args.latency_reps // 2), device)
+    row = {
+        "pairs": n,
+        "batch": b,
+        "steps": args.pairs_steps,
+        "guidance": guidance,
+        "dmdctl_pairs_per_s": n / med["dmdctl"],
+        "diffusers_pairs_per_s": n / med["diffusers"],
+        "ratio": med["diffusers"] / med["dmdctl"],
+    }
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=["sd15", "tiny"], default="sd15")
@@ -296,6 +421,17 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=50)
     ap.add_argument("--latency-reps", type=int, default=3)
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument(
+        "--sampling-levers",
+        nargs="*",
+        default=["plain"],
+        choices=["plain", "channels-last", "compile"],
+        help="one-step sampling variants (none: skip the sampling rows)",
+    )
+    ap.add_argument("--throughput-batch", type=int, default=64)
+    ap.add_argument("--pairs-num", type=int, default=0, help="make-pairs rows (0: skip)")
+    ap.add_argument("--pairs-batch", type=int, default=16)
+    ap.add_argument("--pairs-steps", type=int, default=50)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--record", action="store_true", help="append the tables to BENCHMARKS.md")
     args = ap.parse_args()
@@ -312,6 +448,8 @@ def main() -> None:
         )
         train = train_rows(folder, prompts, args, args.device)
         latency = [] if args.skip_latency else latency_rows(folder, args, args.device)
+        sampling = sampling_rows(folder, args, args.device) if args.sampling_levers else []
+        pairs = pairs_rows(folder, prompts, args, args.device) if args.pairs_num else []
     body = [
         f"SD shape `{args.size}` (random weights), device {args.device}, recipe `{args.recipe}` "
         f"(docs/RECIPES.md), {args.precision} autocast, fp32 master weights for the generator "
@@ -342,12 +480,37 @@ def main() -> None:
             f"| teacher PNDM {r['teacher_steps']} steps + CFG 7.5 | {r['teacher_ms']:.0f} | 1.0 | 1 |",
             f"| one step (LCMScheduler, t=999) | {r['one_step_ms']:.0f} | {r['speedup']:.1f}x | {r['nfe_ratio']} |",
         ]
+    if sampling:
+        body += [
+            "",
+            f"One-step sampling, 512 px at this shape, {args.precision}: batch 1 latency with and "
+            f"without the text encoder, throughput at batch {args.throughput_batch}; images of "
+            "each lever against the plain pipeline's for the same noise.",
+            "",
+            "| lever | ms, batch 1, with text encoder | ms, without | images/s | setup + first call (s) | max abs diff |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in sampling:
+            body.append(
+                f"| {r['sampling_lever']} | {r['ms_with_text_encoder']:.1f} | "
+                f"{r['ms_without_text_encoder']:.1f} | {r['images_per_s']:.1f} | "
+                f"{r['setup_and_first_call_s']:.1f} | {r['max_abs_diff_vs_plain']:.2g} |"
+            )
+    for r in pairs:
+        body += [
+            "",
+            f"make-pairs vs the stock StableDiffusionPipeline, same latents ({r['pairs']} pairs, "
+            f"batch {r['batch']}, PNDM {r['steps']} steps, CFG {r['guidance']}):",
+            "",
+            "| dmdctl make-pairs (pairs/s) | diffusers pipeline (pairs/s) | ratio (>= 1: dmdctl not slower) |",
+            "|---|---|---|",
+            f"| {r['dmdctl_pairs_per_s']:.2f} | {r['diffusers_pairs_per_s']:.2f} | **{r['ratio']:.2f}** |",
+        ]
     text = "\n".join(body)
     print(text)
     if args.json:
-        args.json.write_text(
-            json.dumps({"machine": machine(), "train": train, "latency": latency}, indent=1)
-        )
+        rows = {"train": train, "latency": latency, "sampling": sampling, "pairs": pairs}
+        args.json.write_text(json.dumps({"machine": machine(), **rows}, indent=1))
     if args.record:
         append_markdown("SD1.5-shaped DMD step and sampling latency", text, "benchmarks.sd_step")
 
