@@ -79,6 +79,19 @@ def run_seed(teacher_name: str, seed: int, args, root: Path) -> dict:
     else:
         teacher_path = get_kind(teacher_name).default_path()
     teacher = load_teacher(teacher_path)
+    runs = {name: RUNS[name] for name in args.runs}
+    sources = {
+        "teacher_35nfe": teacher_source(teacher, 18),
+        "teacher_1step": teacher_source(teacher, 1),
+    }
+    if runs:
+        distill_runs(teacher_name, teacher_path, seed, runs, d, out)
+        sources.update({n: load_generator(out / n / "generator.safetensors") for n in runs})
+    n = args.samples[teacher_name]
+    return evaluate_rows(teacher_name, seed, sources, n, args)
+
+
+def distill_runs(teacher_name, teacher_path, seed, runs, d, out) -> None:
     say(f"{teacher_name} seed {seed}: {d['num_pairs']} pairs")
     # a finished pairs folder is kept as it is (make-pairs continues after its last shard)
     make_pairs(MakePairsConfig(teacher_path=str(teacher_path), out=str(out / "pairs"),
@@ -98,17 +111,13 @@ def run_seed(teacher_name: str, seed: int, args, root: Path) -> dict:
         warmup=d["warmup"],
         plot_samples=0,
     )
-    runs = {name: RUNS[name] for name in args.runs}
     for name, overrides in runs.items():
         if not (out / name / "generator.safetensors").is_file():
             say(f"{teacher_name} seed {seed}: distilling {name} ({d['distill_steps']} steps)")
             distill(replace(base, out=str(out / name), **overrides))
-    sources = {
-        "teacher_35nfe": teacher_source(teacher, 18),
-        "teacher_1step": teacher_source(teacher, 1),
-    }
-    sources.update({name: load_generator(out / name / "generator.safetensors") for name in runs})
-    n = args.samples[teacher_name]
+
+
+def evaluate_rows(teacher_name, seed, sources, n, args) -> dict:
     ecfg = EvalFidConfig(num_samples=n, seed=EVAL_SEED_START + seed * SEED_STRIDE,
                          precision_recall=True, bootstrap=args.bootstrap, batch_size=500,
                          kid_max_features=max(n, 10_000))  # fmt: skip
@@ -142,29 +151,31 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def summarise(teacher_name: str, per_seed: dict[int, dict], floor: dict, halves, args) -> str:
     seeds = sorted(per_seed)
-    rows = [r for r in ROWS if all(r in per_seed[s] for s in seeds)]
-    any_row = per_seed[seeds[0]]["dmd"]
+    # a row's seeds: those that ran it (the teacher rows run on every seed)
+    row_seeds = {r: [s for s in seeds if r in per_seed[s]] for r in ROWS}
+    rows = [r for r in ROWS if row_seeds[r]]
+    any_row = per_seed[seeds[0]]["teacher_35nfe"]
     ref = any_row["reference"]
     n = any_row["num_samples"]
     fmt = "{:.4f}" if teacher_name == "toy2d" else "{:.2f}"
 
     def agg(row, key):
-        return mean_std([per_seed[s][row][key] for s in seeds])
+        return mean_std([per_seed[s][row][key] for s in row_seeds[row]])
 
     def interval(row, key):
-        return hull([per_seed[s][row][f"{key}_interval"] for s in seeds])
+        return hull([per_seed[s][row][f"{key}_interval"] for s in row_seeds[row]])
 
     extra_cols = (
         ["class accuracy"] if teacher_name == "digits" else ["modes covered", "within 3 std"]
     )
-    head = ["row", "KID (mean ± seed std)", "KID interval", "FID", "precision [interval]",
+    head = ["row", "seeds", "KID (mean ± seed std)", "KID interval", "FID", "precision [interval]",
             "recall [interval]", "density", "coverage", *extra_cols]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         km, ks = agg(row, "kid")
         ki = interval(row, "kid")
         fm, fs = agg(row, "fid")
-        cells = [ROWS[row], f"{km:.4f} ± {ks:.4f}", f"[{ki[0]:.4f}, {ki[1]:.4f}]",
+        cells = [ROWS[row], ",".join(map(str, row_seeds[row])), f"{km:.4f} ± {ks:.4f}", f"[{ki[0]:.4f}, {ki[1]:.4f}]",
                  f"{fmt.format(fm)} ± {fmt.format(fs)}"]  # fmt: skip
         for key in ("precision", "recall"):
             m, s = agg(row, key)
@@ -177,12 +188,12 @@ def summarise(teacher_name: str, per_seed: dict[int, dict], floor: dict, halves,
             m, s = agg(row, "class_accuracy")
             cells.append(f"{m:.3f} ± {s:.3f}")
         else:
-            cells.append(" / ".join(str(per_seed[s][row]["modes_covered"]) for s in seeds))
+            cells.append(" / ".join(str(per_seed[s][row]["modes_covered"]) for s in row_seeds[row]))
             m, s = agg(row, "frac_within_3std")
             cells.append(f"{m:.3f} ± {s:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     fl = floor
-    fl_cells = [f"floor: {fl['source']}", f"{fl['kid']:.4f} ± {fl['kid_std']:.4f} (subsets)",
+    fl_cells = [f"floor: {fl['source']}", "-", f"{fl['kid']:.4f} ± {fl['kid_std']:.4f} (subsets)",
                 f"[{fl['kid_interval'][0]:.4f}, {fl['kid_interval'][1]:.4f}]", fmt.format(fl["fid"]),
                 f"{fl['precision']:.3f} [{fl['precision_interval'][0]:.3f}, {fl['precision_interval'][1]:.3f}]",
                 f"{fl['recall']:.3f} [{fl['recall_interval'][0]:.3f}, {fl['recall_interval'][1]:.3f}]",
@@ -258,8 +269,8 @@ def main(argv=None) -> str:
     ap.add_argument("--samples", nargs="+", default=["toy2d=10000", "digits=5000"],
                     help="samples per row and seed, per teacher (name=N)")  # fmt: skip
     ap.add_argument("--bootstrap", type=int, default=200, help="bootstrap rounds")
-    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS),
-                    help="distillation rows to run (default: all)")  # fmt: skip
+    ap.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS),
+                    help="distillation rows to run (default: all; none: the teacher rows only)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("runs/quality_ablation"),
                     help="runs and per-seed results (a finished seed is not run again)")  # fmt: skip
