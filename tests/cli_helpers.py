@@ -25,3 +25,7 @@ def one_line_error(r, *fragments):
     for f in fragments:
         assert f in lines[0], lines[0]
     assert "Traceback" not in r.output
+
+
+# the prompts of the tiny SD pipeline tests (conftest.py writes them to a file)
+SD_PROMPTS = ["a photo of a cat", "a red dog", "the blue sky", "a dog on the grass"]

@@ -28,3 +28,28 @@ def toy_pairs(toy_teacher, tmp_path_factory) -> str:
         )
     )
     return str(out)
+
+
+# --- tiny Stable Diffusion pipelines (random weights, written with save_pretrained) -------------
+@pytest.fixture(scope="session")
+def sd_pipe(tmp_path_factory):
+    """A tiny random eps-prediction SD pipeline folder, built once per test session."""
+    from dmdctl.sd.testing import build_pipeline
+
+    return build_pipeline(tmp_path_factory.mktemp("sd") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory):
+    """The prompts of ``cli_helpers.SD_PROMPTS``, one per line."""
+    from cli_helpers import SD_PROMPTS
+
+    p = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    p.write_text("\n".join(SD_PROMPTS) + "\n")
+    return p
+
+
+@pytest.fixture
+def hf_offline(monkeypatch):
+    """No test may reach for the network: hub ids resolve from the local cache only."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -5,33 +5,15 @@ levels to the wrong timestep and biases the x0 conversion (mu_fake - mu_real the
 systematic error in every bf16 run). These tests build the real trainer under bf16 on the CPU.
 """
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from dmdctl.distill import DistillConfig, DMDTrainer, dm_index_range
 
-PROMPTS = ["a red square", "a blue circle"]
-
-
-@pytest.fixture(scope="module")
-def sd_pipe(tmp_path_factory) -> Path:
-    from dmdctl.sd.testing import build_pipeline
-
-    return build_pipeline(tmp_path_factory.mktemp("sdp") / "pipe")
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    p.write_text("\n".join(PROMPTS) + "\n")
-    return p
-
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def offline(hf_offline):
+    """Every test here runs with HF_HUB_OFFLINE=1."""
 
 
 def sd_trainer(sd_pipe, prompts_file, out, precision, **kw) -> DMDTrainer:

@@ -13,17 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_helpers import SD_PROMPTS as PROMPTS
 from cli_helpers import ok, one_line_error, run
 from dmdctl.errors import UserError
-
-PROMPTS = ["a photo of a cat", "a red dog", "the blue sky", "a dog on the grass"]
-
-
-@pytest.fixture(scope="module")
-def sd_pipe(tmp_path_factory) -> Path:
-    from dmdctl.sd.testing import build_pipeline
-
-    return build_pipeline(tmp_path_factory.mktemp("sd") / "pipe")
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +27,9 @@ def vpred_pipe(tmp_path_factory) -> Path:
     )
 
 
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    p.write_text("\n".join(PROMPTS) + "\n")
-    return p
-
-
 @pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no test may reach for the network
+def offline(hf_offline):
+    """Every test here runs with HF_HUB_OFFLINE=1."""
 
 
 def _ddim(folder, **kw):

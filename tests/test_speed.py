@@ -1,8 +1,6 @@
 """The speed levers change kernels, not results: a training step with --sdpa-backend math,
 --channels-last or --compile gives the default step's losses and weights."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -11,23 +9,9 @@ from dmdctl.distill import DistillConfig, DMDTrainer
 from dmdctl.errors import UserError
 
 
-@pytest.fixture(scope="module")
-def sd_pipe(tmp_path_factory) -> Path:
-    from dmdctl.sd.testing import build_pipeline
-
-    return build_pipeline(tmp_path_factory.mktemp("sdspeed") / "pipe")
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    p.write_text("a red square\na blue circle\n")
-    return p
-
-
 @pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def offline(hf_offline):
+    """Every test here runs with HF_HUB_OFFLINE=1."""
 
 
 def one_step(sd_pipe, prompts_file, out, **levers):
