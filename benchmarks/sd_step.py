@@ -238,18 +238,7 @@ def latency_rows(folder: Path, args, device) -> list[dict]:
         pipe.scheduler = one_sched
         pipe("a photo of a cat", num_inference_steps=1, guidance_scale=0)
 
-    fns = {"teacher": teacher, "one_step": one_step}
-    for f in fns.values():  # warm-up
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(args.latency_reps):
-        for k, f in fns.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            f()
-            _sync(device)
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = _timed({"teacher": teacher, "one_step": one_step}, args.latency_reps, device)
     row = {
         "teacher_ms": med["teacher"] * 1e3,
         "one_step_ms": med["one_step"] * 1e3,

@@ -25,29 +25,29 @@ class StableDiffusion(TeacherKind):
         """Two SD1.5 recipes; every value and its source is listed in docs/RECIPES.md."""
         from ..sd.pipeline import SD15_HUB_ID
 
+        # what both recipes share: DMD2's optimiser set-up and DM-loss range, no EMA, and our
+        # memory and precision choices
+        common = {
+            "lr": 1e-5,
+            "fake_lr": 1e-5,
+            "batch_size": 2048,
+            "lr_schedule": "constant",
+            "warmup": 0,
+            "weight_decay": 0.01,
+            "grad_clip": 10.0,
+            "min_step_frac": 0.02,
+            "max_step_frac": 0.98,
+            "ema_decay": 0.0,
+            "grad_checkpointing": True,
+            "mixed_precision": "bf16",
+            "plot_samples": 16,
+        }
         return {
             # DMD2 (Yin et al. 2024), stage 1 of its public SD1.5 script: no regression, no GAN
             "sd15": {
                 "pipeline": SD15_HUB_ID,
                 "recipe_name": "DMD2 SD1.5, stage 1 (no regression, no GAN)",
-                "distill": {
-                    "reg_weight": 0.0,
-                    "real_guidance": 1.75,
-                    "lr": 1e-5,
-                    "fake_lr": 1e-5,
-                    "fake_updates": 10,
-                    "batch_size": 2048,
-                    "lr_schedule": "constant",
-                    "warmup": 0,
-                    "weight_decay": 0.01,
-                    "grad_clip": 10.0,
-                    "min_step_frac": 0.02,
-                    "max_step_frac": 0.98,
-                    "ema_decay": 0.0,
-                    "grad_checkpointing": True,
-                    "mixed_precision": "bf16",
-                    "plot_samples": 16,
-                },
+                "distill": dict(common, reg_weight=0.0, real_guidance=1.75, fake_updates=10),
             },
             # DMD (Yin et al. 2023), text-to-image: LPIPS regression on pairs made at the real
             # score's own guidance, one fake-score update per generator update
@@ -55,26 +55,14 @@ class StableDiffusion(TeacherKind):
                 "pipeline": SD15_HUB_ID,
                 "recipe_name": "DMD (v1) text-to-image: DM loss + LPIPS regression on teacher pairs",
                 "pairs": {"scheduler": "pndm", "steps": 50, "guidance": 3.0},
-                "distill": {
-                    "reg_loss": "lpips",
-                    "reg_weight": 0.25,
-                    "real_guidance": 3.0,
-                    "lr": 1e-5,
-                    "fake_lr": 1e-5,
-                    "fake_updates": 1,
-                    "batch_size": 2048,
-                    "pair_batch_size": 2048,
-                    "lr_schedule": "constant",
-                    "warmup": 0,
-                    "weight_decay": 0.01,
-                    "grad_clip": 10.0,
-                    "min_step_frac": 0.02,
-                    "max_step_frac": 0.98,
-                    "ema_decay": 0.0,
-                    "grad_checkpointing": True,
-                    "mixed_precision": "bf16",
-                    "plot_samples": 16,
-                },
+                "distill": dict(
+                    common,
+                    reg_loss="lpips",
+                    reg_weight=0.25,
+                    real_guidance=3.0,
+                    fake_updates=1,
+                    pair_batch_size=2048,
+                ),
             },
         }
 
