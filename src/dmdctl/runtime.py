@@ -75,10 +75,10 @@ def shutdown_process_group() -> bool:
 
     Returns whether there was one. Safe to call twice; never raises (this runs on the way out,
     often because something else failed)."""
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover - torch without distributed
+    if "torch" not in sys.modules:  # nothing imported torch (--help, --version): no group
         return False
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()):
         return False
     gc.collect()  # wrappers (DDP) caught in reference cycles let go of the group first
