@@ -299,13 +299,21 @@ def main(argv=None) -> str:
             if teacher_name == "toy2d"
             else get_kind(teacher_name).default_path()
         )
-        floor = score_floor(teacher.kind, teacher.config, args.samples[teacher_name],
-                            bootstrap=args.bootstrap)  # fmt: skip
-        floor.pop("versions", None)
-        halves = halves_check(teacher_name, args.bootstrap)
-        (args.out / teacher_name / "floor.json").write_text(
-            json.dumps({"floor": floor, "halves": halves}, indent=1, default=str) + "\n"
-        )
+        # the floor and the halves depend on the sample count and the rounds only: kept if made
+        saved = args.out / teacher_name / "floor.json"
+        key = {"samples": args.samples[teacher_name], "bootstrap": args.bootstrap}
+        old = json.loads(saved.read_text()) if saved.is_file() and not args.quick else {}
+        if old.get("key") == key:
+            floor, halves = old["floor"], old["halves"]
+        else:
+            floor = score_floor(teacher.kind, teacher.config, args.samples[teacher_name],
+                                bootstrap=args.bootstrap)  # fmt: skip
+            floor.pop("versions", None)
+            halves = halves_check(teacher_name, args.bootstrap)
+            saved.write_text(
+                json.dumps({"key": key, "floor": floor, "halves": halves}, indent=1, default=str)
+                + "\n"
+            )
         body = summarise(teacher_name, per_seed, floor, halves, args)
         body += f"\nTotal {(time.time() - t0) / 60:.1f} min ({args.threads} torch thread(s)).\n"
         bodies.append(finish(args, f"quality with intervals: {teacher_name} ablations", body,
