@@ -242,7 +242,7 @@ def summarise(teacher_name: str, per_seed: dict[int, dict], floor: dict, halves,
         targets.append(
             f"- same distribution: two disjoint halves of the digits training set ({halves['sizes'][0]} "
             f"and {halves['sizes'][1]} images): KID {halves['kid']:.4f} ± {halves['kid_std']:.4f} "
-            f"(subsets of {halves['kid_subset_size']}), on all features {halves['kid_all']:.4f}, "
+            f"(subsets of {halves['kid_subset_size']}{': each holds every feature, so no spread' if halves['kid_subset_size'] == min(halves['sizes']) else ''}), on all features {halves['kid_all']:.4f}, "
             f"95% interval [{lo:.4f}, {hi:.4f}]: contains 0: **{'met' if ok else 'NOT met'}**; "
             f"precision {halves['precision']:.3f}, recall {halves['recall']:.3f}"
         )
