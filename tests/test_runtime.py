@@ -137,3 +137,19 @@ def test_sharded_launch_is_refused_not_run_as_ddp(toy_teacher, tmp_path, monkeyp
             "--steps", "2", "--batch-size", "8", "--cpu")  # fmt: skip
     one_line_error(r, "does not support", "DDP")
     assert not (tmp_path / "d" / "log.jsonl").exists()
+
+
+def test_sample_under_a_launcher_leaves_the_files_to_the_main_process(
+    toy_teacher, tmp_path, monkeypatch
+):
+    """`torchrun -m dmdctl sample` used to have every process write the same files, and one
+    process's rename could pull a file from under the other (exit 2 in 4 of 20 stress launches)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    r = ok(run("sample", "--teacher-path", toy_teacher, "--steps", "2", "--num", "20",
+               "--out", tmp_path / "s", "--no-plot"))  # fmt: skip
+    assert not (tmp_path / "s").exists() and "sample" not in r.stdout
+    monkeypatch.setenv("RANK", "0")
+    ok(run("sample", "--teacher-path", toy_teacher, "--steps", "2", "--num", "20",
+           "--out", tmp_path / "s", "--no-plot"))  # fmt: skip
+    assert (tmp_path / "s" / "samples.safetensors").is_file()

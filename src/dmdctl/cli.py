@@ -900,7 +900,9 @@ def sample_cmd(
         prompts=prompts,
         offline=offline,
     )
-    _show("sample", sample(cfg))
+    result = sample(cfg)
+    if result:  # the other processes of a launch print nothing
+        _show("sample", result)
 
 
 # --- export ------------------------------------------------------------------------------------

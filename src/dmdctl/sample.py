@@ -14,6 +14,7 @@ from .errors import UserError, require
 from .eval_fid import source_from
 from .generator import generate
 from .make_pairs import pick_device
+from .runtime import is_main_launch_process
 from .ui import progress
 
 
@@ -47,6 +48,10 @@ class SampleConfig:
 
 
 def sample(cfg: SampleConfig) -> dict:
+    if not is_main_launch_process():
+        # several processes launched (torchrun, accelerate launch): sample does not split its
+        # work, so the main one draws every sample alone and the others leave its files alone
+        return {}
     if cfg.generator is None and cfg.teacher is not None:
         from .teachers.sd import is_sd_name
 
