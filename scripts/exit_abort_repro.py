@@ -1,9 +1,9 @@
 """The SIGABRT at exit of a 2-process gloo run, reproduced without dmdctl, with and without the fix.
 
 Each launch is ``torchrun --nproc_per_node 2`` of this file in worker mode: join a gloo process
-group, run one ``all_gather_object`` (as eval-fid's gather does) and exit at once, either
-leaving the group to interpreter shutdown or calling ``destroy_process_group()`` first (what
-``dmdctl.runtime.process_session`` does). Without it, a gloo worker thread that frees the
+group through Accelerate, sum a tensor and gather Python objects (as eval-fid does) and exit
+at once, either leaving the group to interpreter shutdown or calling ``destroy_process_group()``
+first (what ``dmdctl.runtime.process_session`` does). Without it, a gloo worker thread that frees the
 finished collective during interpreter shutdown asks for the GIL, CPython ends the thread, and
 the C++ runtime aborts: "terminate called without an active exception". Usage:
 
@@ -20,11 +20,14 @@ import sys
 
 
 def worker(destroy: bool) -> None:
+    import torch
     import torch.distributed as dist
+    from accelerate import PartialState
+    from accelerate.utils import gather_object, reduce
 
-    dist.init_process_group("gloo")
-    got = [None] * dist.get_world_size()
-    dist.all_gather_object(got, {"rank": dist.get_rank()})
+    PartialState(cpu=True)  # as eval-fid: a sum of statistics, then a gather of Python objects
+    reduce(torch.ones(10, dtype=torch.float64), "sum")
+    gather_object([{"rank": dist.get_rank()}])
     if destroy:
         dist.destroy_process_group()
 
