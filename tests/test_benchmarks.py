@@ -16,6 +16,7 @@ def bench_root(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow  # ~18 s: every part of the speed suite at tiny sizes
 def test_quick_suite_prints_ratios_and_records(bench_root, capsys):
     assert suite.main(["--device", "cpu", "--quick", "--record"]) == 0
     out = capsys.readouterr().out

@@ -327,6 +327,7 @@ def test_sd_usage_errors(sd_pipe, prompts_file, tmp_path, toy_teacher):
         one_line_error(r, "bitsandbytes")
 
 
+@pytest.mark.slow  # ~40 s: two torchrun launches of tiny SD pipelines
 def test_two_processes_split_the_prompts_and_match_one(sd_pipe, prompts_file, tmp_path):
     """torchrun with 2 processes: the main process encodes the prompts once, both sample their
     shards, and the pairs equal a 1-process run's; a 2-process distill runs on them."""
