@@ -53,3 +53,27 @@ def prompts_file(tmp_path_factory):
 def hf_offline(monkeypatch):
     """No test may reach for the network: hub ids resolve from the local cache only."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def sd_trainer(sd_pipe, prompts_file, hf_offline):
+    """Build a DMDTrainer on the tiny SD pipeline (no pairs, batch 2, CPU); keywords override."""
+    from dmdctl.distill import DistillConfig, DMDTrainer
+
+    def build(out, **kw):
+        base = dict(
+            teacher_path=str(sd_pipe),
+            prompts=str(prompts_file),
+            out=str(out),
+            reg_weight=0,
+            batch_size=2,
+            fake_updates=1,
+            real_guidance=1.75,
+            plot_samples=0,
+            cpu=True,
+        )
+        cfg = DistillConfig(**{**base, **kw})
+        cfg.validate()
+        return DMDTrainer(cfg)
+
+    return build

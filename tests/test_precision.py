@@ -16,24 +16,6 @@ def offline(hf_offline):
     """Every test here runs with HF_HUB_OFFLINE=1."""
 
 
-def sd_trainer(sd_pipe, prompts_file, out, precision, **kw) -> DMDTrainer:
-    cfg = DistillConfig(
-        teacher_path=str(sd_pipe),
-        prompts=str(prompts_file),
-        out=str(out),
-        reg_weight=0,
-        batch_size=2,
-        fake_updates=1,
-        real_guidance=1.75,
-        mixed_precision=precision,
-        plot_samples=0,
-        cpu=True,
-        **kw,
-    )
-    cfg.validate()
-    return DMDTrainer(cfg)
-
-
 def float_buffers(module: torch.nn.Module) -> dict[str, torch.dtype]:
     return {n: b.dtype for n, b in module.named_buffers() if b.is_floating_point()}
 
@@ -44,8 +26,8 @@ def test_dm_indices_are_dmd2s_inclusive_range():
     assert dm_index_range(10, 0.5, 0.5) == (5, 6)
 
 
-def test_bf16_keeps_the_sd_schedule_exact(sd_pipe, prompts_file, tmp_path):
-    tr = sd_trainer(sd_pipe, prompts_file, tmp_path / "bf16", "bf16")
+def test_bf16_keeps_the_sd_schedule_exact(sd_trainer, tmp_path):
+    tr = sd_trainer(tmp_path / "bf16", mixed_precision="bf16")
     real = tr.real.denoiser  # under the guidance wrapper
     fake = tr.acc.unwrap_model(tr.fake)
     # the weights did go to bf16, the schedule buffers did not
@@ -60,18 +42,18 @@ def test_bf16_keeps_the_sd_schedule_exact(sd_pipe, prompts_file, tmp_path):
     assert torch.equal(real.timesteps(tr.grid[levels]), levels)
     assert torch.equal(fake.timesteps(tr.grid[levels]), levels)
     # the x0 conversion uses the noise actually added: the real score's abar matches fp32's
-    ref = sd_trainer(sd_pipe, prompts_file, tmp_path / "fp32", "no")
+    ref = sd_trainer(tmp_path / "fp32", mixed_precision="no")
     assert torch.equal(real.abar, ref.real.denoiser.abar)
     assert torch.equal(tr.grid, ref.grid)
 
 
-def test_bf16_and_fp32_runs_draw_the_same_dm_timesteps(sd_pipe, prompts_file, tmp_path):
+def test_bf16_and_fp32_runs_draw_the_same_dm_timesteps(sd_trainer, tmp_path):
     """200 steps' worth of the DM loss's draws: bf16 and fp32 land on identical timesteps."""
     from dmdctl.distill import step_generator
 
     seen = {}
     for precision in ("bf16", "no"):
-        tr = sd_trainer(sd_pipe, prompts_file, tmp_path / precision, precision)
+        tr = sd_trainer(tmp_path / precision, mixed_precision=precision)
         steps = []
         for step in range(200):
             gen = step_generator(0, step)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dmdctl.speed as speed
-from dmdctl.distill import DistillConfig, DMDTrainer
+from dmdctl.distill import DistillConfig
 from dmdctl.errors import UserError
 
 
@@ -14,24 +14,8 @@ def offline(hf_offline):
     """Every test here runs with HF_HUB_OFFLINE=1."""
 
 
-def one_step(sd_pipe, prompts_file, out, **levers):
-    cfg = DistillConfig(
-        teacher_path=str(sd_pipe),
-        prompts=str(prompts_file),
-        out=str(out),
-        reg_weight=0,
-        batch_size=2,
-        fake_updates=1,
-        real_guidance=1.75,
-        lr=1e-3,
-        fake_lr=1e-3,
-        warmup=0,
-        plot_samples=0,
-        cpu=True,
-        **levers,
-    )
-    cfg.validate()
-    tr = DMDTrainer(cfg)
+def one_step(sd_trainer, out, **levers):
+    tr = sd_trainer(out, lr=1e-3, fake_lr=1e-3, warmup=0, **levers)
     logs = tr.train_step()
     weights = torch.cat([p.detach().flatten() for p in tr.unwrapped_generator.parameters()])
     return tr, logs, weights
@@ -45,21 +29,21 @@ def check_same_step(base, logs, w0, w, name):
     assert (w - w0).abs().max() <= 2.5e-3  # at most about one lr (1e-3) step apart
 
 
-def test_attention_backend_and_channels_last_give_the_default_step(sd_pipe, prompts_file, tmp_path):
-    _, base, w0 = one_step(sd_pipe, prompts_file, tmp_path / "base")
-    _, logs, w = one_step(sd_pipe, prompts_file, tmp_path / "math", sdpa_backend="math")
+def test_attention_backend_and_channels_last_give_the_default_step(sd_trainer, tmp_path):
+    _, base, w0 = one_step(sd_trainer, tmp_path / "base")
+    _, logs, w = one_step(sd_trainer, tmp_path / "math", sdpa_backend="math")
     check_same_step(base, logs, w0, w, "math")
-    tr, logs, w = one_step(sd_pipe, prompts_file, tmp_path / "cl", channels_last=True)
+    tr, logs, w = one_step(sd_trainer, tmp_path / "cl", channels_last=True)
     check_same_step(base, logs, w0, w, "channels_last")
     conv = tr.unwrapped_generator.denoiser.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.slow  # tracing three UNets takes ~30 s of CPU even without code generation
-def test_compile_gives_the_default_step(sd_pipe, prompts_file, tmp_path, monkeypatch):
+def test_compile_gives_the_default_step(sd_trainer, tmp_path, monkeypatch):
     monkeypatch.setattr(speed, "COMPILE_BACKEND", "eager")  # the wiring, without code generation
-    _, base, w0 = one_step(sd_pipe, prompts_file, tmp_path / "base")
-    tr, logs, w = one_step(sd_pipe, prompts_file, tmp_path / "compile", compile=True)
+    _, base, w0 = one_step(sd_trainer, tmp_path / "base")
+    tr, logs, w = one_step(sd_trainer, tmp_path / "compile", compile=True)
     check_same_step(base, logs, w0, w, "compile")
     unet = tr.unwrapped_generator.denoiser.unet  # every down/mid/up block runs compiled
     blocks = speed.repeated_blocks(unet)
