@@ -22,10 +22,13 @@ os.environ.setdefault("DMDCTL_QUIET", "1")
 
 import torch  # noqa: E402
 
-from dmdctl.distill import DistillConfig, distill  # noqa: E402
-from dmdctl.eval_fid import EvalFidConfig, evaluate  # noqa: E402
+from dmdctl.commands.distill import DistillConfig  # noqa: E402
+from dmdctl.commands.eval_fid import EvalFidConfig  # noqa: E402
+from dmdctl.commands.make_pairs import MakePairsConfig  # noqa: E402
+from dmdctl.distill import distill  # noqa: E402
+from dmdctl.eval_fid import evaluate  # noqa: E402
 from dmdctl.generator import teacher_source  # noqa: E402
-from dmdctl.make_pairs import MakePairsConfig, make_pairs  # noqa: E402
+from dmdctl.make_pairs import make_pairs  # noqa: E402
 from dmdctl.quality import score_floor  # noqa: E402
 from dmdctl.teachers import load_teacher  # noqa: E402
 from dmdctl.teachers.digits import TEACHER_FILE, Digits  # noqa: E402

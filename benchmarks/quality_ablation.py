@@ -16,7 +16,7 @@ Targets checked (issue 12): two disjoint halves of the digits training set score
 interval contains 0; the KID gap between the teacher at 35 NFE and at 1 step is at least 20
 times the seed-to-seed standard deviation of either.
 
-The distillation settings are the demo's (``dmdctl.demo.DEMOS``). The digits teacher is the
+The distillation settings are the demo's (``dmdctl.commands.demo.DEMO_DEFAULTS``). The digits teacher is the
 shipped one: its rows vary by sampling seed only.
 
     OMP_WAIT_POLICY=PASSIVE python -m benchmarks.quality_ablation --teachers toy2d digits --seeds 0 1 2
@@ -37,15 +37,19 @@ os.environ.setdefault("DMDCTL_QUIET", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dmdctl.demo import DEMOS  # noqa: E402
-from dmdctl.distill import DistillConfig, distill  # noqa: E402
-from dmdctl.eval_fid import EVAL_SEED_START, EvalFidConfig, evaluate  # noqa: E402
+from dmdctl.commands.distill import DistillConfig  # noqa: E402
+from dmdctl.commands.eval_fid import EVAL_SEED_START, EvalFidConfig  # noqa: E402
+from dmdctl.commands.make_pairs import MakePairsConfig  # noqa: E402
+from dmdctl.commands.train_teacher import TrainTeacherConfig  # noqa: E402
+from dmdctl.commands.demo import DEMO_DEFAULTS  # noqa: E402
+from dmdctl.distill import distill  # noqa: E402
+from dmdctl.eval_fid import evaluate  # noqa: E402
 from dmdctl.generator import load_generator, teacher_source  # noqa: E402
 from dmdctl.intervals import compare_intervals, hull  # noqa: E402
-from dmdctl.make_pairs import MakePairsConfig, make_pairs  # noqa: E402
+from dmdctl.make_pairs import make_pairs  # noqa: E402
 from dmdctl.quality import score_features, score_floor, training_reference  # noqa: E402
 from dmdctl.teachers import get_kind, load_teacher  # noqa: E402
-from dmdctl.train_teacher import TrainTeacherConfig, train_teacher  # noqa: E402
+from dmdctl.train_teacher import train_teacher  # noqa: E402
 
 from .common import finish, say  # noqa: E402
 
@@ -281,7 +285,7 @@ def main(argv=None) -> str:
     torch.set_num_threads(max(1, args.threads))
     quick = dict(teacher_steps=30, num_pairs=16, distill_steps=2, batch_size=16, warmup=1)
     args.settings = {
-        name: dict(DEMOS[name]["defaults"], **(quick if args.quick else {})) for name in DEMOS
+        name: dict(DEMO_DEFAULTS[name], **(quick if args.quick else {})) for name in DEMO_DEFAULTS
     }
     bodies = []
     for teacher_name in args.teachers:

@@ -95,9 +95,9 @@ def recipe_config(
     folder: Path, prompts: Path, pairs: Path | None, args, batch: int, ckpt: bool, lever: str
 ):
     """The preset's own settings (docs/RECIPES.md), with the benchmark's shapes on top."""
-    from dmdctl.distill import DistillConfig, preset_defaults
+    from dmdctl.commands.distill import DistillConfig
 
-    values = preset_defaults({"teacher": args.recipe})
+    values = DistillConfig.preset_layer({"teacher": args.recipe})
     values.update(
         teacher=args.recipe,
         teacher_path=str(folder),
@@ -125,11 +125,13 @@ def train_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
 
     from accelerate import Accelerator
 
-    from dmdctl.distill import DMDTrainer, preset_defaults
-    from dmdctl.make_pairs import MakePairsConfig, make_pairs
+    from dmdctl.commands.make_pairs import MakePairsConfig
+    from dmdctl.commands.distill import DistillConfig
+    from dmdctl.distill import DMDTrainer
+    from dmdctl.make_pairs import make_pairs
 
     pairs = None
-    if preset_defaults({"teacher": args.recipe}).get("reg_weight", 0) > 0:
+    if DistillConfig.preset_layer({"teacher": args.recipe}).get("reg_weight", 0) > 0:
         # pairs at the recipe's guidance (make-pairs' default for it); their content is noise
         pairs = folder.parent / "pairs"
         make_pairs(
@@ -335,7 +337,8 @@ def pairs_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
 
     from diffusers import StableDiffusionPipeline
 
-    from dmdctl.make_pairs import MakePairsConfig, make_pairs
+    from dmdctl.commands.make_pairs import MakePairsConfig
+    from dmdctl.make_pairs import make_pairs
     from dmdctl.pairs import load_pairs
 
     n, b = args.pairs_num, args.pairs_batch

@@ -16,7 +16,8 @@ from pathlib import Path
 
 os.environ.setdefault("DMDCTL_QUIET", "1")
 
-from dmdctl.demo import DemoConfig, run_demo  # noqa: E402
+from dmdctl.commands.demo import DemoConfig  # noqa: E402
+from dmdctl.demo import run_demo  # noqa: E402
 
 from .common import append_markdown  # noqa: E402
 

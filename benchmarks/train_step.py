@@ -56,8 +56,10 @@ TARGET = 0.15
 def make_trainer(name: str, batch: int, pair_batch: int, fake_updates: int, device, folder: Path):
     from accelerate import Accelerator
 
-    from dmdctl.distill import DistillConfig, DMDTrainer
-    from dmdctl.make_pairs import MakePairsConfig, make_pairs
+    from dmdctl.commands.distill import DistillConfig
+    from dmdctl.commands.make_pairs import MakePairsConfig
+    from dmdctl.distill import DMDTrainer
+    from dmdctl.make_pairs import make_pairs
 
     tfile = teacher_file(name, folder)
     pairs = folder / f"pairs-{name}"

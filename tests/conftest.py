@@ -10,7 +10,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def toy_teacher(tmp_path_factory) -> str:
     """A briefly trained toy2d teacher file (a few seconds; good enough to exercise the code)."""
-    from dmdctl.train_teacher import TrainTeacherConfig, train_teacher
+    from dmdctl.commands.train_teacher import TrainTeacherConfig
+    from dmdctl.train_teacher import train_teacher
 
     out = tmp_path_factory.mktemp("teacher")
     train_teacher(TrainTeacherConfig(out=str(out), steps=300, batch_size=256))
@@ -19,7 +20,8 @@ def toy_teacher(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def toy_pairs(toy_teacher, tmp_path_factory) -> str:
-    from dmdctl.make_pairs import MakePairsConfig, make_pairs
+    from dmdctl.commands.make_pairs import MakePairsConfig
+    from dmdctl.make_pairs import make_pairs
 
     out = tmp_path_factory.mktemp("pairs")
     make_pairs(
@@ -58,7 +60,8 @@ def hf_offline(monkeypatch):
 @pytest.fixture
 def sd_trainer(sd_pipe, prompts_file, hf_offline):
     """Build a DMDTrainer on the tiny SD pipeline (no pairs, batch 2, CPU); keywords override."""
-    from dmdctl.distill import DistillConfig, DMDTrainer
+    from dmdctl.commands.distill import DistillConfig
+    from dmdctl.distill import DMDTrainer
 
     def build(out, **kw):
         base = dict(

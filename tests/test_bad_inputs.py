@@ -237,7 +237,7 @@ CASES = [
         D.replace("--batch-size 16", "--batch-size 0"),
         "--batch-size must be positive",
     ),
-    Case("d-nan-lr", "learning rate NaN", D + " --lr nan", "--lr must be positive, got nan"),
+    Case("d-nan-lr", "learning rate NaN", D + " --lr nan", "--lr must be a number, got nan"),
     Case(
         "d-bad-reg-loss",
         "unknown regression loss",
@@ -347,7 +347,7 @@ CASES = [
         "ef-pr-k-zero",
         "precision/recall with k = 0 neighbours",
         f"eval-fid {T} --steps 2 --precision-recall --pr-k 0",
-        "--pr-k must be at least 1, got 0",
+        "--pr-k must be positive, got 0",
     ),
 ]
 
@@ -355,10 +355,13 @@ CASES = [
 # --- the folder the cases run in ---------------------------------------------------------------
 def build_env(root: Path, teacher: str | None = None, pairs: str | None = None) -> None:
     """Lay out ``root/runs`` (a few seconds); reuse the test session's teacher and pairs if given."""
-    from dmdctl.distill import DistillConfig, distill
-    from dmdctl.make_pairs import MakePairsConfig, make_pairs
+    from dmdctl.commands.distill import DistillConfig
+    from dmdctl.commands.make_pairs import MakePairsConfig
+    from dmdctl.commands.train_teacher import TrainTeacherConfig
+    from dmdctl.distill import distill
+    from dmdctl.make_pairs import make_pairs
     from dmdctl.teachers import KINDS, preset_config, save_teacher
-    from dmdctl.train_teacher import TrainTeacherConfig, train_teacher
+    from dmdctl.train_teacher import train_teacher
 
     runs = root / "runs"
     (runs / "teacher").mkdir(parents=True)

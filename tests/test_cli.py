@@ -130,7 +130,7 @@ def test_bad_inputs_exit_2_with_one_line(toy_teacher, toy_pairs, tmp_path):
     )
     one_line_error(run("train-teacher", "sd99"), "unknown teacher 'sd99'")
     one_line_error(run("train-teacher", "sd15"), "built-in teachers only", "--teacher-path")
-    one_line_error(run("demo", "imagenet"), "unknown demo")
+    one_line_error(run("demo", "imagenet"), "TEACHER must be one of toy2d, digits")
     bad_toml = tmp_path / "bad.toml"
     bad_toml.write_text("steps = [\n")
     one_line_error(run("train-teacher", "--config", bad_toml), "not valid TOML")

@@ -1,4 +1,4 @@
-"""Config resolution: dataclass defaults < TOML file < command-line overrides."""
+"""Config resolution: dataclass defaults < preset layer < TOML file < command-line flags."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from dmdctl.config import default_help, resolve, write_config
+from dmdctl.config import Settings, resolve, write_config
 from dmdctl.errors import UserError
 
 VALIDATE_CALLS: list[ToyConfig] = []
 
 
 @dataclass
-class ToyConfig:
+class ToyConfig(Settings):
     steps: int = 100
     lr: float = 1e-3
     name: str = "toy"
@@ -22,7 +22,7 @@ class ToyConfig:
     teacher_path: str | None = None
     dropout: float = 0.0
 
-    def validate(self) -> None:
+    def check(self) -> None:
         VALIDATE_CALLS.append(self)
         if self.steps < 1:
             raise UserError(f"steps must be >= 1, got {self.steps}")
@@ -141,14 +141,6 @@ def test_validate_is_called(tmp_path):
         resolve(ToyConfig, None, steps=-2)
 
 
-def test_config_without_validate():
-    @dataclass
-    class Plain:
-        n: int = 1
-
-    assert resolve(Plain, None, n=4) == Plain(n=4)
-
-
 # ---------------------------------------------------------------- write_config
 
 
@@ -191,16 +183,29 @@ def test_written_config_then_overrides(tmp_path):
     assert cfg == ToyConfig(steps=60, lr=3e-4)
 
 
-# ---------------------------------------------------------------- default_help
+# ---------------------------------------------------------------- preset layer
 
 
-def test_default_help_appends_default():
-    assert default_help(ToyConfig, "steps", "Training steps.") == "Training steps. \\[default: 100]"
-    assert default_help(ToyConfig, "lr", "Learning rate.") == "Learning rate. \\[default: 0.001]"
-    assert default_help(ToyConfig, "name", "Run name.") == "Run name. \\[default: toy]"
+@dataclass
+class PresetConfig(Settings):
+    preset: str = "plain"
+    steps: int = 100
+    lr: float = 1e-3
+
+    @staticmethod
+    def preset_layer(values):
+        return {"fast": {"steps": 10, "lr": 0.1}}.get(values.get("preset", "plain"), {})
 
 
-def test_default_help_bool_and_none():
-    assert default_help(ToyConfig, "ema", "Use EMA.") == "Use EMA. \\[default: false]"
-    # no default to show
-    assert default_help(ToyConfig, "teacher_path", "Teacher file.") == "Teacher file."
+def test_preset_sits_between_defaults_and_file_and_flags(tmp_path):
+    assert resolve(PresetConfig) == PresetConfig()
+    assert resolve(PresetConfig, preset="fast") == PresetConfig("fast", 10, 0.1)
+    # the file beats the preset, a flag beats both; a flag equal to the default still counts
+    path = write(tmp_path, 'preset = "fast"\nlr = 0.5\n')
+    assert resolve(PresetConfig, path) == PresetConfig("fast", 10, 0.5)
+    assert resolve(PresetConfig, path, steps=100) == PresetConfig("fast", 100, 0.5)
+
+
+def test_a_misspelt_setting_from_python_is_an_error():
+    with pytest.raises(TypeError, match="stepz"):
+        resolve(PresetConfig, stepz=3)

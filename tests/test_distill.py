@@ -5,9 +5,11 @@ import torch
 from safetensors.torch import load_file
 
 import dmdctl.distill as dd
-from dmdctl.distill import DistillConfig, distill
+from dmdctl.commands.distill import DistillConfig
+from dmdctl.commands.export import ExportConfig
+from dmdctl.distill import distill
 from dmdctl.errors import UserError
-from dmdctl.export import ExportConfig, export
+from dmdctl.export import export
 from dmdctl.generator import load_generator
 from dmdctl.sampling import seeded_noise
 from dmdctl.teachers import load_teacher

@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from dmdctl.eval_fid import EvalFidConfig, evaluate
+from dmdctl.commands.eval_fid import EvalFidConfig
+from dmdctl.eval_fid import evaluate
 
 
 def free_port() -> int:

@@ -203,7 +203,8 @@ def test_reference_protocol_must_match(random_weights, tmp_path):
     r = run("eval-fid", "--images", folder, "--ref", ref, "--protocol", "edm")
     # the count check comes first (3 images); with enough images the protocol check would fire
     one_line_error(r, "singular covariance")
-    from dmdctl.eval_fid import EvalFidConfig, evaluate
+    from dmdctl.commands.eval_fid import EvalFidConfig
+    from dmdctl.eval_fid import evaluate
 
     stats = save_stats_npz(tmp_path / "a.npz", np.zeros(2048), np.eye(2048), protocol=np.array("edm"),
                            num_samples=np.array(50000))  # fmt: skip

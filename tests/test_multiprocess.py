@@ -25,8 +25,10 @@ import torch
 from safetensors.torch import load_file
 
 import dmdctl.make_pairs as mp
-from dmdctl.distill import DistillConfig, distill
-from dmdctl.make_pairs import MakePairsConfig, make_pairs
+from dmdctl.commands.distill import DistillConfig
+from dmdctl.commands.make_pairs import MakePairsConfig
+from dmdctl.distill import distill
+from dmdctl.make_pairs import make_pairs
 from dmdctl.pairs import PROGRESS, PairWriter, read_manifest
 
 ENV = dict(

@@ -8,7 +8,8 @@ systematic error in every bf16 run). These tests build the real trainer under bf
 import pytest
 import torch
 
-from dmdctl.distill import DistillConfig, DMDTrainer, dm_index_range
+from dmdctl.commands.distill import DistillConfig
+from dmdctl.distill import DMDTrainer, dm_index_range
 
 
 @pytest.fixture(autouse=True)

@@ -22,9 +22,11 @@ import dmdctl.checkpoint as ck
 import dmdctl.distill as dd
 import dmdctl.pairs as dp
 from dmdctl.cli import app
-from dmdctl.distill import DistillConfig, distill
+from dmdctl.commands.distill import DistillConfig
+from dmdctl.commands.make_pairs import MakePairsConfig
+from dmdctl.distill import distill
 from dmdctl.errors import UserError
-from dmdctl.make_pairs import MakePairsConfig, make_pairs
+from dmdctl.make_pairs import make_pairs
 from dmdctl.pairs import load_pairs
 
 ENV = dict(

@@ -8,7 +8,7 @@ import argparse
 import pytest
 from benchmarks import quality_ablation as qa
 
-from dmdctl.demo import DEMOS
+from dmdctl.commands.demo import DEMO_DEFAULTS
 
 
 def row(kid, half_width, seed_shift=0.0):
@@ -42,7 +42,7 @@ def fake_results(gap: float) -> dict:
 def summary(gap: float) -> str:
     floor = dict(row(0.0, 0.01), source="held-out", nfe="-")
     halves = dict(row(0.001, 0.01), sizes=[750, 750], kid_all=0.001)
-    args = argparse.Namespace(bootstrap=50, settings={"digits": DEMOS["digits"]["defaults"]})
+    args = argparse.Namespace(bootstrap=50, settings={"digits": DEMO_DEFAULTS["digits"]})
     return qa.summarise("digits", fake_results(gap), floor, halves, args)
 
 

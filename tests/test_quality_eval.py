@@ -82,7 +82,7 @@ def test_precision_recall_needs_reference_features(tmp_path):
 
 @pytest.mark.parametrize(
     "flag,message",
-    [(("--pr-k", 0), "--pr-k must be at least 1"), (("--bootstrap", 3), "at least 10 rounds")],
+    [(("--pr-k", 0), "--pr-k must be positive, got 0"), (("--bootstrap", 3), "at least 10 rounds")],
 )
 def test_bad_values(flag, message):
     one_line_error(run("eval-fid", "--teacher", "digits", "--steps", 1, *flag), message)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from dmdctl.distill import DistillConfig, preset_defaults
-from dmdctl.make_pairs import pairs_guidance
+from dmdctl.commands.distill import DistillConfig
+from dmdctl.commands.make_pairs import MakePairsConfig
 from dmdctl.teachers import KINDS
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "RECIPES.md"
@@ -41,7 +41,7 @@ RECIPE_PRESETS = ["sd15", "sd15-dmd", "edm-imagenet64", "edm-cifar10"]
 @pytest.mark.parametrize("name", RECIPE_PRESETS)
 def test_preset_equals_its_documented_recipe(name):
     doc = documented()[name]
-    recipe = preset_defaults({"teacher": name})
+    recipe = DistillConfig.preset_layer({"teacher": name})
     assert recipe, name
     fields = {f.name for f in DistillConfig.__dataclass_fields__.values()}
     for key, value in recipe.items():
@@ -64,13 +64,18 @@ def test_every_preset_is_documented():
 
 
 def test_dmd2_recipes_have_no_regression_and_dmd_pairs_match_the_real_guidance():
-    assert preset_defaults({"teacher": "sd15"})["reg_weight"] == 0.0
-    assert preset_defaults({"teacher": "edm-imagenet64"})["reg_weight"] == 0.0
+    assert DistillConfig.preset_layer({"teacher": "sd15"})["reg_weight"] == 0.0
+    assert DistillConfig.preset_layer({"teacher": "edm-imagenet64"})["reg_weight"] == 0.0
     # a bare SD pipeline folder takes the sd15 (DMD2) recipe; `--teacher sd` too
-    assert preset_defaults({"teacher": "sd"}) == preset_defaults({"teacher": "sd15"})
+    assert DistillConfig.preset_layer({"teacher": "sd"}) == DistillConfig.preset_layer({"teacher": "sd15"})
     # the DMD text-to-image recipe: pairs at the real score's own CFG
-    dmd = preset_defaults({"teacher": "sd15-dmd"})
-    assert pairs_guidance(KINDS["sd"], "sd15-dmd") == dmd["real_guidance"] == 3.0
-    assert pairs_guidance(KINDS["sd"], None) == 3.0
+    dmd = DistillConfig.preset_layer({"teacher": "sd15-dmd"})
+    pairs = MakePairsConfig.preset_layer({"teacher": "sd15-dmd"})
+    assert pairs["guidance"] == dmd["real_guidance"] == 3.0
+    # make-pairs for sd15 (whose DMD2 recipe has no pairs) or a bare pipeline makes DMD's pairs
+    assert MakePairsConfig.preset_layer({"teacher": "sd15"}) == pairs
+    assert MakePairsConfig.preset_layer({"teacher": "sd"}) == pairs
+    # every key of a pairs recipe is a make-pairs setting, read through the same layer
+    assert set(pairs) <= {f.name for f in MakePairsConfig.__dataclass_fields__.values()}
     # edm: only a named preset brings a recipe (ImageNet and CIFAR-10 recipes differ)
-    assert preset_defaults({"teacher": "edm"}) == {}
+    assert DistillConfig.preset_layer({"teacher": "edm"}) == {}

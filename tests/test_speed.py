@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dmdctl.speed as speed
-from dmdctl.distill import DistillConfig
+from dmdctl.commands.distill import DistillConfig
 from dmdctl.errors import UserError
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from dmdctl.distill import DistillConfig, DMDTrainer, step_generator
+from dmdctl.commands.distill import DistillConfig
+from dmdctl.distill import DMDTrainer, step_generator
 from dmdctl.losses import edm_weight
 
 B, P = 16, 8
@@ -182,7 +183,8 @@ def test_regression_pairs_each_noise_with_its_own_target(toy_teacher, toy_pairs,
 @pytest.fixture(scope="module")
 def heun_pairs(toy_teacher, tmp_path_factory) -> str:
     """256 pairs from the teacher's 35-NFE sampler (the session's toy_pairs use 15 NFE)."""
-    from dmdctl.make_pairs import MakePairsConfig, make_pairs
+    from dmdctl.commands.make_pairs import MakePairsConfig
+    from dmdctl.make_pairs import make_pairs
 
     out = tmp_path_factory.mktemp("heun-pairs")
     make_pairs(

@@ -6,8 +6,7 @@ a temporary name and renamed when complete, so a crash mid-write never leaves a 
 looks complete. (Accelerate's ``save_state`` pickles optimiser and RNG states; this format
 keeps every file loadable without unpickling.)
 
-Also here: :class:`StopRequested` (SIGTERM/SIGINT become a flag the loops check, so a
-preempted run ends at a clean point), the resume checks, and the process-group timeout.
+Also here: the resume checks (config differences, trimming a log to the checkpoint's step).
 """
 
 from __future__ import annotations
@@ -17,8 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -29,73 +26,6 @@ from .errors import UserError
 from .files import atomic_write_bytes
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-
-# Collectives (barriers, DDP's all-reduce) wait at most this long for the slowest process.
-# Generous because the main process alone writes checkpoints, plots and evaluations while the
-# others wait at a barrier; the defaults (10 min NCCL, 30 min gloo) can be too short for that.
-PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
-
-
-def launched_processes() -> int:
-    """How many processes the launcher (torchrun, accelerate launch) started, from its env."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
-
-
-def use_cpu(requested: bool) -> bool:
-    """Run on the CPU: when asked, or when several processes were launched on a machine without
-    an accelerator (Accelerate only sets up multi-CPU/gloo training when told ``cpu=True``;
-    otherwise each process would believe it is alone and all would write the same files)."""
-    if requested:
-        return True
-    if launched_processes() <= 1:
-        return False
-    has = getattr(torch, "accelerator", None)
-    return not (has.is_available() if has is not None else torch.cuda.is_available())
-
-
-def check_launch(num_processes: int) -> None:
-    """Refuse a launch where the processes did not join one group (each would act as main)."""
-    world = launched_processes()
-    if world > 1 and num_processes != world:
-        raise UserError(
-            f"the launcher started {world} processes but they did not form one process group "
-            f"(this one sees {num_processes}); check the accelerate/torchrun settings"
-        )
-
-
-class StopRequested:
-    """Turns SIGTERM/SIGINT into a flag the loop checks, so the run can stop at a clean point.
-
-    A second signal raises KeyboardInterrupt at once (the user insists).
-    """
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    @property
-    def name(self) -> str | None:
-        return signal.Signals(self.signal).name if self.signal is not None else None
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def describe_os_error(e: BaseException) -> str:

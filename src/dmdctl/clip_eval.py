@@ -16,39 +16,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .commands.clip_score import ClipScoreConfig
 from .config import write_config
-from .errors import UserError, require
-
-
-@dataclass
-class ClipScoreConfig:
-    images: str | None = None
-    prompts: str | None = None
-    clip_model: str | None = None
-    prefix: str = ""
-    resize: int = 0
-    batch_size: int = 64
-    device: str = "auto"
-    offline: bool = False
-    json: str | None = None
-
-    def validate(self) -> None:
-        require(self.images is not None, "pass --images FOLDER (the images to score)")
-        require(
-            self.prompts is not None,
-            "pass --prompts FILE (one prompt per line, or the images.jsonl of `dmdctl sample`)",
-        )
-        require(
-            self.clip_model is not None,
-            "pass --clip-model PATH_OR_HUB_ID (a transformers CLIPModel with its processor)",
-        )
-        require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        require(self.resize >= 0, f"--resize must be >= 0 (0: none), got {self.resize}")
+from .errors import UserError
 
 
 def _pairs_from_index(index: Path) -> list[tuple[Path, str]] | None:
@@ -100,7 +74,7 @@ def image_prompt_pairs(images: Path, prompts: Path) -> list[tuple[Path, str]]:
 def clip_score_folder(cfg: ClipScoreConfig) -> dict:
     from .clip_score import clip_cosines
     from .eval_fid import _read_image
-    from .make_pairs import pick_device
+    from .runtime import pick_device
 
     pairs = image_prompt_pairs(Path(cfg.images), Path(cfg.prompts))
     if not pairs:

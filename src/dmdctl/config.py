@@ -1,7 +1,10 @@
-"""Config objects: dataclass defaults < TOML file < command-line flags.
+"""Settings of a command: dataclass defaults < preset < TOML file < command-line flags.
 
-Each command has one dataclass. The resolved config is written next to the command's outputs
-as TOML, so ``--config that_file.toml`` repeats the run.
+Each command has one settings dataclass (``dmdctl.commands``), a subclass of :class:`Settings`
+whose fields are declared with :func:`dmdctl.options.option`. :func:`resolve` is the one way a
+settings object is built from what a user gave, on the command line or from Python. The resolved
+settings are written next to the command's outputs as TOML, so ``--config that_file.toml``
+repeats the run.
 """
 
 from __future__ import annotations
@@ -23,15 +26,28 @@ from .errors import UserError
 T = TypeVar("T")
 
 
-def default_help(cls: type, name: str, text: str) -> str:
-    """Help text for a CLI option with the dataclass default appended (one source of truth)."""
-    field = {f.name: f for f in dataclasses.fields(cls)}[name]
-    value = field.default
-    if value is dataclasses.MISSING or value is None:
-        return text
-    if isinstance(value, bool):
-        value = str(value).lower()
-    return f"{text} \\[default: {value}]"
+class Settings:
+    """Base of every command's settings dataclass.
+
+    ``preset_layer(values)`` returns the defaults that depend on what was chosen (the teacher
+    preset's recipe, a demo's sizes): they sit above the dataclass defaults and below a
+    ``--config`` file and the flags. ``check()`` holds the checks that involve several fields or
+    the file system; the limits and choices declared on the fields are checked for every
+    command in the same way (:func:`dmdctl.options.check_options`).
+    """
+
+    @staticmethod
+    def preset_layer(values: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def check(self) -> None:
+        pass
+
+    def validate(self) -> None:
+        from .options import check_options
+
+        check_options(self)
+        self.check()
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -69,13 +85,11 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def resolve(
-    cls: type[T], config_file: Path | None = None, preset_defaults=None, **overrides: Any
-) -> T:
-    """Build ``cls`` from its defaults, then the TOML file, then non-None overrides.
+def resolve(cls: type[T], config_file: Path | None = None, **given: Any) -> T:
+    """Build ``cls`` from its defaults, its preset layer, the TOML file, then the values given.
 
-    ``preset_defaults(values)`` may return defaults that depend on the chosen teacher (e.g. the
-    sd15 preset's learning rate); they sit between the dataclass defaults and the TOML file.
+    A value of None in ``given`` means "not given" (the command line's flags left out); the
+    preset layer (:meth:`Settings.preset_layer`) sees the file's and the given values.
     """
     values: dict[str, Any] = {}
     names = {f.name for f in dataclasses.fields(cls)}
@@ -88,15 +102,15 @@ def resolve(
                 f"(valid: {', '.join(sorted(names))})"
             )
         values.update(data)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if preset_defaults is not None:
-        values = {**preset_defaults(values), **values}
+    unknown = sorted(set(given) - names)
+    if unknown:  # a programming error (a caller's typo), not a user's
+        raise TypeError(f"{cls.__name__} has no settings {unknown}")
+    values.update({k: v for k, v in given.items() if v is not None})
+    values = {**cls.preset_layer(values), **values}
     hints = get_type_hints(cls)
     values = {k: _coerce(k, v, hints[k]) for k, v in values.items()}
     cfg = cls(**values)
-    check = getattr(cfg, "validate", None)
-    if check is not None:
-        check()
+    cfg.validate()
     return cfg
 
 

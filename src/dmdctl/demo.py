@@ -10,22 +10,27 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from rich.table import Table
 
-from .config import write_config
-from .distill import DistillConfig, distill
-from .errors import require
-from .eval_fid import EvalFidConfig, evaluate
-from .export import ExportConfig, export
+from .commands.demo import DemoConfig
+from .commands.distill import DistillConfig
+from .commands.eval_fid import EvalFidConfig
+from .commands.export import ExportConfig
+from .commands.make_pairs import MakePairsConfig
+from .commands.train_teacher import TrainTeacherConfig
+from .config import resolve, write_config
+from .distill import distill
+from .eval_fid import evaluate
+from .export import export
 from .generator import Source, generate, load_generator, teacher_source
-from .make_pairs import MakePairsConfig, make_pairs
+from .make_pairs import make_pairs
 from .quality import score_floor
 from .teachers import load_teacher, preset_config
-from .train_teacher import TrainTeacherConfig, train_teacher
+from .train_teacher import train_teacher
 from .ui import console, info, print_table
 
 ROW_TITLES = {
@@ -39,82 +44,25 @@ ROW_TITLES = {
 }
 DEMO_BOOTSTRAP = 100  # bootstrap rounds of the KID / precision / recall intervals in metrics.json
 
-# Per-demo defaults (any DemoConfig field left at None takes these) and the distillation runs.
-DEMOS: dict[str, dict] = {
+# The distillation runs of each demo (its settings: dmdctl.commands.demo.DEMO_DEFAULTS).
+DEMO_RUNS: dict[str, dict[str, dict]] = {
     "toy2d": {
-        "defaults": dict(
-            teacher_steps=8000,
-            num_pairs=128,
-            distill_steps=2000,
-            lr=1e-3,
-            eval_samples=10000,
-            batch_size=512,
-            reg_loss="l2",
-            fake_updates=1,
-            warmup=100,
-        ),
-        "runs": {
-            "dmd": {},
-            "dmd_real_only": dict(real_only=True, reg_weight=0.0),
-            "dmd_no_reg": dict(reg_weight=0.0),
-            "dmd_reg_only": dict(dm_weight=0.0),
-        },
+        "dmd": {},
+        "dmd_real_only": dict(real_only=True, reg_weight=0.0),
+        "dmd_no_reg": dict(reg_weight=0.0),
+        "dmd_reg_only": dict(dm_weight=0.0),
     },
     "digits": {
-        "defaults": dict(
-            teacher_steps=0,
-            num_pairs=100,
-            distill_steps=200,
-            lr=1e-4,
-            fake_updates=3,
-            warmup=20,
-            eval_samples=1000,
-            batch_size=64,
-            reg_loss="l2",
-        ),
-        "runs": {
-            "dmd": {},
-            "dmd_no_reg": dict(reg_weight=0.0),
-            "dmd_reg_only": dict(dm_weight=0.0),
-        },
+        "dmd": {},
+        "dmd_no_reg": dict(reg_weight=0.0),
+        "dmd_reg_only": dict(dm_weight=0.0),
     },
 }
 
 
-@dataclass
-class DemoConfig:
-    teacher: str = "digits"
-    out: str = "dmdctl-demo"
-    teacher_steps: int | None = None
-    num_pairs: int | None = None
-    distill_steps: int | None = None
-    lr: float | None = None
-    batch_size: int | None = None
-    reg_loss: str | None = None
-    fake_updates: int | None = None
-    warmup: int | None = None
-    eval_samples: int | None = None
-    seed: int = 0
-
-    def validate(self) -> None:
-        require(
-            self.teacher in DEMOS, f"unknown demo {self.teacher!r} (available: {', '.join(DEMOS)})"
-        )
-        for name in ("num_pairs", "distill_steps", "eval_samples", "batch_size"):
-            v = getattr(self, name)
-            require(v is None or v > 0, f"--{name.replace('_', '-')} must be positive, got {v}")
-        require(
-            self.teacher_steps is None or self.teacher_steps >= 0,
-            f"--teacher-steps must be >= 0, got {self.teacher_steps}",
-        )
-
-    def resolved(self) -> DemoConfig:
-        d = DEMOS[self.teacher]["defaults"]
-        return replace(self, **{k: v for k, v in d.items() if getattr(self, k) is None})
-
-
 def run_demo(cfg: DemoConfig) -> dict:
-    cfg = cfg.resolved()
+    # a config made in Python may leave the demo's own values out: resolve fills them in
+    cfg = resolve(DemoConfig, **asdict(cfg))
     if cfg.teacher == "toy2d":
         torch.set_num_threads(1)  # a small MLP: one thread is faster than two on a 2-core machine
     out = Path(cfg.out)
@@ -160,7 +108,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         fake_updates=cfg.fake_updates,
         warmup=cfg.warmup,
     )
-    runs = DEMOS[cfg.teacher]["runs"]
+    runs = DEMO_RUNS[cfg.teacher]
     for i, (name, overrides) in enumerate(runs.items()):
         info(f"[bold]3/5[/bold] distilling: {name} ({i + 1}/{len(runs)})")
         distill(replace(base, out=str(out / name), **overrides))

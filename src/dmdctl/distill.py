@@ -19,7 +19,7 @@ import json
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,10 +28,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from safetensors import SafetensorError
 
 from .checkpoint import (
-    PROCESS_GROUP_TIMEOUT,
-    StopRequested,
     append_line,
-    check_launch,
     config_differences,
     describe_os_error,
     find_checkpoint,
@@ -40,8 +37,8 @@ from .checkpoint import (
     read_checkpoint_state,
     save_checkpoint,
     trim_log,
-    use_cpu,
 )
+from .commands.distill import DistillConfig
 from .config import write_config
 from .denoiser import OneStepGenerator, freeze_in_dtype
 from .ema import EMA
@@ -50,166 +47,29 @@ from .generator import save_generator
 from .losses import dm_loss, edm_denoising_loss, regression_loss
 from .lpips_loss import RANDOM_BACKBONE_NOTE
 from .pairs import load_pairs
-from .runtime import claim_output, holds_output, refuse_sharding, release_on_return
+from .runtime import (
+    PROCESS_GROUP_TIMEOUT,
+    StopRequested,
+    check_launch,
+    claim_output,
+    holds_output,
+    refuse_sharding,
+    release_on_return,
+    use_cpu,
+)
 from .sampling import dmd_sigma_grid, seeded_noise
 from .sd.denoiser import GuidedDenoiser
-from .speed import SDPA_BACKENDS, apply_layout_and_compile, attention_backend
+from .speed import apply_layout_and_compile, attention_backend
 from .teachers import resolve_teacher
-from .trackers import RunTrackers, check_report_to
+from .trackers import RunTrackers
 from .trackers import accelerator_kwargs as tracker_kwargs
 from .ui import info, progress
 
-REG_LOSSES = ("l2", "pseudo-huber", "lpips")
-OPTIMIZERS = ("adamw", "adamw8bit")
 # with several processes a SIGTERM is acted on at a step all of them agree on: the next log,
 # checkpoint or evaluation step, or the next multiple of this (a launcher's grace period before
 # SIGKILL is often ~30 s: torchrun's, SLURM's default KillWait)
 STOP_CHECK_EVERY = 10
 PLOT_SEED_START = 10_000_000  # fixed noise for the sample plots, far from the pairs' seeds
-
-
-@dataclass
-class DistillConfig:
-    teacher: str | None = None
-    teacher_path: str | None = None
-    pairs: str | None = None
-    out: str = "runs/distill"
-    steps: int = 2000
-    batch_size: int = 512
-    pair_batch_size: int = 512
-    num_pairs: int = 0
-    lr: float = 3e-4
-    fake_lr: float = 3e-4
-    lr_schedule: str = "cosine"
-    warmup: int = 100
-    weight_decay: float = 0.01
-    grad_clip: float = 10.0
-    reg_loss: str = "l2"
-    reg_weight: float = 0.25
-    lpips_net: str = "vgg"
-    lpips_size: int = 32
-    lpips_random_backbone: bool = False
-    dm_weight: float = 1.0
-    real_only: bool = False
-    fake_updates: int = 1
-    sigma_levels: int = 1000
-    min_step_frac: float = 0.02
-    max_step_frac: float = 0.98
-    ema_decay: float = 0.999
-    mixed_precision: str = "no"
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 0
-    log_every: int = 50
-    eval_every: int = 0
-    eval_samples: int = 1000
-    plot_samples: int = 2000
-    seed: int = 0
-    resume: str | None = None
-    cpu: bool = False
-    skip_nonfinite: bool = False
-    grad_checkpointing: bool = False
-    optimizer: str = "adamw"
-    # speed levers (dmdctl.speed; measured by benchmarks/sd_step.py)
-    sdpa_backend: str = "auto"
-    channels_last: bool = False
-    compile: bool = False
-    # text-to-image (Stable Diffusion) teachers
-    prompts: str | None = None
-    real_guidance: float | None = None
-    allow_guidance_mismatch: bool = False
-    offline: bool = False
-    report_to: str = "none"  # also send the log to tensorboard or wandb (dmdctl.trackers)
-
-    def validate(self) -> None:
-        for name in (
-            "steps",
-            "batch_size",
-            "pair_batch_size",
-            "fake_updates",
-            "sigma_levels",
-            "checkpoint_every",
-            "log_every",
-            "lpips_size",
-            "eval_samples",
-        ):
-            v = getattr(self, name)
-            require(v > 0, f"--{name.replace('_', '-')} must be positive, got {v}")
-        for name in ("lr", "fake_lr"):
-            v = getattr(self, name)
-            require(
-                v > 0 and math.isfinite(v), f"--{name.replace('_', '-')} must be positive, got {v}"
-            )
-        for name in (
-            "reg_weight",
-            "dm_weight",
-            "weight_decay",
-            "grad_clip",
-            "warmup",
-            "num_pairs",
-            "keep_checkpoints",
-            "plot_samples",
-            "eval_every",
-        ):
-            v = getattr(self, name)
-            require(v >= 0, f"--{name.replace('_', '-')} must be >= 0, got {v}")
-        require(
-            self.reg_loss in REG_LOSSES,
-            f"--reg-loss must be one of {', '.join(REG_LOSSES)}, got {self.reg_loss!r}",
-        )
-        require(
-            self.lr_schedule in ("cosine", "constant"),
-            f"--lr-schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}",
-        )
-        require(
-            self.mixed_precision in ("no", "bf16", "fp16"),
-            f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}",
-        )
-        require(
-            0 <= self.min_step_frac < self.max_step_frac <= 1,
-            f"need 0 <= --min-step-frac < --max-step-frac <= 1, got {self.min_step_frac}, {self.max_step_frac}",
-        )
-        require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        require(
-            self.sdpa_backend in SDPA_BACKENDS,
-            f"--sdpa-backend must be one of {', '.join(SDPA_BACKENDS)}, got {self.sdpa_backend!r}",
-        )
-        require(
-            self.optimizer in OPTIMIZERS,
-            f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
-        )
-        if self.optimizer == "adamw8bit":
-            import importlib.util
-
-            require(
-                importlib.util.find_spec("bitsandbytes") is not None,
-                "--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes; CUDA only)",
-            )
-        require(
-            not (self.optimizer == "adamw8bit" and self.skip_nonfinite),
-            "--skip-nonfinite needs --optimizer adamw (it uses torch's fused AdamW)",
-        )
-        require(
-            self.real_guidance is None or self.real_guidance >= 1,
-            f"--real-guidance must be >= 1 (1: no guidance), got {self.real_guidance}",
-        )
-        require(
-            self.dm_weight > 0 or self.reg_weight > 0,
-            "both --dm-weight and --reg-weight are 0: nothing to train",
-        )
-        require(
-            self.resume is None or str(self.resume).strip() != "",
-            "--resume needs 'latest' or a checkpoint folder",
-        )
-        from .make_pairs import check_out_folder, check_teacher_path
-
-        check_teacher_path(self.teacher_path, self.teacher)
-        check_out_folder(Path(self.out))
-        check_report_to(self.report_to)
-        require(
-            self.reg_weight == 0 or self.pairs is not None,
-            f"--reg-weight is {self.reg_weight} but no --pairs folder was given "
-            "(make one with `dmdctl make-pairs`, or pass --reg-weight 0 to train without regression)",
-        )
 
 
 def _forget_other_precision(mixed_precision: str) -> None:
@@ -220,33 +80,6 @@ def _forget_other_precision(mixed_precision: str) -> None:
     shared = AcceleratorState._shared_state
     if shared and str(shared.get("_mixed_precision", mixed_precision)) != mixed_precision:
         AcceleratorState._reset_state()
-
-
-def preset_defaults(values: dict) -> dict:
-    """The distill recipe a teacher preset carries (docs/RECIPES.md: every value's source)."""
-    from .sd.pipeline import is_pipeline_folder
-    from .teachers import get_kind, preset_config
-
-    name, path = values.get("teacher"), values.get("teacher_path")
-    if name is None and path is not None and is_pipeline_folder(Path(path)):
-        name = "sd"
-    if name is None:
-        return {}
-    try:
-        kind = get_kind(str(name))
-    except UserError:
-        return {}  # reported, with the known names, when the teacher is loaded
-    if name == kind.name:
-        if not kind.default_recipe_applies:
-            return {}  # e.g. edm: only a named preset (edm-imagenet64, edm-cifar10) brings one
-        name = kind.default_preset
-    _, cfg = preset_config(str(name))
-    recipe = cfg.get("distill") or cfg.get("recipe", {}).get("distill", {})
-    defaults = {f.name: f.default for f in fields(DistillConfig)}
-    unknown = sorted(set(recipe) - set(defaults))
-    if unknown:  # a preset must be runnable as written: no silently dropped settings
-        raise RuntimeError(f"preset {name} sets unknown distill settings {unknown}")
-    return dict(recipe)
 
 
 def lr_multiplier(step: int, cfg: DistillConfig) -> float:

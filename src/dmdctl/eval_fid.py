@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .commands.eval_fid import EvalFidConfig
 from .config import write_config
-from .errors import UserError, require
+from .errors import UserError
 from .fid import (
     FeatureStats,
     frechet_distance_fast,
@@ -42,126 +43,16 @@ from .fid import (
     stats_to_vector,
 )
 from .files import sha256_file
-from .generator import generate, load_generator, teacher_source
+from .generator import generate, source_from
 from .kid import KID_SEED, Reservoir
-from .make_pairs import pick_device
 from .protocols import PROTOCOLS, get_protocol
+from .runtime import pick_device
 from .sampling import class_labels
-from .teachers import resolve_teacher
 from .ui import progress
 
-EVAL_SEED_START = 1_000_000  # far from make-pairs' default seeds: never score the training noise
 COMPARABLE_SAMPLES = 10_000  # below this an Inception FID is flagged as not comparable
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-FEATURES = ("auto", "native", "inception")
 STATS_META = ("num_samples", "features", "protocol")
-
-
-@dataclass
-class EvalFidConfig:
-    generator: str | None = None
-    teacher: str | None = None
-    teacher_path: str | None = None
-    steps: int = 18
-    num_samples: int = 10000
-    seed: int = EVAL_SEED_START
-    batch_size: int = 1000
-    ref: str | None = None
-    json: str | None = None
-    grid: str | None = None
-    device: str = "auto"
-    images: str | None = None
-    make_ref: str | None = None
-    stats: str | None = None
-    out: str | None = None
-    features: str = "auto"
-    protocol: str = "edm"
-    inception_weights: str | None = None
-    inception_sha256: str | None = None
-    inception_batch: int = 64
-    offline: bool = False
-    kid: bool = True
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
-    kid_max_features: int = 10000
-    precision_recall: bool = False
-    pr_k: int = 3
-    bootstrap: int = 0
-
-    def validate(self) -> None:
-        require(self.num_samples >= 2, f"--num-samples must be at least 2, got {self.num_samples}")
-        require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        require(self.steps > 0, f"--steps must be positive, got {self.steps}")
-        require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
-        require(
-            self.features in FEATURES,
-            f"--features must be one of {', '.join(FEATURES)}, got '{self.features}'",
-        )
-        require(
-            self.protocol in PROTOCOLS,
-            f"--protocol must be one of {', '.join(PROTOCOLS)}, got '{self.protocol}'",
-        )
-        require(
-            self.inception_batch > 0,
-            f"--inception-batch must be positive, got {self.inception_batch}",
-        )
-        require(self.kid_subsets > 0, f"--kid-subsets must be positive, got {self.kid_subsets}")
-        require(
-            self.kid_subset_size >= 2, f"--kid-subset-size must be >= 2, got {self.kid_subset_size}"
-        )
-        require(
-            self.kid_max_features >= 2,
-            f"--kid-max-features must be >= 2, got {self.kid_max_features}",
-        )
-        require(self.pr_k >= 1, f"--pr-k must be at least 1, got {self.pr_k}")
-        require(
-            self.bootstrap == 0 or self.bootstrap >= 10,
-            f"--bootstrap must be 0 (no intervals) or at least 10 rounds, got {self.bootstrap}",
-        )
-        if self.make_ref:
-            require(
-                not self.precision_recall,
-                "--make-ref makes a reference, there is nothing to compare: drop --precision-recall",
-            )
-        model = (
-            self.generator is not None or self.teacher_path is not None or self.teacher is not None
-        )
-        modes = [m for m, on in [("--stats", self.stats), ("--make-ref", self.make_ref),
-                                 ("--images", self.images), ("--generator/--teacher", model)] if on]  # fmt: skip
-        require(
-            bool(modes),
-            "nothing to score: pass --generator FILE, or --teacher-path FILE with --steps N, "
-            "or --images FOLDER, --make-ref FOLDER_OR_NPZ -o REF.npz, --stats A.npz --ref B.npz",
-        )
-        require(len(modes) == 1, f"pass only one of {', '.join(modes)}")
-        require(
-            not (self.generator and self.teacher_path),
-            "pass either --generator or --teacher-path, not both",
-        )
-        if self.stats:
-            require(self.ref is not None, "--stats A.npz needs --ref B.npz to compare with")
-        if self.make_ref:
-            require(
-                self.out is not None, "--make-ref needs -o REF.npz (where to write the statistics)"
-            )
-            require(self.ref is None, "--make-ref makes a reference: do not pass --ref")
-        if self.images:
-            require(
-                self.ref is not None, "--images needs --ref STATS.npz (make one with --make-ref)"
-            )
-        if self.images or self.make_ref:
-            require(
-                self.features != "native",
-                "images are scored with Inception features: drop --features native",
-            )
-
-
-def source_from(cfg) -> object:
-    """The source of samples named by a config with generator/teacher/teacher_path/steps."""
-    if cfg.generator:
-        return load_generator(Path(cfg.generator))
-    teacher = resolve_teacher(cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None)
-    return teacher_source(teacher, cfg.steps)
 
 
 # ---------------------------------------------------------------- processes

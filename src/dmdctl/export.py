@@ -4,37 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, read_checkpoint_state
-from .errors import UserError, require
+from .commands.export import ExportConfig
+from .errors import UserError
 from .generator import load_generator, save_generator
 from .teachers import GENERATOR_FORMAT, get_kind, read_metadata
-
-FORMATS = ("safetensors", "diffusers")
-
-
-@dataclass
-class ExportConfig:
-    source: str | None = None
-    out: str = "generator.safetensors"
-    ema: bool = True
-    format: str = "safetensors"
-    # --format diffusers: the teacher pipeline to take the VAE/text encoder from (default: the
-    # one recorded in the generator)
-    teacher_path: str | None = None
-    offline: bool = False
-
-    def validate(self) -> None:
-        require(
-            self.source is not None,
-            "pass the run folder, checkpoint folder or generator file to export",
-        )
-        require(
-            self.format in FORMATS,
-            f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}",
-        )
 
 
 def _checkpoint_of(source: Path) -> Path | None:

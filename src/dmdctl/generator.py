@@ -18,7 +18,7 @@ from .denoiser import OneStepGenerator
 from .errors import UserError
 from .files import atomic_save_safetensors
 from .sampling import class_labels, heun_nfe, heun_sample, karras_sigmas, seeded_noise
-from .teachers import GENERATOR_FORMAT, Teacher, get_kind, load_state
+from .teachers import GENERATOR_FORMAT, Teacher, get_kind, load_state, resolve_teacher
 from .teachers.base import TeacherKind
 
 
@@ -140,3 +140,11 @@ def generate(
         if progress_cb:
             progress_cb(z.shape[0])
     return torch.cat(out), labels
+
+
+def source_from(cfg) -> object:
+    """The source of samples named by a config with generator/teacher/teacher_path/steps."""
+    if cfg.generator:
+        return load_generator(Path(cfg.generator))
+    teacher = resolve_teacher(cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None)
+    return teacher_source(teacher, cfg.steps)

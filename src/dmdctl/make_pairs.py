@@ -8,166 +8,19 @@ and running the same command again (in any number of processes) makes only what 
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import PROCESS_GROUP_TIMEOUT, StopRequested, check_launch, use_cpu
+from .commands.make_pairs import MakePairsConfig
 from .config import write_config
-from .errors import UserError, require
+from .errors import require
 from .pairs import DTYPES, PairWriter
-from .runtime import claim_output, holds_output
+from .runtime import StopRequested, claim_output, holds_output, pick_device, process_state
 from .sampling import class_labels, heun_nfe, heun_sample, karras_sigmas, seeded_noise
 from .teachers import resolve_teacher
 from .ui import progress
-
-
-def check_out_folder(out: Path, flag: str = "--out") -> None:
-    """Refuse an output path that cannot become a folder, before anything is computed or written."""
-    out = Path(out)
-    if out.exists():
-        require(out.is_dir(), f"{flag} {out} is a file, not a folder; choose another {flag}")
-        require(os.access(out, os.W_OK), f"{flag} {out} is not writable; choose another {flag}")
-        return
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    require(
-        parent.is_dir(),
-        f"{flag} {out} cannot be created: {parent} is a file; choose another {flag}",
-    )
-    require(
-        os.access(parent, os.W_OK),
-        f"{flag} {out} cannot be created: {parent} is not writable; choose another {flag}",
-    )
-
-
-def check_teacher_path(path: str | None, teacher: str | None = None) -> None:
-    """--teacher-path must name a readable file (checked before anything is loaded).
-
-    Stable Diffusion teachers are a diffusers pipeline folder or a hub id instead.
-    """
-    if path is None:
-        return
-    from .sd.pipeline import is_pipeline_folder, looks_like_hub_id
-    from .teachers.sd import is_sd_name
-
-    p = Path(path)
-    if is_pipeline_folder(p) or (is_sd_name(teacher) and looks_like_hub_id(str(path))):
-        return
-    if is_sd_name(teacher):
-        raise UserError(
-            f"--teacher-path {p} is neither a diffusers pipeline folder (with model_index.json) "
-            "nor a hub id like stable-diffusion-v1-5/stable-diffusion-v1-5"
-        )
-    require(
-        p.exists(),
-        f"teacher file not found: {p} (check the path, or train one with "
-        "`dmdctl train-teacher toy2d --out DIR`)",
-    )
-    require(
-        not p.is_dir(),
-        f"--teacher-path {p} is a folder; pass the teacher file in it (e.g. {p / 'teacher.safetensors'})",
-    )
-    require(
-        p.suffix.lower() != ".pkl",
-        f"--teacher-path {p} is a pickle, which dmdctl does not load (pickles can run code); "
-        f"convert an NVlabs EDM checkpoint with `dmdctl convert-edm {p} -o teacher.safetensors`",
-    )
-    require(
-        not p.is_file() or os.access(p, os.R_OK),
-        f"--teacher-path {p} is not readable (permission denied)",
-    )
-
-
-@dataclass
-class MakePairsConfig:
-    teacher: str | None = None
-    teacher_path: str | None = None
-    out: str = "runs/pairs"
-    num_pairs: int = 4096
-    seed: int = 0
-    steps: int = 0
-    rho: float = 7.0
-    shard_size: int = 1024
-    batch_size: int = 1024
-    dtype: str = "float32"
-    device: str = "auto"
-    # text-to-image (Stable Diffusion) teachers
-    prompts: str | None = None
-    scheduler: str = "pndm"
-    # None: the teacher's pairs recipe (SD: 3.0, the DMD paper's, equal to its real score's)
-    guidance: float | None = None
-    save_images: bool = False
-    offline: bool = False
-
-    def validate(self) -> None:
-        require(self.num_pairs > 0, f"--num-pairs must be positive, got {self.num_pairs}")
-        require(
-            self.steps >= 0, f"--steps must be >= 0 (0: the teacher's default), got {self.steps}"
-        )
-        require(
-            self.guidance is None or self.guidance >= 1,
-            f"--guidance must be >= 1 (1: no guidance), got {self.guidance}",
-        )
-        require(self.shard_size > 0, f"--shard-size must be positive, got {self.shard_size}")
-        require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
-        require(
-            self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"
-        )
-        require(self.rho > 0, f"--rho must be positive, got {self.rho}")
-        check_device(self.device)
-        check_teacher_path(self.teacher_path, self.teacher)
-        check_out_folder(Path(self.out))
-
-
-def check_device(name: str) -> None:
-    if name == "auto":
-        return
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(
-            f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N"
-        ) from None
-    if dev.type == "cuda":
-        require(
-            torch.cuda.is_available(),
-            f"--device {name}: no CUDA GPU is available here; use --device cpu or auto",
-        )
-        require(
-            dev.index is None or dev.index < torch.cuda.device_count(),
-            f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)",
-        )
-
-
-def pick_device(name: str, state=None) -> torch.device:
-    """``auto``: this process's accelerator (one GPU per process when launched several times)."""
-    world = state.num_processes if state is not None else 1
-    if name == "auto" or (name == "cuda" and world > 1):
-        if state is not None:
-            return state.device
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if world > 1 and dev.type != "cpu":
-        raise UserError(
-            f"--device {name} with {world} processes would put them all on one device; "
-            "use --device auto (one GPU per process)"
-        )
-    return dev
-
-
-def process_state(cpu: bool = False):
-    """Accelerate's view of the launch (1 process unless started by accelerate launch/torchrun)."""
-    from accelerate import PartialState
-
-    state = PartialState(cpu=use_cpu(cpu), timeout=PROCESS_GROUP_TIMEOUT)
-    check_launch(state.num_processes)
-    return state
 
 
 class HeunPairs:
@@ -240,18 +93,6 @@ class PromptPairs:
         return out
 
 
-def pairs_guidance(kind, name: str | None) -> float:
-    """CFG of the teacher's pairs when --guidance is not given: the named preset's pairs recipe,
-    else the first of the kind's presets that has one (pairs exist for DMD v1 recipes only)."""
-    presets = kind.presets()
-    order = ([name] if name in presets else []) + list(presets)
-    for key in order:
-        pairs = presets[key].get("pairs")
-        if pairs is not None:
-            return float(pairs["guidance"])
-    return 1.0
-
-
 @holds_output
 def make_pairs(cfg: MakePairsConfig) -> dict:
     cfg.validate()
@@ -260,8 +101,8 @@ def make_pairs(cfg: MakePairsConfig) -> dict:
     )
     if cfg.steps == 0:
         cfg.steps = teacher.kind.default_steps_for(teacher.config)
-    if cfg.guidance is None:
-        cfg.guidance = pairs_guidance(teacher.kind, cfg.teacher)
+    if cfg.guidance is None:  # no pairs recipe applies (resolve's preset layer): no guidance
+        cfg.guidance = 1.0
     state = process_state(cpu=cfg.device == "cpu")
     main, rank, world = state.is_main_process, state.process_index, state.num_processes
     device = pick_device(cfg.device, state)

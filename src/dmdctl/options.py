@@ -36,13 +36,16 @@ def option(
     argument: bool = False,
     cli: bool = True,
     show_default: str | None = None,
+    flags: tuple[str, ...] | None = None,
 ) -> Any:
     """A dataclass field with what the CLI and the checks need.
 
     ``min``/``max`` are inclusive, ``above``/``below`` exclusive limits; ``choices`` a closed set
     of strings; ``path`` shows the option as a path; ``argument`` makes it positional; ``cli=False``
     keeps a field out of the command line (set by presets or --config only); ``show_default``
-    replaces the shown default (a default that depends on the teacher, say)."""
+    replaces the shown default (a default that depends on the teacher, say: written as
+    ``"toy2d 8000, digits 5000"``, which tests hold to the presets); ``flags`` replaces the
+    generated flag names (``("--out", "-o")``, ``("--real-only/--with-fake",)``)."""
     meta = {
         "help": help,
         "min": min,
@@ -54,6 +57,7 @@ def option(
         "argument": argument,
         "cli": cli,
         "show_default": show_default,
+        "flags": tuple(flags) if flags else None,
     }
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -64,7 +68,18 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _declared(cls) -> list[dataclasses.Field]:
+def shown_flag(f: dataclasses.Field) -> str:
+    """The long flag a message names: ``--class`` for ``class_label``, ``--out`` for ``out``."""
+    flags = f.metadata.get("flags")
+    if f.metadata.get("argument"):
+        return f.name.upper()
+    if flags:
+        return flags[0].split("/")[0]
+    return flag_name(f.name)
+
+
+def declared_fields(cls) -> list[dataclasses.Field]:
+    """The fields declared with :func:`option` (the settings a user can give)."""
     return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
@@ -141,11 +156,11 @@ def help_text(f: dataclasses.Field) -> str:
 
 def check_options(cfg: Any) -> None:
     """Every declared limit and choice, one message shape: ``--name must be ..., got v``."""
-    for f in _declared(type(cfg)):
+    for f in declared_fields(type(cfg)):
         v = getattr(cfg, f.name)
         if v is None or isinstance(v, bool):
             continue
-        m, name = f.metadata, flag_name(f.name)
+        m, name = f.metadata, shown_flag(f)
         if m["choices"] is not None and v not in m["choices"]:
             raise UserError(f"{name} must be one of {', '.join(m['choices'])}, got {v!r}")
         if not isinstance(v, (int, float)):
@@ -174,7 +189,7 @@ def typer_parameters(cls, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]
 
     hints = typing.get_type_hints(cls)
     params = []
-    for f in _declared(cls):
+    for f in declared_fields(cls):
         if not f.metadata["cli"] or f.name in skip:
             continue
         bare = _bare_type(hints[f.name])
@@ -182,6 +197,8 @@ def typer_parameters(cls, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]
         kw: dict[str, Any] = {"help": help_text(f), "show_default": False}
         if f.metadata["argument"]:
             info = typer.Argument(**kw)
+        elif f.metadata["flags"]:
+            info = typer.Option(*f.metadata["flags"], **kw)
         elif bare is bool:
             default = default_of(f)
             decl = (

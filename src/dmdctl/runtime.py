@@ -33,9 +33,10 @@ import signal
 import socket
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, require
 
 LOCK_NAME = ".dmdctl.lock"
 
@@ -344,3 +345,125 @@ def holds_output(fn):
                 _held.pop().release()
 
     return wrapper
+
+
+# ---------------------------------------------------------------- processes, devices, signals
+
+# Collectives (barriers, DDP's all-reduce) wait at most this long for the slowest process.
+# Generous because the main process alone writes checkpoints, plots and evaluations while the
+# others wait at a barrier; the defaults (10 min NCCL, 30 min gloo) can be too short for that.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
+
+
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun, accelerate launch) started, from its env."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def use_cpu(requested: bool) -> bool:
+    """Run on the CPU: when asked, or when several processes were launched on a machine without
+    an accelerator (Accelerate only sets up multi-CPU/gloo training when told ``cpu=True``;
+    otherwise each process would believe it is alone and all would write the same files)."""
+    if requested:
+        return True
+    if launched_processes() <= 1:
+        return False
+    import torch
+
+    has = getattr(torch, "accelerator", None)
+    return not (has.is_available() if has is not None else torch.cuda.is_available())
+
+
+def check_launch(num_processes: int) -> None:
+    """Refuse a launch where the processes did not join one group (each would act as main)."""
+    world = launched_processes()
+    if world > 1 and num_processes != world:
+        raise UserError(
+            f"the launcher started {world} processes but they did not form one process group "
+            f"(this one sees {num_processes}); check the accelerate/torchrun settings"
+        )
+
+
+def check_device(name: str) -> None:
+    """--device names a device this machine has (``auto`` always does)."""
+    if name == "auto":
+        return
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(
+            f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cuda":
+        require(
+            torch.cuda.is_available(),
+            f"--device {name}: no CUDA GPU is available here; use --device cpu or auto",
+        )
+        require(
+            dev.index is None or dev.index < torch.cuda.device_count(),
+            f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)",
+        )
+
+
+def pick_device(name: str, state=None):
+    """``auto``: this process's accelerator (one GPU per process when launched several times)."""
+    import torch
+
+    world = state.num_processes if state is not None else 1
+    if name == "auto" or (name == "cuda" and world > 1):
+        if state is not None:
+            return state.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if world > 1 and dev.type != "cpu":
+        raise UserError(
+            f"--device {name} with {world} processes would put them all on one device; "
+            "use --device auto (one GPU per process)"
+        )
+    return dev
+
+
+def process_state(cpu: bool = False):
+    """Accelerate's view of the launch (1 process unless started by accelerate launch/torchrun)."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=use_cpu(cpu), timeout=PROCESS_GROUP_TIMEOUT)
+    check_launch(state.num_processes)
+    return state
+
+
+class StopRequested:
+    """Turns SIGTERM/SIGINT into a flag the loop checks, so the run can stop at a clean point.
+
+    A second signal raises KeyboardInterrupt at once (the user insists).
+    """
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.signal).name if self.signal is not None else None
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

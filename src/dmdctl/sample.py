@@ -3,48 +3,18 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .commands.sample import DEFAULT_NUM, SampleConfig
 from .config import write_config
 from .errors import UserError, require
-from .eval_fid import source_from
-from .generator import generate
-from .make_pairs import pick_device
-from .runtime import is_main_launch_process
+from .generator import generate, source_from
+from .runtime import is_main_launch_process, pick_device
 from .ui import progress
-
-
-@dataclass
-class SampleConfig:
-    generator: str | None = None
-    teacher: str | None = None
-    teacher_path: str | None = None
-    steps: int = 18
-    num: int = 2000
-    seed: int = 0
-    batch_size: int = 1000
-    out: str = "samples"
-    plot: bool = True
-    class_label: int | None = None
-    device: str = "auto"
-    # text-to-image generators: image i uses prompt i (cycling) and seed seed+i
-    prompt: str | None = None
-    prompts: str | None = None
-    offline: bool = False
-
-    def validate(self) -> None:
-        require(self.num > 0, f"--num must be positive, got {self.num}")
-        require(self.steps > 0, f"--steps must be positive, got {self.steps}")
-        require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
-        require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        require(
-            self.generator is not None or self.teacher_path is not None or self.teacher is not None,
-            "nothing to sample from: pass --generator FILE, or --teacher-path FILE with --steps N",
-        )
 
 
 def sample(cfg: SampleConfig) -> dict:
@@ -66,6 +36,8 @@ def sample(cfg: SampleConfig) -> dict:
         cfg.prompt is None and cfg.prompts is None,
         "--prompt/--prompts are for text-to-image generators",
     )
+    if cfg.num is None:  # not given
+        cfg = replace(cfg, num=DEFAULT_NUM)
     labels = None
     if cfg.class_label is not None:
         k = source.num_classes
@@ -125,7 +97,7 @@ def sample_text_to_image(cfg: SampleConfig, source) -> dict:
     prompts = [cfg.prompt] if cfg.prompt is not None else read_prompts(Path(cfg.prompts))
     # --num defaults to one image per prompt of a file (4 for a single --prompt)
     num = cfg.num
-    if num == SampleConfig.num:
+    if num is None:  # not given
         num = len(prompts) if cfg.prompts is not None else 4
     folder = pipeline_folder_for(source.config, cfg.teacher_path, cfg.offline)
     device = pick_device(cfg.device)

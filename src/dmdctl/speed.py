@@ -10,7 +10,8 @@ import contextlib
 import torch
 from torch import nn
 
-SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+from .commands.distill import SDPA_BACKENDS  # noqa: F401  (the choices of --sdpa-backend)
+
 # the compiler backend of --compile; tests switch it to "eager" (same graphs, no code generation)
 COMPILE_BACKEND = "inductor"
 

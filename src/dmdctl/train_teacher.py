@@ -5,45 +5,20 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .config import write_config
+from .commands.train_teacher import TrainTeacherConfig
+from .config import resolve, write_config
 from .ema import EMA
-from .errors import UserError, require
+from .errors import UserError
 from .losses import edm_denoising_loss
 from .runtime import claim_output, holds_output, release_on_return
 from .teachers import preset_config, save_teacher
-from .trackers import check_report_to, standalone
+from .trackers import standalone
 from .ui import progress
-
-
-@dataclass
-class TrainTeacherConfig:
-    teacher: str = "toy2d"
-    out: str = "runs/teacher"
-    # None: the teacher kind's own default (TeacherKind.train_defaults)
-    steps: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    warmup: int = 200
-    ema_decay: float = 0.999
-    p_mean: float = -1.2
-    p_std: float = 1.2
-    seed: int = 0
-    report_to: str = "none"  # also send the losses to tensorboard or wandb (dmdctl.trackers)
-
-    def validate(self) -> None:
-        check_report_to(self.report_to)
-        require(self.steps is None or self.steps > 0, f"--steps must be positive, got {self.steps}")
-        require(
-            self.batch_size is None or self.batch_size > 0,
-            f"--batch-size must be positive, got {self.batch_size}",
-        )
-        require(self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}")
-        require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -62,7 +37,8 @@ def train_teacher(cfg: TrainTeacherConfig) -> dict:
             f"train-teacher trains built-in teachers only; a '{kind.name}' teacher is "
             "loaded with --teacher-path"
         )
-    cfg = replace(cfg, **{k: v for k, v in kind.train_defaults.items() if getattr(cfg, k) is None})
+    # a config made in Python may leave the teacher's own values out: resolve fills them in
+    cfg = resolve(TrainTeacherConfig, **asdict(cfg))
     out = Path(cfg.out)
     claim_output(out, "train-teacher")
     write_config(cfg, out)

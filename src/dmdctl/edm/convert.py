@@ -8,26 +8,10 @@ Every other command then loads the safetensors file, never the pickle.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import require
+from ..commands.convert_edm import ConvertEdmConfig
 from ..files import sha256_file
-
-
-@dataclass
-class ConvertEdmConfig:
-    source: str | None = None
-    out: str = "teacher.safetensors"
-    entry: str = "ema"
-
-    def validate(self) -> None:
-        require(self.source is not None, "pass the EDM checkpoint (.pkl) to convert")
-        require(
-            Path(self.out).suffix == ".safetensors",
-            f"-o {self.out}: the teacher is written as safetensors; name it *.safetensors",
-        )
-        require(not Path(self.out).is_dir(), f"-o {self.out} is a folder; give a file name in it")
 
 
 def convert_edm(cfg: ConvertEdmConfig) -> dict:

@@ -51,6 +51,31 @@ def get_kind(name: str) -> TeacherKind:
     )
 
 
+def preset_of(teacher: str | None, teacher_path=None) -> tuple[TeacherKind, str] | None:
+    """The preset whose recipes (distill, pairs) apply to ``--teacher`` / ``--teacher-path``.
+
+    A named preset applies as named; a kind's name, or a pipeline folder given without
+    ``--teacher``, brings the kind's default preset when ``default_recipe_applies``. None when
+    no recipe applies, including for an unknown name (reported when the teacher is loaded).
+    """
+    from ..sd.pipeline import is_pipeline_folder
+
+    name = teacher
+    if name is None and teacher_path is not None and is_pipeline_folder(Path(teacher_path)):
+        name = StableDiffusion.name  # a diffusers pipeline folder is a Stable Diffusion teacher
+    if name is None:
+        return None
+    try:
+        kind = get_kind(str(name))
+    except UserError:
+        return None
+    if name == kind.name:
+        if not kind.default_recipe_applies:
+            return None
+        name = kind.default_preset
+    return kind, str(name)
+
+
 def preset_config(name: str) -> tuple[TeacherKind, dict]:
     kind = get_kind(name)
     table = presets()
