@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dmdctl.denoiser import EDMPrecond, OneStepGenerator, broadcast_sigma, edm_scalings
+from dmdctl.denoiser import Denoiser, EDMPrecond, OneStepGenerator, broadcast_sigma, edm_scalings
 
 
 def reference_scalings(s: float, sd: float) -> tuple[float, float, float, float]:
@@ -195,7 +195,9 @@ def test_one_step_generator_is_denoiser_at_sigma_max():
 def test_one_step_generator_with_plain_function_denoiser():
     calls = []
 
-    class D(nn.Module):
+    class D(Denoiser):  # the interface's defaults: the generator feeds sigma_max * z
+        sigma_min, sigma_max = 0.002, 12.5
+
         def forward(self, x, sigma, cond=None):
             calls.append((x.clone(), float(sigma), cond))
             return 2 * x + 1

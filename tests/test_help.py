@@ -4,7 +4,6 @@ value each named preset gives). Showing help imports no heavy library."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 

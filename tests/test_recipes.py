@@ -67,7 +67,9 @@ def test_dmd2_recipes_have_no_regression_and_dmd_pairs_match_the_real_guidance()
     assert DistillConfig.preset_layer({"teacher": "sd15"})["reg_weight"] == 0.0
     assert DistillConfig.preset_layer({"teacher": "edm-imagenet64"})["reg_weight"] == 0.0
     # a bare SD pipeline folder takes the sd15 (DMD2) recipe; `--teacher sd` too
-    assert DistillConfig.preset_layer({"teacher": "sd"}) == DistillConfig.preset_layer({"teacher": "sd15"})
+    assert DistillConfig.preset_layer({"teacher": "sd"}) == DistillConfig.preset_layer(
+        {"teacher": "sd15"}
+    )
     # the DMD text-to-image recipe: pairs at the real score's own CFG
     dmd = DistillConfig.preset_layer({"teacher": "sd15-dmd"})
     pairs = MakePairsConfig.preset_layer({"teacher": "sd15-dmd"})

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from dmdctl.commands.distill import DistillConfig
+from dmdctl.denoiser import edm_weight
 from dmdctl.distill import DMDTrainer, step_generator
-from dmdctl.losses import edm_weight
 
 B, P = 16, 8
 
@@ -235,12 +235,12 @@ def test_a_few_hundred_toy2d_steps_beat_the_one_step_teacher(toy_teacher, heun_p
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_frechet_distance_fast_equals_the_textbook_formula(seed):
+def test_frechet_distance_equals_the_textbook_formula(seed):
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)) with SciPy's sqrtm, no optional packages."""
     import numpy as np
     import scipy.linalg
 
-    from dmdctl.fid import frechet_distance_fast
+    from dmdctl.fid import frechet_distance
 
     rng = np.random.default_rng(seed)
     d = 64
@@ -249,4 +249,4 @@ def test_frechet_distance_fast_equals_the_textbook_formula(seed):
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     covmean = scipy.linalg.sqrtm(s1 @ s2).real
     textbook = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean)
-    assert frechet_distance_fast(mu1, s1, mu2, s2) == pytest.approx(textbook, rel=1e-8)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(textbook, rel=1e-8)

@@ -51,7 +51,44 @@ def freeze_in_dtype(module: nn.Module, device, dtype: torch.dtype | None) -> nn.
     return module.eval().requires_grad_(False)
 
 
-class EDMPrecond(nn.Module):
+def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """EDM's loss weight (sigma^-2 + sigma_data^-2): unit effective weight at every noise level."""
+    return sigma.pow(-2) + sigma_data**-2
+
+
+class Denoiser(nn.Module):
+    """What every teacher's network is used through: ``D(x_sigma, sigma, cond) -> x0`` on
+    ``x_sigma = x0 + sigma * eps``, with ``sigma_min``, ``sigma_max`` and ``sigma_data``.
+
+    Three hooks have the defaults of a continuous-time (EDM) teacher; a discrete-time teacher
+    (Stable Diffusion) overrides them:
+
+    - ``generator_input_scale``: what the one-step generator multiplies its noise by
+      (``sigma_max``; SD: ``1/sqrt(abar_T)``, the input a diffusers pipeline gives its UNet);
+    - ``training_sigmas(levels)``: the DM loss's noise-level grid (DMD's grid of ``levels``
+      levels; SD: its own timesteps);
+    - ``loss_weight(sigma)``: the fake score's denoising-loss weight (EDM's; SD: the weight that
+      makes it the UNet's own eps- or v-MSE).
+    """
+
+    sigma_min: float
+    sigma_max: float
+    sigma_data: float = 0.5
+
+    @property
+    def generator_input_scale(self) -> float:
+        return self.sigma_max
+
+    def training_sigmas(self, levels: int) -> torch.Tensor:
+        from .sampling import dmd_sigma_grid
+
+        return dmd_sigma_grid(self.sigma_min, self.sigma_max, levels)
+
+    def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        return edm_weight(sigma, self.sigma_data)
+
+
+class EDMPrecond(Denoiser):
     """Wraps a raw backbone ``F(c_in * x, c_noise, cond)`` into an EDM denoiser.
 
     The backbone sees inputs of unit variance and predicts a scaled residual; the wrapper owns
@@ -88,7 +125,7 @@ class OneStepGenerator(nn.Module):
         self.sigma_max = float(sigma_max)
         # discrete-time teachers (SD) take pure noise as x_T itself: x_sigma = z / sqrt(abar_T),
         # slightly more than sigma_max * z; the same input a diffusers pipeline gives its UNet
-        self.input_scale = float(getattr(denoiser, "generator_input_scale", self.sigma_max))
+        self.input_scale = float(denoiser.generator_input_scale)
 
     def forward(self, z: torch.Tensor, cond=None) -> torch.Tensor:
         return self.denoiser(z * self.input_scale, self.sigma_max, cond)

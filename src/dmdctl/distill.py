@@ -57,7 +57,8 @@ from .runtime import (
     release_on_return,
     use_cpu,
 )
-from .sampling import dmd_sigma_grid, seeded_noise
+from .sampling import seeded_noise
+from .schedules import warmup_then
 from .sd.denoiser import GuidedDenoiser
 from .speed import apply_layout_and_compile, attention_backend
 from .teachers import resolve_teacher
@@ -80,15 +81,6 @@ def _forget_other_precision(mixed_precision: str) -> None:
     shared = AcceleratorState._shared_state
     if shared and str(shared.get("_mixed_precision", mixed_precision)) != mixed_precision:
         AcceleratorState._reset_state()
-
-
-def lr_multiplier(step: int, cfg: DistillConfig) -> float:
-    if cfg.warmup and step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
 def dm_index_range(levels: int, min_frac: float, max_frac: float) -> tuple[int, int]:
@@ -151,7 +143,7 @@ class DMDTrainer:
         self.device = acc.device
         self.sigma_data = float(t.denoiser.sigma_data)
         # the fake score's loss: the teacher's own training loss (EDM weighting, SD's eps-MSE)
-        self.loss_weight = getattr(t.denoiser, "loss_weight", None)
+        self.loss_weight = t.denoiser.loss_weight
         generator = OneStepGenerator(
             copy.deepcopy(t.denoiser).requires_grad_(True).train(), t.sigma_max
         )
@@ -167,17 +159,14 @@ class DMDTrainer:
             if cfg.grad_checkpointing:
                 enable_checkpointing(fake)
         # the DM loss's noise levels, read before anything is cast: schedules stay fp32
-        if hasattr(t.denoiser, "training_sigmas"):  # discrete-time teachers: their own timesteps
-            grid = t.denoiser.training_sigmas()
-        else:
-            grid = dmd_sigma_grid(t.sigma_min, t.sigma_max, cfg.sigma_levels)
+        grid = t.denoiser.training_sigmas(cfg.sigma_levels)
         # frozen networks run with their *weights* in the compute dtype (fp32 master weights stay
         # with G and the fake); their schedule buffers stay fp32 (freeze_in_dtype)
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         self.real = freeze_in_dtype(t.denoiser, self.device, compute)
         if t.text_conditioned and self.guidance != 1.0:
             self.real = GuidedDenoiser(self.real, self.guidance, self.uncond).to(self.device)
-        if self.lpips is not None and getattr(t.codec, "latent", False):
+        if self.lpips is not None and t.codec.latent:
             freeze_in_dtype(t.codec.vae, self.device, compute)  # LPIPS sees decoded images
         # --channels-last / --compile: on the three networks, before DDP wraps them
         apply_layout_and_compile(
@@ -273,7 +262,7 @@ class DMDTrainer:
         return table.embeddings[idx.cpu()].to(self.device, non_blocking=True)
 
     def _set_lr(self, step: int) -> None:
-        m = lr_multiplier(step, self.cfg)
+        m = warmup_then(step, self.cfg.warmup, self.cfg.steps, self.cfg.lr_schedule)
         for g in self.opt_g.param_groups:
             g["lr"] = self.cfg.lr * m
         if self.opt_f is not None:
@@ -348,7 +337,7 @@ class DMDTrainer:
                 logs["loss_dm"] = loss_dm.detach()
             if self.pairs is not None:
                 pred = x_all[z.shape[0] :]
-                if self.lpips is not None and getattr(self.teacher.codec, "latent", False):
+                if self.lpips is not None and self.teacher.codec.latent:
                     # LPIPS compares images: decode both (gradients flow through the decoder)
                     pred = self.teacher.codec.decode(pred)
                     with torch.no_grad():
@@ -536,7 +525,7 @@ def plot_samples(trainer: DMDTrainer, path: Path) -> Path | None:
     c = (torch.arange(n, device=trainer.device) % k) if k else None
     with torch.no_grad():
         x = g(z, trainer._cond(c)).float()
-        if getattr(t.codec, "latent", False):
+        if t.codec.latent:
             vae = t.codec.vae  # on the accelerator only while it decodes
             home = next(vae.parameters()).device
             vae.to(trainer.device)

@@ -35,7 +35,7 @@ from .config import write_config
 from .errors import UserError
 from .fid import (
     FeatureStats,
-    frechet_distance_fast,
+    frechet_distance,
     load_stats_extra,
     load_stats_npz,
     save_stats_npz,
@@ -439,7 +439,7 @@ def _device(cfg, procs: Processes) -> torch.device:
 def _score_source(cfg: EvalFidConfig, source, procs: Processes, show_progress: bool) -> dict:
     source = source or source_from(cfg)
     kind, tconfig = source.kind, source.config
-    if kind.name == "sd":
+    if kind.text_to_image:
         raise UserError(
             "text-to-image generators are scored from their images: `dmdctl sample --generator "
             "G --prompts captions.txt --out imgs`, then `dmdctl eval-fid --images imgs/images "
@@ -527,7 +527,7 @@ def _score_source(cfg: EvalFidConfig, source, procs: Processes, show_progress: b
             f"FID on {stats.n} samples is not comparable to 50k-sample FIDs (FID is biased upwards at small N)",
         )
     result = {
-        "fid": frechet_distance_fast(stats.mu, stats.sigma, mu_ref, sigma_ref),
+        "fid": frechet_distance(stats.mu, stats.sigma, mu_ref, sigma_ref),
         "num_samples": stats.n,
         "reference": reference,
         "features": ext.name,
@@ -600,7 +600,7 @@ def _score_images(cfg: EvalFidConfig, procs: Processes, show_progress: bool) -> 
                 procs,
                 f"FID on {stats.n} images is not comparable to 50k-sample FIDs (FID is biased upwards at small N)",
             )
-        result["fid"] = frechet_distance_fast(stats.mu, stats.sigma, mu_ref, sigma_ref)
+        result["fid"] = frechet_distance(stats.mu, stats.sigma, mu_ref, sigma_ref)
         result["num_samples"] = stats.n
         result["reference"] = reference
         result.update(_kid_result(cfg, feats, ref_feats))
@@ -655,7 +655,7 @@ def compare_stats(cfg: EvalFidConfig) -> dict:
     else:
         protocol = {"name": protocol_name or unknown}
     result = {
-        "fid": frechet_distance_fast(mu1, sigma1, mu2, sigma2),
+        "fid": frechet_distance(mu1, sigma1, mu2, sigma2),
         "num_samples": n,
         "reference": reference,
         "stats": {"path": str(a), "sha256": sha256_file(a)},

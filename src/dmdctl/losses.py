@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .denoiser import broadcast_sigma
+from .denoiser import broadcast_sigma, edm_weight
 
 
 def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
@@ -29,11 +29,6 @@ def dm_loss(x: torch.Tensor, mu_real: torch.Tensor, mu_fake: torch.Tensor) -> to
     grad = torch.nan_to_num(grad)
     target = (x.float() - grad).detach()
     return 0.5 * F.mse_loss(x.float(), target, reduction="mean")
-
-
-def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """EDM's loss weight (sigma^-2 + sigma_data^-2): unit effective weight at every noise level."""
-    return sigma.pow(-2) + sigma_data**-2
 
 
 def edm_denoising_loss(

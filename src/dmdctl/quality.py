@@ -158,7 +158,7 @@ def score_floor(
     seed: int = 0,
 ) -> dict | None:
     """The same-distribution floor: real data outside the reference, scored like a model row."""
-    from .fid import FeatureStats, frechet_distance_fast
+    from .fid import FeatureStats, frechet_distance
 
     ref = training_reference(kind, config)
     held = floor_set(kind, config, num_samples)
@@ -169,7 +169,7 @@ def score_floor(
     stats = FeatureStats(feats.shape[1])
     stats.update(feats)
     out = {
-        "fid": frechet_distance_fast(stats.mu, stats.sigma, ref.mu, ref.sigma),
+        "fid": frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma),
         "num_samples": int(len(x)),
         "reference": {"builtin": ref.description, "features_of": ref.feature_description},
         "features": kind.feature_name(),

@@ -23,14 +23,14 @@ def sample(cfg: SampleConfig) -> dict:
         # work, so the main one draws every sample alone and the others leave its files alone
         return {}
     if cfg.generator is None and cfg.teacher is not None:
-        from .teachers.sd import is_sd_name
+        from .teachers import get_kind
 
         require(
-            not is_sd_name(cfg.teacher),
-            "sampling the Stable Diffusion teacher itself is left to diffusers; pass --generator",
+            not get_kind(cfg.teacher).text_to_image,
+            "sampling a text-to-image teacher itself is left to its pipeline; pass --generator",
         )
     source = source_from(cfg)
-    if source.kind.name == "sd":
+    if source.kind.text_to_image:
         return sample_text_to_image(cfg, source)
     require(
         cfg.prompt is None and cfg.prompts is None,

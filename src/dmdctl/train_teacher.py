@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,17 +15,10 @@ from .ema import EMA
 from .errors import UserError
 from .losses import edm_denoising_loss
 from .runtime import claim_output, holds_output, release_on_return
+from .schedules import warmup_then
 from .teachers import preset_config, save_teacher
 from .trackers import standalone
 from .ui import progress
-
-
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """LR multiplier: linear warm-up, then cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
 @holds_output
@@ -49,9 +41,7 @@ def train_teacher(cfg: TrainTeacherConfig) -> dict:
     net.train()
     ema = EMA(net, cfg.ema_decay)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_then(s, cfg.warmup, cfg.steps))
     t0 = time.perf_counter()
     losses = []
     with progress() as bar:

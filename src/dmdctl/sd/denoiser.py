@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..denoiser import broadcast_sigma
+from ..denoiser import Denoiser, broadcast_sigma
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -30,7 +30,7 @@ def alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
     return torch.cumprod(1 - betas, 0)
 
 
-class SDDenoiser(nn.Module):
+class SDDenoiser(Denoiser):
     """``D(x_sigma, sigma, text_embeddings) -> x0`` around a diffusers ``UNet2DConditionModel``."""
 
     def __init__(self, unet: nn.Module, abar: torch.Tensor, prediction_type: str = "epsilon"):
@@ -49,10 +49,15 @@ class SDDenoiser(nn.Module):
         self.sigma_max = float(sigmas[-1])
         self.sigma_data = 0.5  # unused by SD; kept so callers that read it get a number
         # the generator feeds pure noise as x_T, i.e. x_sigma = z / sqrt(abar_T)
-        self.generator_input_scale = float(1 / abar[-1].sqrt())
+        self._input_scale = float(1 / abar[-1].sqrt())
 
-    def training_sigmas(self) -> torch.Tensor:
-        """The teacher's own noise levels, one per timestep, ascending (DMD's timestep grid)."""
+    @property
+    def generator_input_scale(self) -> float:
+        return self._input_scale
+
+    def training_sigmas(self, levels: int) -> torch.Tensor:
+        """The teacher's own noise levels, one per timestep, ascending (DMD's timestep grid;
+        ``levels`` does not apply)."""
         return self.sigmas.detach().clone()
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:

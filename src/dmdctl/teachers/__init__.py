@@ -92,8 +92,11 @@ class Teacher:
     denoiser: nn.Module
     path: Path | None = None
     sha256: str = ""
-    # text-to-image teachers take prompt embeddings; the others class labels (or nothing)
-    text_conditioned = False
+
+    @property
+    def text_conditioned(self) -> bool:
+        """Text-to-image teachers take prompt embeddings; the others class labels (or nothing)."""
+        return self.kind.text_to_image
 
     @property
     def name(self) -> str:
@@ -134,7 +137,6 @@ class SDTeacher(Teacher):
 
     folder: Path | None = None
     source: str = ""
-    text_conditioned = True
     _codec = None
 
     @property

@@ -23,6 +23,9 @@ class TeacherKind:
     # brings the default preset's distill recipe; kinds whose presets differ in kind (edm's
     # ImageNet and CIFAR-10) bring one only when a preset is named
     default_recipe_applies: bool = False
+    # text-to-image kinds: conditioned on prompt embeddings, sampled to PNG files with prompts,
+    # scored from those images (eval-fid --images), sampled themselves by their own pipeline
+    text_to_image: bool = False
     # train-teacher's defaults for this kind (built-in kinds only)
     train_defaults: dict = {}
 

@@ -17,6 +17,7 @@ class StableDiffusion(TeacherKind):
     name = "sd"
     default_preset = "sd15"
     default_steps = 50
+    text_to_image = True
 
     # a bare pipeline folder (or `--teacher sd`) gets the default preset's recipe
     default_recipe_applies = True
