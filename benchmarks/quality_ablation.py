@@ -37,11 +37,11 @@ os.environ.setdefault("DMDCTL_QUIET", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from dmdctl.commands.demo import DEMO_DEFAULTS  # noqa: E402
 from dmdctl.commands.distill import DistillConfig  # noqa: E402
 from dmdctl.commands.eval_fid import EVAL_SEED_START, EvalFidConfig  # noqa: E402
 from dmdctl.commands.make_pairs import MakePairsConfig  # noqa: E402
 from dmdctl.commands.train_teacher import TrainTeacherConfig  # noqa: E402
-from dmdctl.commands.demo import DEMO_DEFAULTS  # noqa: E402
 from dmdctl.distill import distill  # noqa: E402
 from dmdctl.eval_fid import evaluate  # noqa: E402
 from dmdctl.generator import load_generator, teacher_source  # noqa: E402

@@ -125,8 +125,8 @@ def train_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
 
     from accelerate import Accelerator
 
-    from dmdctl.commands.make_pairs import MakePairsConfig
     from dmdctl.commands.distill import DistillConfig
+    from dmdctl.commands.make_pairs import MakePairsConfig
     from dmdctl.distill import DMDTrainer
     from dmdctl.make_pairs import make_pairs
 
