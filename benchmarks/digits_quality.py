@@ -22,16 +22,16 @@ os.environ.setdefault("DMDCTL_QUIET", "1")
 
 import torch  # noqa: E402
 
-from dmdctl.commands.distill import DistillConfig  # noqa: E402
-from dmdctl.commands.eval_fid import EvalFidConfig  # noqa: E402
-from dmdctl.commands.make_pairs import MakePairsConfig  # noqa: E402
-from dmdctl.distill import distill  # noqa: E402
-from dmdctl.eval_fid import evaluate  # noqa: E402
-from dmdctl.generator import teacher_source  # noqa: E402
-from dmdctl.make_pairs import make_pairs  # noqa: E402
-from dmdctl.quality import score_floor  # noqa: E402
+from dmdctl.commands.make_pairs import make_pairs  # noqa: E402
+from dmdctl.core.generator import teacher_source  # noqa: E402
+from dmdctl.metrics.evaluate import evaluate  # noqa: E402
+from dmdctl.metrics.quality import score_floor  # noqa: E402
+from dmdctl.settings.distill import DistillConfig  # noqa: E402
+from dmdctl.settings.eval_fid import EvalFidConfig  # noqa: E402
+from dmdctl.settings.make_pairs import MakePairsConfig  # noqa: E402
 from dmdctl.teachers import load_teacher  # noqa: E402
 from dmdctl.teachers.digits import TEACHER_FILE, Digits  # noqa: E402
+from dmdctl.training.distill import distill  # noqa: E402
 
 from .common import append_markdown  # noqa: E402
 

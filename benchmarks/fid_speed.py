@@ -26,7 +26,7 @@ import scipy  # noqa: E402
 import scipy.linalg  # noqa: E402
 import torch  # noqa: E402
 
-from dmdctl.fid import FeatureStats, _frechet_distance_eig, frechet_distance  # noqa: E402
+from dmdctl.metrics.fid import FeatureStats, _frechet_distance_eig, frechet_distance  # noqa: E402
 
 from .common import (  # noqa: E402
     add_common_args,
@@ -63,7 +63,7 @@ def statistics(d: int, n: int, seed: int):
 def inception_rows(args, device) -> list[list]:
     """Features per second of the eval-fid pipeline (protocol resize + network) against the bare
     network on ready 299x299 input, interleaved, per protocol."""
-    from dmdctl.inception import InceptionFeatures, build_network, pool3_from_normalized
+    from dmdctl.metrics.inception import InceptionFeatures, build_network, pool3_from_normalized
 
     torch.manual_seed(0)
     net = build_network().eval()

@@ -37,9 +37,9 @@ TARGET = 0.05
 
 
 def measure(name: str, settings, steps: int, repeats: int, device, folder: Path) -> list:
-    from dmdctl.commands.make_pairs import MakePairsConfig
-    from dmdctl.make_pairs import make_pairs
-    from dmdctl.sampling import class_labels, heun_sample, karras_sigmas, seeded_noise
+    from dmdctl.commands.make_pairs import make_pairs
+    from dmdctl.core.sampling import class_labels, heun_sample, karras_sigmas, seeded_noise
+    from dmdctl.settings.make_pairs import MakePairsConfig
     from dmdctl.teachers import resolve_teacher
 
     n, shard, batch = settings

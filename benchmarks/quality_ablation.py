@@ -5,7 +5,7 @@ and every distillation run, and it moves the sampling noise of the evaluation), 
 
     teacher 35 NFE, teacher 1 step, full DMD, no regression, regression only, real score only
 
-are scored against the teacher's own training data (``dmdctl.quality``): KID on standardised
+are scored against the teacher's own training data (``dmdctl.metrics.quality``): KID on standardised
 features (± std over 100 subsets), FID (sample count and reference size stated), precision,
 recall, density, coverage (k = 3), and the kind's own metrics (class accuracy; modes covered);
 with a percentile bootstrap interval over samples for KID and precision/recall. A row's
@@ -16,7 +16,7 @@ Targets checked (issue 12): two disjoint halves of the digits training set score
 interval contains 0; the KID gap between the teacher at 35 NFE and at 1 step is at least 20
 times the seed-to-seed standard deviation of either.
 
-The distillation settings are the demo's (``dmdctl.commands.demo.DEMO_DEFAULTS``). The digits teacher is the
+The distillation settings are the demo's (``dmdctl.settings.demo.DEMO_DEFAULTS``). The digits teacher is the
 shipped one: its rows vary by sampling seed only.
 
     OMP_WAIT_POLICY=PASSIVE python -m benchmarks.quality_ablation --teachers toy2d digits --seeds 0 1 2
@@ -37,19 +37,19 @@ os.environ.setdefault("DMDCTL_QUIET", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dmdctl.commands.demo import DEMO_DEFAULTS  # noqa: E402
-from dmdctl.commands.distill import DistillConfig  # noqa: E402
-from dmdctl.commands.eval_fid import EVAL_SEED_START, EvalFidConfig  # noqa: E402
-from dmdctl.commands.make_pairs import MakePairsConfig  # noqa: E402
-from dmdctl.commands.train_teacher import TrainTeacherConfig  # noqa: E402
-from dmdctl.distill import distill  # noqa: E402
-from dmdctl.eval_fid import evaluate  # noqa: E402
-from dmdctl.generator import load_generator, teacher_source  # noqa: E402
-from dmdctl.intervals import compare_intervals, hull  # noqa: E402
-from dmdctl.make_pairs import make_pairs  # noqa: E402
-from dmdctl.quality import score_features, score_floor, training_reference  # noqa: E402
+from dmdctl.commands.make_pairs import make_pairs  # noqa: E402
+from dmdctl.commands.train_teacher import train_teacher  # noqa: E402
+from dmdctl.core.generator import load_generator, teacher_source  # noqa: E402
+from dmdctl.metrics.evaluate import evaluate  # noqa: E402
+from dmdctl.metrics.intervals import compare_intervals, hull  # noqa: E402
+from dmdctl.metrics.quality import score_features, score_floor, training_reference  # noqa: E402
+from dmdctl.settings.demo import DEMO_DEFAULTS  # noqa: E402
+from dmdctl.settings.distill import DistillConfig  # noqa: E402
+from dmdctl.settings.eval_fid import EVAL_SEED_START, EvalFidConfig  # noqa: E402
+from dmdctl.settings.make_pairs import MakePairsConfig  # noqa: E402
+from dmdctl.settings.train_teacher import TrainTeacherConfig  # noqa: E402
 from dmdctl.teachers import get_kind, load_teacher  # noqa: E402
-from dmdctl.train_teacher import train_teacher  # noqa: E402
+from dmdctl.training.distill import distill  # noqa: E402
 
 from .common import finish, say  # noqa: E402
 

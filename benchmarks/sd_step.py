@@ -95,7 +95,7 @@ def recipe_config(
     folder: Path, prompts: Path, pairs: Path | None, args, batch: int, ckpt: bool, lever: str
 ):
     """The preset's own settings (docs/RECIPES.md), with the benchmark's shapes on top."""
-    from dmdctl.commands.distill import DistillConfig
+    from dmdctl.settings.distill import DistillConfig
 
     values = DistillConfig.preset_layer({"teacher": args.recipe})
     values.update(
@@ -125,10 +125,10 @@ def train_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
 
     from accelerate import Accelerator
 
-    from dmdctl.commands.distill import DistillConfig
-    from dmdctl.commands.make_pairs import MakePairsConfig
-    from dmdctl.distill import DMDTrainer
-    from dmdctl.make_pairs import make_pairs
+    from dmdctl.commands.make_pairs import make_pairs
+    from dmdctl.settings.distill import DistillConfig
+    from dmdctl.settings.make_pairs import MakePairsConfig
+    from dmdctl.training.distill import DMDTrainer
 
     pairs = None
     if DistillConfig.preset_layer({"teacher": args.recipe}).get("reg_weight", 0) > 0:
@@ -272,7 +272,7 @@ def sampling_lever(folder: Path, lever: str, args, device) -> tuple[dict, torch.
     """One sampling variant on a fresh pipeline: its timings and its image for seed 0."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    from dmdctl.speed import compile_regions
+    from dmdctl.training.speed import compile_regions
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[args.precision]
     pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype).to(device)
@@ -337,9 +337,9 @@ def pairs_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
 
     from diffusers import StableDiffusionPipeline
 
-    from dmdctl.commands.make_pairs import MakePairsConfig
-    from dmdctl.make_pairs import make_pairs
+    from dmdctl.commands.make_pairs import make_pairs
     from dmdctl.pairs import load_pairs
+    from dmdctl.settings.make_pairs import MakePairsConfig
 
     n, b = args.pairs_num, args.pairs_batch
     out = folder.parent / "pairs-bench"
@@ -427,7 +427,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--record", action="store_true", help="append the tables to BENCHMARKS.md")
     args = ap.parse_args()
-    from dmdctl.sd.testing import build_pipeline
+    from dmdctl.teachers.sd.testing import build_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

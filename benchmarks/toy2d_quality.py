@@ -16,8 +16,8 @@ from pathlib import Path
 
 os.environ.setdefault("DMDCTL_QUIET", "1")
 
-from dmdctl.commands.demo import DemoConfig  # noqa: E402
-from dmdctl.demo import run_demo  # noqa: E402
+from dmdctl.commands.demo import run_demo  # noqa: E402
+from dmdctl.settings.demo import DemoConfig  # noqa: E402
 
 from .common import append_markdown  # noqa: E402
 

@@ -56,10 +56,10 @@ TARGET = 0.15
 def make_trainer(name: str, batch: int, pair_batch: int, fake_updates: int, device, folder: Path):
     from accelerate import Accelerator
 
-    from dmdctl.commands.distill import DistillConfig
-    from dmdctl.commands.make_pairs import MakePairsConfig
-    from dmdctl.distill import DMDTrainer
-    from dmdctl.make_pairs import make_pairs
+    from dmdctl.commands.make_pairs import make_pairs
+    from dmdctl.settings.distill import DistillConfig
+    from dmdctl.settings.make_pairs import MakePairsConfig
+    from dmdctl.training.distill import DMDTrainer
 
     tfile = teacher_file(name, folder)
     pairs = folder / f"pairs-{name}"
@@ -170,7 +170,7 @@ class Optim:
     """Gradient clipping, AdamW steps and the EMA update, as the trainer makes them."""
 
     def __init__(self, trainer, passes: Passes, fused: bool | str | None = "trainer"):
-        from dmdctl.ema import EMA
+        from dmdctl.core.ema import EMA
 
         if fused == "trainer":  # whatever the trainer chose for this device
             fused = getattr(trainer.opt_g, "optimizer", trainer.opt_g).defaults.get("fused")
@@ -232,7 +232,7 @@ def host_syncs(fn) -> list[str]:
 
 
 def measure(name, settings, args, device, folder: Path) -> tuple[list, list]:
-    from dmdctl.distill import StepWatch
+    from dmdctl.training.distill import StepWatch
 
     B, P, fu = settings
     trainer = make_trainer(name, B, P, fu, device, folder)

@@ -10,8 +10,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def toy_teacher(tmp_path_factory) -> str:
     """A briefly trained toy2d teacher file (a few seconds; good enough to exercise the code)."""
-    from dmdctl.commands.train_teacher import TrainTeacherConfig
-    from dmdctl.train_teacher import train_teacher
+    from dmdctl.commands.train_teacher import train_teacher
+    from dmdctl.settings.train_teacher import TrainTeacherConfig
 
     out = tmp_path_factory.mktemp("teacher")
     train_teacher(TrainTeacherConfig(out=str(out), steps=300, batch_size=256))
@@ -20,8 +20,8 @@ def toy_teacher(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def toy_pairs(toy_teacher, tmp_path_factory) -> str:
-    from dmdctl.commands.make_pairs import MakePairsConfig
-    from dmdctl.make_pairs import make_pairs
+    from dmdctl.commands.make_pairs import make_pairs
+    from dmdctl.settings.make_pairs import MakePairsConfig
 
     out = tmp_path_factory.mktemp("pairs")
     make_pairs(
@@ -36,7 +36,7 @@ def toy_pairs(toy_teacher, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def sd_pipe(tmp_path_factory):
     """A tiny random eps-prediction SD pipeline folder, built once per test session."""
-    from dmdctl.sd.testing import build_pipeline
+    from dmdctl.teachers.sd.testing import build_pipeline
 
     return build_pipeline(tmp_path_factory.mktemp("sd") / "pipe")
 
@@ -60,8 +60,8 @@ def hf_offline(monkeypatch):
 @pytest.fixture
 def sd_trainer(sd_pipe, prompts_file, hf_offline):
     """Build a DMDTrainer on the tiny SD pipeline (no pairs, batch 2, CPU); keywords override."""
-    from dmdctl.commands.distill import DistillConfig
-    from dmdctl.distill import DMDTrainer
+    from dmdctl.settings.distill import DistillConfig
+    from dmdctl.training.distill import DMDTrainer
 
     def build(out, **kw):
         base = dict(

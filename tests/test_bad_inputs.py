@@ -355,13 +355,13 @@ CASES = [
 # --- the folder the cases run in ---------------------------------------------------------------
 def build_env(root: Path, teacher: str | None = None, pairs: str | None = None) -> None:
     """Lay out ``root/runs`` (a few seconds); reuse the test session's teacher and pairs if given."""
-    from dmdctl.commands.distill import DistillConfig
-    from dmdctl.commands.make_pairs import MakePairsConfig
-    from dmdctl.commands.train_teacher import TrainTeacherConfig
-    from dmdctl.distill import distill
-    from dmdctl.make_pairs import make_pairs
+    from dmdctl.commands.make_pairs import make_pairs
+    from dmdctl.commands.train_teacher import train_teacher
+    from dmdctl.settings.distill import DistillConfig
+    from dmdctl.settings.make_pairs import MakePairsConfig
+    from dmdctl.settings.train_teacher import TrainTeacherConfig
     from dmdctl.teachers import KINDS, preset_config, save_teacher
-    from dmdctl.train_teacher import train_teacher
+    from dmdctl.training.distill import distill
 
     runs = root / "runs"
     (runs / "teacher").mkdir(parents=True)
@@ -429,7 +429,7 @@ def failure(name: str | None):
         return
     target = {
         "shard-enospc": "dmdctl.pairs.save_file",
-        "checkpoint-enospc": "dmdctl.checkpoint.save_file",
+        "checkpoint-enospc": "dmdctl.training.checkpoint.save_file",
     }
     with mock.patch(target[name], _enospc):
         yield

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dmdctl.clip_score import clip_cosines, clip_score
 from dmdctl.errors import UserError
+from dmdctl.metrics.clip import clip_cosines, clip_score
 
 transformers = pytest.importorskip("transformers")
 CAPTIONS = ["a cat on a mat", "two dogs", "the quick brown fox", "zebra"]

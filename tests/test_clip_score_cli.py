@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cli_helpers import ok, one_line_error, run
-from dmdctl.clip_score import clip_cosines
+from dmdctl.metrics.clip import clip_cosines
 from test_clip_score import CAPTIONS, tiny_clip, uint8_images  # noqa: F401  (fixture)
 
 pytest.importorskip("transformers")

@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from dmdctl.denoiser import Denoiser, EDMPrecond, OneStepGenerator, broadcast_sigma, edm_scalings
+from dmdctl.core.denoiser import (
+    Denoiser,
+    EDMPrecond,
+    OneStepGenerator,
+    broadcast_sigma,
+    edm_scalings,
+)
 
 
 def reference_scalings(s: float, sd: float) -> tuple[float, float, float, float]:

@@ -7,9 +7,9 @@ import torch
 from typer.testing import CliRunner
 
 from dmdctl.cli import app
+from dmdctl.core.lpips_loss import ImageLPIPS
 from dmdctl.errors import UserError
 from dmdctl.files import sha256_file
-from dmdctl.lpips_loss import ImageLPIPS
 from dmdctl.teachers import load_teacher
 from dmdctl.teachers.digits import (
     FEATURES_FILE,
@@ -49,7 +49,7 @@ def test_data_split_is_fixed_and_scaled():
 
 def test_class_label_changes_every_network():
     teacher = load_teacher(TEACHER_FILE)
-    from dmdctl.denoiser import OneStepGenerator
+    from dmdctl.core.denoiser import OneStepGenerator
 
     z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     c3, c7 = torch.full((4,), 3), torch.full((4,), 7)

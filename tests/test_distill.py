@@ -4,15 +4,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dmdctl.distill as dd
-from dmdctl.commands.distill import DistillConfig
-from dmdctl.commands.export import ExportConfig
-from dmdctl.distill import distill
+import dmdctl.training.distill as dd
+from dmdctl.commands.export import export
+from dmdctl.core.generator import load_generator
+from dmdctl.core.sampling import seeded_noise
 from dmdctl.errors import UserError
-from dmdctl.export import export
-from dmdctl.generator import load_generator
-from dmdctl.sampling import seeded_noise
+from dmdctl.settings.distill import DistillConfig
+from dmdctl.settings.export import ExportConfig
 from dmdctl.teachers import load_teacher
+from dmdctl.training.distill import distill
 
 
 def cfg(teacher, pairs, out, **kw):

@@ -25,11 +25,11 @@ import torch
 from safetensors.torch import load_file
 
 from cli_helpers import one_line_error, run
-from dmdctl.denoiser import EDMPrecond
-from dmdctl.edm.networks import EDMBackbone
-from dmdctl.edm.pickle_loader import backbone_from_checkpoint, read_edm_checkpoint
+from dmdctl.core.denoiser import EDMPrecond
 from dmdctl.errors import UserError
 from dmdctl.teachers import KINDS, load_teacher
+from dmdctl.teachers.edm.networks import EDMBackbone
+from dmdctl.teachers.edm.pickle_loader import backbone_from_checkpoint, read_edm_checkpoint
 
 ADM = {
     "architecture": "DhariwalUNet",
@@ -179,7 +179,10 @@ class EDMPickler(pickle.Pickler):
     def reducer_override(self, obj):
         if isinstance(obj, Persistent):
             name, state, src = obj.class_name, obj.state, obj.module_src
-        elif isinstance(obj, torch.nn.Module) and type(obj).__module__ == "dmdctl.edm.networks":
+        elif (
+            isinstance(obj, torch.nn.Module)
+            and type(obj).__module__ == "dmdctl.teachers.edm.networks"
+        ):
             name, src = type(obj).__name__, MODULE_SRC
             public = {
                 k: v

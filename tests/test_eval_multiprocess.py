@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from dmdctl.commands.eval_fid import EvalFidConfig
-from dmdctl.eval_fid import evaluate
+from dmdctl.metrics.evaluate import evaluate
+from dmdctl.settings.eval_fid import EvalFidConfig
 
 
 def free_port() -> int:

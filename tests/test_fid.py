@@ -8,7 +8,7 @@ import scipy.linalg
 import torch
 
 from dmdctl.errors import UserError
-from dmdctl.fid import FeatureStats, frechet_distance, load_stats_npz, save_stats_npz
+from dmdctl.metrics.fid import FeatureStats, frechet_distance, load_stats_npz, save_stats_npz
 
 
 def textbook_fid(mu1, s1, mu2, s2) -> float:

@@ -12,8 +12,8 @@ import typer
 from typer.testing import CliRunner
 
 from dmdctl.cli import app
-from dmdctl.commands import COMMANDS, command_module
 from dmdctl.options import declared_fields, default_of, help_text, shown_default
+from dmdctl.settings import COMMANDS, settings_module
 
 CLICK = typer.main.get_command(app)
 
@@ -39,7 +39,7 @@ def test_every_option_shown_has_help(name):
 
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_shown_default_is_the_value_used(name):
-    settings = command_module(name).SETTINGS
+    settings = settings_module(name).SETTINGS
     shown = rendered_help(name)
     layer = settings.preset_layer({})  # nothing given: what a bare command runs with
     for f in declared_fields(settings):
@@ -65,7 +65,7 @@ def preset_entries(text: str) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_preset_dependent_defaults_are_the_presets_values(name):
-    settings = command_module(name).SETTINGS
+    settings = settings_module(name).SETTINGS
     for f in declared_fields(settings):
         text = f.metadata["show_default"]
         if not text or ";" in text:  # free text (sample --num), not a per-preset list
@@ -114,10 +114,10 @@ def test_a_bad_value_gets_the_generic_message_with_the_flag():
 
 
 def test_choices_match_the_code_that_reads_them():
-    from dmdctl.commands.eval_fid import PROTOCOLS
-    from dmdctl.commands.make_pairs import STORAGE_DTYPES
+    from dmdctl.metrics.protocols import PROTOCOLS as PROTOCOL_TABLE
     from dmdctl.pairs import DTYPES
-    from dmdctl.protocols import PROTOCOLS as PROTOCOL_TABLE
+    from dmdctl.settings.eval_fid import PROTOCOLS
+    from dmdctl.settings.make_pairs import STORAGE_DTYPES
 
     assert tuple(DTYPES) == STORAGE_DTYPES
     assert tuple(PROTOCOL_TABLE) == PROTOCOLS

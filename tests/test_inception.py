@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from dmdctl.cli import app
 from dmdctl.errors import UserError
-from dmdctl.fid import FeatureStats, frechet_distance, save_stats_npz
 from dmdctl.files import sha256_file
-from dmdctl.inception import (
+from dmdctl.metrics.fid import FeatureStats, frechet_distance, save_stats_npz
+from dmdctl.metrics.inception import (
     WEIGHTS_FILENAME,
     WEIGHTS_SHA256,
     InceptionFeatures,
@@ -203,8 +203,8 @@ def test_reference_protocol_must_match(random_weights, tmp_path):
     r = run("eval-fid", "--images", folder, "--ref", ref, "--protocol", "edm")
     # the count check comes first (3 images); with enough images the protocol check would fire
     one_line_error(r, "singular covariance")
-    from dmdctl.commands.eval_fid import EvalFidConfig
-    from dmdctl.eval_fid import evaluate
+    from dmdctl.metrics.evaluate import evaluate
+    from dmdctl.settings.eval_fid import EvalFidConfig
 
     stats = save_stats_npz(tmp_path / "a.npz", np.zeros(2048), np.eye(2048), protocol=np.array("edm"),
                            num_samples=np.array(50000))  # fmt: skip
@@ -271,7 +271,7 @@ def test_mode_conflicts(tmp_path, toy_teacher):
 
 
 def test_adm_npz_is_streamed_like_the_folder(random_weights, tmp_path):
-    from dmdctl.eval_fid import ImageInput, Processes
+    from dmdctl.metrics.evaluate import ImageInput, Processes
 
     imgs = np.stack(images(7, 12, seed=3))
     np.savez(tmp_path / "batch.npz", arr_0=imgs)

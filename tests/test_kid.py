@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dmdctl.errors import UserError
-from dmdctl.kid import KID_SEED, Reservoir, kid, polynomial_mmd2_unbiased
+from dmdctl.metrics.kid import KID_SEED, Reservoir, kid, polynomial_mmd2_unbiased
 
 tf_kid = pytest.importorskip("torch_fidelity.metric_kid")
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dmdctl.losses import dm_loss, dm_normaliser, edm_denoising_loss, regression_loss
+from dmdctl.core.losses import dm_loss, dm_normaliser, edm_denoising_loss, regression_loss
 
 
 def normaliser(x: torch.Tensor, mu_real: torch.Tensor) -> torch.Tensor:

@@ -24,12 +24,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dmdctl.make_pairs as mp
-from dmdctl.commands.distill import DistillConfig
-from dmdctl.commands.make_pairs import MakePairsConfig
-from dmdctl.distill import distill
-from dmdctl.make_pairs import make_pairs
+import dmdctl.commands.make_pairs as mp
+from dmdctl.commands.make_pairs import make_pairs
 from dmdctl.pairs import PROGRESS, PairWriter, read_manifest
+from dmdctl.settings.distill import DistillConfig
+from dmdctl.settings.make_pairs import MakePairsConfig
+from dmdctl.training.distill import distill
 
 ENV = dict(
     os.environ, DMDCTL_QUIET="1", OMP_WAIT_POLICY="PASSIVE", DMDCTL_THREADS="1", OMP_NUM_THREADS="1"

@@ -4,12 +4,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dmdctl.make_pairs as mp
-from dmdctl.commands.make_pairs import MakePairsConfig
+import dmdctl.commands.make_pairs as mp
+from dmdctl.commands.make_pairs import make_pairs
+from dmdctl.core.sampling import heun_sample, karras_sigmas, seeded_noise
 from dmdctl.errors import UserError
-from dmdctl.make_pairs import make_pairs
 from dmdctl.pairs import load_pairs
-from dmdctl.sampling import heun_sample, karras_sigmas, seeded_noise
+from dmdctl.settings.make_pairs import MakePairsConfig
 from dmdctl.teachers import load_teacher
 
 
@@ -106,8 +106,8 @@ def test_a_flipped_byte_of_the_same_length_is_named(toy_teacher, tmp_path):
 
 
 def test_pairs_from_another_teacher_are_refused(toy_teacher, tmp_path):
-    from dmdctl.commands.train_teacher import TrainTeacherConfig
-    from dmdctl.train_teacher import train_teacher
+    from dmdctl.commands.train_teacher import train_teacher
+    from dmdctl.settings.train_teacher import TrainTeacherConfig
 
     make_pairs(cfg(toy_teacher, tmp_path / "p", num_pairs=20))
     train_teacher(TrainTeacherConfig(out=str(tmp_path / "t2"), steps=5, seed=1))

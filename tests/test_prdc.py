@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dmdctl.errors import UserError
-from dmdctl.intervals import (
+from dmdctl.metrics.intervals import (
     bootstrap_mean_interval,
     compare_intervals,
     hull,
@@ -15,8 +15,8 @@ from dmdctl.intervals import (
     separated,
     standardize,
 )
-from dmdctl.kid import kid, polynomial_mmd2_unbiased
-from dmdctl.prdc import knn_radii, prdc, prdc_bootstrap
+from dmdctl.metrics.kid import kid, polynomial_mmd2_unbiased
+from dmdctl.metrics.prdc import knn_radii, prdc, prdc_bootstrap
 
 
 def gauss(n, d, seed, shift=0.0, scale=1.0):

@@ -8,8 +8,8 @@ systematic error in every bf16 run). These tests build the real trainer under bf
 import pytest
 import torch
 
-from dmdctl.commands.distill import DistillConfig
-from dmdctl.distill import DMDTrainer, dm_index_range
+from dmdctl.settings.distill import DistillConfig
+from dmdctl.training.distill import DMDTrainer, dm_index_range
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +50,7 @@ def test_bf16_keeps_the_sd_schedule_exact(sd_trainer, tmp_path):
 
 def test_bf16_and_fp32_runs_draw_the_same_dm_timesteps(sd_trainer, tmp_path):
     """200 steps' worth of the DM loss's draws: bf16 and fp32 land on identical timesteps."""
-    from dmdctl.distill import step_generator
+    from dmdctl.training.distill import step_generator
 
     seen = {}
     for precision in ("bf16", "no"):
@@ -68,9 +68,9 @@ def test_bf16_and_fp32_runs_draw_the_same_dm_timesteps(sd_trainer, tmp_path):
 
 def test_bf16_keeps_edm_fourier_frequencies_fp32(tmp_path):
     """NCSN++'s random Fourier frequencies are a buffer: they stay fp32 in the frozen teacher."""
-    from dmdctl.denoiser import EDMPrecond
-    from dmdctl.edm.networks import EDMBackbone
+    from dmdctl.core.denoiser import EDMPrecond
     from dmdctl.teachers import KINDS, save_teacher
+    from dmdctl.teachers.edm.networks import EDMBackbone
 
     config = {
         "architecture": "SongUNet",

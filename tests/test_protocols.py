@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from dmdctl.errors import UserError
-from dmdctl.inception import build_network, pool3_from_normalized
-from dmdctl.protocols import CLEAN, EDM, center_crop_lanczos, get_protocol
+from dmdctl.metrics.inception import build_network, pool3_from_normalized
+from dmdctl.metrics.protocols import CLEAN, EDM, center_crop_lanczos, get_protocol
 
 tfi_interp = pytest.importorskip("torch_fidelity.interpolate_compat_tensorflow")
 cleanfid_resize = pytest.importorskip("cleanfid.resize")

@@ -8,7 +8,7 @@ import argparse
 import pytest
 from benchmarks import quality_ablation as qa
 
-from dmdctl.commands.demo import DEMO_DEFAULTS
+from dmdctl.settings.demo import DEMO_DEFAULTS
 
 
 def row(kid, half_width, seed_shift=0.0):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from cli_helpers import ok, one_line_error, run
-from dmdctl.fid import FeatureStats, save_stats_npz
-from dmdctl.quality import score_floor, training_reference
+from dmdctl.metrics.fid import FeatureStats, save_stats_npz
+from dmdctl.metrics.quality import score_floor, training_reference
 from dmdctl.teachers import get_kind, load_teacher
 
 

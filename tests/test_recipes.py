@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from dmdctl.commands.distill import DistillConfig
-from dmdctl.commands.make_pairs import MakePairsConfig
+from dmdctl.settings.distill import DistillConfig
+from dmdctl.settings.make_pairs import MakePairsConfig
 from dmdctl.teachers import KINDS
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "RECIPES.md"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dmdctl.sampling import (
+from dmdctl.core.sampling import (
     class_labels,
     dmd_sigma_grid,
     heun_nfe,

@@ -20,7 +20,7 @@ from dmdctl.errors import UserError
 
 @pytest.fixture(scope="module")
 def vpred_pipe(tmp_path_factory) -> Path:
-    from dmdctl.sd.testing import build_pipeline
+    from dmdctl.teachers.sd.testing import build_pipeline
 
     return build_pipeline(
         tmp_path_factory.mktemp("sdv") / "pipe", prediction_type="v_prediction", seed=1
@@ -44,8 +44,8 @@ def _ddim(folder, **kw):
 def test_x0_and_cfg_match_the_diffusers_scheduler_step(which, sd_pipe, vpred_pipe):
     """D(x_sigma, sigma, c) equals DDIM's pred_original_sample for the same UNet output, and
     the guided real score equals the step on eps_u + w (eps_c - eps_u)."""
-    from dmdctl.sd.denoiser import GuidedDenoiser
     from dmdctl.teachers import resolve_teacher
+    from dmdctl.teachers.sd.denoiser import GuidedDenoiser
 
     folder = sd_pipe if which == "eps" else vpred_pipe
     teacher = resolve_teacher("sd15", folder)
@@ -72,7 +72,7 @@ def test_x0_and_cfg_match_the_diffusers_scheduler_step(which, sd_pipe, vpred_pip
 
 
 def test_fake_score_loss_is_the_unets_eps_mse(sd_pipe):
-    from dmdctl.losses import edm_denoising_loss
+    from dmdctl.core.losses import edm_denoising_loss
     from dmdctl.teachers import resolve_teacher
 
     d = resolve_teacher("sd15", sd_pipe).denoiser
@@ -119,7 +119,7 @@ def test_pairs_are_the_pipelines_own_latents(sd_pipe, prompts_file, tmp_path):
 
 
 def test_prompt_files_and_their_errors(tmp_path):
-    from dmdctl.sd.pipeline import read_prompts
+    from dmdctl.teachers.sd.pipeline import read_prompts
 
     p = tmp_path / "caps.jsonl"
     p.write_text('{"caption": "a cat"}\n\n{"prompt": "a dog", "id": 3}\n')
@@ -135,8 +135,8 @@ def test_prompt_files_and_their_errors(tmp_path):
 def test_embeddings_are_cached_and_the_text_encoder_is_not_reloaded(
     sd_pipe, prompts_file, tmp_path
 ):
-    from dmdctl.sd.pipeline import prompt_table
     from dmdctl.teachers import resolve_teacher
+    from dmdctl.teachers.sd.pipeline import prompt_table
 
     teacher = resolve_teacher("sd15", sd_pipe)
     first = prompt_table(teacher, prompts_file, tmp_path)
@@ -182,8 +182,8 @@ def test_sd_end_to_end_export_runs_in_stock_diffusers(sd_pipe, prompts_file, tmp
     reproduces `dmdctl sample` for the same noise."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    from dmdctl.generator import load_generator
-    from dmdctl.sd.generate import text_to_image
+    from dmdctl.core.generator import load_generator
+    from dmdctl.teachers.sd.generate import text_to_image
 
     pairs, run_dir = tmp_path / "pairs", tmp_path / "run"
     ok(

@@ -4,9 +4,9 @@
 import pytest
 import torch
 
-import dmdctl.speed as speed
-from dmdctl.commands.distill import DistillConfig
+import dmdctl.training.speed as speed
 from dmdctl.errors import UserError
+from dmdctl.settings.distill import DistillConfig
 
 
 @pytest.fixture(autouse=True)

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from dmdctl.commands.distill import DistillConfig
-from dmdctl.denoiser import edm_weight
-from dmdctl.distill import DMDTrainer, step_generator
+from dmdctl.core.denoiser import edm_weight
+from dmdctl.settings.distill import DistillConfig
+from dmdctl.training.distill import DMDTrainer, step_generator
 
 B, P = 16, 8
 
@@ -183,8 +183,8 @@ def test_regression_pairs_each_noise_with_its_own_target(toy_teacher, toy_pairs,
 @pytest.fixture(scope="module")
 def heun_pairs(toy_teacher, tmp_path_factory) -> str:
     """256 pairs from the teacher's 35-NFE sampler (the session's toy_pairs use 15 NFE)."""
-    from dmdctl.commands.make_pairs import MakePairsConfig
-    from dmdctl.make_pairs import make_pairs
+    from dmdctl.commands.make_pairs import make_pairs
+    from dmdctl.settings.make_pairs import MakePairsConfig
 
     out = tmp_path_factory.mktemp("heun-pairs")
     make_pairs(
@@ -200,10 +200,10 @@ def test_a_few_hundred_toy2d_steps_beat_the_one_step_teacher(toy_teacher, heun_p
     samples within 3 std of a mode than the teacher's own one-step sample, which collapses onto
     the data mean (0.02). Measured on this CPU for seeds 0/1/2: 0.21/0.24/0.09 after 400 steps;
     with the real and fake scores swapped: 0.002/0.0005/0.0005 (~8 s a run)."""
-    from dmdctl.distill import distill
-    from dmdctl.generator import load_generator
-    from dmdctl.sampling import seeded_noise
+    from dmdctl.core.generator import load_generator
+    from dmdctl.core.sampling import seeded_noise
     from dmdctl.teachers import load_teacher
+    from dmdctl.training.distill import distill
 
     cfg = DistillConfig(
         teacher_path=toy_teacher,
@@ -240,7 +240,7 @@ def test_frechet_distance_equals_the_textbook_formula(seed):
     import numpy as np
     import scipy.linalg
 
-    from dmdctl.fid import frechet_distance
+    from dmdctl.metrics.fid import frechet_distance
 
     rng = np.random.default_rng(seed)
     d = 64

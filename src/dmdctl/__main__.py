@@ -1,3 +1,3 @@
-from .cli import main
+from dmdctl.cli import main
 
 main()

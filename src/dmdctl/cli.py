@@ -1,4 +1,4 @@
-"""The ``dmdctl`` command line, generated from the commands' settings (``dmdctl.commands``).
+"""The ``dmdctl`` command line, generated from the commands' settings (``dmdctl.settings``).
 
 Each command's options come from the fields of its settings dataclass: the flag, help text,
 limits, choices and the default shown in ``--help`` are declared once, on the field. Every
@@ -18,11 +18,11 @@ from typing import Annotated
 
 import typer
 
-from . import __version__
-from .commands import COMMANDS, command_module
-from .config import resolve
-from .errors import UserError
-from .options import typer_parameters
+from dmdctl import __version__
+from dmdctl.config import resolve
+from dmdctl.errors import UserError
+from dmdctl.options import typer_parameters
+from dmdctl.settings import COMMANDS, command_module, settings_module
 
 app = typer.Typer(
     name="dmdctl",
@@ -86,7 +86,7 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .ui import error_line
+        from dmdctl.ui import error_line
 
         try:
             return fn(*args, **kwargs)
@@ -102,17 +102,18 @@ def user_errors(fn):
 
 
 def _add_command(name: str) -> None:
-    module = command_module(name)
+    module = settings_module(name)
     settings = module.SETTINGS
 
     def command(**given):
         config = given.pop("config", None)
-        code = module.run(resolve(settings, config, **given))
+        cfg = resolve(settings, config, **given)
+        code = command_module(name).run(cfg)  # the command's work: imported only now
         if code:
             raise typer.Exit(code)
 
     command.__name__ = name.replace("-", "_")
-    command.__doc__ = module.run.__doc__
+    command.__doc__ = module.HELP
     command.__signature__ = inspect.Signature([*typer_parameters(settings), CONFIG_PARAMETER])
     app.command(name)(user_errors(command))
 
@@ -122,7 +123,7 @@ for _name in COMMANDS:
 
 
 def main() -> None:
-    from .runtime import process_session
+    from dmdctl.runtime import process_session
 
     # the one place a command's process group is shut down: at the end, on error, on SIGTERM
     with process_session():

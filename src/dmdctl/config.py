@@ -1,6 +1,6 @@
 """Settings of a command: dataclass defaults < preset < TOML file < command-line flags.
 
-Each command has one settings dataclass (``dmdctl.commands``), a subclass of :class:`Settings`
+Each command has one settings dataclass (``dmdctl.settings``), a subclass of :class:`Settings`
 whose fields are declared with :func:`dmdctl.options.option`. :func:`resolve` is the one way a
 settings object is built from what a user gave, on the command line or from Python. The resolved
 settings are written next to the command's outputs as TOML, so ``--config that_file.toml``
@@ -21,7 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .errors import UserError
+from dmdctl.errors import UserError
 
 T = TypeVar("T")
 
@@ -44,7 +44,7 @@ class Settings:
         pass
 
     def validate(self) -> None:
-        from .options import check_options
+        from dmdctl.options import check_options
 
         check_options(self)
         self.check()
@@ -134,7 +134,7 @@ def dumps_toml(data: dict[str, Any]) -> str:
 
 
 def write_config(cfg: Any, directory: Path, name: str = "config.toml") -> Path:
-    from .files import atomic_write_bytes
+    from dmdctl.files import atomic_write_bytes
 
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name

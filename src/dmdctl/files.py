@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from .errors import UserError
+from dmdctl.errors import UserError
 
 
 def sha256_file(path: Path) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import UserError, require
+from dmdctl.errors import UserError, require
 
 
 def check_out_folder(out: Path, flag: str = "--out") -> None:
@@ -35,8 +35,8 @@ def check_teacher_path(path: str | None, teacher: str | None = None) -> None:
     """
     if path is None:
         return
-    from .sd.pipeline import is_pipeline_folder, looks_like_hub_id
-    from .teachers.sd import is_sd_name
+    from dmdctl.teachers.sd.kind import is_sd_name
+    from dmdctl.teachers.sd.pipeline import is_pipeline_folder, looks_like_hub_id
 
     p = Path(path)
     if is_pipeline_folder(p) or (is_sd_name(teacher) and looks_like_hub_id(str(path))):

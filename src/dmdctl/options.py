@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any
 
-from .errors import UserError
+from dmdctl.errors import UserError
 
 MISSING = dataclasses.MISSING
 

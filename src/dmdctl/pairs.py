@@ -30,8 +30,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
-from .files import atomic_write_bytes, sha256_file
+from dmdctl.errors import UserError
+from dmdctl.files import atomic_write_bytes, sha256_file
 
 MANIFEST = "manifest.json"
 PROGRESS = ".progress"
@@ -69,7 +69,7 @@ def read_manifest(folder: Path) -> dict | None:
 
 
 def _write_failed(path: Path, e: BaseException) -> UserError:
-    from .checkpoint import describe_os_error
+    from dmdctl.training.checkpoint import describe_os_error
 
     return UserError(
         f"could not write {path}: {describe_os_error(e)}; run the same command again to "

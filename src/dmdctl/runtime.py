@@ -36,7 +36,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from .errors import UserError, require
+from dmdctl.errors import UserError, require
 
 LOCK_NAME = ".dmdctl.lock"
 
@@ -111,7 +111,7 @@ def process_session():
     try:
         yield
     except Terminated as t:
-        from .ui import error_line
+        from dmdctl.ui import error_line
 
         error_line(f"stopped by {signal.Signals(t.signum).name}")
         raise SystemExit(128 + t.signum) from None

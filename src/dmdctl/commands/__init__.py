@@ -1,29 +1,20 @@
-"""One module per ``dmdctl`` command: its settings dataclass (``SETTINGS``, each option declared
-once with :func:`dmdctl.options.option`) and a ``run(settings)`` that imports the work it does
-only when it runs and returns the exit code of a stopped run (None: 0).
-
-Nothing here imports torch at import time, so ``dmdctl --help`` and a mistyped flag answer at
-once; ``dmdctl.cli`` builds the Typer commands from :data:`COMMANDS`.
-"""
+"""One module per ``dmdctl`` command: the work it does, and ``run(settings)``, which the CLI calls
+with the resolved settings (``dmdctl.settings``) and whose return value is the exit code of a
+run stopped by a signal (None: 0). These modules import torch; the CLI imports one only when its
+command runs."""
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
 
-# command name -> module under dmdctl.commands, in the order of ``dmdctl --help``
-COMMANDS: dict[str, str] = {
-    "train-teacher": "train_teacher",
-    "make-pairs": "make_pairs",
-    "distill": "distill",
-    "eval-fid": "eval_fid",
-    "sample": "sample",
-    "export": "export",
-    "convert-edm": "convert_edm",
-    "clip-score": "clip_score",
-    "demo": "demo",
-}
+def show(title: str, result: dict) -> None:
+    """The command's result as a table on stdout (nested values are left to the files)."""
+    from dmdctl.ui import print_table, summary_table
+
+    print_table(
+        summary_table(title, {k: v for k, v in result.items() if not isinstance(v, (dict, list))})
+    )
 
 
-def command_module(name: str) -> ModuleType:
-    return importlib.import_module(f"{__name__}.{COMMANDS[name]}")
+def stopped_code(signal_name: str) -> int:
+    """The exit code of a run stopped by a signal: 130 for SIGINT, 143 for SIGTERM."""
+    return 130 if signal_name == "SIGINT" else 143

@@ -1,60 +1,129 @@
-"""``dmdctl export``: the generator of a run, checkpoint or file as safetensors or a diffusers folder."""
+"""``dmdctl export``: the (EMA) generator of a run or checkpoint as one safetensors file."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import shutil
+from pathlib import Path
 
-from ..config import Settings
-from ..errors import require
-from ..options import option
-from .common import offline_option, show
-
-FORMATS = ("safetensors", "diffusers")
-
-
-@dataclass
-class ExportConfig(Settings):
-    """Settings of ``export``: which weights (EMA or raw) of what, in which format, where."""
-
-    source: str | None = option(
-        None, "Distill run folder, checkpoint folder, or generator file.", path=True, argument=True
-    )
-    out: str = option("generator.safetensors", "Output file.", path=True, flags=("--out", "-o"))
-    ema: bool = option(True, "Export the EMA weights.")
-    format: str = option(
-        "safetensors",
-        "safetensors (one file), or diffusers (Stable Diffusion: a pipeline folder).",
-        choices=FORMATS,
-    )
-    # --format diffusers: the teacher pipeline to take the VAE/text encoder from
-    teacher_path: str | None = option(
-        None,
-        "--format diffusers: the teacher pipeline (folder or hub id) to take the VAE, text "
-        "encoder and tokenizer from (by default the one the generator records).",
-        path=True,
-    )
-    offline: bool = offline_option()
-
-    def check(self) -> None:
-        require(
-            self.source is not None,
-            "pass the run folder, checkpoint folder or generator file to export",
-        )
+from dmdctl.commands import show
+from dmdctl.core.generator import load_generator, save_generator
+from dmdctl.errors import UserError
+from dmdctl.settings.export import ExportConfig
+from dmdctl.teachers import GENERATOR_FORMAT, get_kind, read_metadata
+from dmdctl.training.checkpoint import (
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_checkpoint_state,
+)
 
 
-def run(cfg: ExportConfig) -> int | None:
-    """Export the distilled generator as one safetensors file (config in its metadata).
-
-    Example: [bold]dmdctl export runs/dmd -o generator.safetensors[/bold]
-
-    Stable Diffusion: [bold]dmdctl export runs/sd --format diffusers -o sd-dmd[/bold] writes a folder
-    that runs as StableDiffusionPipeline.from_pretrained("sd-dmd")(prompt, num_inference_steps=1,
-    guidance_scale=0).
-    """
-    from ..export import export
-
-    show("export", export(cfg))
+def _checkpoint_of(source: Path) -> Path | None:
+    if (source / "state.json").is_file():
+        return source
+    if list_checkpoints(source / "checkpoints"):
+        return find_checkpoint(source, "latest")
     return None
 
 
-SETTINGS = ExportConfig
+def _from_checkpoint(source: Path, ema: bool):
+    """(checkpoint folder, its state, the generator's denoiser with EMA or raw weights)."""
+    ckpt = _checkpoint_of(source)
+    if ckpt is None:
+        raise UserError(f"{source} holds no checkpoint (no state.json, no checkpoints/step-*)")
+    state, load = load_checkpoint(ckpt)
+    denoiser = get_kind(state["teacher_kind"]).build(state["teacher_config"])
+    weights = load("ema" if ema else "generator")
+    denoiser.load_state_dict({k: v.to(denoiser.state_dict()[k].dtype) for k, v in weights.items()})
+    return ckpt, state, denoiser
+
+
+def export(cfg: ExportConfig) -> dict:
+    source = Path(cfg.source)
+    out = Path(cfg.out)
+    if not source.exists():
+        raise UserError(f"nothing to export at {source}: no such file or folder")
+    if cfg.format == "diffusers":
+        return _export_diffusers(cfg, source, out)
+    if source.is_file():
+        if read_metadata(source).get("format") != GENERATOR_FORMAT:
+            raise UserError(f"{source} is not a dmdctl generator file")
+        if source.resolve() != out.resolve():
+            shutil.copyfile(source, out)
+        gen = load_generator(out)
+        return {"out": str(out), "from": str(source), "kind": gen.kind.name}
+    ckpt, state, denoiser = _from_checkpoint(source, cfg.ema)
+    kind = get_kind(state["teacher_kind"])
+    save_generator(
+        denoiser,
+        kind.name,
+        state["teacher_config"],
+        state["teacher_sha256"],
+        out,
+        extra={
+            "step": str(state["step"]),
+            "ema": str(cfg.ema).lower(),
+            "checkpoint": str(ckpt),
+            "train_config": state.get("config", {}),
+        },
+    )
+    return {
+        "out": str(out),
+        "from": str(ckpt),
+        "kind": kind.name,
+        "step": state["step"],
+        "weights": "EMA" if cfg.ema else "raw generator",
+    }
+
+
+def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
+    """Stable Diffusion generators: a pipeline folder stock diffusers loads (see sd/generate.py)."""
+    from dmdctl.teachers.sd.generate import export_diffusers
+
+    train_config = None
+    # a run folder's generator.safetensors is its EMA generator; --no-ema reads the checkpoint
+    if source.is_file() or (cfg.ema and (source / "generator.safetensors").is_file()):
+        path = source if source.is_file() else source / "generator.safetensors"
+        meta = read_metadata(path)
+        if meta.get("format") != GENERATOR_FORMAT:
+            raise UserError(f"{path} is not a dmdctl generator file")
+        kind_name = meta.get("kind")
+        if kind_name != "sd":
+            raise UserError(
+                f"--format diffusers is for Stable Diffusion generators; {path} holds a "
+                f"'{kind_name}' generator (use --format safetensors)"
+            )
+        gen = load_generator(path)
+        denoiser, config, sha = gen.fn.denoiser, gen.config, meta["teacher_sha256"]
+        what = str(path)
+        if "train_config" in meta:
+            train_config = json.loads(meta["train_config"])
+    else:
+        ckpt = _checkpoint_of(source)
+        if ckpt is not None and read_checkpoint_state(ckpt).get("teacher_kind") != "sd":
+            raise UserError(
+                f"--format diffusers is for Stable Diffusion generators; {ckpt} is not an SD "
+                "run (use --format safetensors)"
+            )
+        ckpt, state, denoiser = _from_checkpoint(source, cfg.ema)
+        config, sha, what = state["teacher_config"], state["teacher_sha256"], str(ckpt)
+        train_config = state.get("config")
+    folder = export_diffusers(
+        denoiser.eval(), config, sha, out, cfg.teacher_path, cfg.offline, train_config
+    )
+    return {
+        "out": str(folder),
+        "from": what,
+        "format": "diffusers",
+        "scheduler": "LCMScheduler (1 step, t=999)",
+        "usage": f"StableDiffusionPipeline.from_pretrained('{folder}')"
+        "(prompt, num_inference_steps=1, guidance_scale=0)",
+    }
+
+
+def run(cfg: ExportConfig) -> int | None:
+    """Run the command on resolved settings (its help: :data:`dmdctl.settings.export.HELP`)."""
+
+    show("export", export(cfg))
+    return None

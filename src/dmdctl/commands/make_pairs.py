@@ -1,104 +1,203 @@
-"""``dmdctl make-pairs``: the teacher's deterministic sampler on seeded noise, stored as pairs."""
+"""``dmdctl make-pairs``: run the teacher's deterministic ODE sampler on seeded noise.
+
+Several processes (``accelerate launch`` / ``torchrun``) split the missing shards between them
+(process r makes every world-th missing shard); the main process keeps manifest.json. SIGTERM or
+SIGINT stops at the next batch: the unfinished shard is dropped, the complete ones are recorded,
+and running the same command again (in any number of processes) makes only what is missing.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
 from pathlib import Path
-from typing import Any
 
-from ..config import Settings
-from ..options import option
-from .common import (
-    device_option,
-    offline_option,
-    prompts_option,
-    show,
-    stopped_code,
-    teacher_option,
-    teacher_path_option,
-)
+import torch
 
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")
-SCHEDULERS = ("pndm", "ddim")
+from dmdctl.commands import show, stopped_code
+from dmdctl.config import write_config
+from dmdctl.core.sampling import class_labels, heun_nfe, heun_sample, karras_sigmas, seeded_noise
+from dmdctl.errors import require
+from dmdctl.pairs import DTYPES, PairWriter
+from dmdctl.runtime import StopRequested, claim_output, holds_output, pick_device, process_state
+from dmdctl.settings.make_pairs import MakePairsConfig
+from dmdctl.teachers import resolve_teacher
+from dmdctl.ui import progress
 
 
-@dataclass
-class MakePairsConfig(Settings):
-    """Settings of ``make-pairs``: which teacher, how many pairs, which sampler, where."""
+class HeunPairs:
+    """Built-in and EDM teachers: Heun's method on the Karras schedule, conditions = labels."""
 
-    teacher: str | None = teacher_option()
-    teacher_path: str | None = teacher_path_option()
-    out: str = option("runs/pairs", "Output folder for shards and manifest.json.", path=True)
-    num_pairs: int = option(4096, "Number of noise→sample pairs.", min=1)
-    seed: int = option(0, "First seed; pair i uses seed+i.", min=0)
-    steps: int = option(
-        0,
-        "Sampler steps: Heun steps N (NFE = 2N-1) for image and toy teachers, scheduler steps "
-        "for Stable Diffusion; 0: the teacher's own (18 Heun steps; 50 for Stable Diffusion).",
-        min=0,
+    def __init__(self, teacher, steps: int, rho: float):
+        self.denoiser = teacher.denoiser
+        self.sigmas = karras_sigmas(steps, teacher.sigma_min, teacher.sigma_max, rho)
+        self.num_conditions = teacher.num_classes
+        self.nfe = heun_nfe(steps)
+        self.settings = {
+            "name": "heun",
+            "steps": steps,
+            "nfe": self.nfe,
+            "sigma_min": teacher.sigma_min,
+            "sigma_max": teacher.sigma_max,
+            "rho": rho,
+        }
+
+    def __call__(self, z, c_idx, device) -> dict[str, torch.Tensor]:
+        c = c_idx.to(device) if self.num_conditions else None
+        return {"target": heun_sample(self.denoiser, z, self.sigmas, c)}
+
+
+class PromptPairs:
+    """Stable Diffusion: the pipeline's scheduler with CFG; conditions index the prompt table."""
+
+    def __init__(self, teacher, cfg: MakePairsConfig, out: Path, device, main: bool, state):
+        from dmdctl.teachers.sd.pipeline import SchedulerSampler, load_prompt_table, prompt_table
+
+        require(
+            cfg.prompts is not None,
+            "a text-to-image teacher needs --prompts FILE (one prompt per line, or JSONL with "
+            "a 'caption' field)",
+        )
+        if main:  # the text encoder runs once; the other processes read its cache
+            self.table = prompt_table(teacher, Path(cfg.prompts), out, device)
+        state.wait_for_everyone()
+        if not main:
+            self.table = load_prompt_table(out)
+        self.denoiser = teacher.denoiser
+        self.teacher = teacher
+        self.save_images = cfg.save_images
+        self.num_conditions = len(self.table)
+        self.sampler = SchedulerSampler(
+            teacher.denoiser.unet,
+            teacher.config["scheduler_config"],
+            cfg.scheduler,
+            cfg.steps,
+            cfg.guidance,
+            self.table.uncond,
+        )
+        self.nfe = self.sampler.nfe
+        self.settings = {
+            "name": cfg.scheduler,
+            "steps": cfg.steps,
+            "nfe": self.nfe,
+            "guidance": cfg.guidance,
+            "prompts": {"count": len(self.table), "key": self.table.sha256},
+            "images": cfg.save_images,
+        }
+
+    def __call__(self, z, c_idx, device) -> dict[str, torch.Tensor]:
+        emb = self.table.embeddings[c_idx].to(device)
+        out = {"target": self.sampler(z, emb)}
+        if self.save_images:
+            with torch.no_grad():
+                img = self.teacher.codec.decode(out["target"])
+            out["image"] = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return out
+
+
+@holds_output
+def make_pairs(cfg: MakePairsConfig) -> dict:
+    cfg.validate()
+    teacher = resolve_teacher(
+        cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None, cfg.offline
     )
-    rho: float = option(7.0, "Karras schedule exponent of the Heun sampler.", above=0, cli=False)
-    shard_size: int = option(1024, "Pairs per shard (the unit of resume).", min=1)
-    batch_size: int = option(1024, "Sampler batch size.", min=1)
-    dtype: str = option("float32", "Storage dtype of the targets.", choices=STORAGE_DTYPES)
-    device: str = device_option()
-    prompts: str | None = prompts_option()
-    scheduler: str = option(
-        "pndm", "Text-to-image teachers: the pipeline's sampler.", choices=SCHEDULERS
-    )
-    # None: no guidance, unless the teacher's pairs recipe (preset layer) sets it
-    guidance: float | None = option(
-        None,
-        "Text-to-image teachers: CFG scale (1: none), by default the pairs recipe's (the DMD "
-        "paper's, equal to its real score's guidance).",
-        min=1,
-        show_default="sd15 3.0, sd15-dmd 3.0",
-    )
-    save_images: bool = option(
-        False, "Text-to-image teachers: also store the decoded images (uint8)."
-    )
-    offline: bool = offline_option()
-
-    @staticmethod
-    def preset_layer(values: dict[str, Any]) -> dict[str, Any]:
-        """The pairs recipe of the named preset, or of the first preset of its kind that has one."""
-        from ..teachers import preset_of
-
-        found = preset_of(values.get("teacher"), values.get("teacher_path"))
-        if found is None:
-            return {}
-        kind, name = found
-        presets = kind.presets()
-        for key in [name, *presets]:
-            pairs = presets.get(key, {}).get("pairs")
-            if pairs is not None:
-                return dict(pairs)
-        return {}
-
-    def check(self) -> None:
-        from ..inputs import check_out_folder, check_teacher_path
-        from ..runtime import check_device
-
-        check_device(self.device)
-        check_teacher_path(self.teacher_path, self.teacher)
-        check_out_folder(Path(self.out))
+    if cfg.steps == 0:
+        cfg.steps = teacher.kind.default_steps_for(teacher.config)
+    if cfg.guidance is None:  # no pairs recipe applies (resolve's preset layer): no guidance
+        cfg.guidance = 1.0
+    state = process_state(cpu=cfg.device == "cpu")
+    main, rank, world = state.is_main_process, state.process_index, state.num_processes
+    device = pick_device(cfg.device, state)
+    out = Path(cfg.out)
+    claim_output(out, "make-pairs", state)  # one writer per folder, until make_pairs returns
+    if teacher.text_conditioned:
+        sampler = PromptPairs(teacher, cfg, out, device, main, state)
+        if cfg.save_images:
+            teacher.codec.vae.to(device)
+    else:
+        require(
+            cfg.prompts is None, f"--prompts is for text-to-image teachers, not '{teacher.name}'"
+        )
+        sampler = HeunPairs(teacher, cfg.steps, cfg.rho)
+    settings = {
+        "teacher": {"kind": teacher.name, "sha256": teacher.sha256, "config": teacher.config},
+        "sampler": sampler.settings,
+        "seed_start": cfg.seed,
+        "num_pairs": cfg.num_pairs,
+        "shard_size": cfg.shard_size,
+        "dtype": cfg.dtype,
+        "sample_shape": list(teacher.sample_shape),
+        "num_classes": sampler.num_conditions,
+    }
+    # the main process checks the folder, verifies its shards and merges what a killed run left;
+    # the others read the result, and nobody writes a shard before everybody has read it
+    writer = PairWriter(out, settings, main=main)
+    if main:
+        write_config(cfg, out)
+    state.wait_for_everyone()
+    if not main:
+        writer.reload()
+    todo = writer.missing()
+    done_before = writer.complete_pairs
+    state.wait_for_everyone()
+    mine = todo[rank::world]
+    teacher.denoiser.to(device)
+    t0 = time.perf_counter()
+    made = 0
+    stopped = None
+    with StopRequested() as stop, progress(disable=None if main else True) as bar:
+        task = bar.add_task("make-pairs", total=cfg.num_pairs, completed=done_before, info="")
+        for index in mine:
+            seeds = writer.shard_seeds(index)
+            noise = seeded_noise(seeds, teacher.sample_shape)
+            cond = class_labels(seeds, cfg.seed, sampler.num_conditions)
+            made_here: dict[str, list[torch.Tensor]] = {}  # target (and SD's decoded image)
+            for i in range(0, len(seeds), cfg.batch_size):
+                if stop.signal is not None:
+                    break  # drop the unfinished shard: a re-run makes it again
+                z = noise[i : i + cfg.batch_size].to(device)
+                for k, v in sampler(z, cond[i : i + cfg.batch_size], device).items():
+                    made_here.setdefault(k, []).append(v.cpu())
+                bar.advance(task, z.shape[0] * world)
+            if stop.signal is not None:
+                stopped = stop.name
+                break
+            made_now = {k: torch.cat(v) for k, v in made_here.items()}
+            tensors = {
+                "noise": noise,
+                "target": made_now.pop("target").to(DTYPES[cfg.dtype]),
+                "cond": cond,
+                "seed": torch.tensor(seeds, dtype=torch.int64),
+                **made_now,
+            }
+            writer.write_shard(index, tensors)
+            made += len(seeds)
+            bar.update(task, info=f"shard {index + 1}/{writer.num_shards}")
+    elapsed = time.perf_counter() - t0
+    state.wait_for_everyone()  # every process's shards are on disk (or dropped)
+    if main:
+        writer.merge()
+    result = {
+        "out": str(out),
+        "pairs": cfg.num_pairs,
+        "complete_pairs": writer.complete_pairs if main else "-",
+        "made_now": writer.complete_pairs - done_before if main else made,
+        "resumed_after_shard": (todo[0] if todo else writer.num_shards) if done_before else "-",
+        "shards": writer.num_shards,
+        "processes": world,
+        "nfe_per_pair": sampler.nfe,
+        "pairs_per_s": round(made * world / elapsed, 1) if made else "-",
+    }
+    if writer.remade:
+        result["remade_shards"] = len(writer.remade)
+    if stopped is not None:
+        result["interrupted"] = stopped
+    return result
 
 
 def run(cfg: MakePairsConfig) -> int | None:
-    """Run the teacher's deterministic ODE sampler on seeded noise and store the pairs.
-
-    --steps 0 (the default) uses the teacher's own default: 18 Heun steps (35 NFE) for the
-    built-in teachers, 50 scheduler steps for Stable Diffusion. For --teacher sd15 the pairs are
-    latents from the pipeline's scheduler with CFG; pair i uses prompt i mod the prompt count.
-
-    Re-running the same command after an interruption (Ctrl-C, SIGTERM, a crash) makes only the
-    missing shards. Several processes split the shards: [bold]accelerate launch --num_processes 8 -m dmdctl make-pairs ...[/bold]
-
-    Example: [bold]dmdctl make-pairs --teacher-path runs/teacher/teacher.safetensors --num-pairs 4096 --out runs/pairs[/bold]
-    """
-    from ..make_pairs import make_pairs
-    from ..runtime import is_main_launch_process
-    from ..ui import error_line
+    """Run the command on resolved settings (its help: :data:`dmdctl.settings.make_pairs.HELP`)."""
+    from dmdctl.runtime import is_main_launch_process
+    from dmdctl.ui import error_line
 
     result = make_pairs(cfg)
     main = is_main_launch_process()  # the other processes of a launch print nothing
@@ -113,6 +212,3 @@ def run(cfg: MakePairsConfig) -> int | None:
             "Resume by running the same command again"
         )
     return stopped_code(result["interrupted"])
-
-
-SETTINGS = MakePairsConfig

@@ -1,73 +1,154 @@
-"""``dmdctl sample``: samples from a generator or from the teacher's sampler."""
+"""``dmdctl sample``: samples from a generator or from the teacher's sampler, as a file and a plot."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import replace
+from pathlib import Path
 
-from ..config import Settings
-from ..errors import require
-from ..options import option
-from .common import (
-    GENERATOR_HELP,
-    device_option,
-    offline_option,
-    prompts_option,
-    show,
-    teacher_option,
-    teacher_path_option,
-)
+import torch
+from safetensors.torch import save_file
 
-DEFAULT_NUM = 2000  # samples when --num is not given (text-to-image: one per prompt)
+from dmdctl.commands import show
+from dmdctl.config import write_config
+from dmdctl.core.generator import generate, source_from
+from dmdctl.errors import UserError, require
+from dmdctl.runtime import is_main_launch_process, pick_device
+from dmdctl.settings.sample import DEFAULT_NUM, SampleConfig
+from dmdctl.ui import progress
 
 
-@dataclass
-class SampleConfig(Settings):
-    """Settings of ``sample``: the source, how many samples from which seeds, and where."""
+def sample(cfg: SampleConfig) -> dict:
+    if not is_main_launch_process():
+        # several processes launched (torchrun, accelerate launch): sample does not split its
+        # work, so the main one draws every sample alone and the others leave its files alone
+        return {}
+    if cfg.generator is None and cfg.teacher is not None:
+        from dmdctl.teachers import get_kind
 
-    generator: str | None = option(None, GENERATOR_HELP, path=True)
-    teacher: str | None = teacher_option()
-    teacher_path: str | None = teacher_path_option()
-    steps: int = option(18, "Heun steps when sampling the teacher.", min=1)
-    # None: DEFAULT_NUM, or for text-to-image one image per prompt (4 for a single --prompt)
-    num: int | None = option(
-        None,
-        "Number of samples.",
-        min=1,
-        show_default=f"{DEFAULT_NUM}; text-to-image: one per prompt of --prompts, 4 for --prompt",
-    )
-    seed: int = option(0, "First seed; sample i uses seed+i.", min=0)
-    batch_size: int = option(1000, "Batch size.", min=1)
-    out: str = option("samples", "Output folder (samples.safetensors, samples.png).", path=True)
-    plot: bool = option(True, "Write a PNG of the samples.")
-    class_label: int | None = option(
-        None, "Sample only this class (class-conditional teachers).", flags=("--class",)
-    )
-    device: str = device_option()
-    prompt: str | None = option(None, "Text-to-image generators: one prompt for every image.")
-    prompts: str | None = prompts_option()
-    offline: bool = offline_option()
-
-    def check(self) -> None:
         require(
-            self.generator is not None or self.teacher_path is not None or self.teacher is not None,
-            "nothing to sample from: pass --generator FILE, or --teacher-path FILE with --steps N",
+            not get_kind(cfg.teacher).text_to_image,
+            "sampling a text-to-image teacher itself is left to its pipeline; pass --generator",
         )
+    source = source_from(cfg)
+    if source.kind.text_to_image:
+        return sample_text_to_image(cfg, source)
+    require(
+        cfg.prompt is None and cfg.prompts is None,
+        "--prompt/--prompts are for text-to-image generators",
+    )
+    if cfg.num is None:  # not given
+        cfg = replace(cfg, num=DEFAULT_NUM)
+    labels = None
+    if cfg.class_label is not None:
+        k = source.num_classes
+        if not 0 <= cfg.class_label < max(k, 1) or k == 0:
+            raise UserError(
+                f"--class {cfg.class_label} is out of range: this teacher has "
+                + (f"classes 0..{k - 1}" if k else "no classes")
+            )
+        labels = torch.full((cfg.num,), cfg.class_label, dtype=torch.int64)
+    device = pick_device(cfg.device)
+    source.to(device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = list(range(cfg.seed, cfg.seed + cfg.num))
+    with progress(transient=True) as bar:
+        task = bar.add_task(f"sample {source.description}", total=cfg.num, info="")
+        x, labels = generate(
+            source,
+            seeds,
+            cfg.batch_size,
+            labels,
+            device=device,
+            progress_cb=lambda n: bar.advance(task, n),
+        )
+    save_file(
+        {"samples": x.contiguous(), "labels": labels, "seed": torch.tensor(seeds)},
+        str(out / "samples.safetensors"),
+        metadata={"source": source.description},
+    )
+    write_config(cfg, out)
+    result = {
+        "out": str(out / "samples.safetensors"),
+        "num": cfg.num,
+        "source": source.description,
+        "nfe": source.nfe,
+    }
+    if cfg.plot:
+        result["plot"] = str(
+            source.kind.save_plot(
+                [(source.description, x)], out / "samples.png", source.config, labels=labels
+            )
+        )
+    return result
+
+
+def sample_text_to_image(cfg: SampleConfig, source) -> dict:
+    """PNG files (and a grid) from a one-step Stable Diffusion generator."""
+    from dmdctl.plots import image_grid_panels
+    from dmdctl.teachers.sd.generate import pipeline_folder_for, text_to_image
+    from dmdctl.teachers.sd.pipeline import read_prompts
+
+    require(
+        (cfg.prompt is None) != (cfg.prompts is None),
+        "a text-to-image generator needs --prompt TEXT or --prompts FILE (one of them)",
+    )
+    require(cfg.class_label is None, "--class is for class-conditional generators")
+    prompts = [cfg.prompt] if cfg.prompt is not None else read_prompts(Path(cfg.prompts))
+    # --num defaults to one image per prompt of a file (4 for a single --prompt)
+    num = cfg.num
+    if num is None:  # not given
+        num = len(prompts) if cfg.prompts is not None else 4
+    folder = pipeline_folder_for(source.config, cfg.teacher_path, cfg.offline)
+    device = pick_device(cfg.device)
+    seeds = list(range(cfg.seed, cfg.seed + num))
+    chosen = [prompts[i % len(prompts)] for i in range(num)]
+    out = Path(cfg.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    with progress(transient=True) as bar:
+        task = bar.add_task(f"sample {source.description}", total=num, info="")
+        images = text_to_image(
+            source.fn,
+            folder,
+            source.config,
+            chosen,
+            seeds,
+            device,
+            min(cfg.batch_size, 16),
+            progress_cb=lambda n: bar.advance(task, n),
+        )
+    from PIL import Image
+
+    rows = []
+    for i, (img, seed, text) in enumerate(zip(images, seeds, chosen, strict=True)):
+        name = f"images/{i:05d}.png"
+        arr = (img * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(arr).save(out / name)
+        rows.append(json.dumps({"file": name, "seed": seed, "prompt": text}))
+    (out / "images.jsonl").write_text("\n".join(rows) + "\n")
+    write_config(cfg, out)
+    result = {
+        "out": str(out / "images"),
+        "num": num,
+        "source": source.description,
+        "nfe": source.nfe,
+        "index": str(out / "images.jsonl"),
+    }
+    if cfg.plot:
+        grid = images[:16] * 2 - 1
+        result["plot"] = str(
+            image_grid_panels(
+                [(source.description, grid)], out / "samples.png", None, per_row=8, scale=1
+            )
+        )
+    return result
 
 
 def run(cfg: SampleConfig) -> int | None:
-    """Draw samples from a generator or from the teacher's sampler.
-
-    Example: [bold]dmdctl sample --generator runs/dmd/generator.safetensors --num 2000 --out samples[/bold]
-
-    Text-to-image: [bold]dmdctl sample --generator runs/sd/generator.safetensors --prompts prompts.txt --out imgs[/bold]
-    writes imgs/images/NNNNN.png (image i: prompt i, seed --seed+i) and imgs/images.jsonl.
-    """
-    from ..sample import sample
+    """Run the command on resolved settings (its help: :data:`dmdctl.settings.sample.HELP`)."""
 
     result = sample(cfg)
     if result:  # the other processes of a launch print nothing
         show("sample", result)
     return None
-
-
-SETTINGS = SampleConfig

@@ -1,70 +1,82 @@
-"""``dmdctl train-teacher``: train a built-in teacher from its own data."""
+"""``dmdctl train-teacher``: train a built-in teacher (EDM denoising score matching)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
 
-from ..config import Settings
-from ..options import option
-from .common import report_to_option, show
+import torch
+
+from dmdctl.commands import show
+from dmdctl.config import resolve, write_config
+from dmdctl.core.ema import EMA
+from dmdctl.core.losses import edm_denoising_loss
+from dmdctl.core.schedules import warmup_then
+from dmdctl.errors import UserError
+from dmdctl.runtime import claim_output, holds_output, release_on_return
+from dmdctl.settings.train_teacher import TrainTeacherConfig
+from dmdctl.teachers import preset_config, save_teacher
+from dmdctl.training.trackers import standalone
+from dmdctl.ui import progress
 
 
-@dataclass
-class TrainTeacherConfig(Settings):
-    """Settings of ``train-teacher``: EDM denoising score matching on a built-in data set."""
-
-    teacher: str = option(
-        "toy2d", "Built-in teacher preset: toy2d, toy2d-unbalanced or digits.", argument=True
+@holds_output
+def train_teacher(cfg: TrainTeacherConfig) -> dict:
+    kind, tcfg = preset_config(cfg.teacher)
+    if not kind.builtin:
+        raise UserError(
+            f"train-teacher trains built-in teachers only; a '{kind.name}' teacher is "
+            "loaded with --teacher-path"
+        )
+    # a config made in Python may leave the teacher's own values out: resolve fills them in
+    cfg = resolve(TrainTeacherConfig, **asdict(cfg))
+    out = Path(cfg.out)
+    claim_output(out, "train-teacher")
+    write_config(cfg, out)
+    trackers = release_on_return(standalone(cfg.report_to, "dmdctl-teacher", asdict(cfg), out))
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    net = kind.build(tcfg)
+    net.train()
+    ema = EMA(net, cfg.ema_decay)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_then(s, cfg.warmup, cfg.steps))
+    t0 = time.perf_counter()
+    losses = []
+    with progress() as bar:
+        task = bar.add_task(f"train {cfg.teacher}", total=cfg.steps, info="")
+        for step in range(cfg.steps):
+            x, cond = kind.sample_data(tcfg, cfg.batch_size, gen)
+            sigma = (torch.randn(cfg.batch_size, generator=gen) * cfg.p_std + cfg.p_mean).exp()
+            noise = torch.randn(x.shape, generator=gen)
+            loss = edm_denoising_loss(net, x, sigma, noise, cond, tcfg["sigma_data"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
+            opt.step()
+            sched.step()
+            ema.update(net)
+            if step % 100 == 0 or step == cfg.steps - 1:
+                losses.append(loss.item())
+                trackers.log({"step": step + 1, "loss": losses[-1], "lr": sched.get_last_lr()[0]})
+                bar.update(task, completed=step + 1, info=f"loss {losses[-1]:.4f}")
+    elapsed = time.perf_counter() - t0
+    ema.copy_to(net)
+    path = save_teacher(
+        net, kind, tcfg, out / "teacher.safetensors", extra={"trained_by": json.dumps(asdict(cfg))}
     )
-    out: str = option(
-        "runs/teacher", "Output folder (teacher.safetensors, config.toml).", path=True
-    )
-    # None until the preset layer fills in the teacher kind's own value
-    steps: int | None = option(
-        None, "Training steps.", min=1, show_default="toy2d 8000, digits 5000"
-    )
-    batch_size: int | None = option(
-        None, "Batch size.", min=1, show_default="toy2d 512, digits 128"
-    )
-    lr: float | None = option(
-        None, "Peak learning rate (Adam, cosine decay).", above=0,
-        show_default="toy2d 0.002, digits 0.0005",
-    )  # fmt: skip
-    warmup: int = option(200, "Linear learning-rate warm-up, in steps.", min=0, cli=False)
-    ema_decay: float = option(0.999, "EMA decay of the saved weights.", min=0, below=1)
-    p_mean: float = option(-1.2, "Mean of log sigma of the training noise (EDM).", cli=False)
-    p_std: float = option(1.2, "Std of log sigma of the training noise (EDM).", above=0, cli=False)
-    seed: int = option(0, "Random seed.", min=0)
-    report_to: str = report_to_option()
-
-    @staticmethod
-    def preset_layer(values: dict[str, Any]) -> dict[str, Any]:
-        """The teacher kind's training defaults (``TeacherKind.train_defaults``)."""
-        from ..errors import UserError
-        from ..teachers import get_kind
-
-        try:
-            kind = get_kind(str(values.get("teacher", TrainTeacherConfig.teacher)))
-        except UserError:
-            return {}  # reported, with the known names, when the command runs
-        return dict(kind.train_defaults)
-
-    def check(self) -> None:
-        from ..trackers import check_report_to
-
-        check_report_to(self.report_to)
+    return {
+        "teacher": str(path),
+        "steps": cfg.steps,
+        "final_loss": losses[-1],
+        "seconds": round(elapsed, 1),
+    }
 
 
 def run(cfg: TrainTeacherConfig) -> int | None:
-    """Train a built-in teacher (EDM denoiser) from its own data.
-
-    Example: [bold]dmdctl train-teacher toy2d --out runs/teacher[/bold]
-    """
-    from ..train_teacher import train_teacher
+    """Run the command on resolved settings (its help: :data:`dmdctl.settings.train_teacher.HELP`)."""
 
     show("train-teacher", train_teacher(cfg))
     return None
-
-
-SETTINGS = TrainTeacherConfig

@@ -1,6 +1,6 @@
 """Teacher registry: named presets, and loading/saving teachers as safetensors.
 
-A teacher file is a safetensors state dict of an :class:`~dmdctl.denoiser.EDMPrecond` whose
+A teacher file is a safetensors state dict of an :class:`~dmdctl.core.denoiser.EDMPrecond` whose
 metadata holds ``format = dmdctl.teacher``, the teacher ``kind`` and its ``config`` (JSON), so a
 file alone is enough to rebuild the network.
 """
@@ -16,14 +16,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 from torch import nn
 
-from ..codec import IdentityCodec
-from ..errors import UserError
-from ..files import atomic_save_safetensors, sha256_file
-from .base import TeacherKind
-from .digits import Digits
-from .edm import EDM
-from .sd import StableDiffusion
-from .toy2d import Toy2D
+from dmdctl.core.codec import IdentityCodec
+from dmdctl.errors import UserError
+from dmdctl.files import atomic_save_safetensors, sha256_file
+from dmdctl.teachers.base import TeacherKind
+from dmdctl.teachers.digits import Digits
+from dmdctl.teachers.edm.kind import EDM
+from dmdctl.teachers.sd.kind import StableDiffusion
+from dmdctl.teachers.toy2d import Toy2D
 
 KINDS: dict[str, TeacherKind] = {k.name: k for k in (Toy2D(), Digits(), StableDiffusion(), EDM())}
 
@@ -58,7 +58,7 @@ def preset_of(teacher: str | None, teacher_path=None) -> tuple[TeacherKind, str]
     ``--teacher``, brings the kind's default preset when ``default_recipe_applies``. None when
     no recipe applies, including for an unknown name (reported when the teacher is loaded).
     """
-    from ..sd.pipeline import is_pipeline_folder
+    from dmdctl.teachers.sd.pipeline import is_pipeline_folder
 
     name = teacher
     if name is None and teacher_path is not None and is_pipeline_folder(Path(teacher_path)):
@@ -143,13 +143,13 @@ class SDTeacher(Teacher):
     def codec(self):
         """The VAE, loaded on first use (training without LPIPS or plots never loads it)."""
         if self._codec is None:
-            from ..sd.pipeline import VAECodec, load_vae
+            from dmdctl.teachers.sd.pipeline import VAECodec, load_vae
 
             self._codec = VAECodec(load_vae(self.folder), self.config["scaling_factor"])
         return self._codec
 
     def text_encoder(self):
-        from ..sd.pipeline import load_text_encoder
+        from dmdctl.teachers.sd.pipeline import load_text_encoder
 
         return load_text_encoder(self.folder)
 
@@ -159,7 +159,7 @@ class SDTeacher(Teacher):
 
 def load_sd_teacher(source: str, offline: bool = False) -> SDTeacher:
     """A pipeline folder or hub id as a teacher (frozen UNet wrapped as a denoiser)."""
-    from ..sd import pipeline as sdp
+    from dmdctl.teachers.sd import pipeline as sdp
 
     folder = sdp.resolve_pipeline_folder(str(source), offline)
     config = sdp.sd_config(folder, str(source))
@@ -234,7 +234,7 @@ def resolve_teacher(
     teacher: str | None, teacher_path: Path | str | None, offline: bool = False
 ) -> Teacher:
     """The teacher named by ``--teacher`` / ``--teacher-path`` on any command."""
-    from ..sd.pipeline import is_pipeline_folder
+    from dmdctl.teachers.sd.pipeline import is_pipeline_folder
 
     sd_named = teacher is not None and get_kind(teacher).name == "sd"
     if sd_named or (teacher_path is not None and is_pipeline_folder(Path(teacher_path))):

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..denoiser import EDMPrecond
-from ..errors import UserError
-from .base import TeacherKind
+from dmdctl.core.denoiser import EDMPrecond
+from dmdctl.errors import UserError
+from dmdctl.teachers.base import TeacherKind
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TEACHER_FILE = ASSETS / "digits_teacher.safetensors"
@@ -165,7 +165,7 @@ class Digits(TeacherKind):
         from looking better than new digits, and ``noise_floor`` measures the training images
         themselves against this reference.
         """
-        from ..fid import FeatureStats
+        from dmdctl.metrics.fid import FeatureStats
 
         _, _, xt, _ = digits_split(config["holdout"], config["split_seed"])
         stats = FeatureStats(64)
@@ -178,7 +178,7 @@ class Digits(TeacherKind):
 
     def noise_floor(self, config: dict, num_samples: int = 1000) -> dict:
         """FID of real training images (as many as a model row scores) against the reference."""
-        from ..fid import FeatureStats, frechet_distance
+        from dmdctl.metrics.fid import FeatureStats, frechet_distance
 
         x, y, _, _ = digits_split(config["holdout"], config["split_seed"])
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:num_samples]
@@ -208,7 +208,7 @@ class Digits(TeacherKind):
     def save_plot(
         self, panels, path: Path, config: dict, labels: torch.Tensor | None = None
     ) -> Path:
-        from ..plots import image_grid_panels
+        from dmdctl.plots import image_grid_panels
 
         return image_grid_panels(panels, path, labels, num_classes=config["num_classes"])
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..denoiser import EDMPrecond, fourier_embedding
-from .base import TeacherKind
+from dmdctl.core.denoiser import EDMPrecond, fourier_embedding
+from dmdctl.teachers.base import TeacherKind
 
 UNBALANCED_WEIGHTS = [0.25, 0.2, 0.15, 0.12, 0.1, 0.08, 0.06, 0.04]
 
@@ -155,7 +155,7 @@ class Toy2D(TeacherKind):
         config: dict,
         labels: torch.Tensor | None = None,
     ) -> Path:
-        from ..plots import scatter_panels
+        from dmdctl.plots import scatter_panels
 
         return scatter_panels(
             panels, path, extent=1.6 * config["radius"], centers=mode_centers(config)

@@ -1,0 +1,137 @@
+"""The one interface every teacher is wrapped to: ``D(x, sigma, cond) -> x0``.
+
+``x`` is a noisy sample ``x0 + sigma * eps`` (EDM convention), ``sigma`` a tensor with one value
+per sample (or a scalar), ``cond`` class labels (int64, -1 or None for unconditional) or other
+conditioning the backbone understands. Samplers, the DMD loss and the trainer only ever call
+this interface, so they do not know which network they drive.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def edm_scalings(sigma: torch.Tensor, sigma_data: float):
+    """EDM preconditioning (Karras et al. 2022, Table 1): c_skip, c_out, c_in, c_noise."""
+    s2 = sigma**2
+    d2 = sigma_data**2
+    c_skip = d2 / (s2 + d2)
+    c_out = sigma * sigma_data / (s2 + d2).sqrt()
+    c_in = 1 / (s2 + d2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def broadcast_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """Sigma as a float32 tensor of shape [N, 1, 1, ...] matching ``x``."""
+    if torch.is_tensor(sigma):
+        sigma = sigma.to(device=x.device, dtype=torch.float32)
+    else:  # a Python number (the generator's sigma_max): a fill on the device, no host copy/sync
+        sigma = torch.full((x.shape[0],), float(sigma), dtype=torch.float32, device=x.device)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(x.shape[0])
+    return sigma.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def freeze_in_dtype(module: nn.Module, device, dtype: torch.dtype | None) -> nn.Module:
+    """Move a frozen network to ``device`` with only its *weights* in ``dtype``.
+
+    ``module.to(device, dtype)`` would cast every floating buffer too: a noise schedule stored as
+    a buffer (SD's ``abar``/``sigmas``, Fourier frequencies) would become bf16, collapsing
+    neighbouring timesteps and biasing the x0 conversion. Buffers keep their dtype (fp32);
+    autocast, or the wrapper itself, casts at the point of use.
+    """
+    module.to(device)
+    if dtype is not None:
+        for p in module.parameters():
+            p.data = p.data.to(dtype)
+    return module.eval().requires_grad_(False)
+
+
+def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """EDM's loss weight (sigma^-2 + sigma_data^-2): unit effective weight at every noise level."""
+    return sigma.pow(-2) + sigma_data**-2
+
+
+class Denoiser(nn.Module):
+    """What every teacher's network is used through: ``D(x_sigma, sigma, cond) -> x0`` on
+    ``x_sigma = x0 + sigma * eps``, with ``sigma_min``, ``sigma_max`` and ``sigma_data``.
+
+    Three hooks have the defaults of a continuous-time (EDM) teacher; a discrete-time teacher
+    (Stable Diffusion) overrides them:
+
+    - ``generator_input_scale``: what the one-step generator multiplies its noise by
+      (``sigma_max``; SD: ``1/sqrt(abar_T)``, the input a diffusers pipeline gives its UNet);
+    - ``training_sigmas(levels)``: the DM loss's noise-level grid (DMD's grid of ``levels``
+      levels; SD: its own timesteps);
+    - ``loss_weight(sigma)``: the fake score's denoising-loss weight (EDM's; SD: the weight that
+      makes it the UNet's own eps- or v-MSE).
+    """
+
+    sigma_min: float
+    sigma_max: float
+    sigma_data: float = 0.5
+
+    @property
+    def generator_input_scale(self) -> float:
+        return self.sigma_max
+
+    def training_sigmas(self, levels: int) -> torch.Tensor:
+        from dmdctl.core.sampling import dmd_sigma_grid
+
+        return dmd_sigma_grid(self.sigma_min, self.sigma_max, levels)
+
+    def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        return edm_weight(sigma, self.sigma_data)
+
+
+class EDMPrecond(Denoiser):
+    """Wraps a raw backbone ``F(c_in * x, c_noise, cond)`` into an EDM denoiser.
+
+    The backbone sees inputs of unit variance and predicts a scaled residual; the wrapper owns
+    sigma_data and the sigma range, so samplers and losses never see the backbone directly.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        sigma_data: float = 0.5,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.sigma_data = float(sigma_data)
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond=None) -> torch.Tensor:
+        sigma = broadcast_sigma(sigma, x)
+        c_skip, c_out, c_in, c_noise = edm_scalings(sigma, self.sigma_data)
+        dtype = x.dtype
+        f = self.backbone((c_in * x).to(dtype), c_noise.flatten(), cond)
+        return (c_skip * x + c_out * f.to(torch.float32)).to(dtype)
+
+
+class OneStepGenerator(nn.Module):
+    """DMD's generator: the denoiser evaluated at sigma_max on pure noise, ``G(z) = D(sigma_max z)``."""
+
+    def __init__(self, denoiser: nn.Module, sigma_max: float):
+        super().__init__()
+        self.denoiser = denoiser
+        self.sigma_max = float(sigma_max)
+        # discrete-time teachers (SD) take pure noise as x_T itself: x_sigma = z / sqrt(abar_T),
+        # slightly more than sigma_max * z; the same input a diffusers pipeline gives its UNet
+        self.input_scale = float(denoiser.generator_input_scale)
+
+    def forward(self, z: torch.Tensor, cond=None) -> torch.Tensor:
+        return self.denoiser(z * self.input_scale, self.sigma_max, cond)
+
+
+def fourier_embedding(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """[sin, cos] of ``2 pi x @ freqs``; used by small backbones to see fine structure."""
+    proj = 2 * math.pi * x @ freqs
+    return torch.cat([proj.sin(), proj.cos()], dim=-1)

@@ -1,0 +1,150 @@
+"""Generator files and the sources of samples (a one-step generator or the teacher's sampler).
+
+A generator file is a safetensors state dict of the generator's denoiser with metadata
+``format = dmdctl.core.generator``, the teacher ``kind``, its ``config`` (JSON) and ``sigma_max``:
+loadable with ``safetensors.torch.load_file`` alone, and by every dmdctl command.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dmdctl.core.denoiser import OneStepGenerator
+from dmdctl.core.sampling import class_labels, heun_nfe, heun_sample, karras_sigmas, seeded_noise
+from dmdctl.errors import UserError
+from dmdctl.files import atomic_save_safetensors
+from dmdctl.teachers import GENERATOR_FORMAT, Teacher, get_kind, load_state, resolve_teacher
+from dmdctl.teachers.base import TeacherKind
+
+
+def save_generator(
+    denoiser: nn.Module,
+    kind: str,
+    config: dict,
+    teacher_sha256: str,
+    path: Path,
+    extra: dict | None = None,
+) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": GENERATOR_FORMAT,
+        "kind": kind,
+        "config": json.dumps(config),
+        "sigma_max": repr(float(denoiser.sigma_max)),
+        "teacher_sha256": teacher_sha256,
+    }
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
+    state = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
+    return atomic_save_safetensors(state, path, meta)
+
+
+@dataclass
+class Source:
+    """Something that turns noise (and labels) into samples, with a name and an NFE count."""
+
+    kind: TeacherKind
+    config: dict
+    description: str
+    nfe: int
+    fn: object
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.kind.sample_shape(self.config))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.kind.num_classes(self.config))
+
+    def to(self, device) -> Source:
+        if isinstance(self.fn, nn.Module):
+            self.fn.to(device)
+        else:
+            self.fn.denoiser.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, z: torch.Tensor, cond=None) -> torch.Tensor:
+        return self.fn(z, cond)
+
+
+class TeacherSampler:
+    def __init__(self, denoiser: nn.Module, steps: int, rho: float = 7.0):
+        self.denoiser = denoiser
+        self.sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, rho)
+
+    def __call__(self, z, cond=None):
+        return heun_sample(self.denoiser, z, self.sigmas, cond)
+
+
+def teacher_source(teacher: Teacher, steps: int) -> Source:
+    if steps < 1:
+        raise UserError(f"--steps must be >= 1, got {steps}")
+    return Source(
+        teacher.kind,
+        teacher.config,
+        f"teacher {teacher.name} Heun {steps} steps",
+        heun_nfe(steps),
+        TeacherSampler(teacher.denoiser, steps),
+    )
+
+
+def load_generator(path: Path) -> Source:
+    path = Path(path)
+    if path.is_dir():
+        # a distill run folder: its exported EMA generator
+        candidate = path / "generator.safetensors"
+        if not candidate.is_file():
+            raise UserError(
+                f"{path} has no generator.safetensors; pass a generator file "
+                "(`dmdctl export RUN -o gen.safetensors`)"
+            )
+        path = candidate
+    meta, state = load_state(path, GENERATOR_FORMAT)
+    kind = get_kind(meta["kind"])
+    config = json.loads(meta["config"])
+    denoiser = kind.build(config)
+    try:
+        denoiser.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(
+            f"{path}: weights do not match its config ({str(e).splitlines()[0]})"
+        ) from None
+    gen = OneStepGenerator(denoiser, float(meta["sigma_max"])).eval().requires_grad_(False)
+    return Source(kind, config, f"generator {path.name}", 1, gen)
+
+
+@torch.no_grad()
+def generate(
+    source: Source,
+    seeds: list[int],
+    batch_size: int = 1000,
+    labels: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    progress_cb=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples for the given seeds (one RNG per seed) and labels (balanced by default)."""
+    if labels is None:
+        labels = class_labels(list(seeds), seeds[0] if len(seeds) else 0, source.num_classes)
+    out = []
+    for i in range(0, len(seeds), batch_size):
+        z = seeded_noise(seeds[i : i + batch_size], source.sample_shape, device)
+        c = labels[i : i + batch_size].to(device) if source.num_classes else None
+        out.append(source(z, c).float().cpu())
+        if progress_cb:
+            progress_cb(z.shape[0])
+    return torch.cat(out), labels
+
+
+def source_from(cfg) -> object:
+    """The source of samples named by a config with generator/teacher/teacher_path/steps."""
+    if cfg.generator:
+        return load_generator(Path(cfg.generator))
+    teacher = resolve_teacher(cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None)
+    return teacher_source(teacher, cfg.steps)

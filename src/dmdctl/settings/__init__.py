@@ -1,0 +1,35 @@
+"""One module per ``dmdctl`` command holding what a user can set: its settings dataclass
+(``SETTINGS``, each option declared once with :func:`dmdctl.options.option`) and its help text
+(``HELP``). The work itself is in ``dmdctl.commands``, under the same module name.
+
+Nothing here imports torch at import time, so ``dmdctl --help`` and a mistyped flag answer at
+once; ``dmdctl.cli`` builds the Typer commands from :data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# command name -> module name under dmdctl.settings and dmdctl.commands, in --help's order
+COMMANDS: dict[str, str] = {
+    "train-teacher": "train_teacher",
+    "make-pairs": "make_pairs",
+    "distill": "distill",
+    "eval-fid": "eval_fid",
+    "sample": "sample",
+    "export": "export",
+    "convert-edm": "convert_edm",
+    "clip-score": "clip_score",
+    "demo": "demo",
+}
+
+
+def settings_module(name: str) -> ModuleType:
+    """The settings module of command ``name`` (light: no torch)."""
+    return importlib.import_module(f"{__name__}.{COMMANDS[name]}")
+
+
+def command_module(name: str) -> ModuleType:
+    """The module that does command ``name``'s work (imports torch)."""
+    return importlib.import_module(f"dmdctl.commands.{COMMANDS[name]}")

@@ -1,0 +1,48 @@
+"""What several commands' settings share: the teacher, device, prompt, network and tracker options."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dmdctl.options import option
+
+TEACHER_HELP = "Teacher kind or preset (e.g. toy2d, sd15); checked against the file."
+TEACHER_PATH_HELP = (
+    "Teacher weights: a dmdctl teacher .safetensors; for --teacher sd15 a diffusers pipeline "
+    "folder or hub id (sd15: stable-diffusion-v1-5/stable-diffusion-v1-5)."
+)
+PROMPTS_HELP = (
+    "Text-to-image teachers: prompts file, one per line, or JSONL with a 'caption' field."
+)
+OFFLINE_HELP = "Never touch the network (as HF_HUB_OFFLINE=1): hub ids must be in the local cache."
+DEVICE_HELP = "Device: auto, cpu, cuda, cuda:1 …"
+GENERATOR_HELP = "Generator file (export) or distill run folder."
+REPORT_TO_HELP = (
+    "Also report to tensorboard (event files in OUT/trackers/) or wandb: the logged values, "
+    "distill's sample plots, the config."
+)
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+def teacher_option() -> Any:
+    return option(None, TEACHER_HELP)
+
+
+def teacher_path_option() -> Any:
+    return option(None, TEACHER_PATH_HELP, path=True)
+
+
+def prompts_option() -> Any:
+    return option(None, PROMPTS_HELP, path=True)
+
+
+def offline_option(help: str = OFFLINE_HELP) -> Any:
+    return option(False, help)
+
+
+def device_option() -> Any:
+    return option("auto", DEVICE_HELP)
+
+
+def report_to_option() -> Any:
+    return option("none", REPORT_TO_HELP, choices=REPORT_TO)

@@ -1,0 +1,109 @@
+"""``dmdctl demo``: the whole method end to end on a built-in teacher, in minutes on a CPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from dmdctl.config import Settings
+from dmdctl.options import option
+
+# each demo's settings (the preset layer of DemoConfig); the runs it makes are in dmdctl.commands.demo
+DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
+    "toy2d": dict(
+        teacher_steps=8000,
+        num_pairs=128,
+        distill_steps=2000,
+        lr=1e-3,
+        eval_samples=10000,
+        batch_size=512,
+        reg_loss="l2",
+        fake_updates=1,
+        warmup=100,
+    ),
+    "digits": dict(
+        teacher_steps=0,
+        num_pairs=100,
+        distill_steps=200,
+        lr=1e-4,
+        fake_updates=3,
+        warmup=20,
+        eval_samples=1000,
+        batch_size=64,
+        reg_loss="l2",
+    ),
+}
+
+
+def per_demo(name: str) -> str:
+    """A setting's value for each demo, as ``--help`` shows it: ``toy2d 2000, digits 200``."""
+    return ", ".join(f"{demo} {values[name]:g}" if isinstance(values[name], float)
+                     else f"{demo} {values[name]}" for demo, values in DEMO_DEFAULTS.items())  # fmt: skip
+
+
+@dataclass
+class DemoConfig(Settings):
+    """Settings of ``demo``; None means the chosen demo's own value (:data:`DEMO_DEFAULTS`)."""
+
+    teacher: str = option(
+        "digits",
+        "Which demo: digits (8x8 images, about 5 min) or toy2d (2-D points, about 2 min).",
+        choices=tuple(DEMO_DEFAULTS),
+        argument=True,
+    )
+    out: str = option("dmdctl-demo", "Output folder.", path=True)
+    teacher_steps: int | None = option(
+        None,
+        "Teacher training steps; 0 uses the shipped teacher.",
+        min=0,
+        show_default=per_demo("teacher_steps"),
+    )
+    num_pairs: int | None = option(
+        None, "Regression pairs.", min=1, show_default=per_demo("num_pairs")
+    )
+    distill_steps: int | None = option(
+        None, "Steps of each distillation run.", min=1, show_default=per_demo("distill_steps")
+    )
+    lr: float | None = option(
+        None,
+        "Learning rate of the generator and the fake score.",
+        above=0,
+        show_default=per_demo("lr"),
+    )
+    batch_size: int | None = option(
+        None,
+        "Generator and pair batch size.",
+        min=1,
+        cli=False,
+        show_default=per_demo("batch_size"),
+    )
+    reg_loss: str | None = option(
+        None, "Regression loss.", cli=False, show_default=per_demo("reg_loss")
+    )
+    fake_updates: int | None = option(
+        None,
+        "Fake-score updates per step.",
+        min=1,
+        cli=False,
+        show_default=per_demo("fake_updates"),
+    )
+    warmup: int | None = option(
+        None, "Learning-rate warm-up steps.", min=0, cli=False, show_default=per_demo("warmup")
+    )
+    eval_samples: int | None = option(
+        None, "Samples per evaluation.", min=1, show_default=per_demo("eval_samples")
+    )
+    seed: int = option(0, "Random seed.", min=0)
+
+    @staticmethod
+    def preset_layer(values: dict[str, Any]) -> dict[str, Any]:
+        return dict(DEMO_DEFAULTS.get(values.get("teacher", DemoConfig.teacher), {}))
+
+
+HELP = """The whole method end to end in minutes on a CPU: teacher → pairs → DMD → evaluation → export.
+
+Example: [bold]dmdctl demo --out dmdctl-demo[/bold]
+"""
+
+
+SETTINGS = DemoConfig

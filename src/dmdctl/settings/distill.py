@@ -1,0 +1,207 @@
+"""``dmdctl distill``: train a one-step generator with the DMD loss (docs/METHOD.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from dmdctl.config import Settings
+from dmdctl.errors import require
+from dmdctl.options import option
+from dmdctl.settings.common import (
+    offline_option,
+    prompts_option,
+    report_to_option,
+    teacher_option,
+    teacher_path_option,
+)
+
+REG_LOSSES = ("l2", "pseudo-huber", "lpips")
+LR_SCHEDULES = ("cosine", "constant")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+LPIPS_NETS = ("vgg", "alex", "squeeze")
+
+
+@dataclass
+class DistillConfig(Settings):
+    """Settings of ``distill``. The defaults are the built-in teachers' (ours); a teacher preset
+    brings its recipe (docs/RECIPES.md) through :meth:`preset_layer`."""
+
+    teacher: str | None = teacher_option()
+    teacher_path: str | None = teacher_path_option()
+    pairs: str | None = option(
+        None, "Pairs folder from make-pairs (needed when --reg-weight > 0).", path=True
+    )
+    out: str = option(
+        "runs/distill",
+        "Run folder (config, log.jsonl, checkpoints, samples, generator).",
+        path=True,
+    )
+    steps: int = option(2000, "Generator updates.", min=1)
+    batch_size: int = option(512, "Global generator batch for the DM loss.", min=1)
+    pair_batch_size: int = option(512, "Global batch of pairs for the regression loss.", min=1)
+    num_pairs: int = option(0, "Use only the first N pairs (0: all).", min=0)
+    lr: float = option(3e-4, "Generator learning rate (AdamW).", above=0)
+    fake_lr: float = option(3e-4, "Fake-score learning rate (AdamW).", above=0)
+    lr_schedule: str = option(
+        "cosine",
+        "After the warm-up: cosine (to 0 at --steps) or constant; both learning rates.",
+        choices=LR_SCHEDULES,
+    )
+    warmup: int = option(
+        100,
+        "Linear warm-up, in generator steps; the fake score follows the same multiplier (so its "
+        "warm-up spans warmup x fake-updates updates).",
+        min=0,
+    )
+    weight_decay: float = option(0.01, "AdamW weight decay.", min=0)
+    grad_clip: float = option(10.0, "Gradient-norm clipping (0: off).", min=0)
+    reg_loss: str = option(
+        "l2", "Regression loss (lpips: image teachers only).", choices=REG_LOSSES
+    )
+    reg_weight: float = option(
+        0.25, "Weight of the regression loss (0: ablation without regression).", min=0
+    )
+    lpips_net: str = option("vgg", "LPIPS backbone.", choices=LPIPS_NETS)
+    lpips_size: int = option(32, "Images are resized to this many pixels for LPIPS.", min=1)
+    lpips_random_backbone: bool = option(
+        False,
+        "Run LPIPS with a random backbone when the pretrained one is not cached (tests only: it "
+        "is not LPIPS).",
+    )
+    dm_weight: float = option(1.0, "Weight of the DM loss (0: ablation, regression only).", min=0)
+    real_only: bool = option(
+        False, "Ablation: real score only, no fake score.", flags=("--real-only/--with-fake",)
+    )
+    fake_updates: int = option(1, "Fake-score updates per generator update (DMD2's TTUR).", min=1)
+    sigma_levels: int = option(1000, "Noise levels of the DM loss's grid.", min=1, cli=False)
+    min_step_frac: float = option(
+        0.02, "Lowest noise-level index of the DM loss, as a fraction of the grid.", min=0, max=1
+    )
+    max_step_frac: float = option(
+        0.98, "Highest noise-level index of the DM loss, as a fraction of the grid.", min=0, max=1
+    )
+    ema_decay: float = option(0.999, "EMA decay of the generator (0: no EMA).", min=0, below=1)
+    mixed_precision: str = option("no", "Mixed precision (Accelerate).", choices=MIXED_PRECISION)
+    checkpoint_every: int = option(500, "Checkpoint (and sample plot) every N steps.", min=1)
+    keep_checkpoints: int = option(0, "Keep only the newest N checkpoints (0: all).", min=0)
+    log_every: int = option(50, "Log losses every N steps.", min=1)
+    eval_every: int = option(
+        0, "Score the EMA generator every N steps into log.jsonl (0: off).", min=0
+    )
+    eval_samples: int = option(1000, "Samples per evaluation during training.", min=1)
+    plot_samples: int = option(
+        2000, "Samples in the plot written at each checkpoint (0: none).", min=0
+    )
+    seed: int = option(0, "Random seed.", min=0)
+    resume: str | None = option(None, "Continue a run: 'latest' or a checkpoint folder.")
+    cpu: bool = option(False, "Train on the CPU even if a GPU is present.")
+    skip_nonfinite: bool = option(
+        False,
+        "Skip updates whose loss or gradient is NaN/inf (counted in log.jsonl) instead of "
+        "stopping the run.",
+    )
+    grad_checkpointing: bool = option(
+        False,
+        "Recompute activations in the backward pass of the generator and fake score (less "
+        "memory, ~30% slower).",
+    )
+    optimizer: str = option(
+        "adamw", "Optimiser; adamw8bit (bitsandbytes, CUDA) saves memory.", choices=OPTIMIZERS
+    )
+    # speed levers (dmdctl.training.speed; measured by benchmarks/sd_step.py)
+    sdpa_backend: str = option("auto", "Attention kernel of the UNets.", choices=SDPA_BACKENDS)
+    channels_last: bool = option(False, "Convolutions in channels-last memory layout.")
+    compile: bool = option(
+        False,
+        "torch.compile each repeated block of the networks (regional compilation: compiles once "
+        "per block type; the first steps are slower).",
+    )
+    # text-to-image (Stable Diffusion) teachers
+    prompts: str | None = prompts_option()
+    real_guidance: float | None = option(
+        None,
+        "Text-to-image teachers: CFG scale of the real score (the empty prompt is the "
+        "unconditional branch; the fake score has none).",
+        min=1,
+        show_default="sd15 1.75, sd15-dmd 3.0",
+    )
+    allow_guidance_mismatch: bool = option(
+        False,
+        "Train on pairs made with another CFG scale than the real score's (refused by default: "
+        "the two losses would pull toward different distributions).",
+    )
+    offline: bool = offline_option()
+    report_to: str = report_to_option()
+
+    @staticmethod
+    def preset_layer(values: dict[str, Any]) -> dict[str, Any]:
+        """The distill recipe a teacher preset carries (docs/RECIPES.md: every value's source)."""
+        from dmdctl.teachers import preset_config, preset_of
+
+        found = preset_of(values.get("teacher"), values.get("teacher_path"))
+        if found is None:
+            return {}
+        _, cfg = preset_config(found[1])
+        recipe = cfg.get("distill") or cfg.get("recipe", {}).get("distill", {})
+        unknown = sorted(set(recipe) - {f.name for f in fields(DistillConfig)})
+        if unknown:  # a preset must be runnable as written: no silently dropped settings
+            raise RuntimeError(f"preset {found[1]} sets unknown distill settings {unknown}")
+        return dict(recipe)
+
+    def check(self) -> None:
+        require(
+            self.min_step_frac < self.max_step_frac,
+            "need 0 <= --min-step-frac < --max-step-frac <= 1, "
+            f"got {self.min_step_frac}, {self.max_step_frac}",
+        )
+        if self.optimizer == "adamw8bit":
+            import importlib.util
+
+            require(
+                importlib.util.find_spec("bitsandbytes") is not None,
+                "--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes; CUDA only)",
+            )
+        require(
+            not (self.optimizer == "adamw8bit" and self.skip_nonfinite),
+            "--skip-nonfinite needs --optimizer adamw (it uses torch's fused AdamW)",
+        )
+        require(
+            self.dm_weight > 0 or self.reg_weight > 0,
+            "both --dm-weight and --reg-weight are 0: nothing to train",
+        )
+        require(
+            self.resume is None or str(self.resume).strip() != "",
+            "--resume needs 'latest' or a checkpoint folder",
+        )
+        from dmdctl.inputs import check_out_folder, check_teacher_path
+        from dmdctl.training.trackers import check_report_to
+
+        check_teacher_path(self.teacher_path, self.teacher)
+        check_out_folder(Path(self.out))
+        check_report_to(self.report_to)
+        require(
+            self.reg_weight == 0 or self.pairs is not None,
+            f"--reg-weight is {self.reg_weight} but no --pairs folder was given "
+            "(make one with `dmdctl make-pairs`, or pass --reg-weight 0 to train without regression)",
+        )
+
+
+HELP = """Train a one-step generator with the DMD loss plus the regression loss on the pairs.
+
+The defaults shown are the built-in teachers' (ours). A preset brings the recipe it names,
+with every value's source in docs/RECIPES.md: --teacher sd15 is DMD2's SD1.5 recipe (no
+pairs: --prompts only), sd15-dmd the DMD paper's (LPIPS regression on pairs made at the real
+score's guidance), edm-imagenet64 DMD2's, edm-cifar10 DMD's. Flags and --config override them.
+
+Example: [bold]dmdctl distill --teacher-path runs/teacher/teacher.safetensors --pairs runs/pairs --out runs/dmd[/bold]
+
+Multi-GPU: [bold]accelerate launch --num_processes 8 -m dmdctl distill ...[/bold] (the batch
+sizes are global; SIGTERM saves a checkpoint and exits 143; resume with --resume latest).
+"""
+
+
+SETTINGS = DistillConfig

@@ -1,0 +1,98 @@
+"""``dmdctl make-pairs``: the teacher's deterministic sampler on seeded noise, stored as pairs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dmdctl.config import Settings
+from dmdctl.options import option
+from dmdctl.settings.common import (
+    device_option,
+    offline_option,
+    prompts_option,
+    teacher_option,
+    teacher_path_option,
+)
+
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+SCHEDULERS = ("pndm", "ddim")
+
+
+@dataclass
+class MakePairsConfig(Settings):
+    """Settings of ``make-pairs``: which teacher, how many pairs, which sampler, where."""
+
+    teacher: str | None = teacher_option()
+    teacher_path: str | None = teacher_path_option()
+    out: str = option("runs/pairs", "Output folder for shards and manifest.json.", path=True)
+    num_pairs: int = option(4096, "Number of noise→sample pairs.", min=1)
+    seed: int = option(0, "First seed; pair i uses seed+i.", min=0)
+    steps: int = option(
+        0,
+        "Sampler steps: Heun steps N (NFE = 2N-1) for image and toy teachers, scheduler steps "
+        "for Stable Diffusion; 0: the teacher's own (18 Heun steps; 50 for Stable Diffusion).",
+        min=0,
+    )
+    rho: float = option(7.0, "Karras schedule exponent of the Heun sampler.", above=0, cli=False)
+    shard_size: int = option(1024, "Pairs per shard (the unit of resume).", min=1)
+    batch_size: int = option(1024, "Sampler batch size.", min=1)
+    dtype: str = option("float32", "Storage dtype of the targets.", choices=STORAGE_DTYPES)
+    device: str = device_option()
+    prompts: str | None = prompts_option()
+    scheduler: str = option(
+        "pndm", "Text-to-image teachers: the pipeline's sampler.", choices=SCHEDULERS
+    )
+    # None: no guidance, unless the teacher's pairs recipe (preset layer) sets it
+    guidance: float | None = option(
+        None,
+        "Text-to-image teachers: CFG scale (1: none), by default the pairs recipe's (the DMD "
+        "paper's, equal to its real score's guidance).",
+        min=1,
+        show_default="sd15 3.0, sd15-dmd 3.0",
+    )
+    save_images: bool = option(
+        False, "Text-to-image teachers: also store the decoded images (uint8)."
+    )
+    offline: bool = offline_option()
+
+    @staticmethod
+    def preset_layer(values: dict[str, Any]) -> dict[str, Any]:
+        """The pairs recipe of the named preset, or of the first preset of its kind that has one."""
+        from dmdctl.teachers import preset_of
+
+        found = preset_of(values.get("teacher"), values.get("teacher_path"))
+        if found is None:
+            return {}
+        kind, name = found
+        presets = kind.presets()
+        for key in [name, *presets]:
+            pairs = presets.get(key, {}).get("pairs")
+            if pairs is not None:
+                return dict(pairs)
+        return {}
+
+    def check(self) -> None:
+        from dmdctl.inputs import check_out_folder, check_teacher_path
+        from dmdctl.runtime import check_device
+
+        check_device(self.device)
+        check_teacher_path(self.teacher_path, self.teacher)
+        check_out_folder(Path(self.out))
+
+
+HELP = """Run the teacher's deterministic ODE sampler on seeded noise and store the pairs.
+
+--steps 0 (the default) uses the teacher's own default: 18 Heun steps (35 NFE) for the
+built-in teachers, 50 scheduler steps for Stable Diffusion. For --teacher sd15 the pairs are
+latents from the pipeline's scheduler with CFG; pair i uses prompt i mod the prompt count.
+
+Re-running the same command after an interruption (Ctrl-C, SIGTERM, a crash) makes only the
+missing shards. Several processes split the shards: [bold]accelerate launch --num_processes 8 -m dmdctl make-pairs ...[/bold]
+
+Example: [bold]dmdctl make-pairs --teacher-path runs/teacher/teacher.safetensors --num-pairs 4096 --out runs/pairs[/bold]
+"""
+
+
+SETTINGS = MakePairsConfig

@@ -1,0 +1,65 @@
+"""``dmdctl sample``: samples from a generator or from the teacher's sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dmdctl.config import Settings
+from dmdctl.errors import require
+from dmdctl.options import option
+from dmdctl.settings.common import (
+    GENERATOR_HELP,
+    device_option,
+    offline_option,
+    prompts_option,
+    teacher_option,
+    teacher_path_option,
+)
+
+DEFAULT_NUM = 2000  # samples when --num is not given (text-to-image: one per prompt)
+
+
+@dataclass
+class SampleConfig(Settings):
+    """Settings of ``sample``: the source, how many samples from which seeds, and where."""
+
+    generator: str | None = option(None, GENERATOR_HELP, path=True)
+    teacher: str | None = teacher_option()
+    teacher_path: str | None = teacher_path_option()
+    steps: int = option(18, "Heun steps when sampling the teacher.", min=1)
+    # None: DEFAULT_NUM, or for text-to-image one image per prompt (4 for a single --prompt)
+    num: int | None = option(
+        None,
+        "Number of samples.",
+        min=1,
+        show_default=f"{DEFAULT_NUM}; text-to-image: one per prompt of --prompts, 4 for --prompt",
+    )
+    seed: int = option(0, "First seed; sample i uses seed+i.", min=0)
+    batch_size: int = option(1000, "Batch size.", min=1)
+    out: str = option("samples", "Output folder (samples.safetensors, samples.png).", path=True)
+    plot: bool = option(True, "Write a PNG of the samples.")
+    class_label: int | None = option(
+        None, "Sample only this class (class-conditional teachers).", flags=("--class",)
+    )
+    device: str = device_option()
+    prompt: str | None = option(None, "Text-to-image generators: one prompt for every image.")
+    prompts: str | None = prompts_option()
+    offline: bool = offline_option()
+
+    def check(self) -> None:
+        require(
+            self.generator is not None or self.teacher_path is not None or self.teacher is not None,
+            "nothing to sample from: pass --generator FILE, or --teacher-path FILE with --steps N",
+        )
+
+
+HELP = """Draw samples from a generator or from the teacher's sampler.
+
+Example: [bold]dmdctl sample --generator runs/dmd/generator.safetensors --num 2000 --out samples[/bold]
+
+Text-to-image: [bold]dmdctl sample --generator runs/sd/generator.safetensors --prompts prompts.txt --out imgs[/bold]
+writes imgs/images/NNNNN.png (image i: prompt i, seed --seed+i) and imgs/images.jsonl.
+"""
+
+
+SETTINGS = SampleConfig

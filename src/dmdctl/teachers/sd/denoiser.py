@@ -1,0 +1,113 @@
+"""Stable Diffusion's discrete eps/v-prediction UNet as a sigma-space denoiser ``D(x, sigma, c)``.
+
+SD defines ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` at integer timesteps t = 0..T-1.
+In the EDM convention used by the rest of dmdctl, ``x_sigma = x0 + sigma eps`` with
+``sigma_t = sqrt((1 - abar_t) / abar_t)``, so ``x_t = sqrt(abar_t) x_sigma`` (docs/METHOD.md section 1).
+The wrapper snaps each sigma to the nearest timestep (in log sigma; exact for the timestep grid
+that distillation draws from), runs the UNet on ``x_t`` and turns its prediction into x0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dmdctl.core.denoiser import Denoiser, broadcast_sigma
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
+    """The training noise schedule a diffusers scheduler config describes (float64)."""
+    from diffusers import DDPMScheduler
+
+    keep = {
+        k: scheduler_config[k]
+        for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+        if scheduler_config.get(k) is not None
+    }
+    betas = DDPMScheduler(**keep).betas.double()
+    return torch.cumprod(1 - betas, 0)
+
+
+class SDDenoiser(Denoiser):
+    """``D(x_sigma, sigma, text_embeddings) -> x0`` around a diffusers ``UNet2DConditionModel``."""
+
+    def __init__(self, unet: nn.Module, abar: torch.Tensor, prediction_type: str = "epsilon"):
+        super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+        self.unet = unet
+        self.prediction_type = prediction_type
+        abar = abar.double()
+        sigmas = ((1 - abar) / abar).sqrt()
+        # not in the state dict: they follow from the scheduler config kept with the weights
+        self.register_buffer("abar", abar.float(), persistent=False)
+        self.register_buffer("sigmas", sigmas.float(), persistent=False)
+        self.register_buffer("log_sigmas", sigmas.log().float(), persistent=False)
+        self.sigma_min = float(sigmas[0])
+        self.sigma_max = float(sigmas[-1])
+        self.sigma_data = 0.5  # unused by SD; kept so callers that read it get a number
+        # the generator feeds pure noise as x_T, i.e. x_sigma = z / sqrt(abar_T)
+        self._input_scale = float(1 / abar[-1].sqrt())
+
+    @property
+    def generator_input_scale(self) -> float:
+        return self._input_scale
+
+    def training_sigmas(self, levels: int) -> torch.Tensor:
+        """The teacher's own noise levels, one per timestep, ascending (DMD's timestep grid;
+        ``levels`` does not apply)."""
+        return self.sigmas.detach().clone()
+
+    def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Weight turning ``|D - x0|^2`` into the UNet's own training loss (eps- or v-MSE)."""
+        s2 = sigma.float() ** 2
+        return 1 / s2 if self.prediction_type == "epsilon" else 1 / s2 + 1
+
+    def timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
+        return (sigma.float().log()[:, None] - self.log_sigmas[None]).abs().argmin(dim=1)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+
+    def forward(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
+        s = broadcast_sigma(sigma, x)
+        t = self.timesteps(s.flatten())
+        ab = self.abar[t].reshape(s.shape)
+        x_t = x.float() * ab.sqrt()
+        dtype = next(self.unet.parameters()).dtype
+        out = self.unet(
+            x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype) if cond is not None else None
+        ).sample.float()
+        if self.prediction_type == "epsilon":
+            x0 = (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
+        else:
+            x0 = ab.sqrt() * x_t - (1 - ab).sqrt() * out
+        return x0.to(x.dtype)
+
+
+class GuidedDenoiser(nn.Module):
+    """Classifier-free guidance in x0 space: ``x0_u + w (x0_c - x0_u)``, u = the empty prompt.
+
+    x0 is affine in the UNet's eps (or v) output at fixed x_t, so this equals guidance applied
+    to the prediction, the way pipelines do it. Both branches run as one batch.
+    """
+
+    def __init__(self, denoiser: nn.Module, scale: float, uncond: torch.Tensor):
+        super().__init__()
+        self.denoiser = denoiser
+        self.scale = float(scale)
+        self.register_buffer("uncond", uncond.reshape(1, *uncond.shape[-2:]), persistent=False)
+        for k in ("sigma_min", "sigma_max", "sigma_data"):
+            setattr(self, k, getattr(denoiser, k))
+
+    def forward(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
+        if self.scale == 1.0:
+            return self.denoiser(x, sigma, cond)
+        n = x.shape[0]
+        s = broadcast_sigma(sigma, x).flatten()
+        u = self.uncond.to(device=cond.device, dtype=cond.dtype).expand(n, -1, -1)
+        out = self.denoiser(torch.cat([x, x]), torch.cat([s, s]), torch.cat([u, cond]))
+        x_u, x_c = out.chunk(2)
+        return x_u + self.scale * (x_c - x_u)

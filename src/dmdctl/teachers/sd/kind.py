@@ -1,0 +1,89 @@
+"""The Stable Diffusion teacher kind (``--teacher sd15``, or any SD1.x/2.x-style pipeline).
+
+Unlike the built-in kinds, the teacher is not a dmdctl file but a diffusers pipeline folder or
+hub id; generator files still hold the UNet's weights with the configs needed to rebuild it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from dmdctl.teachers.base import TeacherKind
+
+
+class StableDiffusion(TeacherKind):
+    name = "sd"
+    default_preset = "sd15"
+    default_steps = 50
+    text_to_image = True
+
+    # a bare pipeline folder (or `--teacher sd`) gets the default preset's recipe
+    default_recipe_applies = True
+
+    def presets(self) -> dict[str, dict]:
+        """Two SD1.5 recipes; every value and its source is listed in docs/RECIPES.md."""
+        from dmdctl.teachers.sd.pipeline import SD15_HUB_ID
+
+        # what both recipes share: DMD2's optimiser set-up and DM-loss range, no EMA, and our
+        # memory and precision choices
+        common = {
+            "lr": 1e-5,
+            "fake_lr": 1e-5,
+            "batch_size": 2048,
+            "lr_schedule": "constant",
+            "warmup": 0,
+            "weight_decay": 0.01,
+            "grad_clip": 10.0,
+            "min_step_frac": 0.02,
+            "max_step_frac": 0.98,
+            "ema_decay": 0.0,
+            "grad_checkpointing": True,
+            "mixed_precision": "bf16",
+            "plot_samples": 16,
+        }
+        return {
+            # DMD2 (Yin et al. 2024), stage 1 of its public SD1.5 script: no regression, no GAN
+            "sd15": {
+                "pipeline": SD15_HUB_ID,
+                "recipe_name": "DMD2 SD1.5, stage 1 (no regression, no GAN)",
+                "distill": dict(common, reg_weight=0.0, real_guidance=1.75, fake_updates=10),
+            },
+            # DMD (Yin et al. 2023), text-to-image: LPIPS regression on pairs made at the real
+            # score's own guidance, one fake-score update per generator update
+            "sd15-dmd": {
+                "pipeline": SD15_HUB_ID,
+                "recipe_name": "DMD (v1) text-to-image: DM loss + LPIPS regression on teacher pairs",
+                "pairs": {"scheduler": "pndm", "steps": 50, "guidance": 3.0},
+                "distill": dict(
+                    common,
+                    reg_loss="lpips",
+                    reg_weight=0.25,
+                    real_guidance=3.0,
+                    fake_updates=1,
+                    pair_batch_size=2048,
+                ),
+            },
+        }
+
+    def build(self, config: dict) -> nn.Module:
+        from dmdctl.teachers.sd.pipeline import build_denoiser
+
+        return build_denoiser(config)
+
+    def sample_shape(self, config: dict) -> tuple[int, ...]:
+        side = int(config["resolution"]) // int(config["vae_scale"])
+        return (int(config["latent_channels"]), side, side)
+
+    def save_plot(self, panels, path: Path, config: dict, labels=None) -> Path:
+        """Panels of decoded images in [-1, 1] (callers decode latents with the VAE first)."""
+        from dmdctl.plots import image_grid_panels
+
+        return image_grid_panels(panels, path, None, per_row=8, scale=1)
+
+
+def is_sd_name(name: str | None) -> bool:
+    from dmdctl.teachers import get_kind
+
+    return name is not None and get_kind(name).name == StableDiffusion.name

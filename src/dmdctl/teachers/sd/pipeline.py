@@ -1,0 +1,391 @@
+"""Stable Diffusion pipelines in diffusers format: loading, prompts, the VAE and the pair sampler.
+
+A teacher is a pipeline folder (``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/``) given as a local path or a Hugging Face hub id. Only safetensors
+weights are read. Offline (``--offline`` or ``HF_HUB_OFFLINE=1``) nothing touches the network:
+a hub id must already be in the local cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dmdctl.errors import UserError
+from dmdctl.files import atomic_save_safetensors, sha256_file
+from dmdctl.teachers.sd.denoiser import SDDenoiser, alphas_cumprod
+
+SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHTED = ("unet", "vae", "text_encoder")
+# files a pipeline needs (weights as safetensors only), for hub downloads
+ALLOW_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.json", "*/*.txt"]
+IGNORE_PATTERNS = ["*.ckpt", "*.bin", "*.pt", "*.pth", "*.msgpack", "*.onnx", "*fp16*", "*non_ema*"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+EMBEDDINGS_FILE = "prompt-embeddings.safetensors"
+
+
+def quiet_loaders() -> None:
+    """diffusers/transformers print a progress bar per component load: dmdctl shows its own."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
+def offline_mode(flag: bool = False) -> bool:
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return flag or env in ("1", "true", "yes", "on")
+
+
+def is_pipeline_folder(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "model_index.json").is_file()
+
+
+def looks_like_hub_id(name: str) -> bool:
+    return bool(HUB_ID.match(str(name))) and not Path(name).exists()
+
+
+def resolve_pipeline_folder(name: str, offline: bool = False) -> Path:
+    """A local pipeline folder for a path or hub id (downloading only when online)."""
+    p = Path(name).expanduser()
+    if p.exists():
+        if not is_pipeline_folder(p):
+            raise UserError(
+                f"{p} is not a diffusers pipeline folder (no model_index.json); pass the folder "
+                "that holds model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
+            )
+        return p
+    if not looks_like_hub_id(name):
+        raise UserError(f"teacher pipeline not found: {name} (not a folder, not a hub id)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = offline_mode(offline)
+    try:
+        folder = snapshot_download(
+            name,
+            allow_patterns=ALLOW_PATTERNS,
+            ignore_patterns=IGNORE_PATTERNS,
+            local_files_only=offline,
+        )
+    except LocalEntryNotFoundError:
+        how = (
+            "offline mode (--offline / HF_HUB_OFFLINE=1) reads only the local cache"
+            if offline
+            else "it is not in the local cache and the hub could not be reached"
+        )
+        raise UserError(
+            f"{name} is not available: {how}. Download it on a machine with internet "
+            f"(`hf download {name}`) into the same HF_HOME, or pass --teacher-path DIR"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise UserError(f"could not fetch {name} from the hub: {str(e).splitlines()[0]}") from None
+    folder = Path(folder)
+    if not is_pipeline_folder(folder):
+        raise UserError(f"{name} is not a diffusers pipeline (no model_index.json)")
+    return folder
+
+
+def _weights_file(folder: Path, component: str) -> Path:
+    files = sorted((folder / component).glob("*.safetensors"))
+    files = [f for f in files if "fp16" not in f.name and "non_ema" not in f.name]
+    if not files:
+        present = sorted(p.name for p in (folder / component).glob("*")) or ["nothing"]
+        raise UserError(
+            f"{folder / component} has no .safetensors weights ({', '.join(present)}); "
+            "dmdctl reads safetensors only (convert .bin/.ckpt files with diffusers first)"
+        )
+    return files[0]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: the pipeline folder is incomplete") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not readable JSON ({e})") from None
+
+
+def pipeline_identity(folder: Path) -> str:
+    """sha256 over the component configs and weight files (what a teacher "is")."""
+    files = [_weights_file(folder, c) for c in WEIGHTED]
+    stamp = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _identity(Path(folder).resolve(), stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _identity(folder: Path, stamp: tuple) -> str:
+    # hashing SD1.5's 4 GB takes seconds: once per process per unchanged set of files
+    h = hashlib.sha256()
+    for comp in WEIGHTED:
+        h.update(comp.encode())
+        h.update(json.dumps(_read_json(folder / comp / "config.json"), sort_keys=True).encode())
+        h.update(sha256_file(_weights_file(folder, comp)).encode())
+    h.update(json.dumps(scheduler_config(folder), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def scheduler_config(folder: Path) -> dict:
+    return _read_json(folder / "scheduler" / "scheduler_config.json")
+
+
+def load_unet(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    quiet_loaders()
+    from diffusers import UNet2DConditionModel
+
+    _weights_file(folder, "unet")
+    try:
+        return UNet2DConditionModel.from_pretrained(
+            folder, subfolder="unet", use_safetensors=True, local_files_only=True, torch_dtype=dtype
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load {folder / 'unet'}: {str(e).splitlines()[0]}") from None
+
+
+def load_vae(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    quiet_loaders()
+    from diffusers import AutoencoderKL
+
+    _weights_file(folder, "vae")
+    try:
+        vae = AutoencoderKL.from_pretrained(
+            folder, subfolder="vae", use_safetensors=True, local_files_only=True, torch_dtype=dtype
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load {folder / 'vae'}: {str(e).splitlines()[0]}") from None
+    return vae.eval().requires_grad_(False)
+
+
+def load_text_encoder(folder: Path):
+    quiet_loaders()
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    _weights_file(folder, "text_encoder")
+    try:
+        tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+        enc = CLIPTextModel.from_pretrained(
+            folder, subfolder="text_encoder", use_safetensors=True, local_files_only=True
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"could not load the text encoder of {folder}: {str(e).splitlines()[0]}"
+        ) from None
+    return tok, enc.eval().requires_grad_(False)
+
+
+def sd_config(folder: Path, source: str) -> dict:
+    """Everything needed to rebuild the denoiser without the folder (kept in generator files)."""
+    unet_cfg = {k: v for k, v in _read_json(folder / "unet" / "config.json").items()}
+    sched = scheduler_config(folder)
+    vae_cfg = _read_json(folder / "vae" / "config.json")
+    return {
+        "pipeline": source,
+        "unet_config": unet_cfg,
+        "scheduler_config": sched,
+        "prediction_type": sched.get("prediction_type", "epsilon"),
+        "latent_channels": int(unet_cfg.get("in_channels", 4)),
+        "vae_scale": 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1),
+        "scaling_factor": float(vae_cfg.get("scaling_factor", 0.18215)),
+        "resolution": int(unet_cfg.get("sample_size", 64))
+        * 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1),
+    }
+
+
+def build_denoiser(config: dict, unet: nn.Module | None = None) -> SDDenoiser:
+    if unet is None:
+        from diffusers import UNet2DConditionModel
+
+        cfg = {k: v for k, v in config["unet_config"].items() if not k.startswith("_")}
+        unet = UNet2DConditionModel.from_config(cfg)
+    abar = alphas_cumprod(config["scheduler_config"])
+    return SDDenoiser(unet, abar, config.get("prediction_type", "epsilon"))
+
+
+# --- prompts -------------------------------------------------------------------------------
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line (.txt), or JSON lines with a caption/prompt/text field (.jsonl)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompts file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"could not read prompts file {path} ({e})") from None
+    prompts = []
+    jsonl = path.suffix.lower() in (".jsonl", ".json")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if jsonl:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n} is not valid JSON ({e.msg})") from None
+            text = None
+            if isinstance(row, dict):
+                text = next((row[k] for k in ("caption", "prompt", "text") if k in row), None)
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{n} has no 'caption', 'prompt' or 'text' string field")
+            prompts.append(text)
+        else:
+            prompts.append(line.strip())
+    if not prompts:
+        raise UserError(f"prompts file {path} holds no prompt")
+    return prompts
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device="cpu", batch_size=64):
+    """The text encoder's last hidden state, tokenised as diffusers' SD pipelines do."""
+    text_encoder.to(device)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = tokenizer(
+            prompts[i : i + batch_size],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        out.append(text_encoder(ids)[0].float().cpu())
+    return torch.cat(out)
+
+
+@dataclass
+class PromptTable:
+    """Prompt embeddings computed once; conditions are indices into this table."""
+
+    prompts: list[str]
+    embeddings: torch.Tensor  # [N, L, D] float32, on the CPU
+    uncond: torch.Tensor  # [1, L, D]: the empty prompt
+    path: Path | None = None
+    sha256: str = ""
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def prompt_table(teacher, prompts_path: Path, cache_dir: Path, device="cpu") -> PromptTable:
+    """Embeddings of a prompts file, cached in ``cache_dir`` (the text encoder is then freed)."""
+    from safetensors.torch import load_file, safe_open
+
+    prompts_path = Path(prompts_path)
+    prompts = read_prompts(prompts_path)
+    key = hashlib.sha256((json.dumps(prompts) + teacher.sha256).encode()).hexdigest()
+    cache = Path(cache_dir) / EMBEDDINGS_FILE
+    if cache.is_file():
+        try:
+            with safe_open(str(cache), framework="pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("key") == key:
+                data = load_file(str(cache))
+                return PromptTable(prompts, data["embeddings"], data["uncond"], cache, key)
+        except Exception:  # noqa: BLE001 - a damaged cache is simply made again
+            pass
+    tok, enc = teacher.text_encoder()
+    emb = encode_prompts(tok, enc, prompts, device)
+    uncond = encode_prompts(tok, enc, [""], device)
+    del enc
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(
+        {"embeddings": emb.contiguous(), "uncond": uncond.contiguous()},
+        cache,
+        {"key": key, "prompts": json.dumps(prompts), "source": str(prompts_path)},
+    )
+    return PromptTable(prompts, emb, uncond, cache, key)
+
+
+def load_prompt_table(folder: Path) -> PromptTable:
+    """The embeddings a make-pairs folder was made with (its conditions index into them)."""
+    from safetensors.torch import load_file, safe_open
+
+    cache = Path(folder) / EMBEDDINGS_FILE
+    if not cache.is_file():
+        raise UserError(
+            f"{folder} has no {EMBEDDINGS_FILE}: it was not made from a text-to-image teacher "
+            "by `dmdctl make-pairs --prompts FILE`"
+        )
+    with safe_open(str(cache), framework="pt") as f:
+        meta = f.metadata() or {}
+    data = load_file(str(cache))
+    return PromptTable(
+        json.loads(meta["prompts"]), data["embeddings"], data["uncond"], cache, meta["key"]
+    )
+
+
+# --- the VAE ----------------------------------------------------------------------------------
+class VAECodec:
+    """Latents (scaled by the VAE's scaling_factor) <-> images in [-1, 1]."""
+
+    latent = True
+
+    def __init__(self, vae: nn.Module, scaling_factor: float):
+        self.vae = vae
+        self.scaling_factor = float(scaling_factor)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.vae.parameters()).dtype
+        return self.vae.decode((z / self.scaling_factor).to(dtype)).sample.float()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.vae.parameters()).dtype
+        return self.vae.encode(x.to(dtype)).latent_dist.mean.float() * self.scaling_factor
+
+
+# --- the teacher's own sampler for make-pairs -------------------------------------------------
+SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler"}
+
+
+class SchedulerSampler:
+    """The pipeline's deterministic sampler: a diffusers scheduler with classifier-free guidance.
+
+    ``z`` is the unscaled noise (the scheduler multiplies it by ``init_noise_sigma``), ``cond`` the
+    prompt embeddings; returns the final latent (before the VAE), as the pipeline computes it.
+    """
+
+    def __init__(
+        self, unet: nn.Module, config: dict, name: str, steps: int, guidance: float, uncond
+    ):
+        import diffusers
+
+        if name not in SCHEDULERS:
+            raise UserError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
+        self.cls = getattr(diffusers, SCHEDULERS[name])
+        self.config = config
+        self.unet = unet
+        self.steps = steps
+        self.guidance = float(guidance)
+        self.uncond = uncond
+        self.nfe = steps * (2 if self.guidance != 1.0 else 1)
+
+    @torch.no_grad()
+    def __call__(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        sched = self.cls.from_config(self.config)  # fresh: PNDM keeps state across steps
+        sched.set_timesteps(self.steps, device=z.device)
+        dtype = next(self.unet.parameters()).dtype
+        lat = z.float() * sched.init_noise_sigma
+        guided = self.guidance != 1.0
+        emb = cond
+        if guided:
+            u = self.uncond.to(cond).expand(cond.shape[0], -1, -1)
+            emb = torch.cat([u, cond])
+        for t in sched.timesteps:
+            inp = torch.cat([lat, lat]) if guided else lat
+            inp = sched.scale_model_input(inp, t)
+            out = self.unet(inp.to(dtype), t, encoder_hidden_states=emb.to(dtype)).sample.float()
+            if guided:
+                o_u, o_c = out.chunk(2)
+                out = o_u + self.guidance * (o_c - o_u)
+            lat = sched.step(out, t, lat).prev_sample
+        return lat

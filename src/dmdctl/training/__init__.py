@@ -1,0 +1,2 @@
+"""Distillation training: the DMD trainer and its run loop, checkpoints, trackers and the speed
+levers of the step."""
