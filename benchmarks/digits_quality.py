@@ -31,7 +31,7 @@ from dmdctl.settings.eval_fid import EvalFidConfig  # noqa: E402
 from dmdctl.settings.make_pairs import MakePairsConfig  # noqa: E402
 from dmdctl.teachers import load_teacher  # noqa: E402
 from dmdctl.teachers.digits import TEACHER_FILE, Digits  # noqa: E402
-from dmdctl.training.distill import distill  # noqa: E402
+from dmdctl.training.loop import distill  # noqa: E402
 
 from .common import append_markdown  # noqa: E402
 

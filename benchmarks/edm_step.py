@@ -72,7 +72,7 @@ def run_row(acc, teacher: Path, args, checkpointing: bool, folder: Path) -> dict
 
     # the lead's `distill --grad-checkpointing` flag, where this version of DistillConfig has it
     from dmdctl.settings.distill import DistillConfig
-    from dmdctl.training.distill import DMDTrainer, enable_checkpointing
+    from dmdctl.training.trainer import DMDTrainer, enable_checkpointing
 
     # the lead's `distill --grad-checkpointing` flag, where this version of DistillConfig has it
     has_flag = "grad_checkpointing" in {f.name for f in dataclasses.fields(DistillConfig)}

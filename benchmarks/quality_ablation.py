@@ -49,7 +49,7 @@ from dmdctl.settings.eval_fid import EVAL_SEED_START, EvalFidConfig  # noqa: E40
 from dmdctl.settings.make_pairs import MakePairsConfig  # noqa: E402
 from dmdctl.settings.train_teacher import TrainTeacherConfig  # noqa: E402
 from dmdctl.teachers import get_kind, load_teacher  # noqa: E402
-from dmdctl.training.distill import distill  # noqa: E402
+from dmdctl.training.loop import distill  # noqa: E402
 
 from .common import finish, say  # noqa: E402
 

@@ -128,7 +128,7 @@ def train_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
     from dmdctl.commands.make_pairs import make_pairs
     from dmdctl.settings.distill import DistillConfig
     from dmdctl.settings.make_pairs import MakePairsConfig
-    from dmdctl.training.distill import DMDTrainer
+    from dmdctl.training.trainer import DMDTrainer
 
     pairs = None
     if DistillConfig.preset_layer({"teacher": args.recipe}).get("reg_weight", 0) > 0:

@@ -59,7 +59,7 @@ def make_trainer(name: str, batch: int, pair_batch: int, fake_updates: int, devi
     from dmdctl.commands.make_pairs import make_pairs
     from dmdctl.settings.distill import DistillConfig
     from dmdctl.settings.make_pairs import MakePairsConfig
-    from dmdctl.training.distill import DMDTrainer
+    from dmdctl.training.trainer import DMDTrainer
 
     tfile = teacher_file(name, folder)
     pairs = folder / f"pairs-{name}"
@@ -232,7 +232,7 @@ def host_syncs(fn) -> list[str]:
 
 
 def measure(name, settings, args, device, folder: Path) -> tuple[list, list]:
-    from dmdctl.training.distill import StepWatch
+    from dmdctl.training.loop import StepWatch
 
     B, P, fu = settings
     trainer = make_trainer(name, B, P, fu, device, folder)

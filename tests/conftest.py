@@ -61,7 +61,7 @@ def hf_offline(monkeypatch):
 def sd_trainer(sd_pipe, prompts_file, hf_offline):
     """Build a DMDTrainer on the tiny SD pipeline (no pairs, batch 2, CPU); keywords override."""
     from dmdctl.settings.distill import DistillConfig
-    from dmdctl.training.distill import DMDTrainer
+    from dmdctl.training.trainer import DMDTrainer
 
     def build(out, **kw):
         base = dict(

@@ -361,7 +361,7 @@ def build_env(root: Path, teacher: str | None = None, pairs: str | None = None) 
     from dmdctl.settings.make_pairs import MakePairsConfig
     from dmdctl.settings.train_teacher import TrainTeacherConfig
     from dmdctl.teachers import KINDS, preset_config, save_teacher
-    from dmdctl.training.distill import distill
+    from dmdctl.training.loop import distill
 
     runs = root / "runs"
     (runs / "teacher").mkdir(parents=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dmdctl.training.distill as dd
+import dmdctl.training.loop as dd
 from dmdctl.commands.export import export
 from dmdctl.core.generator import load_generator
 from dmdctl.core.sampling import seeded_noise
@@ -12,7 +12,7 @@ from dmdctl.errors import UserError
 from dmdctl.settings.distill import DistillConfig
 from dmdctl.settings.export import ExportConfig
 from dmdctl.teachers import load_teacher
-from dmdctl.training.distill import distill
+from dmdctl.training.loop import distill
 
 
 def cfg(teacher, pairs, out, **kw):

@@ -271,7 +271,8 @@ def test_mode_conflicts(tmp_path, toy_teacher):
 
 
 def test_adm_npz_is_streamed_like_the_folder(random_weights, tmp_path):
-    from dmdctl.metrics.evaluate import ImageInput, Processes
+    from dmdctl.metrics.images import ImageInput
+    from dmdctl.runtime import Processes
 
     imgs = np.stack(images(7, 12, seed=3))
     np.savez(tmp_path / "batch.npz", arr_0=imgs)

@@ -29,7 +29,7 @@ from dmdctl.commands.make_pairs import make_pairs
 from dmdctl.pairs import PROGRESS, PairWriter, read_manifest
 from dmdctl.settings.distill import DistillConfig
 from dmdctl.settings.make_pairs import MakePairsConfig
-from dmdctl.training.distill import distill
+from dmdctl.training.loop import distill
 
 ENV = dict(
     os.environ, DMDCTL_QUIET="1", OMP_WAIT_POLICY="PASSIVE", DMDCTL_THREADS="1", OMP_NUM_THREADS="1"

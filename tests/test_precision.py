@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dmdctl.settings.distill import DistillConfig
-from dmdctl.training.distill import DMDTrainer, dm_index_range
+from dmdctl.training.trainer import DMDTrainer, dm_index_range
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +50,7 @@ def test_bf16_keeps_the_sd_schedule_exact(sd_trainer, tmp_path):
 
 def test_bf16_and_fp32_runs_draw_the_same_dm_timesteps(sd_trainer, tmp_path):
     """200 steps' worth of the DM loss's draws: bf16 and fp32 land on identical timesteps."""
-    from dmdctl.training.distill import step_generator
+    from dmdctl.training.trainer import step_generator
 
     seen = {}
     for precision in ("bf16", "no"):

@@ -20,14 +20,14 @@ from typer.testing import CliRunner
 
 import dmdctl.pairs as dp
 import dmdctl.training.checkpoint as ck
-import dmdctl.training.distill as dd
+import dmdctl.training.loop as dd
 from dmdctl.cli import app
 from dmdctl.commands.make_pairs import make_pairs
 from dmdctl.errors import UserError
 from dmdctl.pairs import load_pairs
 from dmdctl.settings.distill import DistillConfig
 from dmdctl.settings.make_pairs import MakePairsConfig
-from dmdctl.training.distill import distill
+from dmdctl.training.loop import distill
 
 ENV = dict(
     os.environ, DMDCTL_QUIET="1", OMP_WAIT_POLICY="PASSIVE", DMDCTL_THREADS="1", OMP_NUM_THREADS="1"

@@ -15,7 +15,7 @@ from torch import nn
 
 from dmdctl.core.denoiser import edm_weight
 from dmdctl.settings.distill import DistillConfig
-from dmdctl.training.distill import DMDTrainer, step_generator
+from dmdctl.training.trainer import DMDTrainer, step_generator
 
 B, P = 16, 8
 
@@ -203,7 +203,7 @@ def test_a_few_hundred_toy2d_steps_beat_the_one_step_teacher(toy_teacher, heun_p
     from dmdctl.core.generator import load_generator
     from dmdctl.core.sampling import seeded_noise
     from dmdctl.teachers import load_teacher
-    from dmdctl.training.distill import distill
+    from dmdctl.training.loop import distill
 
     cfg = DistillConfig(
         teacher_path=toy_teacher,

@@ -467,3 +467,43 @@ class StopRequested:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+class Processes:
+    """This process's place among the processes of a torchrun / accelerate launch (or alone)."""
+
+    def __init__(self, cpu: bool = False, join: bool = True):
+        self.state = None
+        self.rank, self.world = 0, 1
+        if join and launched_processes() > 1:
+            from accelerate import PartialState
+
+            # without cpu=True accelerate only goes multi-process with an accelerator present
+            self.state = PartialState(cpu=use_cpu(cpu))
+            self.rank, self.world = self.state.process_index, self.state.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mine(self, batch_index: int) -> bool:
+        """Batches are dealt round-robin: each is computed whole, by one process, as alone."""
+        return batch_index % self.world == self.rank
+
+    def sum(self, vec):
+        """The element-wise sum of a numpy vector over the processes."""
+        if self.world == 1:
+            return vec
+        import numpy as np
+        import torch
+        from accelerate.utils import reduce
+
+        t = torch.from_numpy(np.ascontiguousarray(vec, np.float64)).to(self.state.device)
+        return reduce(t, "sum").cpu().numpy()
+
+    def gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])

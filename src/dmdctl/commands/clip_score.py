@@ -46,7 +46,7 @@ def _pairs_from_index(index: Path) -> list[tuple[Path, str]] | None:
 
 
 def image_prompt_pairs(images: Path, prompts: Path) -> list[tuple[Path, str]]:
-    from dmdctl.metrics.evaluate import _list_images
+    from dmdctl.metrics.images import list_images
     from dmdctl.teachers.sd.pipeline import read_prompts
 
     if not images.is_dir():
@@ -62,7 +62,7 @@ def image_prompt_pairs(images: Path, prompts: Path) -> list[tuple[Path, str]]:
                     f"{prompts} names {len(missing)} image(s) that do not exist, e.g. {missing[0]}"
                 )
             return pairs
-    files = _list_images(images)
+    files = list_images(images)
     texts = read_prompts(prompts)
     if len(files) != len(texts):
         raise UserError(
@@ -74,7 +74,7 @@ def image_prompt_pairs(images: Path, prompts: Path) -> list[tuple[Path, str]]:
 
 def clip_score_folder(cfg: ClipScoreConfig) -> dict:
     from dmdctl.metrics.clip import clip_cosines
-    from dmdctl.metrics.evaluate import _read_image
+    from dmdctl.metrics.images import read_image
     from dmdctl.runtime import pick_device
 
     pairs = image_prompt_pairs(Path(cfg.images), Path(cfg.prompts))
@@ -82,7 +82,7 @@ def clip_score_folder(cfg: ClipScoreConfig) -> dict:
         raise UserError(f"{cfg.prompts} lists no images")
     device = pick_device(cfg.device)
     t0 = time.perf_counter()
-    images = [np.array(_read_image(p)) for p, _ in pairs]  # writable copies for torch
+    images = [np.array(read_image(p)) for p, _ in pairs]  # writable copies for torch
     cos = clip_cosines(
         images,
         [t for _, t in pairs],

@@ -30,7 +30,7 @@ from dmdctl.settings.export import ExportConfig
 from dmdctl.settings.make_pairs import MakePairsConfig
 from dmdctl.settings.train_teacher import TrainTeacherConfig
 from dmdctl.teachers import load_teacher, preset_config
-from dmdctl.training.distill import distill
+from dmdctl.training.loop import distill
 from dmdctl.ui import console, info, print_table
 
 ROW_TITLES = {

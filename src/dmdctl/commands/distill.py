@@ -11,7 +11,7 @@ from dmdctl.settings.distill import DistillConfig
 def run(cfg: DistillConfig) -> int | None:
     """Run the command on resolved settings (its help: :data:`dmdctl.settings.distill.HELP`)."""
     from dmdctl.runtime import is_main_launch_process
-    from dmdctl.training.distill import distill
+    from dmdctl.training.loop import distill
     from dmdctl.ui import error_line
 
     result = distill(cfg)

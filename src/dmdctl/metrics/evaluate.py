@@ -19,11 +19,8 @@ the batches and the sums are added across processes, which gives the single-proc
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
-import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,55 +41,15 @@ from dmdctl.metrics.fid import (
     stats_from_vector,
     stats_to_vector,
 )
+from dmdctl.metrics.images import ImageInput
 from dmdctl.metrics.kid import KID_SEED, Reservoir
 from dmdctl.metrics.protocols import PROTOCOLS, get_protocol
-from dmdctl.runtime import pick_device
+from dmdctl.runtime import Processes, pick_device
 from dmdctl.settings.eval_fid import EvalFidConfig
 from dmdctl.ui import progress
 
 COMPARABLE_SAMPLES = 10_000  # below this an Inception FID is flagged as not comparable
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 STATS_META = ("num_samples", "features", "protocol")
-
-
-# ---------------------------------------------------------------- processes
-
-
-class Processes:
-    """This process's place among the processes of a torchrun / accelerate launch (or alone)."""
-
-    def __init__(self, cpu: bool = False, join: bool = True):
-        self.state = None
-        self.rank, self.world = 0, 1
-        if join and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import PartialState
-
-            # without cpu=True accelerate only goes multi-process with an accelerator present
-            self.state = PartialState(cpu=cpu or not torch.cuda.is_available())
-            self.rank, self.world = self.state.process_index, self.state.num_processes
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def mine(self, batch_index: int) -> bool:
-        """Batches are dealt round-robin: each is computed whole, by one process, as alone."""
-        return batch_index % self.world == self.rank
-
-    def sum(self, vec: np.ndarray) -> np.ndarray:
-        if self.world == 1:
-            return vec
-        from accelerate.utils import reduce
-
-        t = torch.from_numpy(np.ascontiguousarray(vec, np.float64)).to(self.state.device)
-        return reduce(t, "sum").cpu().numpy()
-
-    def gather(self, obj) -> list:
-        if self.world == 1:
-            return [obj]
-        from accelerate.utils import gather_object
-
-        return gather_object([obj])
 
 
 def _warn(procs: Processes, message: str) -> None:
@@ -217,109 +174,6 @@ def _version_pkgs(ext: Extractor | None, procs: Processes) -> tuple[str, ...]:
     if procs.world > 1:
         pkgs += ("accelerate",)
     return pkgs
-
-
-# ---------------------------------------------------------------- image inputs
-
-
-def _list_images(folder: Path) -> list[Path]:
-    files = sorted(
-        (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-        key=lambda p: p.relative_to(folder).as_posix(),
-    )
-    if not files:
-        raise UserError(
-            f"{folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}, searched recursively)"
-        )
-    return files
-
-
-def _read_image(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except OSError as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
-
-
-def _npz_header(zf: zipfile.ZipFile, path: Path):
-    if "arr_0.npy" not in zf.namelist():
-        raise UserError(
-            f"{path} has no 'arr_0' array (expected ADM-style NHWC uint8 images in arr_0; "
-            f"keys: {', '.join(n.removesuffix('.npy') for n in zf.namelist())})"
-        )
-    f = zf.open("arr_0.npy")
-    major, _ = np.lib.format.read_magic(f)
-    read = (
-        np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-    )
-    shape, fortran, dtype = read(f)
-    if (
-        dtype != np.uint8
-        or fortran
-        or len(shape) not in (3, 4)
-        or (len(shape) == 4 and shape[3] not in (1, 3))
-    ):
-        f.close()
-        raise UserError(
-            f"{path}: arr_0 must be NHWC uint8 images (N x H x W x 3), got {dtype} {shape}"
-        )
-    return f, shape
-
-
-class ImageInput:
-    """Images of a folder or an ADM-style npz, streamed in batches (round-robin over processes)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if self.path.is_dir():
-            self.files = _list_images(self.path)
-            self.count = len(self.files)
-            self.kind = "folder"
-        elif self.path.is_file():
-            try:
-                with zipfile.ZipFile(self.path) as zf:
-                    f, self.shape = _npz_header(zf, self.path)
-                    f.close()
-            except zipfile.BadZipFile:
-                raise UserError(
-                    f"{self.path} is neither a folder of images nor an npz file"
-                ) from None
-            self.count = int(self.shape[0])
-            self.kind = "npz"
-        else:
-            raise UserError(f"images not found: {self.path}")
-
-    @property
-    def description(self) -> str:
-        return f"{self.kind} {self.path}"
-
-    def batches(self, batch: int, procs: Processes) -> Iterator[tuple[np.ndarray, list]]:
-        """(global indices, list of HWC uint8 images) for this process's batches."""
-        starts = range(0, self.count, batch)
-        if self.kind == "folder":
-            for b, lo in enumerate(starts):
-                if procs.mine(b):
-                    idx = np.arange(lo, min(lo + batch, self.count))
-                    yield idx, [_read_image(self.files[i]) for i in idx]
-            return
-        with zipfile.ZipFile(self.path) as zf:
-            f, shape = _npz_header(zf, self.path)
-            per = int(np.prod(shape[1:]))
-            with f:
-                for b, lo in enumerate(starts):
-                    n = min(batch, self.count - lo)
-                    raw = f.read(n * per)
-                    if len(raw) != n * per:
-                        raise UserError(f"{self.path}: arr_0 is truncated")
-                    if procs.mine(b):
-                        arr = np.frombuffer(raw, np.uint8).reshape(n, *shape[1:])
-                        yield np.arange(lo, lo + n), list(arr)
-
-
-# ---------------------------------------------------------------- the shared tail
 
 
 class Accumulator:
