@@ -1,10 +1,26 @@
 """Running the CLI in-process as a user would, and the one-line-error contract every command keeps."""
 
+import os
+import socket
+
 from typer.testing import CliRunner
 
 from dmdctl.cli import app
 
 runner = CliRunner()
+
+# the environment of every test that starts dmdctl in other processes: on 2 cores two torch
+# processes crawl unless each has one thread and OpenMP threads sleep when idle
+PROCESS_ENV = dict(
+    os.environ, DMDCTL_QUIET="1", OMP_WAIT_POLICY="PASSIVE", DMDCTL_THREADS="1",
+    OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+)  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(*args):

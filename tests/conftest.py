@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 import torch
@@ -80,3 +81,14 @@ def sd_trainer(sd_pipe, prompts_file, hf_offline):
         return DMDTrainer(cfg)
 
     return build
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 import pytest
@@ -51,15 +50,6 @@ def tiny_clip(tmp_path_factory) -> str:
     CLIPModel(config).save_pretrained(d / "model")
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(d / "model")
     return str(d / "model")
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def uint8_images(n=4, seed=0):

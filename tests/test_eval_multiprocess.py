@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from cli_helpers import PROCESS_ENV, free_port
 from dmdctl.metrics.evaluate import evaluate
 from dmdctl.settings.eval_fid import EvalFidConfig
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_equal_one(toy_teacher, tmp_path):
@@ -27,10 +20,7 @@ def test_two_processes_equal_one(toy_teacher, tmp_path):
         EvalFidConfig(**common, out=str(tmp_path / "one.npz"), json=str(tmp_path / "one.json")),
         show_progress=False,
     )
-    env = dict(
-        os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", DMDCTL_THREADS="1",
-        DMDCTL_QUIET="1", MKL_NUM_THREADS="1",
-    )  # fmt: skip
+    env = PROCESS_ENV
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),

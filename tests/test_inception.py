@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import socket
 
 import numpy as np
 import pytest
@@ -52,17 +51,6 @@ def random_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
     torch.save(net.state_dict(), path)
     return path, sha256_file(path)
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a connection fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def images(n, size=16, seed=0):

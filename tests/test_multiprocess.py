@@ -25,15 +25,14 @@ import torch
 from safetensors.torch import load_file
 
 import dmdctl.commands.make_pairs as mp
+from cli_helpers import PROCESS_ENV
 from dmdctl.commands.make_pairs import make_pairs
 from dmdctl.pairs import PROGRESS, PairWriter, read_manifest
 from dmdctl.settings.distill import DistillConfig
 from dmdctl.settings.make_pairs import MakePairsConfig
 from dmdctl.training.loop import distill
 
-ENV = dict(
-    os.environ, DMDCTL_QUIET="1", OMP_WAIT_POLICY="PASSIVE", DMDCTL_THREADS="1", OMP_NUM_THREADS="1"
-)
+ENV = PROCESS_ENV
 RTOL_LOG, ATOL_WEIGHTS = 1e-4, 1e-5
 PAIRS = dict(num_pairs=256, shard_size=64, steps=8)  # the toy_pairs fixture's settings
 DISTILL = dict(

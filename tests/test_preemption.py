@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 import dmdctl.pairs as dp
 import dmdctl.training.checkpoint as ck
-import dmdctl.training.loop as dd
+import dmdctl.training.trainer as dd
+from cli_helpers import PROCESS_ENV
 from dmdctl.cli import app
 from dmdctl.commands.make_pairs import make_pairs
 from dmdctl.errors import UserError
@@ -29,9 +30,7 @@ from dmdctl.settings.distill import DistillConfig
 from dmdctl.settings.make_pairs import MakePairsConfig
 from dmdctl.training.loop import distill
 
-ENV = dict(
-    os.environ, DMDCTL_QUIET="1", OMP_WAIT_POLICY="PASSIVE", DMDCTL_THREADS="1", OMP_NUM_THREADS="1"
-)
+ENV = PROCESS_ENV
 DROP = ("samples_per_s",)  # wall-clock throughput differs between runs
 
 

@@ -4,7 +4,6 @@ exits, and a second run on the same --out is refused while the first one lives."
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -13,12 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import ok, one_line_error, run
+from cli_helpers import PROCESS_ENV, free_port, ok, one_line_error, run
 from dmdctl.runtime import LOCK_NAME, OutputLock
 
-ENV = dict(
-    os.environ, DMDCTL_QUIET="1", OMP_WAIT_POLICY="PASSIVE", DMDCTL_THREADS="1", OMP_NUM_THREADS="1"
-)
+ENV = PROCESS_ENV
 
 # Runs the real entry point (dmdctl.cli.main, as `python -m dmdctl` does) and records, on the
 # way out, whether this process still has a process group and gloo worker threads.
@@ -34,12 +31,6 @@ finally:
     with open(os.path.join(sys.argv_out, "rank%s.json" % os.environ["RANK"]), "w") as f:
         json.dump(state, f)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_command_ends_without_process_group(toy_teacher, tmp_path):

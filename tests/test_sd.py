@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_helpers import PROCESS_ENV, ok, one_line_error, run
 from cli_helpers import SD_PROMPTS as PROMPTS
-from cli_helpers import ok, one_line_error, run
 from dmdctl.errors import UserError
 
 
@@ -331,20 +331,12 @@ def test_sd_usage_errors(sd_pipe, prompts_file, tmp_path, toy_teacher):
 def test_two_processes_split_the_prompts_and_match_one(sd_pipe, prompts_file, tmp_path):
     """torchrun with 2 processes: the main process encodes the prompts once, both sample their
     shards, and the pairs equal a 1-process run's; a 2-process distill runs on them."""
-    import os
     import subprocess
     import sys
 
     from safetensors.torch import load_file
 
-    env = dict(
-        os.environ,
-        DMDCTL_QUIET="1",
-        OMP_WAIT_POLICY="PASSIVE",
-        DMDCTL_THREADS="1",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-    )
+    env = dict(PROCESS_ENV, HF_HUB_OFFLINE="1")
     common = [
         "make-pairs", "--teacher-path", str(sd_pipe), "--prompts", str(prompts_file),
         "--num-pairs", "8", "--shard-size", "2", "--batch-size", "2", "--steps", "3",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dmdctl.commands import show, stopped_code
+from dmdctl.commands import report
 from dmdctl.config import write_config
 from dmdctl.core.sampling import class_labels, heun_nfe, heun_sample, karras_sigmas, seeded_noise
 from dmdctl.errors import require
@@ -196,19 +196,9 @@ def make_pairs(cfg: MakePairsConfig) -> dict:
 
 def run(cfg: MakePairsConfig) -> int | None:
     """Run the command on resolved settings (its help: :data:`dmdctl.settings.make_pairs.HELP`)."""
-    from dmdctl.runtime import is_main_launch_process
-    from dmdctl.ui import error_line
-
-    result = make_pairs(cfg)
-    main = is_main_launch_process()  # the other processes of a launch print nothing
-    if main:
-        show("make-pairs", result)
-    if "interrupted" not in result:
-        return None
-    if main:
-        error_line(
-            f"stopped by {result['interrupted']}: the complete shards are recorded in "
-            f"{Path(cfg.out) / 'manifest.json'} and the unfinished one was dropped. "
-            "Resume by running the same command again"
-        )
-    return stopped_code(result["interrupted"])
+    return report(
+        "make-pairs",
+        make_pairs(cfg),
+        f": the complete shards are recorded in {Path(cfg.out) / 'manifest.json'} and the "
+        "unfinished one was dropped. Resume by running the same command again",
+    )

@@ -17,8 +17,7 @@ from torch import nn
 from dmdctl.core.denoiser import OneStepGenerator
 from dmdctl.core.sampling import class_labels, heun_nfe, heun_sample, karras_sigmas, seeded_noise
 from dmdctl.errors import UserError
-from dmdctl.files import atomic_save_safetensors
-from dmdctl.teachers import GENERATOR_FORMAT, Teacher, get_kind, load_state, resolve_teacher
+from dmdctl.teachers import GENERATOR_FORMAT, Teacher, load_network, resolve_teacher, save_network
 from dmdctl.teachers.base import TeacherKind
 
 
@@ -30,18 +29,9 @@ def save_generator(
     path: Path,
     extra: dict | None = None,
 ) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "format": GENERATOR_FORMAT,
-        "kind": kind,
-        "config": json.dumps(config),
-        "sigma_max": repr(float(denoiser.sigma_max)),
-        "teacher_sha256": teacher_sha256,
-    }
+    meta = {"sigma_max": repr(float(denoiser.sigma_max)), "teacher_sha256": teacher_sha256}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
-    state = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
-    return atomic_save_safetensors(state, path, meta)
+    return save_network(denoiser, GENERATOR_FORMAT, kind, config, path, meta)
 
 
 @dataclass
@@ -106,16 +96,7 @@ def load_generator(path: Path) -> Source:
                 "(`dmdctl export RUN -o gen.safetensors`)"
             )
         path = candidate
-    meta, state = load_state(path, GENERATOR_FORMAT)
-    kind = get_kind(meta["kind"])
-    config = json.loads(meta["config"])
-    denoiser = kind.build(config)
-    try:
-        denoiser.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise UserError(
-            f"{path}: weights do not match its config ({str(e).splitlines()[0]})"
-        ) from None
+    meta, kind, config, denoiser = load_network(path, GENERATOR_FORMAT)
     gen = OneStepGenerator(denoiser, float(meta["sigma_max"])).eval().requires_grad_(False)
     return Source(kind, config, f"generator {path.name}", 1, gen)
 

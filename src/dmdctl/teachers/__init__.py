@@ -193,17 +193,41 @@ def load_state(path: Path, expected_format: str) -> tuple[dict, dict[str, torch.
     return meta, load_file(str(path))
 
 
-def save_teacher(
-    denoiser: nn.Module, kind: TeacherKind, config: dict, path: Path, extra: dict | None = None
+def save_network(
+    denoiser: nn.Module, fmt: str, kind: str, config: dict, path: Path, meta: dict[str, str]
 ) -> Path:
+    """A teacher or generator file: the denoiser's weights as safetensors, with the file's
+    ``format``, the teacher ``kind`` and the network ``config`` (JSON) in the metadata."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": TEACHER_FORMAT, "kind": kind.name, "config": json.dumps(config)}
-    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    meta = {"format": fmt, "kind": kind, "config": json.dumps(config), **meta}
     state = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
     try:
         return atomic_save_safetensors(state, path, meta)
     except (OSError, SafetensorError) as e:
         raise UserError(f"could not write {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def load_network(path: Path, fmt: str) -> tuple[dict, TeacherKind, dict, nn.Module]:
+    """(metadata, kind, config, denoiser with the file's weights) of a file from :func:`save_network`."""
+    meta, state = load_state(path, fmt)
+    kind = get_kind(meta["kind"])
+    config = json.loads(meta["config"])
+    denoiser = kind.build(config)
+    try:
+        denoiser.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(
+            f"{path}: weights do not match its config ({str(e).splitlines()[0]})"
+        ) from None
+    return meta, kind, config, denoiser
+
+
+def save_teacher(
+    denoiser: nn.Module, kind: TeacherKind, config: dict, path: Path, extra: dict | None = None
+) -> Path:
+    extra = {k: str(v) for k, v in (extra or {}).items()}
+    return save_network(denoiser, TEACHER_FORMAT, kind.name, config, path, extra)
 
 
 def load_teacher(path: Path, expected: str | None = None) -> Teacher:
@@ -214,18 +238,9 @@ def load_teacher(path: Path, expected: str | None = None) -> Teacher:
             f"{path} is a pickle, which dmdctl does not load as a teacher (pickles can run code); "
             f"convert an NVlabs EDM checkpoint with `dmdctl convert-edm {path} -o teacher.safetensors`"
         )
-    meta, state = load_state(path, TEACHER_FORMAT)
-    kind = get_kind(meta["kind"])
+    meta, kind, config, denoiser = load_network(path, TEACHER_FORMAT)
     if expected is not None and get_kind(expected).name != kind.name:
         raise UserError(f"{path} holds a '{kind.name}' teacher, but --teacher says '{expected}'")
-    config = json.loads(meta["config"])
-    denoiser = kind.build(config)
-    try:
-        denoiser.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise UserError(
-            f"{path}: weights do not match its config ({str(e).splitlines()[0]})"
-        ) from None
     denoiser.eval().requires_grad_(False)
     return Teacher(kind, config, denoiser, path, sha256_file(path))
 
