@@ -45,3 +45,36 @@ def one_line_error(r, *fragments):
 
 # the prompts of the tiny SD pipeline tests (conftest.py writes them to a file)
 SD_PROMPTS = ["a photo of a cat", "a red dog", "the blue sky", "a dog on the grass"]
+
+
+def pairs_config(teacher, out, **kw):
+    """100 toy pairs in shards of 32 from a 6-step sampler."""
+    from dmdctl.settings.make_pairs import MakePairsConfig
+
+    base = dict(
+        teacher_path=teacher, out=str(out), num_pairs=100, shard_size=32, batch_size=16, steps=6
+    )
+    base.update(kw)
+    return MakePairsConfig(**base)
+
+
+def distill_config(teacher, pairs, out, **kw):
+    """A distill run on the toy teacher that takes seconds (40 steps, checkpoints at 20)."""
+    from dmdctl.settings.distill import DistillConfig
+
+    base = dict(
+        teacher_path=teacher,
+        pairs=pairs,
+        out=str(out),
+        steps=40,
+        batch_size=64,
+        pair_batch_size=32,
+        checkpoint_every=20,
+        log_every=10,
+        plot_samples=200,
+        lr=1e-3,
+        fake_lr=1e-3,
+        warmup=5,
+    )
+    base.update(kw)
+    return DistillConfig(**base)

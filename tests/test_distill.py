@@ -5,33 +5,12 @@ import torch
 from safetensors.torch import load_file
 
 import dmdctl.training.loop as dd
-from dmdctl.commands.export import export
+from cli_helpers import distill_config
 from dmdctl.core.generator import load_generator
 from dmdctl.core.sampling import seeded_noise
 from dmdctl.errors import UserError
-from dmdctl.settings.distill import DistillConfig
-from dmdctl.settings.export import ExportConfig
 from dmdctl.teachers import load_teacher
 from dmdctl.training.loop import distill
-
-
-def cfg(teacher, pairs, out, **kw):
-    base = dict(
-        teacher_path=teacher,
-        pairs=pairs,
-        out=str(out),
-        steps=40,
-        batch_size=64,
-        pair_batch_size=32,
-        checkpoint_every=20,
-        log_every=10,
-        plot_samples=200,
-        lr=1e-3,
-        fake_lr=1e-3,
-        warmup=5,
-    )
-    base.update(kw)
-    return DistillConfig(**base)
 
 
 def log(path):
@@ -39,7 +18,7 @@ def log(path):
 
 
 def test_distill_writes_logs_checkpoints_plots_and_a_generator(toy_teacher, toy_pairs, tmp_path):
-    result = distill(cfg(toy_teacher, toy_pairs, tmp_path))
+    result = distill(distill_config(toy_teacher, toy_pairs, tmp_path))
     assert result["step"] == 40
     rows = log(tmp_path)
     assert [r["step"] for r in rows] == [10, 20, 30, 40]
@@ -66,7 +45,7 @@ def test_distill_writes_logs_checkpoints_plots_and_a_generator(toy_teacher, toy_
 
 
 def test_generator_starts_as_the_teacher_at_sigma_max(toy_teacher, toy_pairs, tmp_path):
-    trainer = dd.DMDTrainer(cfg(toy_teacher, toy_pairs, tmp_path))
+    trainer = dd.DMDTrainer(distill_config(toy_teacher, toy_pairs, tmp_path))
     z = torch.randn(8, 2)
     teacher = load_teacher(toy_teacher)
     torch.testing.assert_close(
@@ -78,7 +57,7 @@ def test_generator_starts_as_the_teacher_at_sigma_max(toy_teacher, toy_pairs, tm
 
 
 def test_frozen_teacher_does_not_change(toy_teacher, toy_pairs, tmp_path):
-    trainer = dd.DMDTrainer(cfg(toy_teacher, toy_pairs, tmp_path))
+    trainer = dd.DMDTrainer(distill_config(toy_teacher, toy_pairs, tmp_path))
     before = {k: v.clone() for k, v in trainer.real.state_dict().items()}
     for _ in range(3):
         trainer.train_step()
@@ -88,19 +67,23 @@ def test_frozen_teacher_does_not_change(toy_teacher, toy_pairs, tmp_path):
 
 
 def test_ablation_switches(toy_teacher, toy_pairs, tmp_path):
-    t = dd.DMDTrainer(cfg(toy_teacher, toy_pairs, tmp_path / "a", real_only=True, reg_weight=0.0))
+    t = dd.DMDTrainer(
+        distill_config(toy_teacher, toy_pairs, tmp_path / "a", real_only=True, reg_weight=0.0)
+    )
     assert t.fake is None and t.pairs is None
     assert set(t.train_step()) == {"loss_dm", "loss_g", "grad_norm_g"}
-    t = dd.DMDTrainer(cfg(toy_teacher, toy_pairs, tmp_path / "b", dm_weight=0.0))
+    t = dd.DMDTrainer(distill_config(toy_teacher, toy_pairs, tmp_path / "b", dm_weight=0.0))
     assert t.fake is None
     assert set(t.train_step()) == {"loss_reg", "loss_g", "grad_norm_g"}
-    t = dd.DMDTrainer(cfg(toy_teacher, toy_pairs, tmp_path / "c", fake_updates=3, num_pairs=16))
+    t = dd.DMDTrainer(
+        distill_config(toy_teacher, toy_pairs, tmp_path / "c", fake_updates=3, num_pairs=16)
+    )
     assert len(t.pairs) == 16
     assert "loss_fake" in t.train_step()
 
 
 def test_resume_continues_exactly(toy_teacher, toy_pairs, tmp_path, monkeypatch):
-    distill(cfg(toy_teacher, toy_pairs, tmp_path / "whole"))
+    distill(distill_config(toy_teacher, toy_pairs, tmp_path / "whole"))
 
     real_step = dd.DMDTrainer.train_step
 
@@ -111,11 +94,11 @@ def test_resume_continues_exactly(toy_teacher, toy_pairs, tmp_path, monkeypatch)
 
     monkeypatch.setattr(dd.DMDTrainer, "train_step", crash_at_25)
     with pytest.raises(RuntimeError):
-        distill(cfg(toy_teacher, toy_pairs, tmp_path / "cut"))
+        distill(distill_config(toy_teacher, toy_pairs, tmp_path / "cut"))
     monkeypatch.setattr(dd.DMDTrainer, "train_step", real_step)
     with pytest.raises(UserError, match="--resume latest"):
-        distill(cfg(toy_teacher, toy_pairs, tmp_path / "cut"))
-    distill(cfg(toy_teacher, toy_pairs, tmp_path / "cut", resume="latest"))
+        distill(distill_config(toy_teacher, toy_pairs, tmp_path / "cut"))
+    distill(distill_config(toy_teacher, toy_pairs, tmp_path / "cut", resume="latest"))
 
     whole, cut = log(tmp_path / "whole"), log(tmp_path / "cut")
     drop = ("samples_per_s",)
@@ -125,30 +108,3 @@ def test_resume_continues_exactly(toy_teacher, toy_pairs, tmp_path, monkeypatch)
     a = load_file(str(tmp_path / "whole" / "generator.safetensors"))
     b = load_file(str(tmp_path / "cut" / "generator.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_export_loads_with_safetensors_alone_and_reproduces_the_generator(
-    toy_teacher, toy_pairs, tmp_path
-):
-    distill(cfg(toy_teacher, toy_pairs, tmp_path / "run", steps=20))
-    out = tmp_path / "g.safetensors"
-    export(ExportConfig(source=str(tmp_path / "run"), out=str(out)))
-    state = load_file(str(out))
-    assert any(k.startswith("backbone.") for k in state)
-    from safetensors import safe_open
-
-    with safe_open(str(out), "pt") as f:
-        meta = f.metadata()
-    assert meta["format"] == "dmdctl.generator" and meta["kind"] == "toy2d"
-    assert json.loads(meta["config"])["num_modes"] == 8
-    z = seeded_noise(range(100), (2,))
-    exported = load_generator(out)
-    trained = load_generator(tmp_path / "run" / "generator.safetensors")
-    torch.testing.assert_close(exported(z), trained(z), rtol=0, atol=0)
-    raw = tmp_path / "raw.safetensors"
-    export(
-        ExportConfig(
-            source=str(tmp_path / "run" / "checkpoints" / "step-0000020"), out=str(raw), ema=False
-        )
-    )
-    assert not torch.equal(load_generator(raw)(z), exported(z))

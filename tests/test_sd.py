@@ -244,6 +244,15 @@ def test_sd_end_to_end_export_runs_in_stock_diffusers(sd_pipe, prompts_file, tmp
     )  # fmt: skip
     index = [json.loads(x) for x in (samples / "images.jsonl").read_text().splitlines()]
     assert [row["prompt"] for row in index] == PROMPTS and index[0]["seed"] == 5
+    # --num left out: one image per prompt (above); --num given: that many, prompts cycling
+    ok(
+        run(
+            "sample", "--generator", run_dir / "generator.safetensors", "--prompts",
+            prompts_file, "--out", tmp_path / "five", "--num", len(PROMPTS) + 2, "--device", "cpu",
+        )
+    )  # fmt: skip
+    five = (tmp_path / "five" / "images.jsonl").read_text().splitlines()
+    assert len(five) == len(PROMPTS) + 2 and json.loads(five[-1])["prompt"] == PROMPTS[1]
 
     # FID of a text-to-image generator goes through its images, and says so
     one_line_error(

@@ -1,7 +1,7 @@
 """Generator files and the sources of samples (a one-step generator or the teacher's sampler).
 
 A generator file is a safetensors state dict of the generator's denoiser with metadata
-``format = dmdctl.core.generator``, the teacher ``kind``, its ``config`` (JSON) and ``sigma_max``:
+``format = dmdctl.generator``, the teacher ``kind``, its ``config`` (JSON) and ``sigma_max``:
 loadable with ``safetensors.torch.load_file`` alone, and by every dmdctl command.
 """
 
@@ -17,7 +17,14 @@ from torch import nn
 from dmdctl.core.denoiser import OneStepGenerator
 from dmdctl.core.sampling import class_labels, heun_nfe, heun_sample, karras_sigmas, seeded_noise
 from dmdctl.errors import UserError
-from dmdctl.teachers import GENERATOR_FORMAT, Teacher, load_network, resolve_teacher, save_network
+from dmdctl.teachers import (
+    GENERATOR_FORMAT,
+    OfKind,
+    Teacher,
+    load_network,
+    resolve_teacher,
+    save_network,
+)
 from dmdctl.teachers.base import TeacherKind
 
 
@@ -35,7 +42,7 @@ def save_generator(
 
 
 @dataclass
-class Source:
+class Source(OfKind):
     """Something that turns noise (and labels) into samples, with a name and an NFE count."""
 
     kind: TeacherKind
@@ -43,14 +50,6 @@ class Source:
     description: str
     nfe: int
     fn: object
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return tuple(self.kind.sample_shape(self.config))
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.kind.num_classes(self.config))
 
     def to(self, device) -> Source:
         if isinstance(self.fn, nn.Module):

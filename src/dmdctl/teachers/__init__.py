@@ -83,8 +83,24 @@ def preset_config(name: str) -> tuple[TeacherKind, dict]:
     return kind, dict(cfg)
 
 
+class OfKind:
+    """Something made of a teacher kind and its network config (a teacher, a generator): the
+    shape of one sample and the number of classes follow from the two."""
+
+    kind: TeacherKind
+    config: dict
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.kind.sample_shape(self.config))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.kind.num_classes(self.config))
+
+
 @dataclass
-class Teacher:
+class Teacher(OfKind):
     """A loaded teacher: its denoiser and everything the commands need to know about it."""
 
     kind: TeacherKind
@@ -101,14 +117,6 @@ class Teacher:
     @property
     def name(self) -> str:
         return self.kind.name
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return tuple(self.kind.sample_shape(self.config))
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.kind.num_classes(self.config))
 
     @property
     def sigma_min(self) -> float:
