@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dmdctl.commands.make_pairs as mp
+import dmdctl.core.sampling as sampling
 from cli_helpers import pairs_config
 from dmdctl.commands.make_pairs import make_pairs
 from dmdctl.core.sampling import heun_sample, karras_sigmas, seeded_noise
@@ -43,7 +43,7 @@ def test_resume_after_interruption_gives_byte_identical_shards(toy_teacher, tmp_
     make_pairs(pairs_config(toy_teacher, tmp_path / "whole"))
 
     calls = {"n": 0}
-    real = mp.heun_sample
+    real = sampling.heun_sample
 
     def dies_in_third_shard(*a, **k):
         calls["n"] += 1
@@ -51,14 +51,14 @@ def test_resume_after_interruption_gives_byte_identical_shards(toy_teacher, tmp_
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(mp, "heun_sample", dies_in_third_shard)
+    monkeypatch.setattr(sampling, "heun_sample", dies_in_third_shard)
     with pytest.raises(KeyboardInterrupt):
         make_pairs(pairs_config(toy_teacher, tmp_path / "cut"))
     manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
     assert len(manifest["shards"]) == 2 and not manifest["complete"]
     assert not (tmp_path / "cut" / "pairs-00002.safetensors").exists()
 
-    monkeypatch.setattr(mp, "heun_sample", real)
+    monkeypatch.setattr(sampling, "heun_sample", real)
     result = make_pairs(pairs_config(toy_teacher, tmp_path / "cut"))
     assert result["made_now"] == 100 - 64
     names = sorted(p.name for p in (tmp_path / "whole").glob("pairs-*.safetensors"))

@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dmdctl.commands.make_pairs as mp
+import dmdctl.core.sampling as sampling
 from cli_helpers import PROCESS_ENV
 from dmdctl.commands.make_pairs import make_pairs
 from dmdctl.pairs import PROGRESS, PairWriter, read_manifest
@@ -59,7 +59,7 @@ def test_two_processes_make_pairs_and_distill_like_one(
 ):
     # 1. a 1-process make-pairs interrupted after its first shard
     pairs = tmp_path / "pairs"
-    real = mp.heun_sample
+    real = sampling.heun_sample
     calls = {"n": 0}
 
     def dies_in_second_shard(*a, **k):
@@ -68,10 +68,10 @@ def test_two_processes_make_pairs_and_distill_like_one(
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(mp, "heun_sample", dies_in_second_shard)
+    monkeypatch.setattr(sampling, "heun_sample", dies_in_second_shard)
     with pytest.raises(KeyboardInterrupt):
         make_pairs(MakePairsConfig(teacher_path=toy_teacher, out=str(pairs), **PAIRS))
-    monkeypatch.setattr(mp, "heun_sample", real)
+    monkeypatch.setattr(sampling, "heun_sample", real)
     assert len(read_manifest(pairs)["shards"]) == 1
 
     # 2. two processes: finish the pairs, refuse an odd batch, distill
@@ -254,7 +254,7 @@ def test_records_left_by_a_killed_process_are_merged_on_the_next_run(
     whole = read_manifest(tmp_path / "whole")
 
     cut = tmp_path / "cut"
-    real = mp.heun_sample
+    real = sampling.heun_sample
     calls = {"n": 0}
 
     def dies_in_second_shard(*a, **k):
@@ -263,10 +263,10 @@ def test_records_left_by_a_killed_process_are_merged_on_the_next_run(
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(mp, "heun_sample", dies_in_second_shard)
+    monkeypatch.setattr(sampling, "heun_sample", dies_in_second_shard)
     with pytest.raises(KeyboardInterrupt):
         make_pairs(MakePairsConfig(out=str(cut), **cfg))
-    monkeypatch.setattr(mp, "heun_sample", real)
+    monkeypatch.setattr(sampling, "heun_sample", real)
     # what "process 1" left: shard 2 on disk with its record, not yet in the manifest
     (cut / "pairs-00002.safetensors").write_bytes(
         (tmp_path / "whole" / "pairs-00002.safetensors").read_bytes()

@@ -15,7 +15,11 @@ import torch
 
 from dmdctl.commands import report
 from dmdctl.config import write_config
-from dmdctl.core.sampling import class_labels, heun_nfe, heun_sample, karras_sigmas, seeded_noise
+from dmdctl.core.sampling import (
+    HeunSampler,
+    class_labels,
+    seeded_noise,
+)
 from dmdctl.errors import require
 from dmdctl.pairs import DTYPES, PairWriter
 from dmdctl.runtime import StopRequested, claim_output, holds_output, pick_device, process_state
@@ -25,25 +29,17 @@ from dmdctl.ui import progress
 
 
 class HeunPairs:
-    """Built-in and EDM teachers: Heun's method on the Karras schedule, conditions = labels."""
+    """Built-in and EDM teachers: the teacher's Heun sampler; conditions are class labels."""
 
     def __init__(self, teacher, steps: int, rho: float):
-        self.denoiser = teacher.denoiser
-        self.sigmas = karras_sigmas(steps, teacher.sigma_min, teacher.sigma_max, rho)
+        self.sampler = HeunSampler(teacher.denoiser, steps, rho)
         self.num_conditions = teacher.num_classes
-        self.nfe = heun_nfe(steps)
-        self.settings = {
-            "name": "heun",
-            "steps": steps,
-            "nfe": self.nfe,
-            "sigma_min": teacher.sigma_min,
-            "sigma_max": teacher.sigma_max,
-            "rho": rho,
-        }
+        self.nfe = self.sampler.nfe
+        self.settings = self.sampler.settings
 
     def __call__(self, z, c_idx, device) -> dict[str, torch.Tensor]:
         c = c_idx.to(device) if self.num_conditions else None
-        return {"target": heun_sample(self.denoiser, z, self.sigmas, c)}
+        return {"target": self.sampler(z, c)}
 
 
 class PromptPairs:

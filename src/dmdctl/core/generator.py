@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dmdctl.core.denoiser import OneStepGenerator
-from dmdctl.core.sampling import class_labels, heun_nfe, heun_sample, karras_sigmas, seeded_noise
+from dmdctl.core.sampling import HeunSampler, class_labels, heun_nfe, seeded_noise
 from dmdctl.errors import UserError
 from dmdctl.teachers import (
     GENERATOR_FORMAT,
@@ -63,15 +63,6 @@ class Source(OfKind):
         return self.fn(z, cond)
 
 
-class TeacherSampler:
-    def __init__(self, denoiser: nn.Module, steps: int, rho: float = 7.0):
-        self.denoiser = denoiser
-        self.sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, rho)
-
-    def __call__(self, z, cond=None):
-        return heun_sample(self.denoiser, z, self.sigmas, cond)
-
-
 def teacher_source(teacher: Teacher, steps: int) -> Source:
     if steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
@@ -80,7 +71,7 @@ def teacher_source(teacher: Teacher, steps: int) -> Source:
         teacher.config,
         f"teacher {teacher.name} Heun {steps} steps",
         heun_nfe(steps),
-        TeacherSampler(teacher.denoiser, steps),
+        HeunSampler(teacher.denoiser, steps),
     )
 
 

@@ -82,3 +82,25 @@ def class_labels(seeds: list[int], seed_start: int, num_classes: int) -> torch.T
     if num_classes <= 0:
         return torch.full((len(seeds),), -1, dtype=torch.int64)
     return torch.tensor([(s - seed_start) % num_classes for s in seeds], dtype=torch.int64)
+
+
+class HeunSampler:
+    """The deterministic sampler of the built-in and EDM teachers: Heun's method on the Karras
+    schedule with ``steps`` levels (NFE = 2N-1). ``settings`` describes it for a pairs manifest."""
+
+    def __init__(self, denoiser, steps: int, rho: float = 7.0):
+        self.denoiser = denoiser
+        sigma_min, sigma_max = float(denoiser.sigma_min), float(denoiser.sigma_max)
+        self.sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho)
+        self.nfe = heun_nfe(steps)
+        self.settings = {
+            "name": "heun",
+            "steps": steps,
+            "nfe": self.nfe,
+            "sigma_min": sigma_min,
+            "sigma_max": sigma_max,
+            "rho": rho,
+        }
+
+    def __call__(self, z: torch.Tensor, cond=None) -> torch.Tensor:
+        return heun_sample(self.denoiser, z, self.sigmas, cond)
