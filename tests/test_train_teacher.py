@@ -2,10 +2,9 @@
 kind's own defaults fill what was not given, from the command line or from Python."""
 
 import pytest
-import tomllib
 
 from dmdctl.commands.train_teacher import train_teacher
-from dmdctl.config import resolve
+from dmdctl.config import resolve, tomllib
 from dmdctl.errors import UserError
 from dmdctl.settings.train_teacher import TrainTeacherConfig
 from dmdctl.teachers import load_teacher
