@@ -89,7 +89,7 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
         if meta.get("format") != GENERATOR_FORMAT:
             raise UserError(f"{path} is not a dmdctl generator file")
         kind_name = meta.get("kind")
-        if kind_name != "sd":
+        if not get_kind(str(kind_name)).text_to_image:
             raise UserError(
                 f"--format diffusers is for Stable Diffusion generators; {path} holds a "
                 f"'{kind_name}' generator (use --format safetensors)"
@@ -101,7 +101,10 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
             train_config = json.loads(meta["train_config"])
     else:
         ckpt = _checkpoint_of(source)
-        if ckpt is not None and read_checkpoint_state(ckpt).get("teacher_kind") != "sd":
+        if (
+            ckpt is not None
+            and not get_kind(str(read_checkpoint_state(ckpt).get("teacher_kind"))).text_to_image
+        ):
             raise UserError(
                 f"--format diffusers is for Stable Diffusion generators; {ckpt} is not an SD "
                 "run (use --format safetensors)"

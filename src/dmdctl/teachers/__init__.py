@@ -139,45 +139,6 @@ class Teacher(OfKind):
         }
 
 
-@dataclass
-class SDTeacher(Teacher):
-    """A diffusers Stable Diffusion pipeline as a teacher (latent space, prompt embeddings)."""
-
-    folder: Path | None = None
-    source: str = ""
-    _codec = None
-
-    @property
-    def codec(self):
-        """The VAE, loaded on first use (training without LPIPS or plots never loads it)."""
-        if self._codec is None:
-            from dmdctl.teachers.sd.pipeline import VAECodec, load_vae
-
-            self._codec = VAECodec(load_vae(self.folder), self.config["scaling_factor"])
-        return self._codec
-
-    def text_encoder(self):
-        from dmdctl.teachers.sd.pipeline import load_text_encoder
-
-        return load_text_encoder(self.folder)
-
-    def identity(self) -> dict:
-        return dict(super().identity(), path=self.source)
-
-
-def load_sd_teacher(source: str, offline: bool = False) -> SDTeacher:
-    """A pipeline folder or hub id as a teacher (frozen UNet wrapped as a denoiser)."""
-    from dmdctl.teachers.sd import pipeline as sdp
-
-    folder = sdp.resolve_pipeline_folder(str(source), offline)
-    config = sdp.sd_config(folder, str(source))
-    sha = sdp.pipeline_identity(folder)
-    denoiser = sdp.build_denoiser(config, sdp.load_unet(folder))
-    denoiser.eval().requires_grad_(False)
-    kind = KINDS["sd"]
-    return SDTeacher(kind, config, denoiser, None, sha, folder=folder, source=str(source))
-
-
 def read_metadata(path: Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
@@ -259,7 +220,7 @@ def resolve_teacher(
     """The teacher named by ``--teacher`` / ``--teacher-path`` on any command."""
     from dmdctl.teachers.sd.pipeline import is_pipeline_folder
 
-    sd_named = teacher is not None and get_kind(teacher).name == "sd"
+    sd_named = teacher is not None and get_kind(teacher).name == StableDiffusion.name
     if sd_named or (teacher_path is not None and is_pipeline_folder(Path(teacher_path))):
         if teacher is not None and not sd_named:
             raise UserError(
@@ -268,6 +229,8 @@ def resolve_teacher(
         if teacher_path is None:
             _, cfg = preset_config(teacher)
             teacher_path = cfg["pipeline"]
+        from dmdctl.teachers.sd.teacher import load_sd_teacher
+
         return load_sd_teacher(str(teacher_path), offline)
     if teacher_path is None:
         if teacher is None:
@@ -277,7 +240,7 @@ def resolve_teacher(
         kind = get_kind(teacher)
         default = kind.default_path()
         if default is None or not default.is_file():
-            hint = getattr(kind, "missing_path_hint", None)
+            hint = kind.missing_path_hint
             raise UserError(
                 f"teacher '{teacher}' needs --teacher-path FILE; "
                 + (hint or f"train one with `dmdctl train-teacher {kind.name} --out DIR`")

@@ -47,14 +47,12 @@ class StableDiffusion(TeacherKind):
             # DMD2 (Yin et al. 2024), stage 1 of its public SD1.5 script: no regression, no GAN
             "sd15": {
                 "pipeline": SD15_HUB_ID,
-                "recipe_name": "DMD2 SD1.5, stage 1 (no regression, no GAN)",
                 "distill": dict(common, reg_weight=0.0, real_guidance=1.75, fake_updates=10),
             },
             # DMD (Yin et al. 2023), text-to-image: LPIPS regression on pairs made at the real
             # score's own guidance, one fake-score update per generator update
             "sd15-dmd": {
                 "pipeline": SD15_HUB_ID,
-                "recipe_name": "DMD (v1) text-to-image: DM loss + LPIPS regression on teacher pairs",
                 "pairs": {"scheduler": "pndm", "steps": 50, "guidance": 3.0},
                 "distill": dict(
                     common,

@@ -1,0 +1,49 @@
+"""A diffusers Stable Diffusion pipeline (folder or hub id) as a dmdctl teacher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dmdctl.teachers import KINDS, Teacher
+from dmdctl.teachers.sd.kind import StableDiffusion
+
+
+@dataclass
+class SDTeacher(Teacher):
+    """A diffusers Stable Diffusion pipeline as a teacher (latent space, prompt embeddings)."""
+
+    folder: Path | None = None
+    source: str = ""
+    _codec = None
+
+    @property
+    def codec(self):
+        """The VAE, loaded on first use (training without LPIPS or plots never loads it)."""
+        if self._codec is None:
+            from dmdctl.teachers.sd.pipeline import VAECodec, load_vae
+
+            self._codec = VAECodec(load_vae(self.folder), self.config["scaling_factor"])
+        return self._codec
+
+    def text_encoder(self):
+        from dmdctl.teachers.sd.pipeline import load_text_encoder
+
+        return load_text_encoder(self.folder)
+
+    def identity(self) -> dict:
+        return dict(super().identity(), path=self.source)
+
+
+def load_sd_teacher(source: str, offline: bool = False) -> SDTeacher:
+    """A pipeline folder or hub id as a teacher (frozen UNet wrapped as a denoiser)."""
+    from dmdctl.teachers.sd import pipeline as sdp
+
+    folder = sdp.resolve_pipeline_folder(str(source), offline)
+    config = sdp.sd_config(folder, str(source))
+    sha = sdp.pipeline_identity(folder)
+    denoiser = sdp.build_denoiser(config, sdp.load_unet(folder))
+    denoiser.eval().requires_grad_(False)
+    return SDTeacher(
+        KINDS[StableDiffusion.name], config, denoiser, None, sha, folder=folder, source=str(source)
+    )
