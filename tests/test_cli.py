@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cli_helpers import one_line_error, run
+from cli_helpers import ok, one_line_error, run
 
 COMMANDS = ["train-teacher", "make-pairs", "distill", "eval-fid", "sample", "export", "demo"]
 
@@ -152,3 +152,24 @@ def test_flags_override_the_config_file_and_the_resolved_config_is_written(toy_t
     r = run("make-pairs", "--config", tmp_path / "p" / "config.toml")
     assert r.exit_code == 0, r.output
     assert "made_now" in r.output
+
+
+def test_distill_settings_come_from_defaults_preset_file_flags_in_that_order(tmp_path, monkeypatch):
+    """What distill runs with: the preset's recipe over the defaults, a --config file over the
+    preset, flags over the file; a flag equal to the default still counts as given."""
+    import dmdctl.commands.distill as command
+
+    seen = []
+    monkeypatch.setattr(command, "run", lambda cfg: seen.append(cfg))
+    base = ["distill", "--teacher", "sd15", "--out", tmp_path / "o"]
+    ok(run(*base))
+    cfg = seen[-1]
+    # sd15 = DMD2's recipe (docs/RECIPES.md) where the defaults would say otherwise
+    assert (cfg.lr, cfg.fake_updates, cfg.real_guidance, cfg.reg_weight) == (1e-5, 10, 1.75, 0.0)
+    assert cfg.steps == 2000  # not in the recipe: the default
+    conf = tmp_path / "c.toml"
+    conf.write_text("fake_updates = 3\nlr = 2e-5\n")
+    ok(run(*base, "--config", conf))
+    assert (seen[-1].fake_updates, seen[-1].lr, seen[-1].fake_lr) == (3, 2e-5, 1e-5)
+    ok(run(*base, "--config", conf, "--lr", 3e-4))  # 3e-4 is the built-in default
+    assert (seen[-1].fake_updates, seen[-1].lr) == (3, 3e-4)
