@@ -121,3 +121,19 @@ def test_choices_match_the_code_that_reads_them():
 
     assert tuple(DTYPES) == STORAGE_DTYPES
     assert tuple(PROTOCOL_TABLE) == PROTOCOLS
+
+
+def test_no_flag_is_lost():
+    """The flags and arguments of every command, against tests/data/cli-flags.json (the
+    previous release's, read from its CLI): a flag a user's script passes must not vanish in
+    a refactor. A flag added on purpose is added to that file."""
+    import json
+    from pathlib import Path
+
+    want = json.loads((Path(__file__).parent / "data" / "cli-flags.json").read_text())
+    for name, flags in want.items():
+        cmd = CLICK.commands[name]
+        have = {o for p in cmd.params for o in [*p.opts, *getattr(p, "secondary_opts", [])]}
+        have |= {p.name for p in cmd.params if p.param_type_name == "argument"}
+        missing = sorted(set(flags) - have)
+        assert not missing, f"dmdctl {name} lost {missing}"
