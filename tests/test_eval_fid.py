@@ -86,3 +86,51 @@ def test_precision_recall_needs_reference_features(tmp_path):
 )
 def test_bad_values(flag, message):
     one_line_error(run("eval-fid", "--teacher", "digits", "--steps", 1, *flag), message)
+
+
+def test_fid_and_clip_score_of_a_text_to_image_generator_in_one_command(
+    sd_pipe, prompts_file, tiny_clip, random_weights, hf_offline, tmp_path, monkeypatch
+):
+    """``eval-fid --generator G --prompts P --ref R --clip-model C`` gives what the three-command
+    route gives: ``sample --prompts``, ``eval-fid --images`` and ``clip-score``. Scored against
+    a reference made from the very images ``sample`` wrote, its FID is 0."""
+    import dmdctl.metrics.evaluate as evaluation
+    from cli_helpers import ok, run
+    from dmdctl.core.generator import save_generator
+    from dmdctl.teachers import resolve_teacher
+
+    # 6 images cannot give an Inception FID (2,049 are needed); the wiring is what is tested
+    monkeypatch.setattr(evaluation, "_check_sample_count", lambda *a: None)
+    monkeypatch.setattr(evaluation, "COMPARABLE_SAMPLES", 0)
+    teacher = resolve_teacher("sd15", sd_pipe)
+    gen = tmp_path / "g.safetensors"  # the teacher's UNet as a one-step generator (distill's start)
+    save_generator(teacher.denoiser, "sd", teacher.config, teacher.sha256, gen)
+    weights, sha = random_weights
+    inception = ["--inception-weights", weights, "--inception-sha256", sha, "--protocol", "clean"]
+    common = ["--num-samples", 6, "--seed", 3, "--batch-size", 4, "--device", "cpu"]
+
+    ok(run("sample", "--generator", gen, "--prompts", prompts_file, "--out", tmp_path / "s",
+           "--num", 6, "--seed", 3, "--device", "cpu"))  # fmt: skip
+    ok(
+        run(
+            "eval-fid",
+            "--make-ref",
+            tmp_path / "s" / "images",
+            "-o",
+            tmp_path / "ref.npz",
+            *inception,
+        )
+    )
+    ok(run("clip-score", "--images", tmp_path / "s" / "images", "--prompts",
+           tmp_path / "s" / "images.jsonl", "--clip-model", tiny_clip, "--json", tmp_path / "c.json"))  # fmt: skip
+    ok(run("eval-fid", "--generator", gen, "--prompts", prompts_file, "--ref", tmp_path / "ref.npz",
+           "--clip-model", tiny_clip, "--json", tmp_path / "one.json", *common, *inception))  # fmt: skip
+    one = json.loads((tmp_path / "one.json").read_text())
+    apart = json.loads((tmp_path / "c.json").read_text())
+    assert abs(one["fid"]) < 1e-6 and one["num_samples"] == 6
+    assert one["clip_score"] == pytest.approx(apart["clip_score"], abs=1e-6)
+    assert one["prompts"] == str(prompts_file)
+    # a prompts file for an image generator, or --clip-model without prompts, is one line
+    r = run("eval-fid", "--clip-model", tiny_clip, "--images", tmp_path / "s" / "images",
+            "--ref", tmp_path / "ref.npz")  # fmt: skip
+    assert r.exit_code == 2 and "--clip-model scores a generator's images" in r.stderr

@@ -43,16 +43,6 @@ def one_line_error(r, *fragments):
         assert f in lines[0], lines[0]
 
 
-@pytest.fixture(scope="module")
-def random_weights(tmp_path_factory):
-    """A weights file of the right layout with RANDOM weights (tests only) and its sha256."""
-    torch.manual_seed(0)
-    net = build_network()
-    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    torch.save(net.state_dict(), path)
-    return path, sha256_file(path)
-
-
 def images(n, size=16, seed=0):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]

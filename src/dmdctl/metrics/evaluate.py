@@ -253,7 +253,8 @@ def _save_stats(cfg, stats: FeatureStats, feats, ext: Extractor) -> dict:
     return {"path": str(path), "sha256": sha256_file(path)}
 
 
-def _write_json(cfg, result: dict) -> None:
+def write_json(cfg, result: dict) -> None:
+    """The result as JSON at ``--json`` (with the settings next to it), when asked."""
     if cfg.json:
         path = Path(cfg.json)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -413,7 +414,7 @@ def _score_source(cfg: EvalFidConfig, source, procs: Processes, show_progress: b
     if procs.main:
         if cfg.out:
             result["stats_out"] = _save_stats(cfg, stats, feats, ext)
-        _write_json(cfg, result)
+        write_json(cfg, result)
     return result
 
 
@@ -475,7 +476,7 @@ def _score_images(cfg: EvalFidConfig, procs: Processes, show_progress: bool) -> 
     if procs.main:
         if cfg.out:
             result["stats_out"] = _save_stats(cfg, stats, feats, ext)
-        _write_json(cfg, result)
+        write_json(cfg, result)
     return result
 
 
@@ -523,7 +524,7 @@ def compare_stats(cfg: EvalFidConfig) -> dict:
         _need_features(cfg, fb, b)
         result.update(_kid_result(cfg, fa, fb))
     result["versions"] = _versions()
-    _write_json(cfg, result)
+    write_json(cfg, result)
     return result
 
 
@@ -538,6 +539,8 @@ def result_rows(result: dict) -> list[tuple[str, object]]:
         rows.append(
             ("KID (all features), 95% interval", f"{result['kid_all']:.5g} [{lo:.3g}, {hi:.3g}]")
         )
+    if "clip_score" in result:
+        rows.append(("CLIP score", f"{result['clip_score']:.4f} ± {result['clip_score_std']:.3f}"))
     for key in ("precision", "recall", "density", "coverage"):
         if key in result:
             iv = result.get(f"{key}_interval")

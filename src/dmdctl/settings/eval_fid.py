@@ -106,6 +106,21 @@ class EvalFidConfig(Settings):
         "none; else at least 10).",
         min=0,
     )
+    # text-to-image generators: their images for a prompts file, scored in one command
+    prompts: str | None = option(
+        None,
+        "Text-to-image generators: make the generator's images for these prompts (image i: "
+        "prompt i mod the count, seed --seed+i; as `sample --prompts`), score them against --ref "
+        "(COCO-style: --protocol clean) and, with --clip-model, their CLIP score.",
+        path=True,
+    )
+    clip_model: str | None = option(
+        None,
+        "With --prompts: also the CLIP score, with this transformers CLIPModel folder or hub id.",
+    )
+    clip_prefix: str = option(
+        "", 'With --clip-model: text put before every prompt (GigaGAN/DMD2: "A photo depicts ").'
+    )
     grid: str | None = option(
         None, "Also save a PNG grid of the first 100 scored samples here.", path=True
     )
@@ -136,6 +151,21 @@ class EvalFidConfig(Settings):
         require(
             not (self.generator and self.teacher_path),
             "pass either --generator or --teacher-path, not both",
+        )
+        if self.prompts:
+            require(
+                self.generator is not None,
+                "--prompts scores a text-to-image generator: pass --generator FILE",
+            )
+            require(
+                self.ref is not None,
+                "--prompts needs --ref STATS.npz of real images (make one with --make-ref "
+                "FOLDER --protocol clean -o REF.npz)",
+            )
+        require(
+            self.clip_model is None or self.prompts is not None,
+            "--clip-model scores a generator's images for --prompts FILE (for a folder of "
+            "images use `dmdctl clip-score`)",
         )
         if self.stats:
             require(self.ref is not None, "--stats A.npz needs --ref B.npz to compare with")
