@@ -93,7 +93,7 @@ def test_fid_and_clip_score_of_a_text_to_image_generator_in_one_command(
 ):
     """``eval-fid --generator G --prompts P --ref R --clip-model C`` gives what the three-command
     route gives: ``sample --prompts``, ``eval-fid --images`` and ``clip-score``. Scored against
-    a reference made from the very images ``sample`` wrote, its FID is 0."""
+    a reference made from images of other seeds, both routes give the same FID."""
     import dmdctl.metrics.evaluate as evaluation
     from cli_helpers import ok, run
     from dmdctl.core.generator import save_generator
@@ -109,26 +109,27 @@ def test_fid_and_clip_score_of_a_text_to_image_generator_in_one_command(
     inception = ["--inception-weights", weights, "--inception-sha256", sha, "--protocol", "clean"]
     common = ["--num-samples", 6, "--seed", 3, "--batch-size", 4, "--device", "cpu"]
 
-    ok(run("sample", "--generator", gen, "--prompts", prompts_file, "--out", tmp_path / "s",
-           "--num", 6, "--seed", 3, "--device", "cpu"))  # fmt: skip
-    ok(
-        run(
-            "eval-fid",
-            "--make-ref",
-            tmp_path / "s" / "images",
-            "-o",
-            tmp_path / "ref.npz",
-            *inception,
-        )
-    )
-    ok(run("clip-score", "--images", tmp_path / "s" / "images", "--prompts",
-           tmp_path / "s" / "images.jsonl", "--clip-model", tiny_clip, "--json", tmp_path / "c.json"))  # fmt: skip
+    def sample(out, seed):
+        ok(run("sample", "--generator", gen, "--prompts", prompts_file, "--out", out,
+               "--num", 6, "--seed", seed, "--device", "cpu"))  # fmt: skip
+        return out / "images"
+
+    # the reference: images of other seeds; the three-command route on seeds 3..8
+    ok(run("eval-fid", "--make-ref", sample(tmp_path / "r", 100), "-o", tmp_path / "ref.npz",
+           *inception))  # fmt: skip
+    images = sample(tmp_path / "s", 3)
+    ok(run("eval-fid", "--images", images, "--ref", tmp_path / "ref.npz", "--json",
+           tmp_path / "f.json", *inception))  # fmt: skip
+    ok(run("clip-score", "--images", images, "--prompts", images.parent / "images.jsonl",
+           "--clip-model", tiny_clip, "--json", tmp_path / "c.json"))  # fmt: skip
+    # the one command
     ok(run("eval-fid", "--generator", gen, "--prompts", prompts_file, "--ref", tmp_path / "ref.npz",
            "--clip-model", tiny_clip, "--json", tmp_path / "one.json", *common, *inception))  # fmt: skip
     one = json.loads((tmp_path / "one.json").read_text())
-    apart = json.loads((tmp_path / "c.json").read_text())
-    assert abs(one["fid"]) < 1e-6 and one["num_samples"] == 6
-    assert one["clip_score"] == pytest.approx(apart["clip_score"], abs=1e-6)
+    fid = json.loads((tmp_path / "f.json").read_text())["fid"]
+    clip = json.loads((tmp_path / "c.json").read_text())["clip_score"]
+    assert fid > 0 and one["fid"] == pytest.approx(fid, rel=1e-9) and one["num_samples"] == 6
+    assert one["clip_score"] == pytest.approx(clip, abs=1e-6)
     assert one["prompts"] == str(prompts_file)
     # a prompts file for an image generator, or --clip-model without prompts, is one line
     r = run("eval-fid", "--clip-model", tiny_clip, "--images", tmp_path / "s" / "images",
