@@ -55,7 +55,7 @@ def test_shown_default_is_the_value_used(name):
         else:
             assert f"[default: {text}]" in shown, (name, f.name)
             assert text == (str(used).lower() if isinstance(used, bool) else f"{used:g}"
-                            if isinstance(used, float) else str(used)), (name, f.name)  # fmt: skip
+                            if isinstance(used, float) else str(used) or '""'), (name, f.name)  # fmt: skip
 
 
 def preset_entries(text: str) -> list[tuple[str, str]]:

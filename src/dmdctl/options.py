@@ -139,6 +139,8 @@ def shown_default(f: dataclasses.Field) -> str | None:
     value = default_of(f)
     if value is None or (isinstance(value, bool) and value is False):
         return None
+    if value == "":
+        return '""'  # an empty text, shown as such
     return _fmt(value)
 
 
