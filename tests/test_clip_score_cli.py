@@ -11,7 +11,7 @@ import torch
 
 from cli_helpers import ok, one_line_error, run
 from dmdctl.metrics.clip import clip_cosines
-from test_clip_score import CAPTIONS, tiny_clip, uint8_images  # noqa: F401  (fixture)
+from test_clip_score import CAPTIONS, uint8_images
 
 pytest.importorskip("transformers")
 
@@ -32,7 +32,7 @@ def folder(tmp_path):
     return tmp_path, imgs
 
 
-def test_clip_score_of_a_sampled_folder(folder, tiny_clip):  # noqa: F811
+def test_clip_score_of_a_sampled_folder(folder, tiny_clip):
     root, imgs = folder
     want = clip_cosines(torch.from_numpy(imgs), CAPTIONS, tiny_clip).mean()
     for prompts in ("images.jsonl", "prompts.txt"):
@@ -50,7 +50,7 @@ def test_clip_score_of_a_sampled_folder(folder, tiny_clip):  # noqa: F811
     assert not np.isclose(json.loads(out.read_text())["clip_score"], want)
 
 
-def test_clip_score_bad_inputs(folder, tiny_clip):  # noqa: F811
+def test_clip_score_bad_inputs(folder, tiny_clip):
     root, _ = folder
     (root / "three.txt").write_text("a\nb\nc\n")
     one_line_error(run("clip-score", "--images", root / "images", "--prompts", root / "three.txt",
