@@ -108,3 +108,17 @@ def test_resume_continues_exactly(toy_teacher, toy_pairs, tmp_path, monkeypatch)
     a = load_file(str(tmp_path / "whole" / "generator.safetensors"))
     b = load_file(str(tmp_path / "cut" / "generator.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_dm_loss_draws_from_the_teachers_grid(toy_teacher, toy_pairs, tmp_path):
+    """The DM loss's noise levels: DMD's grid of --sigma-levels levels for an EDM-style teacher
+    (an SD teacher brings its own timesteps: tests/test_precision.py)."""
+    from dmdctl.core.sampling import dmd_sigma_grid
+
+    teacher = load_teacher(toy_teacher)
+    for levels in (1000, 37):
+        trainer = dd.DMDTrainer(
+            distill_config(toy_teacher, toy_pairs, tmp_path / str(levels), sigma_levels=levels)
+        )
+        want = dmd_sigma_grid(teacher.sigma_min, teacher.sigma_max, levels)
+        torch.testing.assert_close(trainer.grid.cpu(), want.float())

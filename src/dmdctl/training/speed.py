@@ -10,8 +10,6 @@ import contextlib
 import torch
 from torch import nn
 
-from dmdctl.settings.distill import SDPA_BACKENDS  # noqa: F401  (the choices of --sdpa-backend)
-
 # the compiler backend of --compile; tests switch it to "eager" (same graphs, no code generation)
 COMPILE_BACKEND = "inductor"
 

@@ -16,8 +16,8 @@ import math
 from pathlib import Path
 
 from dmdctl.errors import UserError
+from dmdctl.settings.common import REPORT_TO  # the choices of --report-to, declared once
 
-REPORT_TO = ("none", "tensorboard", "wandb")
 FOLDER = "trackers"  # under the run folder: <out>/trackers/<project>/ (TensorBoard event files)
 
 
