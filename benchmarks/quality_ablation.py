@@ -60,13 +60,24 @@ ROWS = {
     "dmd_no_reg": "no regression",
     "dmd_reg_only": "regression only",
     "dmd_real_only": "real score only",
+    "dmd2_no_gan": "DMD2 without GAN (no regression, TTUR)",
+    "dmd2": "DMD2 1 step (GAN, no regression)",
+    "dmd2_4step": "DMD2 4 steps (GAN, backward simulation)",
 }
 RUNS = {
     "dmd": {},
     "dmd_no_reg": {"reg_weight": 0.0},
     "dmd_reg_only": {"dm_weight": 0.0},
     "dmd_real_only": {"real_only": True, "reg_weight": 0.0},
+    # DMD2 (docs/RECIPES.md, "Built-in teachers, DMD2"): no regression, 5 fake-score updates per
+    # generator update, GAN weights of DMD2's ImageNet-64 scripts; 4 steps at the sigmas of
+    # DMD2's SD timesteps 999/749/499/249 in units of the data's standard deviation
+    "dmd2_no_gan": {"reg_weight": 0.0, "fake_updates": 5},
+    "dmd2": {"reg_weight": 0.0, "fake_updates": 5, "gan_weight": 3e-3, "gan_classifier_weight": 1e-2},
+    "dmd2_4step": {"reg_weight": 0.0, "fake_updates": 5, "gan_weight": 3e-3,
+                   "gan_classifier_weight": 1e-2, "denoising_steps": "80,2,0.8,0.35"},  # fmt: skip
 }
+DEFAULT_RUNS = ["dmd", "dmd_no_reg", "dmd_reg_only", "dmd_real_only"]
 SEED_STRIDE = 100_000  # pairs and evaluation noise of seed s start at s * stride (+ eval offset)
 
 
@@ -273,8 +284,9 @@ def main(argv=None) -> str:
     ap.add_argument("--samples", nargs="+", default=["toy2d=10000", "digits=5000"],
                     help="samples per row and seed, per teacher (name=N)")  # fmt: skip
     ap.add_argument("--bootstrap", type=int, default=200, help="bootstrap rounds")
-    ap.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS),
-                    help="distillation rows to run (default: all; none: the teacher rows only)")  # fmt: skip
+    ap.add_argument("--runs", nargs="*", default=DEFAULT_RUNS, choices=list(RUNS),
+                    help="distillation rows to run (default: DMD's ablations; none: the teacher "
+                         "rows only; dmd2 dmd2_4step dmd2_no_gan: DMD2's)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("runs/quality_ablation"),
                     help="runs and per-seed results (a finished seed is not run again)")  # fmt: skip

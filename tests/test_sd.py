@@ -263,7 +263,7 @@ def test_sd_end_to_end_export_runs_in_stock_diffusers(sd_pipe, prompts_file, tmp
     export = tmp_path / "export"
     ok(run("export", run_dir, "--format", "diffusers", "-o", export))
     card = (export / "README.md").read_text()
-    assert "num_inference_steps=1" in card and "guidance_scale=0" in card
+    assert "timesteps=[999]" in card and "guidance_scale=0" in card
     assert '"fake_updates": 2' in card  # the run's training settings, from the generator file
     # the raw (non-EMA) generator of the last checkpoint exports too
     ok(run("export", run_dir, "--format", "diffusers", "--no-ema", "-o", tmp_path / "raw"))
@@ -385,3 +385,56 @@ def test_two_processes_split_the_prompts_and_match_one(sd_pipe, prompts_file, tm
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "run" / "generator.safetensors").is_file()
+
+
+def test_sd_gan_on_cached_captioned_latents_and_a_4_step_export(sd_pipe, prompts_file, tmp_path):
+    """DMD2 on a tiny SD pipeline: real images with captions are encoded once (latents and caption
+    embeddings cached in the run folder), the GAN head trains on them, and the 4-step generator
+    (timesteps 999/749/499/249) exports to a folder that stock diffusers runs with LCMScheduler,
+    giving the images of `dmdctl sample` for the same seeds."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from dmdctl.core.generator import load_generator
+    from dmdctl.teachers.sd.generate import text_to_image
+
+    real = tmp_path / "real"
+    real.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(real / f"{i}.png")
+        rows.append(json.dumps({"file": f"{i}.png", "caption": PROMPTS[i % len(PROMPTS)]}))
+    (real / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    run_dir = tmp_path / "run"
+    common = ("distill", "--teacher", "sd15", "--teacher-path", sd_pipe, "--prompts", prompts_file,
+              "--real-data", real, "--gan-weight", 1e-3, "--denoising-steps", "999,749,499,249",
+              "--batch-size", 2, "--fake-updates", 1, "--plot-samples", 0, "--log-every", 1,
+              "--lr", 1e-3, "--cpu", "--out", run_dir)  # fmt: skip
+    r = ok(run(*common, "--steps", 2, "--checkpoint-every", 1))
+    assert "3 captioned" in r.output
+    cache = load_file(str(run_dir / "real_data.safetensors"))
+    shape = load_generator(run_dir / "generator.safetensors").sample_shape
+    assert cache["latents"].shape == (3, *shape)  # the images resized, then encoded
+    assert cache["embeddings"].shape[0] == 3
+    stamp = (run_dir / "real_data.safetensors").stat().st_mtime_ns
+    rows = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(row["loss_cls"]) and np.isfinite(row["loss_gan"]) for row in rows)
+    ok(run(*common, "--steps", 3, "--resume", "latest"))  # the cache is read, not made again
+    assert (run_dir / "real_data.safetensors").stat().st_mtime_ns == stamp
+
+    gen = load_generator(run_dir / "generator.safetensors")
+    assert gen.nfe == 4
+    export = tmp_path / "export"
+    r = ok(run("export", run_dir, "--format", "diffusers", "-o", export))
+    assert "t=999,749,499,249" in r.output
+    card = (export / "README.md").read_text()
+    assert "timesteps=[999, 749, 499, 249]" in card and "4 network evaluations" in card
+    pipe = StableDiffusionPipeline.from_pretrained(export)
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    ours = text_to_image(gen.fn, sd_pipe, gen.config, PROMPTS[:2], [5, 6], "cpu")
+    for i, prompt in enumerate(PROMPTS[:2]):
+        for how in ({"timesteps": [999, 749, 499, 249]}, {"num_inference_steps": 4}):
+            theirs = pipe(prompt, guidance_scale=0, generator=torch.Generator().manual_seed(5 + i),
+                          output_type="pt", **how).images[0]  # fmt: skip
+            torch.testing.assert_close(theirs, ours[i], rtol=0, atol=2e-5)

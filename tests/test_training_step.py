@@ -60,10 +60,12 @@ def spy_on_generator(trainer) -> dict:
     g = trainer.generator
     original = g.forward
 
-    def forward(z, cond=None):
-        x = original(z, cond)
+    def forward(z, cond=None, **kw):
+        x = original(z, cond, **kw)
         if x.requires_grad:
-            seen["z"], seen["x"] = z.detach().clone(), x.detach().clone()
+            # the generator's inputs: its steps' noisy samples (z * input_scale at the first)
+            seen["input"], seen["x"] = z.detach().clone(), x.detach().clone()
+            seen["at"] = kw.get("at")
             x.register_hook(lambda grad: seen.__setitem__("grad", grad.detach().clone()))
         return x
 
@@ -118,7 +120,7 @@ def test_one_step_matches_the_dmd_gradient_and_losses(toy_teacher, tmp_path):
     logs = tr.train_step()
 
     # the generator ran on this step's noise
-    assert torch.equal(seen["z"], d["z"])
+    assert torch.equal(seen["input"], d["z"] * tr.unwrapped_generator.input_scale)
     x = seen["x"]
     # the real and the fake score saw the same noisy sample at the same, drawn noise level
     ((noisy_r, sigma_r),) = real.calls
@@ -167,7 +169,9 @@ def test_regression_pairs_each_noise_with_its_own_target(toy_teacher, toy_pairs,
     d = draws(tr, 0, pairs=True)
     logs = tr.train_step()
     z_pair = tr.pairs.noise[d["pidx"]]
-    assert torch.equal(seen["z"][B:], z_pair)  # the pairs' own noise reaches the generator
+    assert torch.equal(
+        seen["input"][B:], z_pair * tr.unwrapped_generator.input_scale
+    )  # the pairs' own noise reaches the generator
     x_pair = seen["x"][B:]
     y = tr.pairs.target[d["pidx"]]
     expected = ((x_pair - y) ** 2).mean(1).mean()

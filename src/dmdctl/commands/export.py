@@ -67,6 +67,7 @@ def export(cfg: ExportConfig) -> dict:
             "checkpoint": str(ckpt),
             "train_config": state.get("config", {}),
         },
+        sigmas=state.get("generator_sigmas"),
     )
     return {
         "out": str(out),
@@ -96,6 +97,7 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
             )
         gen = load_generator(path)
         denoiser, config, sha = gen.fn.denoiser, gen.config, meta["teacher_sha256"]
+        sigmas = gen.fn.sigmas
         what = str(path)
         if "train_config" in meta:
             train_config = json.loads(meta["train_config"])
@@ -112,16 +114,23 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
         ckpt, state, denoiser = _from_checkpoint(source, cfg.ema)
         config, sha, what = state["teacher_config"], state["teacher_sha256"], str(ckpt)
         train_config = state.get("config")
+        sigmas = state.get("generator_sigmas") or [denoiser.sigma_max]
+    import torch
+
+    from dmdctl.teachers.sd.generate import usage_call
+
+    timesteps = [int(t) for t in denoiser.timesteps(torch.tensor(sigmas, dtype=torch.float32))]
     folder = export_diffusers(
-        denoiser.eval(), config, sha, out, cfg.teacher_path, cfg.offline, train_config
+        denoiser.eval(), config, sha, out, cfg.teacher_path, cfg.offline, train_config, timesteps
     )
+    steps = "1 step" if len(timesteps) == 1 else f"{len(timesteps)} steps"
     return {
         "out": str(folder),
         "from": what,
         "format": "diffusers",
-        "scheduler": "LCMScheduler (1 step, t=999)",
+        "scheduler": f"LCMScheduler ({steps}, t={','.join(map(str, timesteps))})",
         "usage": f"StableDiffusionPipeline.from_pretrained('{folder}')"
-        "(prompt, num_inference_steps=1, guidance_scale=0)",
+        f"(prompt, {usage_call(timesteps)})",
     }
 
 

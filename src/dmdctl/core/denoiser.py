@@ -60,24 +60,48 @@ class Denoiser(nn.Module):
     """What every teacher's network is used through: ``D(x_sigma, sigma, cond) -> x0`` on
     ``x_sigma = x0 + sigma * eps``, with ``sigma_min``, ``sigma_max`` and ``sigma_data``.
 
-    Three hooks have the defaults of a continuous-time (EDM) teacher; a discrete-time teacher
+    These hooks have the defaults of a continuous-time (EDM) teacher; a discrete-time teacher
     (Stable Diffusion) overrides them:
 
-    - ``generator_input_scale``: what the one-step generator multiplies its noise by
-      (``sigma_max``; SD: ``1/sqrt(abar_T)``, the input a diffusers pipeline gives its UNet);
+    - ``input_scale_at(sigma)``: what a generator whose first step is at ``sigma`` multiplies
+      its unit noise by (``sigma``; SD: ``1/sqrt(abar_t)``, i.e. the noise *is* x_t, the input
+      a diffusers pipeline gives its UNet);
+    - ``step_sigmas(values)``: a generator's denoising steps as the user names them (sigmas;
+      SD: integer timesteps) turned into sigmas;
     - ``training_sigmas(levels)``: the DM loss's noise-level grid (DMD's grid of ``levels``
       levels; SD: its own timesteps);
     - ``loss_weight(sigma)``: the fake score's denoising-loss weight (EDM's; SD: the weight that
-      makes it the UNet's own eps- or v-MSE).
+      makes it the UNet's own eps- or v-MSE);
+    - ``bottleneck()``: the module whose output the GAN head of DMD2 reads (the backbone's).
     """
 
     sigma_min: float
     sigma_max: float
     sigma_data: float = 0.5
 
+    step_unit = "sigma"  # what --denoising-steps lists for this teacher
+
+    def input_scale_at(self, sigma: float) -> float:
+        return float(sigma)
+
     @property
     def generator_input_scale(self) -> float:
-        return self.sigma_max
+        return self.input_scale_at(self.sigma_max)
+
+    def step_sigmas(self, values: list[float]) -> list[float]:
+        """Sigmas of a generator's steps, checked: decreasing, within the teacher's range."""
+        sig = [float(v) for v in values]
+        lo, hi = float(self.sigma_min), float(self.sigma_max)
+        bad = [v for v in sig if not lo <= v <= hi * (1 + 1e-6)]
+        if bad:
+            raise ValueError(f"sigmas must lie in [{lo:g}, {hi:g}], got {bad[0]:g}")
+        return sig
+
+    def bottleneck(self) -> nn.Module:
+        fn = getattr(getattr(self, "backbone", None), "bottleneck", None)
+        if fn is None:
+            raise ValueError(f"{type(self).__name__} exposes no bottleneck features for a GAN head")
+        return fn()
 
     def training_sigmas(self, levels: int) -> torch.Tensor:
         from dmdctl.core.sampling import dmd_sigma_grid
@@ -116,19 +140,63 @@ class EDMPrecond(Denoiser):
         return (c_skip * x + c_out * f.to(torch.float32)).to(dtype)
 
 
-class OneStepGenerator(nn.Module):
+class StepGenerator(nn.Module):
+    """DMD's one-step generator and DMD2's few-step generator, over the teacher's denoiser.
+
+    ``sigmas`` are its steps, decreasing. The first step denoises pure noise:
+    ``x0 = D(input_scale * z, sigmas[0])``; each next step k renoises the estimate to its level
+    and denoises again, ``x0 = D(x0 + sigmas[k] * eps_k, sigmas[k])``, with fresh noise eps_k
+    (for SD exactly ``LCMScheduler``'s step: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps). One
+    step at ``sigma_max`` is DMD's ``G(z) = D(sigma_max z)``; one step at a lower level is DMD2's
+    "conditioning timestep" (SDXL one-step: t = 399 on pure noise).
+    """
+
+    def __init__(self, denoiser: nn.Module, sigmas):
+        super().__init__()
+        self.denoiser = denoiser
+        sigmas = [float(s) for s in (sigmas if isinstance(sigmas, (list, tuple)) else [sigmas])]
+        if not sigmas or any(b >= a for a, b in zip(sigmas, sigmas[1:], strict=False)):
+            raise ValueError(f"a generator's sigmas must be decreasing, got {sigmas}")
+        self.sigmas = sigmas
+        self.sigma_max = sigmas[0]  # the first step's level (the one-step generator's only one)
+        # discrete-time teachers (SD) take pure noise as x_t itself: x_sigma = z / sqrt(abar_t),
+        # slightly more than sigma * z; the same input a diffusers pipeline gives its UNet
+        self.input_scale = float(denoiser.input_scale_at(sigmas[0]))
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sigmas)
+
+    def forward(self, z: torch.Tensor, cond=None, noise=None, at=None) -> torch.Tensor:
+        """Samples from unit noise ``z``; ``noise`` holds the K-1 renoising draws of a K-step
+        generator (a sequence of tensors like ``z``).
+
+        With ``at`` (one sigma per sample) it is one denoising step on inputs ``z`` already at
+        those levels: what training differentiates through (backward simulation made them).
+        """
+        if at is not None:
+            return self.denoiser(z, at, cond)
+        x = self.denoiser(z * self.input_scale, self.sigmas[0], cond)
+        if len(self.sigmas) > 1:
+            if noise is None or len(noise) < len(self.sigmas) - 1:
+                raise ValueError(f"a {len(self.sigmas)}-step generator needs renoising draws")
+            for s, eps in zip(self.sigmas[1:], noise, strict=False):
+                x = self.denoiser(x + s * eps.to(x.dtype), s, cond)
+        return x
+
+    def sample(self, seeds, cond, shape, device) -> torch.Tensor:
+        """Samples for the given seeds (each seed's RNG draws its noise, then each step's)."""
+        from dmdctl.core.sampling import seeded_noise_draws
+
+        noise = seeded_noise_draws(seeds, shape, self.num_steps, device)
+        return self(noise[0], cond, noise[1:])
+
+
+class OneStepGenerator(StepGenerator):
     """DMD's generator: the denoiser evaluated at sigma_max on pure noise, ``G(z) = D(sigma_max z)``."""
 
     def __init__(self, denoiser: nn.Module, sigma_max: float):
-        super().__init__()
-        self.denoiser = denoiser
-        self.sigma_max = float(sigma_max)
-        # discrete-time teachers (SD) take pure noise as x_T itself: x_sigma = z / sqrt(abar_T),
-        # slightly more than sigma_max * z; the same input a diffusers pipeline gives its UNet
-        self.input_scale = float(denoiser.generator_input_scale)
-
-    def forward(self, z: torch.Tensor, cond=None) -> torch.Tensor:
-        return self.denoiser(z * self.input_scale, self.sigma_max, cond)
+        super().__init__(denoiser, [sigma_max])
 
 
 def fourier_embedding(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Generator files and the sources of samples (a one-step generator or the teacher's sampler).
 
 A generator file is a safetensors state dict of the generator's denoiser with metadata
-``format = dmdctl.generator``, the teacher ``kind``, its ``config`` (JSON) and ``sigma_max``:
-loadable with ``safetensors.torch.load_file`` alone, and by every dmdctl command.
+``format = dmdctl.generator``, the teacher ``kind``, its ``config`` (JSON), ``sigma_max`` (the
+first step's noise level) and, for a few-step generator, ``denoising_sigmas`` (JSON list of its
+steps' levels): loadable with ``safetensors.torch.load_file`` alone, and by every dmdctl command.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dmdctl.core.denoiser import OneStepGenerator
-from dmdctl.core.sampling import HeunSampler, class_labels, heun_nfe, seeded_noise
+from dmdctl.core.denoiser import StepGenerator
+from dmdctl.core.sampling import HeunSampler, class_labels, heun_nfe, seeded_noise_draws
 from dmdctl.errors import UserError
 from dmdctl.teachers import (
     GENERATOR_FORMAT,
@@ -35,8 +36,13 @@ def save_generator(
     teacher_sha256: str,
     path: Path,
     extra: dict | None = None,
+    sigmas: list[float] | None = None,
 ) -> Path:
-    meta = {"sigma_max": repr(float(denoiser.sigma_max)), "teacher_sha256": teacher_sha256}
+    """``sigmas``: the generator's steps (default: one step at the denoiser's sigma_max)."""
+    sigmas = [float(s) for s in (sigmas or [denoiser.sigma_max])]
+    meta = {"sigma_max": repr(sigmas[0]), "teacher_sha256": teacher_sha256}
+    if len(sigmas) > 1 or sigmas[0] != float(denoiser.sigma_max):
+        meta["denoising_sigmas"] = json.dumps(sigmas)
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
     return save_network(denoiser, GENERATOR_FORMAT, kind, config, path, meta)
 
@@ -58,8 +64,15 @@ class Source(OfKind):
             self.fn.denoiser.to(device)
         return self
 
+    @property
+    def draws(self) -> int:
+        """Noise draws per sample: 1, or a few-step generator's steps (its renoising)."""
+        return int(getattr(self.fn, "num_steps", 1))
+
     @torch.no_grad()
-    def __call__(self, z: torch.Tensor, cond=None) -> torch.Tensor:
+    def __call__(self, z: torch.Tensor, cond=None, noise=None) -> torch.Tensor:
+        if noise is not None and len(noise):
+            return self.fn(z, cond, noise)
         return self.fn(z, cond)
 
 
@@ -87,8 +100,10 @@ def load_generator(path: Path) -> Source:
             )
         path = candidate
     meta, kind, config, denoiser = load_network(path, GENERATOR_FORMAT)
-    gen = OneStepGenerator(denoiser, float(meta["sigma_max"])).eval().requires_grad_(False)
-    return Source(kind, config, f"generator {path.name}", 1, gen)
+    sigmas = json.loads(meta.get("denoising_sigmas") or "null") or [float(meta["sigma_max"])]
+    gen = StepGenerator(denoiser, sigmas).eval().requires_grad_(False)
+    steps = f", {len(sigmas)} steps" if len(sigmas) > 1 else ""
+    return Source(kind, config, f"generator {path.name}{steps}", len(sigmas), gen)
 
 
 @torch.no_grad()
@@ -105,9 +120,12 @@ def generate(
         labels = class_labels(list(seeds), seeds[0] if len(seeds) else 0, source.num_classes)
     out = []
     for i in range(0, len(seeds), batch_size):
-        z = seeded_noise(seeds[i : i + batch_size], source.sample_shape, device)
+        noise = seeded_noise_draws(
+            seeds[i : i + batch_size], source.sample_shape, source.draws, device
+        )
+        z = noise[0]
         c = labels[i : i + batch_size].to(device) if source.num_classes else None
-        out.append(source(z, c).float().cpu())
+        out.append(source(z, c, noise[1:]).float().cpu())
         if progress_cb:
             progress_cb(z.shape[0])
     return torch.cat(out), labels

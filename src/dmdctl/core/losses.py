@@ -47,6 +47,17 @@ def edm_denoising_loss(
     """
     s = broadcast_sigma(sigma, x)
     pred = denoiser(x + s * noise, sigma, cond)
+    return denoising_error(pred, x, sigma, sigma_data, weight_fn)
+
+
+def denoising_error(
+    pred: torch.Tensor,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_data: float = 0.5,
+    weight_fn=None,
+) -> torch.Tensor:
+    """The weighted error of a denoiser's prediction ``pred`` of ``x`` at levels ``sigma``."""
     per = _per_sample_mean((pred.float() - x.float()) ** 2)
     w = weight_fn(sigma.float()) if weight_fn is not None else edm_weight(sigma.float(), sigma_data)
     return (w * per).mean()

@@ -56,13 +56,27 @@ def seeded_noise(
     seeds: list[int] | torch.Tensor, shape: tuple[int, ...], device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """One RNG per seed (as in EDM): any sample can be regenerated alone from its seed."""
-    out = torch.empty((len(seeds), *shape), dtype=torch.float32)
+    return seeded_noise_draws(seeds, shape, 1, device)[0]
+
+
+def seeded_noise_draws(
+    seeds: list[int] | torch.Tensor,
+    shape: tuple[int, ...],
+    draws: int,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``[draws, N, *shape]``: per seed, one RNG drawing its starting noise and then each later
+    step's renoising noise, in that order: the order in which a diffusers pipeline with
+    ``generator=torch.Generator().manual_seed(seed)`` draws its latents and then LCMScheduler's
+    noise (so an exported few-step generator gives the same images)."""
+    out = torch.empty((draws, len(seeds), *shape), dtype=torch.float32)
     gen = torch.Generator()
     # normal_ in place on each row draws exactly what torch.randn(shape) draws, at half the
     # per-seed cost (no temporary, no indexed copy): it is most of make-pairs' overhead on toy2d
-    for row, s in zip(out.unbind(0), seeds, strict=True):
+    for i, s in enumerate(seeds):
         gen.manual_seed(int(s))
-        row.normal_(generator=gen)
+        for d in range(draws):
+            out[d, i].normal_(generator=gen)
     return out.to(device)
 
 

@@ -77,6 +77,45 @@ class DistillConfig(Settings):
         False, "Ablation: real score only, no fake score.", flags=("--real-only/--with-fake",)
     )
     fake_updates: int = option(1, "Fake-score updates per generator update (DMD2's TTUR).", min=1)
+    # DMD2 (docs/METHOD.md, "DMD2"): the GAN on real data, few-step generators
+    gan_weight: float = option(
+        0.0,
+        "Weight of DMD2's GAN loss on the generator (0: no GAN head). A head on the fake "
+        "score's bottleneck tells noised real samples from noised generated ones.",
+        min=0,
+        show_default="0; edm-imagenet64 3e-3",
+    )
+    gan_classifier_weight: float = option(
+        1e-2,
+        "Weight of the GAN head's loss in the fake score's update (DMD2: 1e-2).",
+        min=0,
+    )
+    real_data: str | None = option(
+        None,
+        "Real samples for the GAN: an image folder, an ADM/EDM-style .npz (arr_0 uint8 NHWC, "
+        "arr_1 labels), or for text-to-image teachers images with captions.jsonl (encoded once, "
+        "cached in the run folder). Default: the built-in teachers' own training data.",
+        path=True,
+    )
+    denoising_steps: str | None = option(
+        None,
+        "A few-step generator's steps, comma-separated and decreasing: timesteps for SD teachers "
+        "(DMD2: 999,749,499,249), sigmas for the others (e.g. 80,2,0.5,0.1). Trained with "
+        "backward simulation. Default: one step at the top noise level.",
+    )
+    conditioning_timestep: int | None = option(
+        None,
+        "SD teachers: the timestep a one-step generator is run at on pure noise (DMD2's SDXL "
+        "one-step: 399; default 999). Same as --denoising-steps T.",
+        min=0,
+    )
+    init_from: str | None = option(
+        None,
+        "Start a new run from a run folder, checkpoint or generator file: its generator (EMA "
+        "included) and, from a checkpoint, its fake score; optimisers and step start afresh "
+        "(DMD2's two-stage recipes).",
+        path=True,
+    )
     sigma_levels: int = option(1000, "Noise levels of the DM loss's grid.", min=1, cli=False)
     min_step_frac: float = option(
         0.02, "Lowest noise-level index of the DM loss, as a fraction of the grid.", min=0, max=1
@@ -152,7 +191,40 @@ class DistillConfig(Settings):
             raise RuntimeError(f"preset {found[1]} sets unknown distill settings {unknown}")
         return dict(recipe)
 
+    def step_values(self) -> list[float] | None:
+        """--denoising-steps (or --conditioning-timestep) as numbers; None: the default step."""
+        if self.conditioning_timestep is not None:
+            return [float(self.conditioning_timestep)]
+        if self.denoising_steps is None:
+            return None
+        return parse_steps(self.denoising_steps)
+
     def check(self) -> None:
+        require(
+            self.denoising_steps is None or self.conditioning_timestep is None,
+            "--conditioning-timestep is a one-step generator's step; give it or "
+            "--denoising-steps, not both",
+        )
+        self.step_values()
+        require(
+            self.gan_weight == 0 or self.gan_classifier_weight > 0,
+            "--gan-weight > 0 needs --gan-classifier-weight > 0 (an untrained GAN head would "
+            "only push the generator at random)",
+        )
+        require(
+            self.gan_weight == 0 or (self.dm_weight > 0 and not self.real_only),
+            "the GAN head lives on the fake score: --gan-weight needs --dm-weight > 0 and no "
+            "--real-only",
+        )
+        require(
+            self.real_data is None or self.gan_weight > 0,
+            "--real-data feeds the GAN loss; pass --gan-weight > 0 to use it",
+        )
+        require(
+            self.init_from is None or self.resume is None,
+            "--init-from starts a new run from another one; --resume continues this one: "
+            "give one of them",
+        )
         require(
             self.min_step_frac < self.max_step_frac,
             "need 0 <= --min-step-frac < --max-step-frac <= 1, "
@@ -190,7 +262,25 @@ class DistillConfig(Settings):
         )
 
 
-HELP = """Train a one-step generator with the DMD loss plus the regression loss on the pairs.
+def parse_steps(text: str) -> list[float]:
+    """``"999,749,499,249"`` -> [999.0, 749.0, 499.0, 249.0], checked to be decreasing."""
+    try:
+        values = [float(v) for v in str(text).replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        values = []
+    require(
+        bool(values) and all(v >= 0 for v in values),
+        f"--denoising-steps must be comma-separated numbers, got {text!r}",
+    )
+    require(
+        all(b < a for a, b in zip(values, values[1:], strict=False)),
+        f"--denoising-steps must be decreasing (the generator goes from noise to data), got {text!r}",
+    )
+    return values
+
+
+HELP = """Train a one-step (or few-step) generator with the DMD loss plus the regression loss on the
+pairs (DMD), or a GAN loss on real data (DMD2: --gan-weight, --real-data, --denoising-steps).
 
 The defaults shown are the built-in teachers' (ours). A preset brings the recipe it names,
 with every value's source in docs/RECIPES.md: --teacher sd15 is DMD2's SD1.5 recipe (no

@@ -50,6 +50,11 @@ class TeacherKind:
     def default_path(self) -> Path | None:
         return None
 
+    def real_data(self, config: dict):
+        """The GAN's default real samples (a :class:`dmdctl.realdata.RealData`), or None when
+        ``--real-data`` must name them."""
+        return None
+
     def feature_name(self) -> str:
         return "identity"
 

@@ -65,6 +65,9 @@ class UNetBackbone(nn.Module):
             attention_head_dim=config["attention_head_dim"],
         )
 
+    def bottleneck(self) -> nn.Module:
+        return self.unet.mid_block
+
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond=None) -> torch.Tensor:
         t = (c_noise * self.noise_scale).to(x.dtype)
         return self.unet(x, t, class_labels=cond).sample
@@ -146,6 +149,13 @@ class Digits(TeacherKind):
         x, y, _, _ = digits_split(config["holdout"], config["split_seed"])
         idx = torch.randint(0, len(x), (n,), generator=generator)
         return x[idx], y[idx]
+
+    def real_data(self, config: dict):
+        """The teacher's own training images and labels (not the held-out split)."""
+        from dmdctl.realdata import RealData
+
+        x, y, _, _ = digits_split(config["holdout"], config["split_seed"])
+        return RealData(f"the digits training split ({len(x)} images)", x, y)
 
     def feature_name(self) -> str:
         return (

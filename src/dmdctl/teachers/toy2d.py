@@ -62,6 +62,9 @@ class Toy2DBackbone(nn.Module):
         layers.append(nn.Linear(width, 2))
         self.net = nn.Sequential(*layers)
 
+    def bottleneck(self) -> nn.Module:
+        return self.net[-2]  # the last hidden layer's activation
+
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond=None) -> torch.Tensor:
         t = fourier_embedding(c_noise.reshape(-1, 1).to(x.dtype), self.t_freqs)
         h = torch.cat([x, fourier_embedding(x, self.x_freqs), t], dim=-1)
@@ -112,6 +115,14 @@ class Toy2D(TeacherKind):
         idx = torch.multinomial(mode_weights(config), n, replacement=True, generator=generator)
         noise = torch.randn(n, 2, generator=generator) * config["mode_std"]
         return mode_centers(config)[idx] + noise, None
+
+    def real_data(self, config: dict):
+        from dmdctl.realdata import RealData
+
+        return RealData(
+            "the toy2d mixture itself (fresh draws)",
+            sampler=lambda n, gen: self.sample_data(config, n, gen),
+        )
 
     def reference_stats(self, config: dict):
         """Exact mean and covariance of the Gaussian mixture (no sampling error)."""

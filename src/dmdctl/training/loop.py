@@ -20,7 +20,6 @@ from safetensors import SafetensorError
 from dmdctl.config import write_config
 from dmdctl.core.generator import save_generator
 from dmdctl.core.lpips_loss import RANDOM_BACKBONE_NOTE
-from dmdctl.core.sampling import seeded_noise
 from dmdctl.errors import UserError
 from dmdctl.runtime import (
     PROCESS_GROUP_TIMEOUT,
@@ -61,11 +60,10 @@ def plot_samples(trainer: DMDTrainer, path: Path) -> Path | None:
     t = trainer.teacher
     g = trainer.ema_generator()
     seeds = list(range(PLOT_SEED_START, PLOT_SEED_START + n))
-    z = seeded_noise(seeds, t.sample_shape, trainer.device)
     k = trainer.num_conditions
     c = (torch.arange(n, device=trainer.device) % k) if k else None
     with torch.no_grad():
-        x = g(z, trainer._cond(c)).float()
+        x = g.sample(seeds, trainer._cond(c), t.sample_shape, trainer.device).float()
         if t.codec.latent:
             vae = t.codec.vae  # on the accelerator only while it decodes
             home = next(vae.parameters()).device
@@ -106,7 +104,7 @@ def evaluate_generator(trainer: DMDTrainer) -> dict:
 # settings a resumed run must share with its checkpoint: the networks and optimiser states only
 # fit the same teacher and fake-score setting (checked in DMDTrainer.resume / below), and the
 # step-seeded draws only continue the same run with the same global batch sizes
-RESUME_MUST_MATCH = ("batch_size", "pair_batch_size")
+RESUME_MUST_MATCH = ("batch_size", "pair_batch_size", "denoising_steps", "conditioning_timestep")
 
 
 def check_resume(ckpt: Path, cfg: DistillConfig) -> dict:
@@ -119,6 +117,13 @@ def check_resume(ckpt: Path, cfg: DistillConfig) -> dict:
         on = {True: "on", False: "off"}
         diffs.append(
             f"fake score {on[fake_then]} there, {on[fake_now]} now (--dm-weight, --real-only)"
+        )
+    gan_then, gan_now = bool(state.get("gan", False)), cfg.gan_weight > 0
+    if gan_then != gan_now:
+        on = {True: "on", False: "off"}
+        diffs.append(
+            f"GAN head {on[gan_then]} there, {on[gan_now]} now (--gan-weight; to add the GAN to "
+            "a trained run, start a new one with --init-from)"
         )
     if diffs:
         raise UserError(
@@ -232,6 +237,10 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
                 f"[bold red]warning:[/bold red] --pairs {cfg.pairs} is not used: --reg-weight is 0 "
                 "(the sd15 and edm-imagenet64 recipes, DMD2's, have no regression loss)"
             )
+        if trainer.real_data is not None:
+            info(f"GAN real data: {trainer.real_data.description}")
+        if trainer.initialised_from is not None:
+            info(f"initialised from {trainer.initialised_from} (fresh optimisers, step 0)")
         if resumed_from:
             note = f"; dropped {dropped} log rows past it" if dropped else ""
             info(f"resumed from {resumed_from} (step {trainer.step}){note}")
@@ -345,6 +354,8 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
         "dm_weight": cfg.dm_weight,
         "real_only": cfg.real_only,
         "num_pairs": len(trainer.pairs) if trainer.pairs is not None else 0,
+        "generator_steps": len(trainer.sigmas),
+        "gan_weight": cfg.gan_weight,
         "processes": acc.num_processes,
     }
     if cfg.skip_nonfinite:
@@ -364,6 +375,7 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
                 path,
                 # the training settings travel with the weights (the diffusers model card)
                 extra={"step": str(trainer.step), "ema": "true", "train_config": asdict(cfg)},
+                sigmas=trainer.sigmas,
             )
         except (OSError, SafetensorError) as e:
             path.with_name(path.name + ".tmp").unlink(missing_ok=True)

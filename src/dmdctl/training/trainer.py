@@ -15,6 +15,7 @@ with the same global batch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import asdict
 from pathlib import Path
@@ -23,9 +24,17 @@ import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
-from dmdctl.core.denoiser import OneStepGenerator, freeze_in_dtype
+from dmdctl.core.denoiser import StepGenerator, freeze_in_dtype
 from dmdctl.core.ema import EMA
-from dmdctl.core.losses import dm_loss, edm_denoising_loss, regression_loss
+from dmdctl.core.gan import (
+    GANHead,
+    classifier_gan_loss,
+    feature_shape,
+    frozen,
+    generator_gan_loss,
+    tap,
+)
+from dmdctl.core.losses import denoising_error, dm_loss, edm_denoising_loss, regression_loss
 from dmdctl.core.schedules import warmup_then
 from dmdctl.errors import UserError, require
 from dmdctl.pairs import load_pairs
@@ -34,6 +43,7 @@ from dmdctl.teachers import resolve_teacher
 from dmdctl.teachers.sd.denoiser import GuidedDenoiser
 from dmdctl.training.checkpoint import (
     find_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
@@ -111,8 +121,9 @@ class DMDTrainer:
         self.sigma_data = float(t.denoiser.sigma_data)
         # the fake score's loss: the teacher's own training loss (EDM weighting, SD's eps-MSE)
         self.loss_weight = t.denoiser.loss_weight
-        generator = OneStepGenerator(
-            copy.deepcopy(t.denoiser).requires_grad_(True).train(), t.sigma_max
+        self.sigmas = generator_sigmas(cfg, t)
+        generator = StepGenerator(
+            copy.deepcopy(t.denoiser).requires_grad_(True).train(), self.sigmas
         )
         if cfg.grad_checkpointing:
             enable_checkpointing(generator.denoiser)
@@ -141,11 +152,34 @@ class DMDTrainer:
             cfg.channels_last,
             cfg.compile,
         )
+        # DMD2's GAN: a head on the fake score's bottleneck, trained by the fake's optimiser
+        self.use_gan = cfg.gan_weight > 0
+        self.real_data = self.head = None
+        if self.use_gan:
+            self.real_data = self._load_real_data(acc)
+            fake.to(self.device)
+            try:
+                shape = feature_shape(
+                    fake, t.sample_shape, t.sigma_max, self._cond(self._probe_cond())
+                )
+            except ValueError as e:
+                raise UserError(f"--gan-weight: {e}") from None
+            with torch.random.fork_rng(devices=[]):  # its initial weights follow --seed
+                torch.manual_seed(cfg.seed)
+                head = GANHead(shape).to(self.device)
         if self.use_fake:
-            opt_f = adamw(fake.parameters(), cfg.fake_lr)
-            self.generator, self.opt_g, self.fake, self.opt_f = acc.prepare(
-                generator, opt_g, fake, opt_f
+            fake_params = list(fake.parameters()) + (
+                list(head.parameters()) if self.use_gan else []
             )
+            opt_f = adamw(fake_params, cfg.fake_lr)
+            if self.use_gan:
+                self.generator, self.opt_g, self.fake, self.opt_f, self.head = acc.prepare(
+                    generator, opt_g, fake, opt_f, head
+                )
+            else:
+                self.generator, self.opt_g, self.fake, self.opt_f = acc.prepare(
+                    generator, opt_g, fake, opt_f
+                )
         else:
             self.generator, self.opt_g = acc.prepare(generator, opt_g)
             self.fake = self.opt_f = None
@@ -155,6 +189,24 @@ class DMDTrainer:
         self.lo, self.hi = dm_index_range(self.levels, cfg.min_step_frac, cfg.max_step_frac)
         self.step = 0
         self.out = Path(cfg.out)
+        self.initialised_from = self.init_from(cfg.init_from) if cfg.init_from else None
+
+    def _probe_cond(self):
+        """One sample's condition index (for the probe that sizes the GAN head)."""
+        return torch.zeros(1, dtype=torch.int64) if self.num_conditions else None
+
+    def _load_real_data(self, acc):
+        """The GAN's real samples; for SD the main process encodes them once, the others read
+        its cache."""
+        from dmdctl.realdata import load_real_data
+
+        data = None
+        if acc.is_main_process:
+            data = load_real_data(self.cfg.real_data, self.teacher, Path(self.cfg.out), acc.device)
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            data = load_real_data(self.cfg.real_data, self.teacher, Path(self.cfg.out), acc.device)
+        return data
 
     # --- helpers -------------------------------------------------------------------------
     def ema_shadow_to(self, device) -> None:
@@ -254,7 +306,7 @@ class DMDTrainer:
         return bad
 
     @property
-    def unwrapped_generator(self) -> OneStepGenerator:
+    def unwrapped_generator(self) -> StepGenerator:
         return self.acc.unwrap_model(self.generator)
 
     # --- one training step ---------------------------------------------------------------
@@ -274,18 +326,40 @@ class DMDTrainer:
         c = self._cond(self._slice(c, "cpu") if c is not None else None)
         sig_idx = self._slice(torch.randint(self.lo, self.hi, (B,), generator=gen))
         eps = self._slice(torch.randn(B, *shape, generator=gen))
-        zs, cs = [z], [c]
+        s0 = self.sigmas[0]
+        inputs, cs = [z * self.unwrapped_generator.input_scale], [c]
         if self.pairs is not None:
             # indices stay on the host, where the pairs are: no device round trip, no sync
             pidx = self._slice(torch.randint(0, len(self.pairs), (P,), generator=gen), "cpu")
-            zs.append(self.pairs.noise[pidx].to(self.device, non_blocking=True))
+            inputs.append(
+                self.pairs.noise[pidx].to(self.device, non_blocking=True)
+                * self.unwrapped_generator.input_scale
+            )
             cs.append(self._cond(self.pairs.cond[pidx], self.pair_table) if c is not None else None)
             y_pair = self.pairs.target[pidx].to(self.device, non_blocking=True)
+        # draws that only few-step and GAN runs make come last: a DMD run draws what it always did
+        at = None
+        if len(self.sigmas) > 1:
+            # backward simulation: the input at step k is what inference feeds step k
+            inputs[0], at = self._simulate(z, c, gen)
+        if self.use_gan:
+            gan_idx = self._slice(torch.randint(0, self.levels, (B,), generator=gen))
+            gan_eps = self._slice(torch.randn(B, *shape, generator=gen))
+        levels = [at if at is not None else z.new_full((z.shape[0],), s0)]
+        if self.pairs is not None:  # the pairs map pure noise to images: the first step's job
+            levels.append(inputs[1].new_full((inputs[1].shape[0],), s0))
         cond_all = torch.cat(cs) if c is not None else None
 
         logs: dict[str, torch.Tensor] = {}
-        with acc.autocast():
-            x_all = self.generator(torch.cat(zs), cond_all)
+        # the GAN's generator loss runs through the fake score and head with their weights
+        # frozen until the backward pass is done (activation checkpointing recomputes then)
+        no_weight_grads = contextlib.ExitStack()
+        if self.use_gan:
+            no_weight_grads.enter_context(
+                frozen(acc.unwrap_model(self.fake), acc.unwrap_model(self.head))
+            )
+        with no_weight_grads, acc.autocast():
+            x_all = self.generator(torch.cat(inputs), cond_all, at=torch.cat(levels))
             x = x_all[: z.shape[0]]
             loss_g = x_all.new_zeros((), dtype=torch.float32)
             if cfg.dm_weight > 0:
@@ -302,6 +376,15 @@ class DMDTrainer:
                 loss_dm = dm_loss(x, mu_real, mu_fake)
                 loss_g = loss_g + cfg.dm_weight * loss_dm
                 logs["loss_dm"] = loss_dm.detach()
+            if self.use_gan:
+                # non-saturating GAN loss through the frozen fake score and head (DMD2)
+                sg = self.grid[gan_idx]
+                fake_net, head = acc.unwrap_model(self.fake), acc.unwrap_model(self.head)
+                with tap(fake_net.bottleneck()) as feats:
+                    fake_net(x + sg.reshape(-1, *([1] * len(shape))) * gan_eps, sg, c)
+                loss_gan = generator_gan_loss(head(feats[-1]))
+                loss_g = loss_g + cfg.gan_weight * loss_gan
+                logs["loss_gan"] = loss_gan.detach()
             if self.pairs is not None:
                 pred = x_all[z.shape[0] :]
                 if self.lpips is not None and self.teacher.codec.latent:
@@ -312,7 +395,7 @@ class DMDTrainer:
                 loss_reg = regression_loss(cfg.reg_loss, pred, y_pair, lpips_fn=self.lpips)
                 loss_g = loss_g + cfg.reg_weight * loss_reg
                 logs["loss_reg"] = loss_reg.detach()
-        acc.backward(loss_g)
+            acc.backward(loss_g)
         gnorm = acc.clip_grad_norm_(self.generator.parameters(), cfg.grad_clip or float("inf"))
         skipped = self._gate(self.opt_g, gnorm)
         self.opt_g.step()
@@ -331,22 +414,26 @@ class DMDTrainer:
                     ck = self._labels(B, gen)
                     c = self._cond(self._slice(ck, "cpu") if ck is not None else None)
                     with torch.no_grad(), acc.autocast():
-                        x_fake = self.unwrapped_generator(zk, c)
+                        x_fake = self._sample_steps(zk, c, gen)
                 # the fake score learns the generator's distribution over the whole noise range
                 fidx = self._slice(torch.randint(0, self.levels, (B,), generator=gen))
                 feps = self._slice(torch.randn(B, *shape, generator=gen))
                 with acc.autocast():
-                    loss_f = edm_denoising_loss(
-                        self.fake,
-                        x_fake.float(),
-                        self.grid[fidx],
-                        feps,
-                        c,
-                        self.sigma_data,
-                        self.loss_weight,
-                    )
+                    if self.use_gan:
+                        loss_f = self._fake_and_head_loss(x_fake.float(), fidx, feps, c, gen, logs)
+                    else:
+                        loss_f = edm_denoising_loss(
+                            self.fake,
+                            x_fake.float(),
+                            self.grid[fidx],
+                            feps,
+                            c,
+                            self.sigma_data,
+                            self.loss_weight,
+                        )
                 acc.backward(loss_f)
-                gnorm_f = acc.clip_grad_norm_(self.fake.parameters(), cfg.grad_clip or float("inf"))
+                params = [p for group in self.opt_f.param_groups for p in group["params"]]
+                gnorm_f = acc.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
                 skipped_f = self._gate(self.opt_f, gnorm_f)
                 if skipped_f is not None:
                     logs["skipped_fake"] = logs.get("skipped_fake", 0) + skipped_f
@@ -357,6 +444,59 @@ class DMDTrainer:
         self.step += 1
         return logs
 
+    def _simulate(self, z: torch.Tensor, c, gen: torch.Generator):
+        """DMD2's backward simulation: one step k drawn for the batch; the current generator runs
+        from ``z`` through steps 0..k-1 without gradients, each estimate renoised with fresh
+        noise to the next step's level. Returns the inputs at step k and their levels."""
+        K, shape = len(self.sigmas), self.teacher.sample_shape
+        k = int(torch.randint(0, K, (1,), generator=gen))
+        B = self.cfg.batch_size
+        noise = [self._slice(torch.randn(B, *shape, generator=gen)) for _ in range(k)]
+        g = self.unwrapped_generator
+        x_in = z * g.input_scale
+        with torch.no_grad(), self.acc.autocast():
+            for j in range(k):
+                x0 = g.denoiser(x_in, self.sigmas[j], c).float()
+                x_in = x0 + self.sigmas[j + 1] * noise[j]
+        return x_in, z.new_full((z.shape[0],), self.sigmas[k])
+
+    def _sample_steps(self, z: torch.Tensor, c, gen: torch.Generator) -> torch.Tensor:
+        """Generator samples as a training step makes them (at a simulated step), no gradients."""
+        g = self.unwrapped_generator
+        if len(self.sigmas) == 1:
+            return g(z, c)
+        x_in, at = self._simulate(z, c, gen)
+        return g(x_in, c, at=at)
+
+    def _fake_and_head_loss(self, x_fake, fidx, feps, c, gen, logs) -> torch.Tensor:
+        """The fake score's denoising loss and the GAN head's loss, in one forward pass.
+
+        The noised generator samples of the denoising loss are also the head's fake examples
+        (both draw their levels uniformly over the whole grid, as DMD2's diffusion GAN does);
+        real samples are noised to levels of their own and run in the same batch.
+        """
+        B = self.cfg.batch_size
+        shape = self.teacher.sample_shape
+        xr, cr = self.real_data.draw(B, gen)
+        xr = self._slice(xr)
+        cr = self._slice(cr) if cr is not None else None
+        ridx = self._slice(torch.randint(0, self.levels, (B,), generator=gen))
+        reps = self._slice(torch.randn(B, *shape, generator=gen))
+        sf, sr = self.grid[fidx], self.grid[ridx]
+        view = (-1, *([1] * len(shape)))
+        noisy = torch.cat([x_fake + sf.reshape(view) * feps, xr + sr.reshape(view) * reps])
+        cond = torch.cat([c, cr.to(c.dtype)]) if c is not None else None
+        n = x_fake.shape[0]
+        with tap(self.acc.unwrap_model(self.fake).bottleneck()) as feats:
+            pred = self.fake(noisy, torch.cat([sf, sr]), cond)
+        loss_den = denoising_error(pred[:n], x_fake, sf, self.sigma_data, self.loss_weight)
+        logits = self.head(feats[-1])
+        loss_cls = classifier_gan_loss(logits[n:], logits[:n])
+        logs["loss_cls"] = loss_cls.detach()
+        logs["real_logit"] = logits[n:].detach().float().mean()
+        logs["fake_logit"] = logits[:n].detach().float().mean()
+        return loss_den + self.cfg.gan_classifier_weight * loss_cls
+
     # --- checkpoints ---------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
         t = self.teacher
@@ -366,6 +506,8 @@ class DMDTrainer:
             "teacher_kind": t.name,
             "teacher_config": t.config,
             "ema_updates": self.ema.num_updates,
+            "gan": self.use_gan,
+            "generator_sigmas": self.sigmas,
         }
 
     def save(self, extra: dict | None = None) -> Path | None:
@@ -377,7 +519,9 @@ class DMDTrainer:
             optims = {"generator": self.opt_g}
             if self.use_fake:
                 models["fake"] = self.acc.unwrap_model(self.fake)
-                optims["fake"] = self.opt_f
+                optims["fake"] = self.opt_f  # with the GAN head's parameters, when there is one
+            if self.use_gan:
+                models["gan_head"] = self.acc.unwrap_model(self.head)
             path = save_checkpoint(
                 self.out / "checkpoints",
                 self.step,
@@ -406,11 +550,19 @@ class DMDTrainer:
                 f"checkpoint {path} comes from a run with another fake-score setting "
                 "(--real-only / --dm-weight); resume with the same settings"
             )
+        if bool(state.get("gan", False)) != self.use_gan:
+            raise UserError(
+                f"checkpoint {path} comes from a run {'with' if state.get('gan') else 'without'} "
+                "the GAN head (--gan-weight); resume with the same setting, or start a new run "
+                "from it with --init-from"
+            )
         try:
             self.unwrapped_generator.denoiser.load_state_dict(load("generator"))
             self.opt_g.load_state_dict(_optim_state(load, state, "generator"))
             if self.use_fake:
                 self.acc.unwrap_model(self.fake).load_state_dict(load("fake"))
+                if self.use_gan:
+                    self.acc.unwrap_model(self.head).load_state_dict(load("gan_head"))
                 self.opt_f.load_state_dict(_optim_state(load, state, "fake"))
             ema = {k: v.to(self.device) for k, v in load("ema").items()}
         except SafetensorError as e:
@@ -428,10 +580,83 @@ class DMDTrainer:
         self.skipped_fake_updates = int(state.get("skipped_fake_updates", 0))
         return path
 
-    def ema_generator(self) -> OneStepGenerator:
+    def ema_generator(self) -> StepGenerator:
         g = copy.deepcopy(self.unwrapped_generator).eval().requires_grad_(False)
         self.ema.copy_to(g.denoiser)
         return g
+
+    def init_from(self, where: str) -> Path:
+        """--init-from: weights of another run (generator, EMA, fake score and GAN head when it
+        has them and this run uses them), with fresh optimisers at step 0 (DMD2's second
+        stage). A generator file gives the generator and its EMA."""
+        from dmdctl.teachers import GENERATOR_FORMAT, load_state, read_metadata
+
+        path = Path(where)
+        if not path.exists():
+            raise UserError(f"--init-from {path}: no such file or folder")
+        g = self.unwrapped_generator.denoiser
+        try:
+            if path.is_file():
+                if read_metadata(path).get("format") != GENERATOR_FORMAT:
+                    raise UserError(f"--init-from {path} is not a dmdctl generator file")
+                meta, weights = load_state(path, GENERATOR_FORMAT)
+                sha = meta.get("teacher_sha256")
+                parts = {"generator": weights, "ema": weights}
+            else:
+                found = path if (path / "state.json").is_file() else None
+                if found is None and list_checkpoints(path / "checkpoints"):
+                    found = find_checkpoint(path, "latest")
+                if found is None and (path / "generator.safetensors").is_file():
+                    return self.init_from(str(path / "generator.safetensors"))
+                if found is None:
+                    raise UserError(
+                        f"--init-from {path} holds no checkpoint and no generator.safetensors"
+                    )
+                path = found
+                state, load = load_checkpoint(path)
+                sha = state.get("teacher_sha256")
+                names = ["generator", "ema"]
+                if self.use_fake and "fake" in state.get("optimizers", {}):
+                    names.append("fake")
+                if self.use_gan and state.get("gan"):
+                    names.append("gan_head")
+                parts = {n: load(n) for n in names}
+            if sha != self.teacher.sha256:
+                raise UserError(
+                    f"--init-from {path} was trained from a different teacher; use the same "
+                    "--teacher-path"
+                )
+            g.load_state_dict(parts["generator"])
+            self.ema.load_state_dict({k: v.to(self.device) for k, v in parts["ema"].items()}, 0)
+            if "fake" in parts:
+                self.acc.unwrap_model(self.fake).load_state_dict(parts["fake"])
+            if "gan_head" in parts:
+                self.acc.unwrap_model(self.head).load_state_dict(parts["gan_head"])
+        except SafetensorError as e:
+            raise UserError(f"--init-from {path} is damaged ({e})") from None
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise UserError(
+                f"--init-from {path} does not fit this run's networks ({str(e).splitlines()[0]})"
+            ) from None
+        return path
+
+
+def generator_sigmas(cfg: DistillConfig, teacher) -> list[float]:
+    """The generator's steps as sigmas: --denoising-steps / --conditioning-timestep read in the
+    teacher's unit (SD: timesteps), or one step at the top of its range."""
+    d = teacher.denoiser
+    values = cfg.step_values()
+    if values is None:
+        return [float(teacher.sigma_max)]
+    if cfg.conditioning_timestep is not None and d.step_unit != "timestep":
+        raise UserError(
+            "--conditioning-timestep is for SD teachers; for this teacher give the one step's "
+            "sigma with --denoising-steps"
+        )
+    try:
+        return d.step_sigmas(values)
+    except ValueError as e:
+        raise UserError(f"--denoising-steps {cfg.denoising_steps or values}: {e}") from None
 
 
 def enable_checkpointing(denoiser: torch.nn.Module) -> None:

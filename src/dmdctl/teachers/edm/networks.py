@@ -257,6 +257,10 @@ class _UNet(nn.Module):
 
     grad_checkpointing: bool = False
 
+    def bottleneck(self) -> nn.Module:
+        """The last encoder block at the lowest resolution (DMD2's GAN head reads its output)."""
+        return [m for name, m in self.enc.items() if "aux" not in name][-1]
+
     def _run(self, block: nn.Module, *args):
         if self.grad_checkpointing and torch.is_grad_enabled() and self.training:
             return checkpoint(block, *args, use_reentrant=False)
@@ -544,6 +548,9 @@ class EDMBackbone(nn.Module):
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each UNet block's activations in the backward pass (less memory, ~30% slower)."""
         self.model.grad_checkpointing = bool(enabled)
+
+    def bottleneck(self) -> nn.Module:
+        return self.model.bottleneck()
 
     def class_vector(self, cond, n: int, device) -> torch.Tensor | None:
         if not self.label_dim:

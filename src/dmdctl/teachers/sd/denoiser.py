@@ -48,12 +48,25 @@ class SDDenoiser(Denoiser):
         self.sigma_min = float(sigmas[0])
         self.sigma_max = float(sigmas[-1])
         self.sigma_data = 0.5  # unused by SD; kept so callers that read it get a number
-        # the generator feeds pure noise as x_T, i.e. x_sigma = z / sqrt(abar_T)
-        self._input_scale = float(1 / abar[-1].sqrt())
 
-    @property
-    def generator_input_scale(self) -> float:
-        return self._input_scale
+    step_unit = "timestep"
+
+    def input_scale_at(self, sigma: float) -> float:
+        """A generator step at timestep t takes pure noise as x_t: x_sigma = z / sqrt(abar_t),
+        and 1 / sqrt(abar_t) = sqrt(1 + sigma_t^2)."""
+        t = int(self.timesteps(torch.tensor([float(sigma)]))[0])
+        return float(1 / self.abar.double()[t].sqrt())
+
+    def step_sigmas(self, values: list[float]) -> list[float]:
+        """Timesteps (DMD2's 999, 749, 499, 249) as sigmas."""
+        n = len(self.sigmas)
+        bad = [v for v in values if float(v) != int(v) or not 0 <= int(v) < n]
+        if bad:
+            raise ValueError(f"timesteps must be integers in 0..{n - 1}, got {bad[0]:g}")
+        return [float(self.sigmas[int(v)]) for v in values]
+
+    def bottleneck(self) -> nn.Module:
+        return self.unet.mid_block  # DMD2's GAN head reads the mid block's output
 
     def training_sigmas(self, levels: int) -> torch.Tensor:
         """The teacher's own noise levels, one per timestep, ascending (DMD's timestep grid;

@@ -1,9 +1,12 @@
-"""Text-to-image with a distilled one-step SD generator, and its export as a diffusers pipeline.
+"""Text-to-image with a distilled SD generator, and its export as a diffusers pipeline.
 
-``dmdctl sample`` and the exported pipeline compute the same thing: the UNet at t = T-1 on the
-unscaled noise, the x0 conversion, the VAE decoder, ``(x / 2 + 0.5).clamp(0, 1)``. The export swaps
-the teacher pipeline's UNet for the distilled one and its scheduler for ``LCMScheduler``, which
-with one inference step runs t = 999 and returns (to ~1e-9) the x0 prediction.
+``dmdctl sample`` and the exported pipeline compute the same thing: the UNet at the generator's
+first timestep (999 by default) on the unscaled noise, the x0 conversion; for a few-step
+generator, at each next timestep the x0 estimate renoised with fresh noise (drawn from the same
+per-seed RNG, in the same order); then the VAE decoder, ``(x / 2 + 0.5).clamp(0, 1)``. The export
+swaps the teacher pipeline's UNet for the distilled one and its scheduler for ``LCMScheduler``,
+which run with the generator's timesteps does exactly these steps (its boundary-condition
+scalings differ from pure x0 by ~1e-8 at t >= 249).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dmdctl.core.sampling import seeded_noise
 from dmdctl.errors import UserError
 from dmdctl.teachers.sd import pipeline as sdp
 
@@ -45,28 +47,38 @@ def text_to_image(
     generator.to(device)
     out = []
     for i in range(0, len(seeds), batch_size):
-        z = seeded_noise(seeds[i : i + batch_size], shape, device)
-        x0 = generator(z, emb[i : i + batch_size].to(device))
+        x0 = generator.sample(
+            seeds[i : i + batch_size], emb[i : i + batch_size].to(device), shape, device
+        )
         out.append((codec.decode(x0) / 2 + 0.5).clamp(0, 1).cpu())
         if progress_cb:
-            progress_cb(z.shape[0])
+            progress_cb(x0.shape[0])
     return torch.cat(out)
 
 
-def model_card(source: str, teacher_sha256: str, train_config: dict | None, out: Path) -> str:
+def usage_call(timesteps: list[int]) -> str:
+    """How to run an exported pipeline with the generator's own steps."""
+    return f"timesteps={timesteps}, guidance_scale=0"
+
+
+def model_card(
+    source: str, teacher_sha256: str, train_config: dict | None, out: Path, timesteps: list[int]
+) -> str:
     cfg = json.dumps(train_config or {}, indent=2, sort_keys=True)
+    k = len(timesteps)
+    what = "one network evaluation" if k == 1 else f"{k} network evaluations"
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
-tags: [stable-diffusion, distillation, dmd, one-step]
+tags: [stable-diffusion, distillation, dmd, {"one-step" if k == 1 else "few-step"}]
 ---
 
-# One-step text-to-image generator distilled with dmdctl (DMD)
+# {"One" if k == 1 else str(k)}-step text-to-image generator distilled with dmdctl (DMD)
 
 Distilled from `{source}` (pipeline identity sha256 `{teacher_sha256}`) with Distribution
-Matching Distillation (Yin et al., CVPR 2024). The UNet maps pure noise to an image in
-**one network evaluation**; the scheduler in this folder is `LCMScheduler`, which with one
-inference step runs the UNet at t=999 and returns its x0 prediction.
+Matching Distillation (Yin et al., CVPR 2024; DMD2, NeurIPS 2024). The UNet maps pure noise to an
+image in **{what}**, at timesteps {timesteps}; the scheduler in this folder is `LCMScheduler`,
+which at each of these timesteps takes the UNet's x0 prediction and renoises it to the next one.
 
 ## Usage
 
@@ -75,11 +87,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 pipe = StableDiffusionPipeline.from_pretrained("{out}", torch_dtype=torch.float16).to("cuda")
-image = pipe("a photo of a cat", num_inference_steps=1, guidance_scale=0).images[0]
+image = pipe("a photo of a cat", {usage_call(timesteps)}).images[0]
 ```
 
 Use `guidance_scale=0`: guidance was distilled into the generator (the real score used CFG
-during training). `dmdctl sample --generator ...` gives the same images for the same noise.
+during training). `dmdctl sample --generator ...` gives the same images for the same seeds
+(`generator=torch.Generator().manual_seed(seed)`, one prompt per call).
 
 ## Training configuration
 
@@ -97,6 +110,7 @@ def export_diffusers(
     teacher_path: str | None = None,
     offline: bool = False,
     train_config: dict | None = None,
+    timesteps: list[int] | None = None,
 ) -> Path:
     """A folder that stock diffusers loads: the teacher's parts, the distilled UNet, LCMScheduler."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
@@ -117,9 +131,15 @@ def export_diffusers(
         )
     except (OSError, ValueError) as e:
         raise UserError(f"could not load the pipeline {folder}: {str(e).splitlines()[0]}") from None
-    pipe.register_modules(
-        unet=denoiser.unet, scheduler=LCMScheduler.from_config(pipe.scheduler.config)
-    )
+    timesteps = list(timesteps or [int(pipe.scheduler.config.num_train_timesteps) - 1])
+    sched = dict(pipe.scheduler.config)
+    k = len(timesteps)
+    n_train = int(sched.get("num_train_timesteps", 1000))
+    if timesteps == [(n_train // k) * i - 1 for i in range(k, 0, -1)]:
+        # LCM's own schedule for k steps is exactly these (999/749/499/249 for k=4): then
+        # num_inference_steps=k alone runs them
+        sched["original_inference_steps"] = k
+    pipe.register_modules(unet=denoiser.unet, scheduler=LCMScheduler.from_config(sched))
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         import shutil
@@ -127,7 +147,7 @@ def export_diffusers(
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / "README.md").write_text(
-        model_card(str(config["pipeline"]), teacher_sha256, train_config, out)
+        model_card(str(config["pipeline"]), teacher_sha256, train_config, out, timesteps)
     )
     if out.exists():
         out.rmdir()

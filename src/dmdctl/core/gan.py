@@ -1,0 +1,105 @@
+"""DMD2's GAN on real data: a small classifier head on the fake score network's bottleneck.
+
+The fake score network (the online denoiser of the generator's distribution) already sees
+noisy samples at every level; DMD2 reads its lowest-resolution features (a diffusers UNet's mid
+block, the EDM UNet's last encoder block, the toy MLP's last hidden layer) and trains a head on
+them to tell noised real samples from noised generated ones ("diffusion GAN": both noised to
+levels drawn uniformly over the whole grid). The head is trained with the fake score, by the
+same optimiser; the generator gets the non-saturating loss ``softplus(-logit)`` through the
+frozen fake network and head. docs/METHOD.md, section "DMD2".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _groups(channels: int) -> int:
+    """GroupNorm groups: 32 as DMD2's heads use, or the largest divisor of ``channels`` below."""
+    return math.gcd(channels, 32)
+
+
+class GANHead(nn.Module):
+    """Real/fake logit from bottleneck features: ``[N, C, H, W]`` maps, or ``[N, C]`` vectors.
+
+    On maps: stride-2 4x4 convolutions (each with GroupNorm and SiLU) until the side is at most
+    4, one convolution over what is left (to 1x1), then a 1x1 convolution to the logit; on 8x8
+    features this is DMD2's SD1.5/ImageNet head, on 32x32 its SDXL head (the layer pattern is
+    theirs, the code ours). On vectors: a two-layer MLP.
+    """
+
+    def __init__(self, feature_shape: tuple[int, ...]):
+        super().__init__()
+        self.feature_shape = tuple(int(s) for s in feature_shape)
+        if len(self.feature_shape) == 1:
+            (c,) = self.feature_shape
+            self.net = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, 1))
+            return
+        if len(self.feature_shape) != 3:
+            raise ValueError(f"a GAN head reads [C] or [C, H, W] features, got {feature_shape}")
+        c, h, w = self.feature_shape
+        layers: list[nn.Module] = []
+        side = min(h, w)
+        while side > 4:
+            layers += [nn.Conv2d(c, c, 4, 2, 1), nn.GroupNorm(_groups(c), c), nn.SiLU()]
+            h, w, side = h // 2, w // 2, side // 2
+        layers += [nn.Conv2d(c, c, (h, w)), nn.GroupNorm(_groups(c), c), nn.SiLU()]
+        layers.append(nn.Conv2d(c, 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.net(feats.float()).flatten(1).mean(1)
+
+
+@contextlib.contextmanager
+def tap(module: nn.Module):
+    """Collect ``module``'s outputs while the block runs (a forward hook, removed after)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_m, _inputs, output):
+        seen.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module):
+    """No parameter gradients inside (gradients still flow to the inputs); restored after."""
+    params = [p for m in modules for p in m.parameters()]
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, w in zip(params, was, strict=True):
+            p.requires_grad_(w)
+
+
+def feature_shape(denoiser: nn.Module, sample_shape, sigma: float, cond) -> tuple[int, ...]:
+    """The bottleneck's output shape (without the batch), from one sample through ``denoiser``."""
+    x = torch.zeros(1, *sample_shape, device=next(denoiser.parameters()).device)
+    with torch.no_grad(), tap(denoiser.bottleneck()) as seen:
+        denoiser(x, torch.full((1,), sigma, device=x.device), cond)
+    if not seen:
+        raise ValueError("the bottleneck module did not run")
+    return tuple(seen[-1].shape[1:])
+
+
+def generator_gan_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss: ``softplus(-D(G(z)))``, mean over the batch."""
+    return F.softplus(-logits_fake.float()).mean()
+
+
+def classifier_gan_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """The head's loss: ``softplus(-D(real)) + softplus(D(fake))``, each a batch mean."""
+    return F.softplus(-logits_real.float()).mean() + F.softplus(logits_fake.float()).mean()
