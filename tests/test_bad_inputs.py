@@ -263,6 +263,42 @@ CASES = [
         "--mixed-precision must be",
     ),
     Case(
+        "d-gan-real-only",
+        "GAN without a fake score",
+        D + " --gan-weight 0.01 --real-only",
+        "--gan-weight needs --dm-weight > 0 and no --real-only",
+    ),
+    Case(
+        "d-real-data-no-gan",
+        "--real-data without the GAN",
+        D + " --real-data runs/pairs",
+        "--real-data feeds the GAN loss",
+    ),
+    Case(
+        "d-steps-increasing",
+        "--denoising-steps not decreasing",
+        D + " --denoising-steps 0.5,2",
+        "--denoising-steps must be decreasing",
+    ),
+    Case(
+        "d-steps-out-of-range",
+        "--denoising-steps beyond the teacher's noise range",
+        D + " --denoising-steps 500,1",
+        "sigmas must lie in [0.002, 80]",
+    ),
+    Case(
+        "d-cond-timestep-not-sd",
+        "--conditioning-timestep on a teacher that is not SD",
+        D + " --conditioning-timestep 399",
+        "--conditioning-timestep is for SD teachers",
+    ),
+    Case(
+        "d-init-from-missing",
+        "--init-from names nothing",
+        D + " --init-from runs/nothing",
+        "--init-from runs/nothing: no such file or folder",
+    ),
+    Case(
         "d-negative-keep",
         "negative --keep-checkpoints",
         D + " --keep-checkpoints -1",

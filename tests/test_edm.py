@@ -467,6 +467,9 @@ def test_cifar_shaped_dmd2_with_gan_and_backward_simulation_survives_sigkill(tmp
                 "--checkpoint-every", 2, "--plot-samples", 0, "--warmup", 0, "--cpu",
                 "--out", out]  # fmt: skip
 
+    # an EDM teacher has no data of its own: a GAN run without --real-data is refused in one line
+    bare = [a for a in args(tmp_path / "bare") if a not in ("--real-data", tmp_path / "real.npz")]
+    one_line_error(run(*bare), "needs real samples: pass --real-data")
     ok(run(*args(tmp_path / "whole")))
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "dmdctl", *map(str, args(cut))],

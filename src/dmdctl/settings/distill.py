@@ -83,7 +83,7 @@ class DistillConfig(Settings):
         "Weight of DMD2's GAN loss on the generator (0: no GAN head). A head on the fake "
         "score's bottleneck tells noised real samples from noised generated ones.",
         min=0,
-        show_default="0; edm-imagenet64 3e-3",
+        show_default="0; sd15-gan 1e-3, edm-imagenet64-gan 3e-3",
     )
     gan_classifier_weight: float = option(
         1e-2,
@@ -253,6 +253,14 @@ class DistillConfig(Settings):
         from dmdctl.training.trackers import check_report_to
 
         check_teacher_path(self.teacher_path, self.teacher)
+        require(
+            self.init_from is None or Path(self.init_from).exists(),
+            f"--init-from {self.init_from}: no such file or folder",
+        )
+        require(
+            self.real_data is None or Path(self.real_data).exists(),
+            f"--real-data {self.real_data}: no such file or folder",
+        )
         check_out_folder(Path(self.out))
         check_report_to(self.report_to)
         require(
@@ -283,11 +291,14 @@ HELP = """Train a one-step (or few-step) generator with the DMD loss plus the re
 pairs (DMD), or a GAN loss on real data (DMD2: --gan-weight, --real-data, --denoising-steps).
 
 The defaults shown are the built-in teachers' (ours). A preset brings the recipe it names,
-with every value's source in docs/RECIPES.md: --teacher sd15 is DMD2's SD1.5 recipe (no
-pairs: --prompts only), sd15-dmd the DMD paper's (LPIPS regression on pairs made at the real
-score's guidance), edm-imagenet64 DMD2's, edm-cifar10 DMD's. Flags and --config override them.
+with every value's source in docs/RECIPES.md: --teacher sd15 is DMD2's SD1.5 stage 1 (no
+pairs: --prompts only), sd15-gan its stage 2 (GAN on --real-data, from stage 1 with
+--init-from), sd15-dmd the DMD paper's (LPIPS regression on pairs made at the real score's
+guidance), edm-imagenet64 and edm-imagenet64-gan DMD2's without and with the GAN, edm-cifar10
+DMD's. Flags and --config override them.
 
 Example: [bold]dmdctl distill --teacher-path runs/teacher/teacher.safetensors --pairs runs/pairs --out runs/dmd[/bold]
+DMD2 on digits, 4 steps: [bold]dmdctl distill --teacher digits --reg-weight 0 --gan-weight 3e-3 --fake-updates 5 --denoising-steps 80,2,0.8,0.35[/bold]
 
 Multi-GPU: [bold]accelerate launch --num_processes 8 -m dmdctl distill ...[/bold] (the batch
 sizes are global; SIGTERM saves a checkpoint and exits 143; resume with --resume latest).

@@ -63,7 +63,7 @@ RECIPES = {
         "pairs_sampler": "Heun, N=40 steps (79 NFE), sigma 0.002..80, rho 7 (DMD paper)",
         "teacher_fid": "1.36 with EDM's stochastic sampler, 256 steps / 511 NFE (EDM paper)",
         "dmd_fid": "2.62 at 1 NFE (DMD paper, ImageNet 64x64 class-conditional)",
-        "dmd2_fid": "1.28 at 1 NFE (DMD2 paper; with its GAN term, which dmdctl does not have)",
+        "dmd2_fid": "1.28 at 1 NFE (DMD2 paper: the GAN run resumed at lr 5e-7); 2.61 without GAN",
         # DMD2's ImageNet-64 run without GAN (the public script imagenet_lr2e-6_scratch.sh);
         # sources of every value in docs/RECIPES.md
         "distill": {
@@ -117,8 +117,13 @@ class EDM(TeacherKind):
     )
 
     def presets(self) -> dict[str, dict]:
+        # DMD2's ImageNet-64 GAN script: the no-GAN recipe plus the classifier head
+        # (imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch.sh; docs/RECIPES.md)
+        gan = dict(RECIPES["edm-imagenet64"])
+        gan["distill"] = dict(gan["distill"], gan_weight=3e-3, gan_classifier_weight=1e-2)
         return {
             "edm-imagenet64": dict(IMAGENET64, recipe=RECIPES["edm-imagenet64"]),
+            "edm-imagenet64-gan": dict(IMAGENET64, recipe=gan),
             "edm-cifar10": dict(CIFAR10, recipe=RECIPES["edm-cifar10"]),
         }
 

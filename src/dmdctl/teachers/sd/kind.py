@@ -23,7 +23,7 @@ class StableDiffusion(TeacherKind):
     default_recipe_applies = True
 
     def presets(self) -> dict[str, dict]:
-        """Two SD1.5 recipes; every value and its source is listed in docs/RECIPES.md."""
+        """Three SD1.5 recipes; every value and its source is listed in docs/RECIPES.md."""
         from dmdctl.teachers.sd.pipeline import SD15_HUB_ID
 
         # what both recipes share: DMD2's optimiser set-up and DM-loss range, no EMA, and our
@@ -48,6 +48,21 @@ class StableDiffusion(TeacherKind):
             "sd15": {
                 "pipeline": SD15_HUB_ID,
                 "distill": dict(common, reg_weight=0.0, real_guidance=1.75, fake_updates=10),
+            },
+            # DMD2's SD1.5 stage 2: from the stage-1 run (--init-from), the GAN on real images
+            # at lr 5e-7 (..._lr5e-7_..._gan1e-3_noode_resume_fixdata.sh)
+            "sd15-gan": {
+                "pipeline": SD15_HUB_ID,
+                "distill": dict(
+                    common,
+                    reg_weight=0.0,
+                    real_guidance=1.75,
+                    fake_updates=10,
+                    lr=5e-7,
+                    fake_lr=5e-7,
+                    gan_weight=1e-3,
+                    gan_classifier_weight=1e-2,
+                ),
             },
             # DMD (Yin et al. 2023), text-to-image: LPIPS regression on pairs made at the real
             # score's own guidance, one fake-score update per generator update
