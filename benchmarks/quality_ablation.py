@@ -43,7 +43,7 @@ from dmdctl.core.generator import load_generator, teacher_source  # noqa: E402
 from dmdctl.metrics.evaluate import evaluate  # noqa: E402
 from dmdctl.metrics.intervals import compare_intervals, hull  # noqa: E402
 from dmdctl.metrics.quality import score_features, score_floor, training_reference  # noqa: E402
-from dmdctl.settings.demo import DEMO_DEFAULTS  # noqa: E402
+from dmdctl.settings.demo import DEMO_DEFAULTS, DMD2_4STEP_SIGMAS, DMD2_RUN  # noqa: E402
 from dmdctl.settings.distill import DistillConfig  # noqa: E402
 from dmdctl.settings.eval_fid import EVAL_SEED_START, EvalFidConfig  # noqa: E402
 from dmdctl.settings.make_pairs import MakePairsConfig  # noqa: E402
@@ -60,7 +60,6 @@ ROWS = {
     "dmd_no_reg": "no regression",
     "dmd_reg_only": "regression only",
     "dmd_real_only": "real score only",
-    "dmd2_no_gan": "DMD2 without GAN (no regression, TTUR)",
     "dmd2": "DMD2 1 step (GAN, no regression)",
     "dmd2_4step": "DMD2 4 steps (GAN, backward simulation)",
 }
@@ -69,20 +68,18 @@ RUNS = {
     "dmd_no_reg": {"reg_weight": 0.0},
     "dmd_reg_only": {"dm_weight": 0.0},
     "dmd_real_only": {"real_only": True, "reg_weight": 0.0},
-    # DMD2 (docs/RECIPES.md, "Built-in teachers, DMD2"): no regression, 5 fake-score updates per
-    # generator update, GAN weights of DMD2's ImageNet-64 scripts; 4 steps at the sigmas of
-    # DMD2's SD timesteps 999/749/499/249 in units of the data's standard deviation
-    "dmd2_no_gan": {"reg_weight": 0.0, "fake_updates": 5},
-    "dmd2": {"reg_weight": 0.0, "fake_updates": 5, "gan_weight": 3e-3, "gan_classifier_weight": 1e-2},
-    "dmd2_4step": {"reg_weight": 0.0, "fake_updates": 5, "gan_weight": 3e-3,
-                   "gan_classifier_weight": 1e-2, "denoising_steps": "80,2,0.8,0.35"},  # fmt: skip
+    # DMD2 (dmdctl.settings.demo.DMD2_RUN; docs/RECIPES.md, "Built-in teachers: DMD2")
+    "dmd2": DMD2_RUN,
+    "dmd2_4step": dict(DMD2_RUN, denoising_steps=DMD2_4STEP_SIGMAS),
 }
 DEFAULT_RUNS = ["dmd", "dmd_no_reg", "dmd_reg_only", "dmd_real_only"]
 SEED_STRIDE = 100_000  # pairs and evaluation noise of seed s start at s * stride (+ eval offset)
 
 
-def run_seed(teacher_name: str, seed: int, args, root: Path) -> dict:
-    """Train (toy2d teacher), make pairs, distil every run, score every row: one seed."""
+def run_seed(teacher_name: str, seed: int, args, root: Path, done: dict | None = None) -> dict:
+    """Train (toy2d teacher), make pairs, distil every run, score every row: one seed. Rows in
+    ``done`` (this seed's earlier results, same sample count) are kept, not run again."""
+    done = done or {}
     d = args.settings[teacher_name]
     out = root / teacher_name / f"seed{seed}"
     if teacher_name == "toy2d" and not (out / "teacher" / "teacher.safetensors").is_file():
@@ -94,16 +91,17 @@ def run_seed(teacher_name: str, seed: int, args, root: Path) -> dict:
     else:
         teacher_path = get_kind(teacher_name).default_path()
     teacher = load_teacher(teacher_path)
-    runs = {name: RUNS[name] for name in args.runs}
+    runs = {name: RUNS[name] for name in args.runs if name not in done}
     sources = {
-        "teacher_35nfe": teacher_source(teacher, 18),
-        "teacher_1step": teacher_source(teacher, 1),
+        name: teacher_source(teacher, steps)
+        for name, steps in (("teacher_35nfe", 18), ("teacher_1step", 1))
+        if name not in done
     }
     if runs:
         distill_runs(teacher_name, teacher_path, seed, runs, d, out)
         sources.update({n: load_generator(out / n / "generator.safetensors") for n in runs})
     n = args.samples[teacher_name]
-    return evaluate_rows(teacher_name, seed, sources, n, args)
+    return {**done, **evaluate_rows(teacher_name, seed, sources, n, args)}
 
 
 def distill_runs(teacher_name, teacher_path, seed, runs, d, out) -> None:
@@ -286,7 +284,7 @@ def main(argv=None) -> str:
     ap.add_argument("--bootstrap", type=int, default=200, help="bootstrap rounds")
     ap.add_argument("--runs", nargs="*", default=DEFAULT_RUNS, choices=list(RUNS),
                     help="distillation rows to run (default: DMD's ablations; none: the teacher "
-                         "rows only; dmd2 dmd2_4step dmd2_no_gan: DMD2's)")  # fmt: skip
+                         "rows only; dmd2 dmd2_4step: DMD2's; its no-GAN ablation is dmd_no_reg)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("runs/quality_ablation"),
                     help="runs and per-seed results (a finished seed is not run again)")  # fmt: skip
@@ -305,10 +303,14 @@ def main(argv=None) -> str:
         per_seed = {}
         for seed in args.seeds:
             path = args.out / teacher_name / f"seed{seed}" / "results.json"
-            if path.is_file() and not args.quick:
-                per_seed[seed] = json.loads(path.read_text())
+            done = json.loads(path.read_text()) if path.is_file() and not args.quick else {}
+            if any(r.get("num_samples") != args.samples[teacher_name] for r in done.values()):
+                done = {}  # scored at another sample count: every row again
+            wanted = {"teacher_35nfe", "teacher_1step", *args.runs}
+            if wanted <= set(done):
+                per_seed[seed] = done
                 continue
-            per_seed[seed] = run_seed(teacher_name, seed, args, args.out)
+            per_seed[seed] = run_seed(teacher_name, seed, args, args.out, done)
             path.write_text(json.dumps(per_seed[seed], indent=1) + "\n")
         teacher = load_teacher(
             args.out / teacher_name / f"seed{args.seeds[0]}" / "teacher" / "teacher.safetensors"

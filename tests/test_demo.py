@@ -46,8 +46,8 @@ def test_digits_demo_end_to_end(tmp_path):
         "teacher_35nfe",
         "teacher_1step",
         "dmd",
-        "dmd_no_reg",
-        "dmd_reg_only",
+        "dmd2",
+        "dmd2_4step",
         "noise_floor",
     }
     # every model row on the same sample count; the floor is the 297 held-out digits
@@ -65,3 +65,9 @@ def test_digits_demo_end_to_end(tmp_path):
     # the one-step generator is far closer to the data than the teacher run for one step
     assert metrics["dmd"]["fid"] < 0.5 * metrics["teacher_1step"]["fid"]
     assert metrics["dmd"]["class_accuracy"] > 0.9
+    # DMD2: the 4-step generator runs its 4 steps and is far closer to the data than 1 step of
+    # the teacher, as the one-step DMD2 generator is
+    assert metrics["dmd2_4step"]["nfe"] == 4 and metrics["dmd2"]["nfe"] == 1
+    for row in ("dmd2", "dmd2_4step"):
+        assert metrics[row]["fid"] < 0.5 * metrics["teacher_1step"]["fid"]
+        assert metrics[row]["recall"] > 10 * metrics["teacher_1step"]["recall"]

@@ -50,6 +50,13 @@ DISTILL = dict(
 )
 
 
+# DMD2 in 2 processes: the GAN head (a second DDP module, trained with the fake score) and
+# backward simulation for a 2-step generator
+DMD2 = dict(steps=10, batch_size=32, checkpoint_every=10, log_every=5, plot_samples=0, lr=1e-3,
+            fake_lr=1e-3, warmup=2, reg_weight=0.0, gan_weight=0.05, denoising_steps="80,1",
+            fake_updates=2)  # fmt: skip
+
+
 def flags(d: dict) -> list[str]:
     return [x for k, v in d.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
@@ -99,6 +106,7 @@ def test_two_processes_make_pairs_and_distill_like_one(
             str(d2),
             *flags(DISTILL),
         ],
+        ["distill", "--teacher-path", toy_teacher, "--out", str(tmp_path / "gan2"), *flags(DMD2)],
     ]
     r = subprocess.run(
         [
@@ -120,7 +128,7 @@ def test_two_processes_make_pairs_and_distill_like_one(
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
     for rank in ranks:
-        assert [job["code"] for job in rank] == [0, 2, 0], rank
+        assert [job["code"] for job in rank] == [0, 2, 0, 0], rank
         err = [line for line in rank[1]["stderr"].splitlines() if line.strip()]
         assert err == ["error: --batch-size 63 is not divisible by the 2 processes"], rank[1][
             "stderr"
@@ -135,9 +143,20 @@ def test_two_processes_make_pairs_and_distill_like_one(
     assert read_manifest(pairs)["shards"] == read_manifest(toy_pairs)["shards"]
     assert read_manifest(pairs)["complete"] and not (pairs / PROGRESS).exists()
 
-    # 3. the same distill run in one process
+    # 3. the same distill runs in one process
     d1 = tmp_path / "d1"
     distill(DistillConfig(teacher_path=toy_teacher, pairs=toy_pairs, out=str(d1), **DISTILL))
+    distill(DistillConfig(teacher_path=toy_teacher, out=str(tmp_path / "gan1"), **DMD2))
+    ga = [json.loads(x) for x in (tmp_path / "gan1" / "log.jsonl").read_text().splitlines()]
+    gb = [json.loads(x) for x in (tmp_path / "gan2" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in ga] == [r["step"] for r in gb] == [5, 10]
+    for a, b in zip(ga, gb, strict=True):
+        for k in ("loss_dm", "loss_gan", "loss_cls", "loss_fake", "real_logit"):
+            assert abs(a[k] - b[k]) <= RTOL_LOG * max(abs(a[k]), 1e-3), (a["step"], k, a[k], b[k])
+    for n in ("generator", "fake", "gan_head"):
+        w1 = load_file(str(tmp_path / "gan1" / "checkpoints" / "step-0000010" / f"{n}.safetensors"))
+        w2 = load_file(str(tmp_path / "gan2" / "checkpoints" / "step-0000010" / f"{n}.safetensors"))
+        assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= ATOL_WEIGHTS, n
 
     # only the main process wrote: one log row per step, one set of checkpoints and plots
     rows1 = [json.loads(x) for x in (d1 / "log.jsonl").read_text().splitlines()]

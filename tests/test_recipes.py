@@ -35,7 +35,14 @@ def parse(cell: str):
         return cell
 
 
-RECIPE_PRESETS = ["sd15", "sd15-gan", "sd15-dmd", "edm-imagenet64", "edm-imagenet64-gan", "edm-cifar10"]
+RECIPE_PRESETS = [
+    "sd15",
+    "sd15-gan",
+    "sd15-dmd",
+    "edm-imagenet64",
+    "edm-imagenet64-gan",
+    "edm-cifar10",
+]
 
 
 @pytest.mark.parametrize("name", RECIPE_PRESETS)

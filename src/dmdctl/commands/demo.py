@@ -2,8 +2,9 @@
 
 - ``toy2d``: train the teacher → make pairs → distil (full DMD and the paper's ablations) →
   evaluate every row → export → one PNG of point clouds and a markdown report (a few minutes).
-- ``digits``: the shipped class-conditional teacher → pairs → DMD and ablations → FID with the
-  shipped classifier features → export → PNG grids and a report (at most 10 minutes on 2 cores).
+- ``digits``: the shipped class-conditional teacher → pairs → DMD, DMD2 (one step) and DMD2
+  (4 steps) → KID, precision and recall in the shipped classifier's features → export → PNG
+  grids and a report (at most 10 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dmdctl.config import resolve, write_config
 from dmdctl.core.generator import Source, generate, load_generator, teacher_source
 from dmdctl.metrics.evaluate import evaluate
 from dmdctl.metrics.quality import score_floor
-from dmdctl.settings.demo import DemoConfig
+from dmdctl.settings.demo import DMD2_4STEP_SIGMAS, DMD2_RUN, DemoConfig
 from dmdctl.settings.distill import DistillConfig
 from dmdctl.settings.eval_fid import EvalFidConfig
 from dmdctl.settings.export import ExportConfig
@@ -40,6 +41,8 @@ ROW_TITLES = {
     "dmd_real_only": "Ablation: real score only",
     "dmd_no_reg": "Ablation: no regression",
     "dmd_reg_only": "Ablation: regression only (no DM loss)",
+    "dmd2": "DMD2 one-step (DM + GAN, no regression)",
+    "dmd2_4step": "DMD2 4 steps (DM + GAN, backward simulation)",
     "noise_floor": "Floor: real data outside the reference",
 }
 DEMO_BOOTSTRAP = 100  # bootstrap rounds of the KID / precision / recall intervals in metrics.json
@@ -52,10 +55,12 @@ DEMO_RUNS: dict[str, dict[str, dict]] = {
         "dmd_no_reg": dict(reg_weight=0.0),
         "dmd_reg_only": dict(dm_weight=0.0),
     },
+    # DMD (v1) against DMD2 with one and four steps; DMD's ablations on digits are in
+    # benchmarks/quality_ablation.py
     "digits": {
         "dmd": {},
-        "dmd_no_reg": dict(reg_weight=0.0),
-        "dmd_reg_only": dict(dm_weight=0.0),
+        "dmd2": DMD2_RUN,
+        "dmd2_4step": dict(DMD2_RUN, denoising_steps=DMD2_4STEP_SIGMAS),
     },
 }
 
