@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from test_training_step import SpyScore, gaussian_denoiser, spy_on_fake, spy_on_generator
 
 from cli_helpers import distill_config, ok, one_line_error, run
 from dmdctl.core.denoiser import StepGenerator
@@ -23,6 +22,7 @@ from dmdctl.settings.distill import DistillConfig
 from dmdctl.teachers import load_teacher
 from dmdctl.training.loop import distill
 from dmdctl.training.trainer import DMDTrainer, step_generator
+from test_training_step import SpyScore, gaussian_denoiser, spy_on_fake, spy_on_generator
 
 B = 16
 
@@ -130,6 +130,8 @@ def test_gan_step_wiring(toy_teacher, tmp_path):
     # the gradient reaching G's samples: the DM term plus gan_weight x the GAN term, the latter
     # recomputed with copies of the fake network and head taken before the step
     noisy_r, sigma_r = tr.real.calls[0]
+    assert torch.equal(sigma_r, tr.grid[idx])
+    torch.testing.assert_close(noisy_r, x + tr.grid[idx][:, None] * eps, rtol=0, atol=1e-6)
     mu_real = gaussian_denoiser(noisy_r, sigma_r, real_mean, var)
     mu_fake = gaussian_denoiser(noisy_r, sigma_r, fake_mean, var)
     w = 1 / (x - mu_real).abs().mean(dim=1, keepdim=True)
