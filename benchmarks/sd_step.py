@@ -117,7 +117,32 @@ def recipe_config(
         values["fake_updates"] = args.fake_updates
     if args.reg_loss:
         values["reg_loss"] = args.reg_loss
+    if args.denoising_steps:
+        values["denoising_steps"] = args.denoising_steps
+    if values.get("gan_weight", 0) > 0:
+        values["real_data"] = str(real_images(folder.parent / "real", folder, max(8, batch)))
     return DistillConfig(**values)
+
+
+def real_images(where: Path, folder: Path, n: int) -> Path:
+    """``n`` random images at the pipeline's resolution with captions: the GAN's real data (the
+    benchmark times the step; what the images show does not matter)."""
+    import numpy as np
+    from PIL import Image
+
+    if (where / "captions.jsonl").is_file():
+        return where
+    where.mkdir(parents=True, exist_ok=True)
+    side = int(json.loads((folder / "unet" / "config.json").read_text())["sample_size"]) * 8
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+            where / f"{i}.png"
+        )
+        rows.append(json.dumps({"file": f"{i}.png", "caption": f"a photo number {i}"}))
+    (where / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    return where
 
 
 def train_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
@@ -202,6 +227,8 @@ def train_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
             {
                 "recipe": args.recipe,
                 "fake_updates": cfg.fake_updates,
+                "gan": cfg.gan_weight > 0,
+                "generator_steps": len(trainer.sigmas),
                 "precision": args.precision,
                 "step_s": med,
                 "steps_per_s": 1 / med,
@@ -387,8 +414,12 @@ def main() -> None:
     ap.add_argument(
         "--recipe",
         default="sd15",
-        choices=["sd15", "sd15-dmd"],
-        help="the preset whose settings the step uses (docs/RECIPES.md)",
+        choices=["sd15", "sd15-gan", "sd15-dmd"],
+        help="the preset whose settings the step uses (docs/RECIPES.md; sd15-gan: DMD2's GAN "
+        "stage, on random captioned images)",
+    )
+    ap.add_argument(
+        "--denoising-steps", default=None, help="a few-step generator, e.g. 999,749,499,249"
     )
     ap.add_argument("--fake-updates", type=int, default=0, help="0: the recipe's (sd15: 10)")
     ap.add_argument("--reg-loss", default=None, help="override the recipe's (sd15-dmd: lpips)")
