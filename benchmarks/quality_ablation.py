@@ -43,7 +43,12 @@ from dmdctl.core.generator import load_generator, teacher_source  # noqa: E402
 from dmdctl.metrics.evaluate import evaluate  # noqa: E402
 from dmdctl.metrics.intervals import compare_intervals, hull  # noqa: E402
 from dmdctl.metrics.quality import score_features, score_floor, training_reference  # noqa: E402
-from dmdctl.settings.demo import DEMO_DEFAULTS, DMD2_4STEP_SIGMAS, DMD2_RUN  # noqa: E402
+from dmdctl.settings.demo import (  # noqa: E402
+    DEMO_DEFAULTS,
+    DMD2_4STEP_SIGMAS,
+    DMD2_FAKE_UPDATES,
+    DMD2_RUN,
+)
 from dmdctl.settings.distill import DistillConfig  # noqa: E402
 from dmdctl.settings.eval_fid import EVAL_SEED_START, EvalFidConfig  # noqa: E402
 from dmdctl.settings.make_pairs import MakePairsConfig  # noqa: E402
@@ -60,6 +65,7 @@ ROWS = {
     "dmd_no_reg": "no regression",
     "dmd_reg_only": "regression only",
     "dmd_real_only": "real score only",
+    "dmd2_no_gan": "DMD2 without GAN (no regression, TTUR)",
     "dmd2": "DMD2 1 step (GAN, no regression)",
     "dmd2_4step": "DMD2 4 steps (GAN, backward simulation)",
 }
@@ -69,6 +75,7 @@ RUNS = {
     "dmd_reg_only": {"dm_weight": 0.0},
     "dmd_real_only": {"real_only": True, "reg_weight": 0.0},
     # DMD2 (dmdctl.settings.demo.DMD2_RUN; docs/RECIPES.md, "Built-in teachers: DMD2")
+    "dmd2_no_gan": dict(DMD2_RUN, gan_weight=0.0),  # on digits the same run as dmd_no_reg
     "dmd2": DMD2_RUN,
     "dmd2_4step": dict(DMD2_RUN, denoising_steps=DMD2_4STEP_SIGMAS),
 }
@@ -125,6 +132,8 @@ def distill_runs(teacher_name, teacher_path, seed, runs, d, out) -> None:
         plot_samples=0,
     )
     for name, overrides in runs.items():
+        if name.startswith("dmd2"):  # DMD2's two time-scale rule, per teacher
+            overrides = dict(overrides, fake_updates=DMD2_FAKE_UPDATES[teacher_name])
         if not (out / name / "generator.safetensors").is_file():
             say(f"{teacher_name} seed {seed}: distilling {name} ({d['distill_steps']} steps)")
             distill(replace(base, out=str(out / name), **overrides))
@@ -284,7 +293,7 @@ def main(argv=None) -> str:
     ap.add_argument("--bootstrap", type=int, default=200, help="bootstrap rounds")
     ap.add_argument("--runs", nargs="*", default=DEFAULT_RUNS, choices=list(RUNS),
                     help="distillation rows to run (default: DMD's ablations; none: the teacher "
-                         "rows only; dmd2 dmd2_4step: DMD2's; its no-GAN ablation is dmd_no_reg)")  # fmt: skip
+                         "rows only; dmd2 dmd2_4step dmd2_no_gan: DMD2's)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("runs/quality_ablation"),
                     help="runs and per-seed results (a finished seed is not run again)")  # fmt: skip

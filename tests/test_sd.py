@@ -438,3 +438,40 @@ def test_sd_gan_on_cached_captioned_latents_and_a_4_step_export(sd_pipe, prompts
             theirs = pipe(prompt, guidance_scale=0, generator=torch.Generator().manual_seed(5 + i),
                           output_type="pt", **how).images[0]  # fmt: skip
             torch.testing.assert_close(theirs, ours[i], rtol=0, atol=2e-5)
+
+
+def test_conditioning_timestep_is_a_one_step_generator_at_that_timestep(
+    sd_pipe, prompts_file, tmp_path
+):
+    """--conditioning-timestep 399 (DMD2's SDXL one-step): the UNet at t = 399 on the unscaled
+    noise, its eps turned into x0 with abar_399, as DMD2 computes it."""
+    from dmdctl.config import resolve
+    from dmdctl.settings.distill import DistillConfig
+    from dmdctl.teachers import resolve_teacher
+    from dmdctl.training.trainer import DMDTrainer, generator_sigmas
+
+    teacher = resolve_teacher("sd15", sd_pipe)
+    cfg = resolve(DistillConfig, teacher="sd15", teacher_path=str(sd_pipe), prompts=str(prompts_file),
+                  conditioning_timestep=399, out=str(tmp_path / "r"), batch_size=2, cpu=True,
+                  mixed_precision="no")  # fmt: skip
+    d = teacher.denoiser
+    assert generator_sigmas(cfg, teacher) == [float(d.sigmas[399])]
+    z = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(0))
+    emb = torch.randn(
+        2, 77, d.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():  # before the trainer casts the frozen teacher's weights to bf16
+        eps = d.unet(z, torch.tensor([399, 399]), encoder_hidden_states=emb).sample
+        ab = d.abar.double()[399].float()
+        want = (z - (1 - ab).sqrt() * eps) / ab.sqrt()
+    g = DMDTrainer(cfg).unwrapped_generator  # a copy of the teacher, in fp32 (no autocast)
+    with torch.no_grad():
+        torch.testing.assert_close(g(z, emb), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(UserError, match="timesteps must be integers in 0..999"):
+        generator_sigmas(replace_steps(cfg, "1000,999"), teacher)
+
+
+def replace_steps(cfg, steps):
+    from dataclasses import replace
+
+    return replace(cfg, conditioning_timestep=None, denoising_steps=steps)

@@ -24,7 +24,7 @@ from dmdctl.config import resolve, write_config
 from dmdctl.core.generator import Source, generate, load_generator, teacher_source
 from dmdctl.metrics.evaluate import evaluate
 from dmdctl.metrics.quality import score_floor
-from dmdctl.settings.demo import DMD2_4STEP_SIGMAS, DMD2_RUN, DemoConfig
+from dmdctl.settings.demo import DMD2_4STEP_SIGMAS, DMD2_FAKE_UPDATES, DMD2_RUN, DemoConfig
 from dmdctl.settings.distill import DistillConfig
 from dmdctl.settings.eval_fid import EvalFidConfig
 from dmdctl.settings.export import ExportConfig
@@ -59,8 +59,10 @@ DEMO_RUNS: dict[str, dict[str, dict]] = {
     # benchmarks/quality_ablation.py
     "digits": {
         "dmd": {},
-        "dmd2": DMD2_RUN,
-        "dmd2_4step": dict(DMD2_RUN, denoising_steps=DMD2_4STEP_SIGMAS),
+        "dmd2": dict(DMD2_RUN, fake_updates=DMD2_FAKE_UPDATES["digits"]),
+        "dmd2_4step": dict(
+            DMD2_RUN, fake_updates=DMD2_FAKE_UPDATES["digits"], denoising_steps=DMD2_4STEP_SIGMAS
+        ),
     },
 }
 

@@ -35,11 +35,12 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-# DMD2 on the built-in image teacher (docs/RECIPES.md, "Built-in teachers: DMD2"): no
-# regression; DMD2 ImageNet-64's GAN weights; the demo's other settings (3 fake updates, as its
-# DMD run: DMD2's 5 would not fit the 10-minute demo); the 4-step generator's sigmas are those of
-# DMD2's SD timesteps 999/749/499/249 in units of the data's standard deviation (ours)
+# DMD2 on the built-in teachers (docs/RECIPES.md, "Built-in teachers: DMD2"): no regression;
+# DMD2 ImageNet-64's GAN weights; fake-score updates per generator update: DMD2 ImageNet's 5 on
+# toy2d, the digits demo's 3 on digits (5 would not fit its 10 minutes); the 4-step generator's
+# sigmas are those of DMD2's SD timesteps 999/749/499/249 in units of the data's std (ours)
 DMD2_RUN = dict(reg_weight=0.0, gan_weight=3e-3, gan_classifier_weight=1e-2)
+DMD2_FAKE_UPDATES = {"toy2d": 5, "digits": 3}
 DMD2_4STEP_SIGMAS = "80,2,0.8,0.35"
 
 
