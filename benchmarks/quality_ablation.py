@@ -1,9 +1,11 @@
 """The ablation tables of toy2d and digits, measured with an instrument that can tell rows apart.
 
-For each teacher and each seed (the seed is the training seed of the teacher (toy2d), the pairs
-and every distillation run, and it moves the sampling noise of the evaluation), the rows
+For each teacher and each seed (the seed is the seed of the pairs and of every distillation
+run, and it moves the sampling noise of the evaluation; the teacher is one: the shipped digits
+teacher, and one toy2d teacher trained once with seed 0), the rows
 
-    teacher 35 NFE, teacher 1 step, full DMD, no regression, regression only, real score only
+    teacher 35 NFE, teacher 1 step, full DMD, no regression, regression only, real score only,
+    and with --runs: DMD2 without GAN, DMD2 one step, DMD2 4 steps
 
 are scored against the teacher's own training data (``dmdctl.metrics.quality``): KID on standardised
 features (± std over 100 subsets), FID (sample count and reference size stated), precision,
@@ -16,8 +18,8 @@ Targets checked (issue 12): two disjoint halves of the digits training set score
 interval contains 0; the KID gap between the teacher at 35 NFE and at 1 step is at least 20
 times the seed-to-seed standard deviation of either.
 
-The distillation settings are the demo's (``dmdctl.settings.demo.DEMO_DEFAULTS``). The digits teacher is the
-shipped one: its rows vary by sampling seed only.
+The distillation settings are the demo's (``dmdctl.settings.demo.DEMO_DEFAULTS``; DMD2's:
+``DMD2_RUN``). The teacher rows vary by sampling seed only.
 
     OMP_WAIT_POLICY=PASSIVE python -m benchmarks.quality_ablation --teachers toy2d digits --seeds 0 1 2
 """
@@ -89,14 +91,7 @@ def run_seed(teacher_name: str, seed: int, args, root: Path, done: dict | None =
     done = done or {}
     d = args.settings[teacher_name]
     out = root / teacher_name / f"seed{seed}"
-    if teacher_name == "toy2d" and not (out / "teacher" / "teacher.safetensors").is_file():
-        say(f"{teacher_name} seed {seed}: training the teacher ({d['teacher_steps']} steps)")
-        train_teacher(TrainTeacherConfig(teacher="toy2d", out=str(out / "teacher"),
-                                         steps=d["teacher_steps"], seed=seed))  # fmt: skip
-    if teacher_name == "toy2d":
-        teacher_path = out / "teacher" / "teacher.safetensors"
-    else:
-        teacher_path = get_kind(teacher_name).default_path()
+    teacher_path = teacher_file(teacher_name, root, d)
     teacher = load_teacher(teacher_path)
     runs = {name: RUNS[name] for name in args.runs if name not in done}
     sources = {
@@ -109,6 +104,18 @@ def run_seed(teacher_name: str, seed: int, args, root: Path, done: dict | None =
         sources.update({n: load_generator(out / n / "generator.safetensors") for n in runs})
     n = args.samples[teacher_name]
     return {**done, **evaluate_rows(teacher_name, seed, sources, n, args)}
+
+
+def teacher_file(teacher_name: str, root: Path, d: dict) -> Path:
+    """The shipped digits teacher; one toy2d teacher, trained once (seed 0) for every seed."""
+    if teacher_name != "toy2d":
+        return get_kind(teacher_name).default_path()
+    path = root / teacher_name / "teacher" / "teacher.safetensors"
+    if not path.is_file():
+        say(f"{teacher_name}: training the teacher ({d['teacher_steps']} steps, seed 0)")
+        train_teacher(TrainTeacherConfig(teacher="toy2d", out=str(path.parent),
+                                         steps=d["teacher_steps"], seed=0))  # fmt: skip
+    return path
 
 
 def distill_runs(teacher_name, teacher_path, seed, runs, d, out) -> None:
@@ -321,11 +328,7 @@ def main(argv=None) -> str:
                 continue
             per_seed[seed] = run_seed(teacher_name, seed, args, args.out, done)
             path.write_text(json.dumps(per_seed[seed], indent=1) + "\n")
-        teacher = load_teacher(
-            args.out / teacher_name / f"seed{args.seeds[0]}" / "teacher" / "teacher.safetensors"
-            if teacher_name == "toy2d"
-            else get_kind(teacher_name).default_path()
-        )
+        teacher = load_teacher(teacher_file(teacher_name, args.out, args.settings[teacher_name]))
         # the floor and the halves depend on the sample count and the rounds only: kept if made
         saved = args.out / teacher_name / "floor.json"
         key = {"samples": args.samples[teacher_name], "bootstrap": args.bootstrap}

@@ -67,7 +67,8 @@ def test_resolution_target_fails_when_the_gap_is_within_the_seed_noise():
 def test_quick_run_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(qa, "finish", lambda args, title, body, module: body)
     body = qa.main(["--quick", "--teachers", "toy2d", "--seeds", "0", "1", "--samples",
-                    "toy2d=300", "--bootstrap", "20", "--out", str(tmp_path)])  # fmt: skip
+                    "toy2d=300", "--bootstrap", "20", "--out", str(tmp_path),
+                    "--runs", *qa.RUNS])  # fmt: skip
     for name in qa.ROWS.values():
         assert f"| {name} |" in body
     assert "floor:" in body and "target >= 20x" in body
