@@ -87,7 +87,8 @@ def evaluate_generator(trainer: DMDTrainer) -> dict:
     from dmdctl.metrics.evaluate import EvalFidConfig, evaluate
 
     t = trainer.teacher
-    source = Source(t.kind, t.config, f"DMD step {trainer.step} (EMA)", 1, trainer.ema_generator())
+    g = trainer.ema_generator()
+    source = Source(t.kind, t.config, f"DMD step {trainer.step} (EMA)", g.num_steps, g)
     res = evaluate(
         EvalFidConfig(num_samples=trainer.cfg.eval_samples, device=str(trainer.device)),
         source,
