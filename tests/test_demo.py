@@ -38,7 +38,8 @@ def test_demo_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_digits_demo_end_to_end(tmp_path):
-    """The digits demo (under 10 minutes on 2 cores): artefacts, and DMD far better than 1 step."""
+    """The digits demo (about 15 minutes on 2 cores): artefacts, and DMD and DMD2 far better than
+    1 step of the teacher."""
     r = CliRunner().invoke(app, ["demo", "digits", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     metrics = json.loads((tmp_path / "metrics.json").read_text())

@@ -4,7 +4,7 @@
   evaluate every row → export → one PNG of point clouds and a markdown report (a few minutes).
 - ``digits``: the shipped class-conditional teacher → pairs → DMD, DMD2 (one step) and DMD2
   (4 steps) → KID, precision and recall in the shipped classifier's features → export → PNG
-  grids and a report (at most 10 minutes on 2 cores).
+  grids and a report (about 15 minutes on 2 cores).
 """
 
 from __future__ import annotations

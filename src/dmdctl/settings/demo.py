@@ -37,7 +37,7 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # DMD2 on the built-in teachers (docs/RECIPES.md, "Built-in teachers: DMD2"): no regression;
 # DMD2 ImageNet-64's GAN weights; fake-score updates per generator update: DMD2 ImageNet's 5 on
-# toy2d, the digits demo's 3 on digits (5 would not fit its 10 minutes); the 4-step generator's
+# toy2d, the digits demo's 3 on digits (5 would lengthen the demo further); the 4-step generator's
 # sigmas are those of DMD2's SD timesteps 999/749/499/249 in units of the data's std (ours)
 DMD2_RUN = dict(reg_weight=0.0, gan_weight=3e-3, gan_classifier_weight=1e-2)
 DMD2_FAKE_UPDATES = {"toy2d": 5, "digits": 3}
@@ -56,7 +56,7 @@ class DemoConfig(Settings):
 
     teacher: str = option(
         "digits",
-        "Which demo: digits (8x8 images, about 5 min) or toy2d (2-D points, about 2 min).",
+        "Which demo: digits (8x8 images, about 15 min) or toy2d (2-D points, about 2 min).",
         choices=tuple(DEMO_DEFAULTS),
         argument=True,
     )
