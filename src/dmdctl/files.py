@@ -51,3 +51,21 @@ def atomic_save_safetensors(
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def load_cached_safetensors(path: Path, key: str) -> dict | None:
+    """The tensors of a cache file written with ``metadata={"key": key, ...}``, or None when it is
+    missing, was made from other inputs (another key) or is damaged (then it is simply made
+    again)."""
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return None
+        return load_file(str(path))
+    except Exception:  # noqa: BLE001 - any damage means "make it again"
+        return None

@@ -179,9 +179,7 @@ def _read_captions(folder: Path) -> tuple[list[Path], list[str]]:
 
 @torch.no_grad()
 def _captioned_latents(folder: Path, teacher, cache_dir: Path, device) -> RealData:
-    from safetensors.torch import load_file, safe_open
-
-    from dmdctl.files import atomic_save_safetensors
+    from dmdctl.files import atomic_save_safetensors, load_cached_safetensors
     from dmdctl.teachers.sd.pipeline import encode_prompts
 
     if not folder.is_dir():
@@ -191,15 +189,9 @@ def _captioned_latents(folder: Path, teacher, cache_dir: Path, device) -> RealDa
     key = hashlib.sha256(json.dumps([stamp, captions, teacher.sha256]).encode()).hexdigest()
     cache = cache_dir / CACHE_FILE
     description = f"{folder} ({len(files)} captioned images, latents cached in {cache})"
-    if cache.is_file():
-        try:
-            with safe_open(str(cache), framework="pt") as f:
-                same = (f.metadata() or {}).get("key") == key
-            if same:
-                d = load_file(str(cache))
-                return RealData(description, d["latents"], d["index"], d["embeddings"])
-        except Exception:  # noqa: BLE001 - a damaged cache is simply made again
-            pass
+    d = load_cached_safetensors(cache, key)
+    if d is not None:
+        return RealData(description, d["latents"], d["index"], d["embeddings"])
     cfg = teacher.config
     images = _to_unit_range(_read_images(files, 3, int(cfg["resolution"])))
     codec = teacher.codec

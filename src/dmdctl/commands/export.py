@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 from dmdctl.commands import show
 from dmdctl.core.generator import load_generator, save_generator
 from dmdctl.errors import UserError
@@ -115,8 +117,6 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
         config, sha, what = state["teacher_config"], state["teacher_sha256"], str(ckpt)
         train_config = state.get("config")
         sigmas = state.get("generator_sigmas") or [denoiser.sigma_max]
-    import torch
-
     from dmdctl.teachers.sd.generate import usage_call
 
     timesteps = [int(t) for t in denoiser.timesteps(torch.tensor(sigmas, dtype=torch.float32))]

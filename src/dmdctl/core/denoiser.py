@@ -84,12 +84,9 @@ class Denoiser(nn.Module):
     def input_scale_at(self, sigma: float) -> float:
         return float(sigma)
 
-    @property
-    def generator_input_scale(self) -> float:
-        return self.input_scale_at(self.sigma_max)
-
     def step_sigmas(self, values: list[float]) -> list[float]:
-        """Sigmas of a generator's steps, checked: decreasing, within the teacher's range."""
+        """Sigmas of a generator's steps, checked to lie in the teacher's range (their order is
+        checked where the steps are parsed and by :class:`StepGenerator`)."""
         sig = [float(v) for v in values]
         lo, hi = float(self.sigma_min), float(self.sigma_max)
         bad = [v for v in sig if not lo <= v <= hi * (1 + 1e-6)]
@@ -151,10 +148,10 @@ class StepGenerator(nn.Module):
     "conditioning timestep" (SDXL one-step: t = 399 on pure noise).
     """
 
-    def __init__(self, denoiser: nn.Module, sigmas):
+    def __init__(self, denoiser: nn.Module, sigmas: list[float]):
         super().__init__()
         self.denoiser = denoiser
-        sigmas = [float(s) for s in (sigmas if isinstance(sigmas, (list, tuple)) else [sigmas])]
+        sigmas = [float(s) for s in sigmas]
         if not sigmas or any(b >= a for a, b in zip(sigmas, sigmas[1:], strict=False)):
             raise ValueError(f"a generator's sigmas must be decreasing, got {sigmas}")
         self.sigmas = sigmas

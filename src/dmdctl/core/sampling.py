@@ -73,10 +73,16 @@ def seeded_noise_draws(
     gen = torch.Generator()
     # normal_ in place on each row draws exactly what torch.randn(shape) draws, at half the
     # per-seed cost (no temporary, no indexed copy): it is most of make-pairs' overhead on toy2d
-    for i, s in enumerate(seeds):
+    if draws == 1:  # one row per seed: the plain loop is ~30% cheaper per seed (make-pairs)
+        for row, s in zip(out[0].unbind(0), seeds, strict=True):
+            gen.manual_seed(int(s))
+            row.normal_(generator=gen)
+        return out.to(device)
+    # each draw its own call: one normal_ over [draws, ...] draws other numbers for some shapes
+    for rows, s in zip(out.unbind(1), seeds, strict=True):
         gen.manual_seed(int(s))
-        for d in range(draws):
-            out[d, i].normal_(generator=gen)
+        for row in rows.unbind(0):
+            row.normal_(generator=gen)
     return out.to(device)
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dmdctl.errors import UserError
-from dmdctl.files import atomic_save_safetensors, sha256_file
+from dmdctl.files import atomic_save_safetensors, load_cached_safetensors, sha256_file
 from dmdctl.teachers.sd.denoiser import SDDenoiser, alphas_cumprod
 
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -278,21 +278,13 @@ class PromptTable:
 
 def prompt_table(teacher, prompts_path: Path, cache_dir: Path, device="cpu") -> PromptTable:
     """Embeddings of a prompts file, cached in ``cache_dir`` (the text encoder is then freed)."""
-    from safetensors.torch import load_file, safe_open
-
     prompts_path = Path(prompts_path)
     prompts = read_prompts(prompts_path)
     key = hashlib.sha256((json.dumps(prompts) + teacher.sha256).encode()).hexdigest()
     cache = Path(cache_dir) / EMBEDDINGS_FILE
-    if cache.is_file():
-        try:
-            with safe_open(str(cache), framework="pt") as f:
-                meta = f.metadata() or {}
-            if meta.get("key") == key:
-                data = load_file(str(cache))
-                return PromptTable(prompts, data["embeddings"], data["uncond"], cache, key)
-        except Exception:  # noqa: BLE001 - a damaged cache is simply made again
-            pass
+    data = load_cached_safetensors(cache, key)
+    if data is not None:
+        return PromptTable(prompts, data["embeddings"], data["uncond"], cache, key)
     tok, enc = teacher.text_encoder()
     emb = encode_prompts(tok, enc, prompts, device)
     uncond = encode_prompts(tok, enc, [""], device)
