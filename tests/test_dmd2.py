@@ -308,3 +308,66 @@ def test_digits_gan_run_through_the_cli(tmp_path):
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert {"loss_gan", "loss_cls", "real_logit", "fake_logit"} <= set(rows[-1])
     assert load_generator(out / "generator.safetensors").nfe == 2
+
+
+def test_gan_real_samples_carry_their_own_labels(tmp_path):
+    """Class-conditional teacher (digits): in the fake score's update the generated half is
+    conditioned on the generator's labels, the real half on the real images' own labels."""
+    from dmdctl.teachers import get_kind
+    from dmdctl.teachers.digits import digits_split
+
+    n = 8
+    tr = trainer_for(str(get_kind("digits").default_path()), tmp_path, batch_size=n,
+                     gan_weight=0.01)  # fmt: skip
+    fake = tr.acc.unwrap_model(tr.fake)
+    calls, original = [], fake.forward
+
+    def recording(x, sigma, cond=None):
+        calls.append((x.detach().clone(), cond.clone()))
+        return original(x, sigma, cond)
+
+    fake.forward = recording
+    gen = step_generator(3, 0)
+    shape = (1, 8, 8)
+    torch.randn(n, *shape, generator=gen)
+    labels = torch.randint(0, 10, (n,), generator=gen)
+    # the step's other draws, in order: DM level and noise, GAN level and noise, the fake
+    # score's level and noise
+    torch.randint(tr.lo, tr.hi, (n,), generator=gen)
+    torch.randn(n, *shape, generator=gen)
+    torch.randint(0, tr.levels, (n,), generator=gen)
+    torch.randn(n, *shape, generator=gen)
+    torch.randint(0, tr.levels, (n,), generator=gen)
+    torch.randn(n, *shape, generator=gen)
+    xs, ys, _, _ = digits_split()
+    pick = torch.randint(0, len(xs), (n,), generator=gen)
+    ridx = torch.randint(0, tr.levels, (n,), generator=gen)
+    reps = torch.randn(n, *shape, generator=gen)
+    tr.train_step()
+    x, cond = calls[-1]  # the fake score's update
+    assert torch.equal(cond, torch.cat([labels, ys[pick]]))
+    want = xs[pick] + tr.grid[ridx].reshape(-1, 1, 1, 1) * reps
+    torch.testing.assert_close(x[n:], want, rtol=0, atol=1e-6)
+    # the DM loss and the generator's GAN loss see the generator's labels
+    assert all(torch.equal(c, labels) for _, c in calls[:-1])
+
+
+def test_image_folders_are_resized_to_the_teacher(tmp_path):
+    """An image folder of mixed sizes (and a non-square image) is centre-cropped and resized,
+    not a traceback."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from dmdctl.realdata import load_real_data
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(folder / "a.png")
+    Image.new("RGB", (64, 48), (0, 0, 255)).save(folder / "b.png")
+    teacher = SimpleNamespace(name="edm", sample_shape=(3, 32, 32), num_classes=0,
+                              text_conditioned=False)  # fmt: skip
+    rd = load_real_data(str(folder), teacher, tmp_path)
+    assert rd.x.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(rd.x[0, :, 5, 5], torch.tensor([1.0, -1.0, -1.0]))
+    torch.testing.assert_close(rd.x[1, :, 5, 5], torch.tensor([-1.0, -1.0, 1.0]))

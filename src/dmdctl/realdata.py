@@ -3,7 +3,8 @@
 Sources:
 
 - the built-in teachers' own training data (the default for toy2d and digits);
-- an image folder (unconditional teachers) or an ADM/EDM-style ``.npz`` (``arr_0``: uint8
+- an image folder (unconditional teachers; centre-cropped and resized to the teacher's
+  resolution) or an ADM/EDM-style ``.npz`` (``arr_0``: uint8
   images ``[N, H, W, C]``; ``arr_1``: integer labels, needed by class-conditional teachers);
 - for text-to-image teachers, a folder of images with ``captions.jsonl`` (one
   ``{"file": ..., "caption": ...}`` per line): the images are encoded to latents by the VAE and
@@ -147,9 +148,9 @@ def load_real_data(path: str | None, teacher, cache_dir: Path, device="cpu") -> 
             f"--real-data {p} is an image folder without labels, but the teacher is "
             "class-conditional: pass an npz with labels (arr_1)"
         )
-    x = _to_unit_range(_read_images(list_images(p), shape[0]))
-    _check_shape(x, shape, str(p))
-    return RealData(f"{p} ({len(x)} images)", x, None)
+    # centre-cropped and resized to the teacher's resolution, as for text-to-image teachers
+    x = _to_unit_range(_read_images(list_images(p), shape[0], shape[-1]))
+    return RealData(f"{p} ({len(x)} images, resized to {shape[-1]}x{shape[-1]})", x, None)
 
 
 def _read_captions(folder: Path) -> tuple[list[Path], list[str]]:
