@@ -39,6 +39,8 @@ RECIPE_PRESETS = [
     "sd15",
     "sd15-gan",
     "sd15-dmd",
+    "sdxl",
+    "sdxl-1step",
     "edm-imagenet64",
     "edm-imagenet64-gan",
     "edm-cifar10",

@@ -181,7 +181,6 @@ def _read_captions(folder: Path) -> tuple[list[Path], list[str]]:
 @torch.no_grad()
 def _captioned_latents(folder: Path, teacher, cache_dir: Path, device) -> RealData:
     from dmdctl.files import atomic_save_safetensors, load_cached_safetensors
-    from dmdctl.teachers.sd.pipeline import encode_prompts
 
     if not folder.is_dir():
         raise UserError(f"--real-data {folder}: expected a folder of images with {CAPTIONS_FILE}")
@@ -203,9 +202,9 @@ def _captioned_latents(folder: Path, teacher, cache_dir: Path, device) -> RealDa
         [codec.encode(images[i : i + 8].to(device)).float().cpu() for i in range(0, len(images), 8)]
     )
     vae.to(home)
-    tok, enc = teacher.text_encoder()
-    emb = encode_prompts(tok, enc, captions, device)
-    del enc
+    encoder = teacher.text_encoder()
+    emb = encoder(captions, device)
+    del encoder
     index = torch.arange(len(files))
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(

@@ -63,7 +63,7 @@ class PromptPairs:
         self.save_images = cfg.save_images
         self.num_conditions = len(self.table)
         self.sampler = SchedulerSampler(
-            teacher.denoiser.unet,
+            teacher.denoiser,
             teacher.config["scheduler_config"],
             cfg.scheduler,
             cfg.steps,

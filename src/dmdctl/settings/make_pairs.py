@@ -17,7 +17,7 @@ from dmdctl.settings.common import (
 )
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
-SCHEDULERS = ("pndm", "ddim")
+SCHEDULERS = ("pndm", "ddim", "euler", "euler-trailing")
 
 
 @dataclass
@@ -42,7 +42,11 @@ class MakePairsConfig(Settings):
     device: str = device_option()
     prompts: str | None = prompts_option()
     scheduler: str = option(
-        "pndm", "Text-to-image teachers: the pipeline's sampler.", choices=SCHEDULERS
+        "pndm",
+        "Text-to-image teachers: the sampler (diffusers' scheduler of that name, from the "
+        "pipeline's scheduler config; euler-trailing: Euler with trailing timestep spacing, "
+        "DMD2's SDXL pair sampler). The teacher's pairs recipe sets it when not given.",
+        choices=SCHEDULERS,
     )
     # None: no guidance, unless the teacher's pairs recipe (preset layer) sets it
     guidance: float | None = option(
@@ -50,7 +54,7 @@ class MakePairsConfig(Settings):
         "Text-to-image teachers: CFG scale (1: none), by default the pairs recipe's (the DMD "
         "paper's, equal to its real score's guidance).",
         min=1,
-        show_default="sd15 3.0, sd15-dmd 3.0",
+        show_default="sd15 3.0, sd15-dmd 3.0, sdxl 8.0",
     )
     save_images: bool = option(
         False, "Text-to-image teachers: also store the decoded images (uint8)."
@@ -67,7 +71,10 @@ class MakePairsConfig(Settings):
             return {}
         kind, name = found
         presets = kind.presets()
-        for key in [name, *presets]:
+        arch = presets.get(name, {}).get("arch")
+        for key in [name, *presets]:  # a sibling's recipe only for the same architecture
+            if presets.get(key, {}).get("arch") != arch:
+                continue
             pairs = presets.get(key, {}).get("pairs")
             if pairs is not None:
                 return dict(pairs)

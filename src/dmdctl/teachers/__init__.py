@@ -73,7 +73,20 @@ def preset_of(teacher: str | None, teacher_path=None) -> tuple[TeacherKind, str]
         if not kind.default_recipe_applies:
             return None
         name = kind.default_preset
+        if kind.name == StableDiffusion.name and teacher_path is not None:
+            arch = _local_pipeline_arch(str(teacher_path))
+            name = kind.default_preset_for({"arch": arch}) if arch else name
     return kind, str(name)
+
+
+def _local_pipeline_arch(source: str) -> str | None:
+    """The architecture of a pipeline folder, or of a hub id already in the local cache."""
+    from dmdctl.teachers.sd.pipeline import pipeline_arch, resolve_pipeline_folder
+
+    try:
+        return pipeline_arch(resolve_pipeline_folder(source, offline=True))
+    except UserError:
+        return None
 
 
 def preset_config(name: str) -> tuple[TeacherKind, dict]:
@@ -231,7 +244,8 @@ def resolve_teacher(
             teacher_path = cfg["pipeline"]
         from dmdctl.teachers.sd.teacher import load_sd_teacher
 
-        return load_sd_teacher(str(teacher_path), offline)
+        preset = teacher if teacher is not None and teacher != StableDiffusion.name else None
+        return load_sd_teacher(str(teacher_path), offline, preset)
     if teacher_path is None:
         if teacher is None:
             raise UserError(

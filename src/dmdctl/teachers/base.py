@@ -34,6 +34,10 @@ class TeacherKind:
     def presets(self) -> dict[str, dict]:
         raise NotImplementedError
 
+    def default_preset_for(self, config: dict) -> str:
+        """The preset whose recipe applies to a teacher of this kind with this config."""
+        return self.default_preset
+
     def default_steps_for(self, config: dict) -> int:
         """make-pairs' default sampler steps for this teacher (``--steps 0``)."""
         return self.default_steps

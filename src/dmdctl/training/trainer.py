@@ -250,7 +250,7 @@ class DMDTrainer:
         if cfg.real_guidance is not None:
             self.guidance = float(cfg.real_guidance)
         else:  # a config built without the CLI: the kind's default recipe
-            recipe = t.kind.presets()[t.kind.default_preset].get("distill", {})
+            recipe = t.kind.presets()[t.kind.default_preset_for(t.config)].get("distill", {})
             self.guidance = float(recipe.get("real_guidance", 1.0))
         if self.pairs is not None:
             made = self.pairs.manifest.get("sampler", {}).get("guidance")

@@ -84,20 +84,71 @@ class SDDenoiser(Denoiser):
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()
 
+    def unet_output(self, x_t: torch.Tensor, t, cond=None) -> torch.Tensor:
+        """The UNet's raw prediction (eps or v, float32) at timesteps ``t`` on ``x_t``."""
+        dtype = next(self.unet.parameters()).dtype
+        emb = cond.to(dtype) if cond is not None else None
+        return self.unet(x_t.to(dtype), t, encoder_hidden_states=emb).sample.float()
+
     def forward(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
         s = broadcast_sigma(sigma, x)
         t = self.timesteps(s.flatten())
         ab = self.abar[t].reshape(s.shape)
         x_t = x.float() * ab.sqrt()
-        dtype = next(self.unet.parameters()).dtype
-        out = self.unet(
-            x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype) if cond is not None else None
-        ).sample.float()
+        out = self.unet_output(x_t, t, cond)
         if self.prediction_type == "epsilon":
             x0 = (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
         else:
             x0 = ab.sqrt() * x_t - (1 - ab).sqrt() * out
         return x0.to(x.dtype)
+
+
+class SDXLDenoiser(SDDenoiser):
+    """SDXL's UNet: besides the token embeddings it takes the second text encoder's pooled
+    embedding and the micro-conditioning ``time_ids`` (original size, crop corner, target size).
+
+    A condition is one tensor ``[N, L + 1, D]``: the L token embeddings (both encoders' penultimate
+    hidden states, concatenated) and one more row holding the pooled embedding in its first
+    ``pooled_dim`` entries, zero after. Everything that indexes, caches, batches or concatenates
+    prompt embeddings (prompt tables, real data, guidance) then handles SDXL unchanged. The
+    ``time_ids`` are fixed: ``(H, W, 0, 0, H, W)`` at the teacher's resolution, as diffusers'
+    pipeline builds them by default and as DMD2 trains with.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        abar: torch.Tensor,
+        prediction_type: str,
+        pooled_dim: int,
+        time_ids: list[float],
+    ):
+        super().__init__(unet, abar, prediction_type)
+        self.pooled_dim = int(pooled_dim)
+        self.register_buffer("time_ids", torch.tensor([time_ids], dtype=torch.float32), False)
+
+    def unet_output(self, x_t: torch.Tensor, t, cond=None) -> torch.Tensor:
+        if cond is None:
+            raise ValueError("an SDXL UNet needs a condition (token and pooled embeddings)")
+        dtype = next(self.unet.parameters()).dtype
+        emb, pooled = unpack_sdxl_condition(cond.to(dtype), self.pooled_dim)
+        added = {"text_embeds": pooled, "time_ids": self.time_ids.to(dtype).expand(len(emb), -1)}
+        out = self.unet(x_t.to(dtype), t, encoder_hidden_states=emb, added_cond_kwargs=added)
+        return out.sample.float()
+
+
+def pack_sdxl_condition(tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """``[N, L, D]`` token embeddings and ``[N, P]`` pooled ones (P <= D) as one ``[N, L+1, D]``."""
+    n, _, d = tokens.shape
+    if pooled.shape[-1] > d:
+        raise ValueError(f"pooled embedding ({pooled.shape[-1]}) wider than the tokens' ({d})")
+    row = tokens.new_zeros(n, 1, d)
+    row[:, 0, : pooled.shape[-1]] = pooled
+    return torch.cat([tokens, row], dim=1)
+
+
+def unpack_sdxl_condition(cond: torch.Tensor, pooled_dim: int):
+    return cond[:, :-1], cond[:, -1, :pooled_dim]
 
 
 class GuidedDenoiser(nn.Module):

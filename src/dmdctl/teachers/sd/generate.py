@@ -38,10 +38,10 @@ def text_to_image(
     progress_cb=None,
 ) -> torch.Tensor:
     """Images in [0, 1], [N, 3, H, W], float32; prompt i with noise seed i."""
-    tok, enc = sdp.load_text_encoder(folder)
-    emb = sdp.encode_prompts(tok, enc, prompts, device)
-    del enc
-    codec = sdp.VAECodec(sdp.load_vae(folder).to(device), config["scaling_factor"])
+    encoder = sdp.load_text_encoder(folder)
+    emb = encoder(prompts, device)
+    del encoder
+    codec = sdp.VAECodec(sdp.load_vae(folder).to(device), config["scaling_factor"], config)
     side = int(config["resolution"]) // int(config["vae_scale"])
     shape = (int(config["latent_channels"]), side, side)
     generator.to(device)
@@ -61,16 +61,25 @@ def usage_call(timesteps: list[int]) -> str:
     return f"timesteps={timesteps}, guidance_scale=0"
 
 
+PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+
 def model_card(
-    source: str, teacher_sha256: str, train_config: dict | None, out: Path, timesteps: list[int]
+    source: str,
+    teacher_sha256: str,
+    train_config: dict | None,
+    out: Path,
+    timesteps: list[int],
+    arch: str = "sd",
 ) -> str:
+    cls = PIPELINE_CLASSES[arch]
     cfg = json.dumps(train_config or {}, indent=2, sort_keys=True)
     k = len(timesteps)
     what = "one network evaluation" if k == 1 else f"{k} network evaluations"
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
-tags: [stable-diffusion, distillation, dmd, {"one-step" if k == 1 else "few-step"}]
+tags: [{"stable-diffusion-xl" if arch == "sdxl" else "stable-diffusion"}, distillation, dmd, {"one-step" if k == 1 else "few-step"}]
 ---
 
 # {"One" if k == 1 else str(k)}-step text-to-image generator distilled with dmdctl (DMD)
@@ -84,9 +93,9 @@ which at each of these timesteps takes the UNet's x0 prediction and renoises it 
 
 ```python
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import {cls}
 
-pipe = StableDiffusionPipeline.from_pretrained("{out}", torch_dtype=torch.float16).to("cuda")
+pipe = {cls}.from_pretrained("{out}", torch_dtype=torch.float16).to("cuda")
 image = pipe("a photo of a cat", {usage_call(timesteps)}).images[0]
 ```
 
@@ -113,7 +122,8 @@ def export_diffusers(
     timesteps: list[int] | None = None,
 ) -> Path:
     """A folder that stock diffusers loads: the teacher's parts, the distilled UNet, LCMScheduler."""
-    from diffusers import LCMScheduler, StableDiffusionPipeline
+    import diffusers
+    from diffusers import LCMScheduler
 
     folder = pipeline_folder_for(config, teacher_path, offline)
     if sdp.pipeline_identity(folder) != teacher_sha256:
@@ -126,9 +136,8 @@ def export_diffusers(
         raise UserError(f"--out {out} exists and is not an empty folder; choose another --out")
     sdp.quiet_loaders()
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            folder, use_safetensors=True, local_files_only=True
-        )
+        cls = getattr(diffusers, PIPELINE_CLASSES[config.get("arch", "sd")])
+        pipe = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load the pipeline {folder}: {str(e).splitlines()[0]}") from None
     timesteps = list(timesteps or [int(pipe.scheduler.config.num_train_timesteps) - 1])
@@ -147,7 +156,14 @@ def export_diffusers(
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / "README.md").write_text(
-        model_card(str(config["pipeline"]), teacher_sha256, train_config, out, timesteps)
+        model_card(
+            str(config["pipeline"]),
+            teacher_sha256,
+            train_config,
+            out,
+            timesteps,
+            config.get("arch", "sd"),
+        )
     )
     if out.exists():
         out.rmdir()

@@ -1,4 +1,5 @@
-"""The Stable Diffusion teacher kind (``--teacher sd15``, or any SD1.x/2.x-style pipeline).
+"""The Stable Diffusion teacher kind (``--teacher sd15`` / ``sdxl``, or any SD1.x/2.x- or
+SDXL-style pipeline; the architecture is read from the pipeline, presets say which they expect).
 
 Unlike the built-in kinds, the teacher is not a dmdctl file but a diffusers pipeline folder or
 hub id; generator files still hold the UNet's weights with the configs needed to rebuild it.
@@ -23,8 +24,8 @@ class StableDiffusion(TeacherKind):
     default_recipe_applies = True
 
     def presets(self) -> dict[str, dict]:
-        """Three SD1.5 recipes; every value and its source is listed in docs/RECIPES.md."""
-        from dmdctl.teachers.sd.pipeline import SD15_HUB_ID
+        """SD1.5 and SDXL recipes; every value and its source is listed in docs/RECIPES.md."""
+        from dmdctl.teachers.sd.pipeline import SD15_HUB_ID, SDXL_HUB_ID
 
         # what both recipes share: DMD2's optimiser set-up and DM-loss range, no EMA, and our
         # memory and precision choices
@@ -43,6 +44,20 @@ class StableDiffusion(TeacherKind):
             "mixed_precision": "bf16",
             "plot_samples": 16,
         }
+        # DMD2's public SDXL scripts (experiments/sdxl/): 64 GPUs x batch 2, real CFG 8, TTUR 5,
+        # GAN 5e-3 / classifier 1e-2, lr 5e-7; pairs from Euler (trailing), 50 steps, CFG 8
+        sdxl = dict(
+            common,
+            batch_size=128,
+            lr=5e-7,
+            fake_lr=5e-7,
+            reg_weight=0.0,
+            real_guidance=8.0,
+            fake_updates=5,
+            gan_weight=5e-3,
+            gan_classifier_weight=1e-2,
+        )
+        sdxl_pairs = {"scheduler": "euler-trailing", "steps": 50, "guidance": 8.0}
         return {
             # DMD2 (Yin et al. 2024), stage 1 of its public SD1.5 script: no regression, no GAN
             "sd15": {
@@ -78,7 +93,29 @@ class StableDiffusion(TeacherKind):
                     pair_batch_size=2048,
                 ),
             },
+            # DMD2's SDXL 4-step generator (..._denoising4step_..._backsim_scratch.sh)
+            "sdxl": {
+                "pipeline": SDXL_HUB_ID,
+                "arch": "sdxl",
+                "pairs": sdxl_pairs,
+                "distill": dict(sdxl, denoising_steps="999,749,499,249"),
+            },
+            # DMD2's SDXL 1-step generator at conditioning timestep 399, from a generator
+            # pretrained by regression on pairs (..._cond399_..._1step_..._noode.sh)
+            "sdxl-1step": {
+                "pipeline": SDXL_HUB_ID,
+                "arch": "sdxl",
+                "pairs": sdxl_pairs,
+                "distill": dict(sdxl, conditioning_timestep=399),
+            },
         }
+
+    def preset_arch(self, name: str) -> str:
+        """The pipeline architecture a preset is written for ("sd" or "sdxl")."""
+        return self.presets().get(name, {}).get("arch", "sd")
+
+    def default_preset_for(self, config: dict) -> str:
+        return "sdxl" if config.get("arch") == "sdxl" else self.default_preset
 
     def build(self, config: dict) -> nn.Module:
         from dmdctl.teachers.sd.pipeline import build_denoiser

@@ -1,8 +1,10 @@
 """Stable Diffusion pipelines in diffusers format: loading, prompts, the VAE and the pair sampler.
 
 A teacher is a pipeline folder (``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``,
-``tokenizer/``, ``scheduler/``) given as a local path or a Hugging Face hub id. Only safetensors
-weights are read. Offline (``--offline`` or ``HF_HUB_OFFLINE=1``) nothing touches the network:
+``tokenizer/``, ``scheduler/``; SDXL adds ``text_encoder_2/`` and ``tokenizer_2/``) given as a
+local path or a Hugging Face hub id. Two architectures are told apart by the UNet's config:
+SD1.x/2.x (``arch = "sd"``) and SDXL (``"sdxl"``: a ``text_time`` added embedding). Only
+safetensors weights are read. Offline (``--offline`` or ``HF_HUB_OFFLINE=1``) nothing touches the network:
 a hub id must already be in the local cache.
 """
 
@@ -21,14 +23,22 @@ from torch import nn
 
 from dmdctl.errors import UserError
 from dmdctl.files import atomic_save_safetensors, load_cached_safetensors, sha256_file
-from dmdctl.teachers.sd.denoiser import SDDenoiser, alphas_cumprod
+from dmdctl.teachers.sd.denoiser import (
+    SDDenoiser,
+    SDXLDenoiser,
+    alphas_cumprod,
+    pack_sdxl_condition,
+)
 
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHTED = ("unet", "vae", "text_encoder")
+ARCH_NAMES = {"sd": "SD1.x/2.x", "sdxl": "SDXL"}
 # files a pipeline needs (weights as safetensors only), for hub downloads
 ALLOW_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.json", "*/*.txt"]
 IGNORE_PATTERNS = ["*.ckpt", "*.bin", "*.pt", "*.pth", "*.msgpack", "*.onnx", "*fp16*", "*non_ema*"]
+IGNORE_PATTERNS += ["vae_1_0/*", "vae_decoder/*", "vae_encoder/*"]  # SDXL base's extra VAEs
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 EMBEDDINGS_FILE = "prompt-embeddings.safetensors"
 
@@ -117,18 +127,30 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"{path} is not readable JSON ({e})") from None
 
 
+def pipeline_arch(folder: Path) -> str:
+    """ "sdxl" for a UNet with SDXL's added text-time embedding, else "sd"."""
+    unet = _read_json(Path(folder) / "unet" / "config.json")
+    return "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd"
+
+
+def weighted_components(folder: Path) -> tuple[str, ...]:
+    extra = ("text_encoder_2",) if pipeline_arch(folder) == "sdxl" else ()
+    return WEIGHTED + extra
+
+
 def pipeline_identity(folder: Path) -> str:
     """sha256 over the component configs and weight files (what a teacher "is")."""
-    files = [_weights_file(folder, c) for c in WEIGHTED]
+    comps = weighted_components(folder)
+    files = [_weights_file(folder, c) for c in comps]
     stamp = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    return _identity(Path(folder).resolve(), stamp)
+    return _identity(Path(folder).resolve(), comps, stamp)
 
 
 @functools.lru_cache(maxsize=8)
-def _identity(folder: Path, stamp: tuple) -> str:
+def _identity(folder: Path, comps: tuple, stamp: tuple) -> str:
     # hashing SD1.5's 4 GB takes seconds: once per process per unchanged set of files
     h = hashlib.sha256()
-    for comp in WEIGHTED:
+    for comp in comps:
         h.update(comp.encode())
         h.update(json.dumps(_read_json(folder / comp / "config.json"), sort_keys=True).encode())
         h.update(sha256_file(_weights_file(folder, comp)).encode())
@@ -167,21 +189,75 @@ def load_vae(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     return vae.eval().requires_grad_(False)
 
 
-def load_text_encoder(folder: Path):
+def _load_clip(folder: Path, tokenizer: str, encoder: str, with_projection: bool):
     quiet_loaders()
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    _weights_file(folder, "text_encoder")
+    _weights_file(folder, encoder)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     try:
-        tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
-        enc = CLIPTextModel.from_pretrained(
-            folder, subfolder="text_encoder", use_safetensors=True, local_files_only=True
+        tok = CLIPTokenizer.from_pretrained(folder, subfolder=tokenizer, local_files_only=True)
+        enc = cls.from_pretrained(
+            folder, subfolder=encoder, use_safetensors=True, local_files_only=True
         )
     except (OSError, ValueError) as e:
         raise UserError(
-            f"could not load the text encoder of {folder}: {str(e).splitlines()[0]}"
+            f"could not load the text encoder {folder / encoder}: {str(e).splitlines()[0]}"
         ) from None
     return tok, enc.eval().requires_grad_(False)
+
+
+def _tokens(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+
+
+class PromptEncoder:
+    """Prompts -> the condition tensor the teacher's denoiser takes, as diffusers' pipeline
+    encodes them: SD, the text encoder's last hidden state; SDXL, both encoders' penultimate
+    hidden states concatenated and the second one's pooled (projected) embedding, packed as
+    :func:`~dmdctl.teachers.sd.denoiser.pack_sdxl_condition` describes."""
+
+    def __init__(self, folder: Path, arch: str):
+        self.arch = arch
+        self.parts = [_load_clip(folder, "tokenizer", "text_encoder", False)]
+        if arch == "sdxl":
+            self.parts.append(_load_clip(folder, "tokenizer_2", "text_encoder_2", True))
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], device="cpu", batch_size: int = 64) -> torch.Tensor:
+        out = []
+        for _, enc in self.parts:
+            enc.to(device)
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            if self.arch == "sd":
+                tok, enc = self.parts[0]
+                out.append(enc(_tokens(tok, chunk, device))[0].float().cpu())
+                continue
+            hidden, pooled = [], None
+            for tok, enc in self.parts:
+                res = enc(_tokens(tok, chunk, device), output_hidden_states=True)
+                hidden.append(res.hidden_states[-2].float())
+                pooled = res[0].float()  # the last encoder's projected pooled output
+            out.append(pack_sdxl_condition(torch.cat(hidden, dim=-1), pooled).cpu())
+        return torch.cat(out)
+
+    def uncond(self, device="cpu") -> torch.Tensor:
+        """The unconditional branch of the real score's guidance. SD: the empty prompt. SDXL:
+        zeros for the token and the pooled embeddings, as DMD2's SDXL code and diffusers' SDXL
+        pipeline (``force_zeros_for_empty_prompt``, true for SDXL base) both build it."""
+        empty = self([""], device)
+        return torch.zeros_like(empty) if self.arch == "sdxl" else empty
+
+
+def load_text_encoder(folder: Path) -> PromptEncoder:
+    return PromptEncoder(folder, pipeline_arch(folder))
 
 
 def sd_config(folder: Path, source: str) -> dict:
@@ -189,17 +265,28 @@ def sd_config(folder: Path, source: str) -> dict:
     unet_cfg = {k: v for k, v in _read_json(folder / "unet" / "config.json").items()}
     sched = scheduler_config(folder)
     vae_cfg = _read_json(folder / "vae" / "config.json")
-    return {
+    vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    resolution = int(unet_cfg.get("sample_size", 64)) * vae_scale
+    config = {
         "pipeline": source,
+        "arch": pipeline_arch(folder),
         "unet_config": unet_cfg,
         "scheduler_config": sched,
         "prediction_type": sched.get("prediction_type", "epsilon"),
         "latent_channels": int(unet_cfg.get("in_channels", 4)),
-        "vae_scale": 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1),
+        "vae_scale": vae_scale,
         "scaling_factor": float(vae_cfg.get("scaling_factor", 0.18215)),
-        "resolution": int(unet_cfg.get("sample_size", 64))
-        * 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1),
+        "resolution": resolution,
     }
+    for k in ("latents_mean", "latents_std"):  # some SDXL-style VAEs normalise per channel
+        if vae_cfg.get(k) is not None:
+            config[k] = [float(v) for v in vae_cfg[k]]
+    if config["arch"] == "sdxl":
+        enc2 = _read_json(folder / "text_encoder_2" / "config.json")
+        config["pooled_dim"] = int(enc2.get("projection_dim") or enc2["hidden_size"])
+        # diffusers' default micro-conditioning: original size = target size, crop at (0, 0)
+        config["time_ids"] = [resolution, resolution, 0, 0, resolution, resolution]
+    return config
 
 
 def build_denoiser(config: dict, unet: nn.Module | None = None) -> SDDenoiser:
@@ -209,7 +296,10 @@ def build_denoiser(config: dict, unet: nn.Module | None = None) -> SDDenoiser:
         cfg = {k: v for k, v in config["unet_config"].items() if not k.startswith("_")}
         unet = UNet2DConditionModel.from_config(cfg)
     abar = alphas_cumprod(config["scheduler_config"])
-    return SDDenoiser(unet, abar, config.get("prediction_type", "epsilon"))
+    pred = config.get("prediction_type", "epsilon")
+    if config.get("arch", "sd") == "sdxl":
+        return SDXLDenoiser(unet, abar, pred, config["pooled_dim"], config["time_ids"])
+    return SDDenoiser(unet, abar, pred)
 
 
 # --- prompts -------------------------------------------------------------------------------
@@ -245,23 +335,6 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device="cpu", batch_size=64):
-    """The text encoder's last hidden state, tokenised as diffusers' SD pipelines do."""
-    text_encoder.to(device)
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        ids = tokenizer(
-            prompts[i : i + batch_size],
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
-        out.append(text_encoder(ids)[0].float().cpu())
-    return torch.cat(out)
-
-
 @dataclass
 class PromptTable:
     """Prompt embeddings computed once; conditions are indices into this table."""
@@ -285,10 +358,10 @@ def prompt_table(teacher, prompts_path: Path, cache_dir: Path, device="cpu") -> 
     data = load_cached_safetensors(cache, key)
     if data is not None:
         return PromptTable(prompts, data["embeddings"], data["uncond"], cache, key)
-    tok, enc = teacher.text_encoder()
-    emb = encode_prompts(tok, enc, prompts, device)
-    uncond = encode_prompts(tok, enc, [""], device)
-    del enc
+    encoder = teacher.text_encoder()
+    emb = encoder(prompts, device)
+    uncond = encoder.uncond(device)
+    del encoder
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(
         {"embeddings": emb.contiguous(), "uncond": uncond.contiguous()},
@@ -318,25 +391,47 @@ def load_prompt_table(folder: Path) -> PromptTable:
 
 # --- the VAE ----------------------------------------------------------------------------------
 class VAECodec:
-    """Latents (scaled by the VAE's scaling_factor) <-> images in [-1, 1]."""
+    """Latents (scaled by the VAE's scaling_factor, and shifted by per-channel latents_mean /
+    latents_std where the VAE config has them, as diffusers' SDXL pipeline does) <-> images in
+    [-1, 1]. dmdctl loads the VAE in float32: SDXL's VAE overflows in float16 (its config says
+    ``force_upcast``), and the decode is a small part of a training step's cost."""
 
     latent = True
 
-    def __init__(self, vae: nn.Module, scaling_factor: float):
+    def __init__(self, vae: nn.Module, scaling_factor: float, config: dict | None = None):
         self.vae = vae
         self.scaling_factor = float(scaling_factor)
+        config = config or {}
+        self.mean = self.std = None
+        if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+            self.mean = torch.tensor(config["latents_mean"]).view(1, -1, 1, 1)
+            self.std = torch.tensor(config["latents_std"]).view(1, -1, 1, 1)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         dtype = next(self.vae.parameters()).dtype
-        return self.vae.decode((z / self.scaling_factor).to(dtype)).sample.float()
+        z = z.float()
+        if self.mean is not None:
+            z = z * self.std.to(z.device) / self.scaling_factor + self.mean.to(z.device)
+        else:
+            z = z / self.scaling_factor
+        return self.vae.decode(z.to(dtype)).sample.float()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         dtype = next(self.vae.parameters()).dtype
-        return self.vae.encode(x.to(dtype)).latent_dist.mean.float() * self.scaling_factor
+        z = self.vae.encode(x.to(dtype)).latent_dist.mean.float()
+        if self.mean is not None:
+            return (z - self.mean.to(z.device)) * self.scaling_factor / self.std.to(z.device)
+        return z * self.scaling_factor
 
 
 # --- the teacher's own sampler for make-pairs -------------------------------------------------
-SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler"}
+# name -> (diffusers class, config overrides); euler-trailing is DMD2's SDXL pair sampler
+SCHEDULERS = {
+    "pndm": ("PNDMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+}
 
 
 class SchedulerSampler:
@@ -344,18 +439,21 @@ class SchedulerSampler:
 
     ``z`` is the unscaled noise (the scheduler multiplies it by ``init_noise_sigma``), ``cond`` the
     prompt embeddings; returns the final latent (before the VAE), as the pipeline computes it.
+    ``denoiser`` is the teacher's :class:`SDDenoiser`, whose ``unet_output`` feeds the UNet what
+    its architecture needs (SDXL: the pooled embedding and time ids).
     """
 
     def __init__(
-        self, unet: nn.Module, config: dict, name: str, steps: int, guidance: float, uncond
+        self, denoiser: SDDenoiser, config: dict, name: str, steps: int, guidance: float, uncond
     ):
         import diffusers
 
         if name not in SCHEDULERS:
             raise UserError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
-        self.cls = getattr(diffusers, SCHEDULERS[name])
-        self.config = config
-        self.unet = unet
+        cls, overrides = SCHEDULERS[name]
+        self.cls = getattr(diffusers, cls)
+        self.config = dict(config, **overrides)
+        self.denoiser = denoiser
         self.steps = steps
         self.guidance = float(guidance)
         self.uncond = uncond
@@ -365,7 +463,6 @@ class SchedulerSampler:
     def __call__(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         sched = self.cls.from_config(self.config)  # fresh: PNDM keeps state across steps
         sched.set_timesteps(self.steps, device=z.device)
-        dtype = next(self.unet.parameters()).dtype
         lat = z.float() * sched.init_noise_sigma
         guided = self.guidance != 1.0
         emb = cond
@@ -375,7 +472,7 @@ class SchedulerSampler:
         for t in sched.timesteps:
             inp = torch.cat([lat, lat]) if guided else lat
             inp = sched.scale_model_input(inp, t)
-            out = self.unet(inp.to(dtype), t, encoder_hidden_states=emb.to(dtype)).sample.float()
+            out = self.denoiser.unet_output(inp, t.expand(inp.shape[0]), emb)
             if guided:
                 o_u, o_c = out.chunk(2)
                 out = o_u + self.guidance * (o_c - o_u)

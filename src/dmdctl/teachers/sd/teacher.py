@@ -23,7 +23,9 @@ class SDTeacher(Teacher):
         if self._codec is None:
             from dmdctl.teachers.sd.pipeline import VAECodec, load_vae
 
-            self._codec = VAECodec(load_vae(self.folder), self.config["scaling_factor"])
+            self._codec = VAECodec(
+                load_vae(self.folder), self.config["scaling_factor"], self.config
+            )
         return self._codec
 
     def text_encoder(self):
@@ -35,11 +37,22 @@ class SDTeacher(Teacher):
         return dict(super().identity(), path=self.source)
 
 
-def load_sd_teacher(source: str, offline: bool = False) -> SDTeacher:
-    """A pipeline folder or hub id as a teacher (frozen UNet wrapped as a denoiser)."""
+def load_sd_teacher(source: str, offline: bool = False, preset: str | None = None) -> SDTeacher:
+    """A pipeline folder or hub id as a teacher (frozen UNet wrapped as a denoiser); a
+    ``preset`` (sd15, sdxl, ...) must be written for the pipeline's architecture."""
+    from dmdctl.errors import UserError
     from dmdctl.teachers.sd import pipeline as sdp
 
     folder = sdp.resolve_pipeline_folder(str(source), offline)
+    arch = sdp.pipeline_arch(folder)
+    kind = KINDS[StableDiffusion.name]
+    if preset is not None and kind.preset_arch(preset) != arch:
+        fits = [n for n in kind.presets() if kind.preset_arch(n) == arch]
+        raise UserError(
+            f"{source} is an {sdp.ARCH_NAMES[arch]} pipeline, but --teacher {preset} is a "
+            f"recipe for {sdp.ARCH_NAMES[kind.preset_arch(preset)]}; use --teacher "
+            f"{' / '.join(fits)} (or --teacher sd) with this pipeline"
+        )
     config = sdp.sd_config(folder, str(source))
     sha = sdp.pipeline_identity(folder)
     denoiser = sdp.build_denoiser(config, sdp.load_unet(folder))

@@ -4,6 +4,9 @@ Nothing is downloaded: the tokenizer's vocabulary and merges are written here (l
 letters, a few merged words), the networks are built from configs with random weights, and the
 folder is saved with diffusers' ``save_pretrained``, so loading it exercises the real code path.
 ``size="sd15"`` gives SD1.5's real network shapes (860M-parameter UNet, 64x64 latents).
+:func:`build_xl_pipeline` writes SDXL-style pipelines (two text encoders, the second with a
+projection; a UNet with the text-time added embedding; Euler scheduler), tiny or at SDXL base's
+real shapes (``xl_unet_config("sdxl")``, a 2.6B-parameter UNet on 128x128 latents).
 """
 
 from __future__ import annotations
@@ -169,6 +172,128 @@ def build_pipeline(
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def xl_unet_config(size: str = "tiny") -> dict:
+    """An SDXL-style UNet config: tiny, or stable-diffusion-xl-base-1.0's own shapes."""
+    if size == "tiny":
+        return dict(
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,  # the two encoders' hidden sizes, concatenated
+            attention_head_dim=2,
+            norm_num_groups=4,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 16,  # 6 time ids + the pooled width
+            use_linear_projection=True,
+        )
+    if size == "sdxl":
+        return dict(
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            sample_size=128,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            use_linear_projection=True,
+        )
+    raise ValueError(f"unknown size {size!r}")
+
+
+def _xl_text_configs(size: str) -> tuple[dict, dict, int]:
+    """The two text encoders' configs (and the tokenisers' length): tiny, or SDXL base's
+    CLIP ViT-L and OpenCLIP ViT-bigG text towers."""
+    if size == "tiny":
+        text = _configs("tiny", "epsilon")["text"]
+        return dict(text), dict(text), 16
+    if size == "sdxl":
+        one = _configs("sd15", "epsilon")["text"]
+        two = dict(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_attention_heads=20,
+            num_hidden_layers=32,
+            max_position_embeddings=77,
+            projection_dim=1280,
+            hidden_act="gelu",
+        )
+        return dict(one), two, 77
+    raise ValueError(f"unknown size {size!r}")
+
+
+def build_xl_pipeline(
+    folder: Path,
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+    projection: bool = True,
+    size: str = "tiny",
+) -> Path:
+    """Write a random-weight SDXL pipeline folder, tiny or at SDXL base's shapes (``size``).
+    ``projection=False`` (tiny only) gives the second text encoder an identity projection, so
+    its pooled output is its hidden state's, as an encoder without a projection would give."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    folder = Path(folder)
+    one, two, max_length = _xl_text_configs(size)
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab, merges = write_tokenizer_files(Path(tmp))
+        toks = [CLIPTokenizer(str(vocab), str(merges), model_max_length=max_length)] * 2
+        vocab_size = len(json.loads(vocab.read_text()))
+    torch.manual_seed(seed)
+    ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=vocab_size)
+    enc1 = CLIPTextModel(CLIPTextConfig(**one, **ids))
+    enc2 = CLIPTextModelWithProjection(CLIPTextConfig(**two, **ids))
+    if not projection:  # an identity projection: the pooled output is the hidden state's
+        w = enc2.text_projection.weight
+        w.data.copy_(torch.eye(*w.shape))
+    unet = UNet2DConditionModel(**xl_unet_config(size))
+    vae_cfg = _configs("tiny" if size == "tiny" else "sd15", prediction_type)["vae"]
+    vae = AutoencoderKL(**dict(vae_cfg, scaling_factor=0.13025, force_upcast=True))
+    sched = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=enc1,
+        text_encoder_2=enc2,
+        tokenizer=toks[0],
+        tokenizer_2=toks[1],
+        scheduler=sched,
+        force_zeros_for_empty_prompt=True,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
