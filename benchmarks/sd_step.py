@@ -15,6 +15,11 @@ weights make the timings and memory those of the real model; the images are nois
 
     python -m benchmarks.sd_step --batch-sizes 8 32 --levers base sdpa-flash channels-last compile
     python -m benchmarks.sd_step --size tiny --device cpu --skip-latency   # CPU smoke test
+
+``--size sdxl`` builds SDXL base's shapes instead (2.6B-parameter UNet, 128x128 latents = 1024 px,
+both text encoders) and times the training step only, with ``--recipe sdxl`` (DMD2's SDXL 4-step
+recipe: 5 fake-score updates, the GAN on random captioned images) or ``sdxl-1step``; the sampling
+and make-pairs rows are SD1.5's (StableDiffusionPipeline) and are skipped for SDXL shapes.
 """
 
 from __future__ import annotations
@@ -408,15 +413,15 @@ def pairs_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=["sd15", "tiny"], default="sd15")
+    ap.add_argument("--size", choices=["sd15", "tiny", "sdxl", "tiny-xl"], default="sd15")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8], help="per GPU")
     ap.add_argument(
         "--recipe",
         default="sd15",
-        choices=["sd15", "sd15-gan", "sd15-dmd"],
-        help="the preset whose settings the step uses (docs/RECIPES.md; sd15-gan: DMD2's GAN "
-        "stage, on random captioned images)",
+        choices=["sd15", "sd15-gan", "sd15-dmd", "sdxl", "sdxl-1step"],
+        help="the preset whose settings the step uses (docs/RECIPES.md; sd15-gan, sdxl: with "
+        "DMD2's GAN, on random captioned images); the SDXL recipes need an SDXL --size",
     )
     ap.add_argument(
         "--denoising-steps", default=None, help="a few-step generator, e.g. 999,749,499,249"
@@ -458,11 +463,20 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--record", action="store_true", help="append the tables to BENCHMARKS.md")
     args = ap.parse_args()
-    from dmdctl.teachers.sd.testing import build_pipeline
+    from dmdctl.teachers.sd.testing import build_pipeline, build_xl_pipeline
 
+    xl = args.size in ("sdxl", "tiny-xl")
+    if xl != args.recipe.startswith("sdxl"):
+        ap.error(f"--recipe {args.recipe} does not fit --size {args.size}")
+    if xl:  # the sampling and pairs rows compare against StableDiffusionPipeline
+        args.skip_latency, args.sampling_levers, args.pairs_num = True, [], 0
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        folder = build_pipeline(Path(tmp) / "pipe", size=args.size)
+        if xl:
+            size = "sdxl" if args.size == "sdxl" else "tiny"
+            folder = build_xl_pipeline(Path(tmp) / "pipe", size=size)
+        else:
+            folder = build_pipeline(Path(tmp) / "pipe", size=args.size)
         prompts = Path(tmp) / "prompts.txt"
         prompts.write_text("a photo of a cat\na red dog on the grass\nthe blue sky\n")
         print(
@@ -535,7 +549,8 @@ def main() -> None:
         rows = {"train": train, "latency": latency, "sampling": sampling, "pairs": pairs}
         args.json.write_text(json.dumps({"machine": machine(), **rows}, indent=1))
     if args.record:
-        append_markdown("SD1.5-shaped DMD step and sampling latency", text, "benchmarks.sd_step")
+        title = "SDXL-shaped DMD2 step" if xl else "SD1.5-shaped DMD step and sampling latency"
+        append_markdown(title, text, "benchmarks.sd_step")
 
 
 if __name__ == "__main__":

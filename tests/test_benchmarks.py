@@ -60,3 +60,24 @@ def test_missing_package_skips_the_row(bench_root, monkeypatch):
     monkeypatch.setitem(common.TEACHER_PACKAGES, "digits", ("no_such_package_dmdctl",))
     body = one_step.main(["--device", "cpu", "--repeats", "1", "--teachers", "digits"])
     assert "skipped: needs no_such_package_dmdctl (not installed)" in body
+
+
+def test_sdxl_step_benchmark_runs_at_tiny_size(bench_root, monkeypatch, capsys, hf_offline):
+    """The prepared SDXL-shaped step benchmark (run at real shapes on a GPU) works end to end:
+    DMD2's SDXL recipe (5 fake updates, GAN, 4 steps) on a tiny SDXL pipeline."""
+    import sys
+
+    from benchmarks import sd_step
+
+    argv = ["sd_step", "--size", "tiny-xl", "--recipe", "sdxl", "--device", "cpu",
+            "--batch-sizes", "2", "--checkpointing", "off", "--steps", "1", "--warmup", "1",
+            "--precision", "no"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    sd_step.main()
+    out = capsys.readouterr().out
+    row = re.search(r"\| base \| off \| 2 \| 5 \| (\d+\.\d+) \|", out)
+    assert row and float(row.group(1)) > 0, out
+    assert '"generator_steps": 4' in out and '"gan": true' in out
+    monkeypatch.setattr(sys, "argv", ["sd_step", "--size", "tiny-xl", "--recipe", "sd15"])
+    with pytest.raises(SystemExit):
+        sd_step.main()
