@@ -15,11 +15,7 @@ import torch
 
 from dmdctl.commands import report
 from dmdctl.config import write_config
-from dmdctl.core.sampling import (
-    HeunSampler,
-    class_labels,
-    seeded_noise,
-)
+from dmdctl.core.sampling import class_labels, seeded_noise, teacher_sampler
 from dmdctl.errors import require
 from dmdctl.pairs import DTYPES, PairWriter
 from dmdctl.runtime import StopRequested, claim_output, holds_output, pick_device, process_state
@@ -29,10 +25,11 @@ from dmdctl.ui import progress
 
 
 class HeunPairs:
-    """Built-in and EDM teachers: the teacher's Heun sampler; conditions are class labels."""
+    """Built-in and EDM teachers: the teacher's Heun sampler (on the flow ODE for flow-matching
+    teachers); conditions are class labels."""
 
     def __init__(self, teacher, steps: int, rho: float):
-        self.sampler = HeunSampler(teacher.denoiser, steps, rho)
+        self.sampler = teacher_sampler(teacher.denoiser, steps, rho)
         self.num_conditions = teacher.num_classes
         self.nfe = self.sampler.nfe
         self.settings = self.sampler.settings

@@ -1,4 +1,5 @@
-"""``dmdctl train-teacher``: train a built-in teacher (EDM denoising score matching)."""
+"""``dmdctl train-teacher``: train a built-in teacher (EDM denoising score matching, or the
+flow-matching velocity loss for flow teachers such as ``toy2d-flow``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from dmdctl.commands import show
 from dmdctl.config import resolve, write_config
+from dmdctl.core.denoiser import FlowDenoiser
 from dmdctl.core.ema import EMA
 from dmdctl.core.losses import edm_denoising_loss
 from dmdctl.core.schedules import warmup_then
@@ -40,6 +42,8 @@ def train_teacher(cfg: TrainTeacherConfig) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     net = kind.build(tcfg)
     net.train()
+    flow = isinstance(net, FlowDenoiser)
+    weight = net.loss_weight if flow else None
     ema = EMA(net, cfg.ema_decay)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_then(s, cfg.warmup, cfg.steps))
@@ -49,9 +53,14 @@ def train_teacher(cfg: TrainTeacherConfig) -> dict:
         task = bar.add_task(f"train {cfg.teacher}", total=cfg.steps, info="")
         for step in range(cfg.steps):
             x, cond = kind.sample_data(tcfg, cfg.batch_size, gen)
-            sigma = (torch.randn(cfg.batch_size, generator=gen) * cfg.p_std + cfg.p_mean).exp()
+            log_sigma = torch.randn(cfg.batch_size, generator=gen)
+            if flow:  # t logit-normal(0, 1) (SD3's choice) is exactly log sigma ~ N(0, 1)
+                sigma = log_sigma.exp()
+            else:
+                sigma = (log_sigma * cfg.p_std + cfg.p_mean).exp()
             noise = torch.randn(x.shape, generator=gen)
-            loss = edm_denoising_loss(net, x, sigma, noise, cond, tcfg["sigma_data"])
+            # flow teachers: weighted so that this is the velocity MSE (FlowDenoiser.loss_weight)
+            loss = edm_denoising_loss(net, x, sigma, noise, cond, tcfg["sigma_data"], weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)

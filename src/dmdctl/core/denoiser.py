@@ -137,6 +137,95 @@ class EDMPrecond(Denoiser):
         return (c_skip * x + c_out * f.to(torch.float32)).to(dtype)
 
 
+def flow_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The timestep shift of flow-matching schedules (SD3: 3.0): ``s t / (1 + (s - 1) t)``."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+class FlowDenoiser(Denoiser):
+    """A flow-matching (rectified-flow) velocity network as ``D(x_sigma, sigma, cond) -> x0``.
+
+    The network predicts ``v = eps - x0`` on ``x_t = (1 - t) x0 + t eps``, t in [0, 1], so
+    ``x0 = x_t - t v``. The same noisy sample in dmdctl's convention is
+    ``x_sigma = x_t / (1 - t) = x0 + sigma eps`` with ``sigma = t / (1 - t)``: exact both ways,
+    for every t < 1. t = 1 (pure noise, where a flow generator starts) is sigma = inf; there
+    the input is taken to be x_t itself (``input_scale_at(inf) = 1``): the generator's first step
+    ``x0 = z - v(z, 1)`` is then exactly one Euler step of the flow from t = 1 to 0, which is what
+    diffusers' ``FlowMatchEulerDiscreteScheduler`` runs in one step.
+
+    The network is called as ``velocity(x_t, t * time_scale, cond)`` (SD3's transformer takes
+    ``1000 t``). The DM loss's grid is the teacher's training timesteps ``i / levels``
+    (i = 1..levels-1; pure noise left out), mapped through the schedule's ``shift``.
+    """
+
+    step_unit = "t"
+
+    def __init__(
+        self,
+        velocity: nn.Module,
+        time_scale: float = 1.0,
+        shift: float = 1.0,
+        levels: int = 1000,
+        sigma_data: float = 0.5,
+    ):
+        super().__init__()
+        self.velocity = velocity
+        self.time_scale = float(time_scale)
+        self.shift = float(shift)
+        self.levels = int(levels)
+        self.sigma_data = float(sigma_data)
+        t_min = float(flow_shift(torch.tensor(1.0 / self.levels, dtype=torch.float64), self.shift))
+        self.sigma_min = t_min / (1 - t_min)
+        self.sigma_max = math.inf
+
+    @staticmethod
+    def t_of(sigma: torch.Tensor) -> torch.Tensor:
+        return 1 / (1 + 1 / sigma)  # 1 at sigma = inf
+
+    def input_scale_at(self, sigma: float) -> float:
+        """Pure noise is x_t at the first step's t: ``x_sigma = z / (1 - t) = (1 + sigma) z``;
+        at t = 1 the input is the noise itself (see the class docstring)."""
+        return 1.0 if math.isinf(sigma) else 1.0 + float(sigma)
+
+    def step_sigmas(self, values: list[float]) -> list[float]:
+        """Steps given as t in (0, 1] (1: pure noise), as sigmas."""
+        bad = [v for v in values if not 0 < float(v) <= 1]
+        if bad:
+            raise ValueError(f"flow-matching steps are t values in (0, 1], got {bad[0]:g}")
+        return [math.inf if float(v) == 1 else float(v) / (1 - float(v)) for v in values]
+
+    def training_sigmas(self, levels: int) -> torch.Tensor:
+        """The teacher's own training timesteps, shifted, as ascending sigmas (``levels`` does
+        not apply)."""
+        i = torch.arange(1, self.levels, dtype=torch.float64)
+        t = flow_shift(i / self.levels, self.shift)
+        return (t / (1 - t)).float()
+
+    def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """``|v_pred - v|^2 = |x0_pred - x0|^2 / t^2``: the weight that makes the fake score's
+        loss the flow-matching (velocity) loss the teacher was trained with."""
+        return self.t_of(sigma.float()).pow(-2)
+
+    def bottleneck(self) -> nn.Module:
+        fn = getattr(self.velocity, "bottleneck", None)
+        if fn is None:
+            raise ValueError(f"{type(self.velocity).__name__} exposes no bottleneck features")
+        return fn()
+
+    def velocity_at(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        """The network's velocity (float32) on ``x_t`` at times ``t`` ([N] or scalar)."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).reshape(-1)
+        t = t.expand(x_t.shape[0]) if t.numel() == 1 else t
+        return self.velocity(x_t, t * self.time_scale, cond).float()
+
+    def forward(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
+        s = broadcast_sigma(sigma, x)
+        t = self.t_of(s)
+        x_t = torch.where(torch.isinf(s), x.float(), x.float() * (1 - t))
+        v = self.velocity_at(x_t.to(x.dtype), t.flatten(), cond)
+        return (x_t - t * v).to(x.dtype)
+
+
 class StepGenerator(nn.Module):
     """DMD's one-step generator and DMD2's few-step generator, over the teacher's denoiser.
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dmdctl.core.denoiser import StepGenerator
-from dmdctl.core.sampling import HeunSampler, class_labels, heun_nfe, seeded_noise_draws
+from dmdctl.core.sampling import class_labels, heun_nfe, seeded_noise_draws, teacher_sampler
 from dmdctl.errors import UserError
 from dmdctl.teachers import (
     GENERATOR_FORMAT,
@@ -84,7 +84,7 @@ def teacher_source(teacher: Teacher, steps: int) -> Source:
         teacher.config,
         f"teacher {teacher.name} Heun {steps} steps",
         heun_nfe(steps),
-        HeunSampler(teacher.denoiser, steps),
+        teacher_sampler(teacher.denoiser, steps),
     )
 
 

@@ -124,3 +124,52 @@ class HeunSampler:
 
     def __call__(self, z: torch.Tensor, cond=None) -> torch.Tensor:
         return heun_sample(self.denoiser, z, self.sigmas, cond)
+
+
+def flow_times(num_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """``num_steps`` decreasing times from 1 (pure noise), uniform before the shift, then 0
+    (float64), as diffusers' FlowMatchEulerDiscreteScheduler spaces them."""
+    from dmdctl.core.denoiser import flow_shift
+
+    if num_steps < 1:
+        raise ValueError("num_steps must be >= 1")
+    t = torch.arange(num_steps, 0, -1, dtype=torch.float64) / num_steps
+    return torch.cat([flow_shift(t, shift), torch.zeros(1, dtype=torch.float64)])
+
+
+@torch.no_grad()
+def flow_heun_sample(denoiser, z: torch.Tensor, times: torch.Tensor, cond=None) -> torch.Tensor:
+    """Heun's method on a flow teacher's ODE ``dx_t/dt = v`` from ``x_1 = z`` (no correction on
+    the last step, as EDM's Heun). One step is one Euler step: ``z - v(z, 1)``."""
+    ts = [float(t) for t in times]
+    x = z.to(torch.float64)
+    for t, t_next in zip(ts[:-1], ts[1:], strict=True):
+        v = denoiser.velocity_at(x.to(z.dtype), t, cond).to(torch.float64)
+        x_next = x + (t_next - t) * v
+        if t_next > 0:
+            v2 = denoiser.velocity_at(x_next.to(z.dtype), t_next, cond).to(torch.float64)
+            x_next = x + (t_next - t) * 0.5 * (v + v2)
+        x = x_next
+    return x.to(z.dtype)
+
+
+class FlowHeunSampler:
+    """The deterministic sampler of flow-matching teachers: Heun on the flow's ODE in t, over
+    ``steps`` intervals from t = 1 (NFE = 2N-1)."""
+
+    def __init__(self, denoiser, steps: int, rho: float = 7.0):
+        self.denoiser = denoiser
+        self.times = flow_times(steps, float(getattr(denoiser, "shift", 1.0)))
+        self.nfe = heun_nfe(steps)
+        self.settings = {"name": "flow-heun", "steps": steps, "nfe": self.nfe}
+
+    def __call__(self, z: torch.Tensor, cond=None) -> torch.Tensor:
+        return flow_heun_sample(self.denoiser, z, self.times, cond)
+
+
+def teacher_sampler(denoiser, steps: int, rho: float = 7.0):
+    """The teacher's own deterministic sampler: Heun on the Karras schedule (EDM-style
+    teachers) or Heun on the flow ODE (flow-matching teachers)."""
+    if getattr(denoiser, "step_unit", "sigma") == "t":
+        return FlowHeunSampler(denoiser, steps, rho)
+    return HeunSampler(denoiser, steps, rho)
