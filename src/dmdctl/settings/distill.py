@@ -17,6 +17,11 @@ from dmdctl.settings.common import (
     teacher_path_option,
 )
 
+# DMD2's SDXL LoRA generator's target modules (main/sd_unified_model.py); = training.lora's
+DEFAULT_LORA_TARGETS = (
+    "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,"
+    "conv_shortcut,downsamplers.0.conv,upsamplers.0.conv,time_emb_proj"
+)
 REG_LOSSES = ("l2", "pseudo-huber", "lpips")
 LR_SCHEDULES = ("cosine", "constant")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -115,6 +120,30 @@ class DistillConfig(Settings):
         "included) and, from a checkpoint, its fake score; optimisers and step start afresh "
         "(DMD2's two-stage recipes).",
         path=True,
+    )
+    # LoRA (training/lora.py; docs/RECIPES.md for the defaults' sources)
+    lora_rank: int | None = option(
+        None,
+        "Train LoRA adapters of this rank on the generator's UNet instead of all its weights "
+        "(Stable Diffusion teachers; DMD2's SDXL LoRA: 64). Default: full fine-tuning.",
+        min=1,
+    )
+    lora_alpha: float | None = option(
+        None,
+        "LoRA alpha: the adapters are scaled by alpha / rank (DMD2's SDXL LoRA: 8 with rank 64). "
+        "Default: the rank (scale 1).",
+        above=0,
+    )
+    lora_targets: str = option(
+        DEFAULT_LORA_TARGETS,
+        "Comma-separated module-name suffixes of the UNet that get adapters (default: DMD2's "
+        "SDXL LoRA list).",
+    )
+    fake_lora_rank: int | None = option(
+        None,
+        "Train the fake score as LoRA adapters of this rank on the teacher's UNet (same alpha "
+        "and targets; the GAN head stays fully trained). Default: full fine-tuning.",
+        min=1,
     )
     sigma_levels: int = option(1000, "Noise levels of the DM loss's grid.", min=1, cli=False)
     min_step_frac: float = option(
@@ -224,6 +253,24 @@ class DistillConfig(Settings):
             self.init_from is None or self.resume is None,
             "--init-from starts a new run from another one; --resume continues this one: "
             "give one of them",
+        )
+        lora = self.lora_rank is not None or self.fake_lora_rank is not None
+        require(
+            self.fake_lora_rank is None or (self.dm_weight > 0 and not self.real_only),
+            "--fake-lora-rank is for the fake score: it needs --dm-weight > 0 and no --real-only",
+        )
+        require(
+            self.lora_alpha is None or lora,
+            "--lora-alpha scales LoRA adapters: pass --lora-rank or --fake-lora-rank too",
+        )
+        require(
+            not lora or any(t.strip() for t in self.lora_targets.split(",")),
+            "--lora-targets names no module (give comma-separated name suffixes, e.g. to_q,to_k)",
+        )
+        require(
+            not lora or self.init_from is None,
+            "--init-from is not available with --lora-rank / --fake-lora-rank (a LoRA run starts "
+            "from the teacher); continue a LoRA run with --resume",
         )
         require(
             self.min_step_frac < self.max_step_frac,
