@@ -36,16 +36,14 @@ def _is_adapter(key: str) -> bool:
     return ".lora_A." in key or ".lora_B." in key
 
 
-def test_lora_run_trains_adapters_only_resumes_exactly_and_exports(
-    sd_pipe, prompts_file, tmp_path
-):
+def test_lora_run_trains_adapters_only_resumes_exactly_and_exports(sd_pipe, prompts_file, tmp_path):
     """A LoRA run (rank 4, alpha 8, LoRA fake score, GAN, 2 steps) through the CLI: checkpoints
     hold adapters only; a crash and --resume gives the uninterrupted run's checkpoint bitwise;
     the generator file's untargeted weights are the teacher's; `export --format lora` loaded by
     stock diffusers onto the teacher, and `export --format diffusers`, reproduce `dmdctl sample`."""
-    import dmdctl.training.loop as dd
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
+    import dmdctl.training.loop as dd
     from dmdctl.core.generator import load_generator
     from dmdctl.teachers import resolve_teacher
     from dmdctl.teachers.sd.generate import text_to_image
