@@ -193,8 +193,18 @@ def without_adapters(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def write_diffusers_lora(adapters: dict[str, torch.Tensor], spec: LoraSpec, out, card: str) -> None:
     """``out/pytorch_lora_weights.safetensors`` (diffusers' own writer, with the LoRA config as
     its metadata so ``load_lora_weights`` applies alpha/rank) and a README.md."""
+    import inspect
+
     from diffusers import StableDiffusionPipeline
 
+    if (
+        "unet_lora_adapter_metadata"
+        not in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters
+    ):  # without it the file would not carry alpha (diffusers would assume = rank)
+        raise UserError(
+            "--format lora needs a newer diffusers (save_lora_weights with "
+            "unet_lora_adapter_metadata): pip install -U diffusers"
+        )
     meta = spec.peft_config().to_dict()
     StableDiffusionPipeline.save_lora_weights(
         str(out),
