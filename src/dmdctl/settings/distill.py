@@ -347,6 +347,10 @@ DMD's. Flags and --config override them.
 Example: [bold]dmdctl distill --teacher-path runs/teacher/teacher.safetensors --pairs runs/pairs --out runs/dmd[/bold]
 DMD2 on digits, 4 steps (the demo's run): [bold]dmdctl distill --teacher digits --reg-weight 0 --gan-weight 3e-3 --fake-updates 3 --steps 200 --batch-size 64 --lr 1e-4 --fake-lr 1e-4 --warmup 20 --denoising-steps 80,2,0.8,0.35[/bold]
 
+LoRA (SD teachers): [bold]--lora-rank 64 --lora-alpha 8[/bold] trains adapters only (DMD2's SDXL
+LoRA values); [bold]dmdctl export RUN --format lora -o DIR[/bold] writes them for
+pipe.load_lora_weights(DIR).
+
 Multi-GPU: [bold]accelerate launch --num_processes 8 -m dmdctl distill ...[/bold] (the batch
 sizes are global; SIGTERM saves a checkpoint and exits 143; resume with --resume latest).
 """
