@@ -129,6 +129,11 @@ def test_lora_run_trains_adapters_only_resumes_exactly_and_exports(sd_pipe, prom
     assert "timesteps=[999, 499]" in card and "load_lora_weights" in card
     assert "LCMScheduler" in card
     ok(run("export", tmp_path / "whole", "--format", "diffusers", "-o", full_dir))
+    # the last checkpoint's EMA adapters export to the same file as the generator file's
+    ok(run("export", whole, "--format", "lora", "-o", tmp_path / "lora-ckpt"))
+    x = load_file(str(lora_dir / "pytorch_lora_weights.safetensors"))
+    y = load_file(str(tmp_path / "lora-ckpt" / "pytorch_lora_weights.safetensors"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
     gen = load_generator(tmp_path / "whole" / "generator.safetensors")
     seeds = [5, 6]
