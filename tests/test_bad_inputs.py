@@ -365,12 +365,31 @@ CASES = [
         launcher="torchrun",
     ),
     Case(
+        "d-lora-rank-zero",
+        "--lora-rank 0 (leave it out for full fine-tuning)",
+        D + " --lora-rank 0",
+        "--lora-rank must be positive, got 0",
+    ),
+    Case(
+        "d-lora-not-sd",
+        "LoRA on a teacher without a diffusers UNet",
+        D + " --lora-rank 4",
+        "need a Stable Diffusion teacher",
+    ),
+    Case(
         "d-disk-full",
         "disk full while writing a checkpoint (test: save_file raises ENOSPC)",
         D + " --checkpoint-every 2",
         "No space left on device",
         patch="checkpoint-enospc",
         writes=True,
+    ),
+    # --- export ---
+    Case(
+        "ex-lora-not-lora-run",
+        "--format lora of a run trained without --lora-rank",
+        "export runs/run --format lora -o {out}",
+        "holds no LoRA adapters",
     ),
     # --- eval-fid ---
     Case(

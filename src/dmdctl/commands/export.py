@@ -13,6 +13,7 @@ from dmdctl.core.generator import load_generator, save_generator
 from dmdctl.errors import UserError
 from dmdctl.settings.export import ExportConfig
 from dmdctl.teachers import GENERATOR_FORMAT, get_kind, read_metadata
+from dmdctl.training import lora
 from dmdctl.training.checkpoint import (
     find_checkpoint,
     list_checkpoints,
@@ -29,12 +30,16 @@ def _checkpoint_of(source: Path) -> Path | None:
     return None
 
 
-def _from_checkpoint(source: Path, ema: bool):
-    """(checkpoint folder, its state, the generator's denoiser with EMA or raw weights)."""
+def _from_checkpoint(source: Path, ema: bool, teacher_path=None, offline=False):
+    """(checkpoint folder, its state, the generator's denoiser with EMA or raw weights; of a
+    LoRA run: the teacher's network with the adapters, training/lora.py)."""
     ckpt = _checkpoint_of(source)
     if ckpt is None:
         raise UserError(f"{source} holds no checkpoint (no state.json, no checkpoints/step-*)")
     state, load = load_checkpoint(ckpt)
+    if lora.is_lora_checkpoint(state):
+        weights = load("ema" if ema else "generator")
+        return ckpt, state, lora.checkpoint_network(state, weights, teacher_path, offline)
     denoiser = get_kind(state["teacher_kind"]).build(state["teacher_config"])
     weights = load("ema" if ema else "generator")
     denoiser.load_state_dict({k: v.to(denoiser.state_dict()[k].dtype) for k, v in weights.items()})
@@ -48,6 +53,8 @@ def export(cfg: ExportConfig) -> dict:
         raise UserError(f"nothing to export at {source}: no such file or folder")
     if cfg.format == "diffusers":
         return _export_diffusers(cfg, source, out)
+    if cfg.format == "lora":
+        return lora.export(cfg, source, out)
     if source.is_file():
         if read_metadata(source).get("format") != GENERATOR_FORMAT:
             raise UserError(f"{source} is not a dmdctl generator file")
@@ -55,8 +62,12 @@ def export(cfg: ExportConfig) -> dict:
             shutil.copyfile(source, out)
         gen = load_generator(out)
         return {"out": str(out), "from": str(source), "kind": gen.kind.name}
-    ckpt, state, denoiser = _from_checkpoint(source, cfg.ema)
+    ckpt, state, denoiser = _from_checkpoint(source, cfg.ema, cfg.teacher_path, cfg.offline)
     kind = get_kind(state["teacher_kind"])
+    extra = {}
+    if lora.is_lora_checkpoint(state):  # the merged network and the adapters
+        denoiser = lora.GeneratorFileState(denoiser)
+        extra = lora.file_metadata(lora.LoraSpec.from_meta(state["lora"]["generator"]))
     save_generator(
         denoiser,
         kind.name,
@@ -68,6 +79,7 @@ def export(cfg: ExportConfig) -> dict:
             "ema": str(cfg.ema).lower(),
             "checkpoint": str(ckpt),
             "train_config": state.get("config", {}),
+            **extra,
         },
         sigmas=state.get("generator_sigmas"),
     )
@@ -113,7 +125,9 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
                 f"--format diffusers is for Stable Diffusion generators; {ckpt} is not an SD "
                 "run (use --format safetensors)"
             )
-        ckpt, state, denoiser = _from_checkpoint(source, cfg.ema)
+        ckpt, state, denoiser = _from_checkpoint(source, cfg.ema, cfg.teacher_path, cfg.offline)
+        if lora.is_lora_checkpoint(state):
+            denoiser = lora.merged(denoiser)  # a full UNet
         config, sha, what = state["teacher_config"], state["teacher_sha256"], str(ckpt)
         train_config = state.get("config")
         sigmas = state.get("generator_sigmas") or [denoiser.sigma_max]

@@ -17,6 +17,11 @@ from dmdctl.settings.common import (
     teacher_path_option,
 )
 
+# DMD2's SDXL LoRA generator's target modules (main/sd_unified_model.py); = training.lora's
+DEFAULT_LORA_TARGETS = (
+    "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,"
+    "conv_shortcut,downsamplers.0.conv,upsamplers.0.conv,time_emb_proj"
+)
 REG_LOSSES = ("l2", "pseudo-huber", "lpips")
 LR_SCHEDULES = ("cosine", "constant")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -115,6 +120,30 @@ class DistillConfig(Settings):
         "included) and, from a checkpoint, its fake score; optimisers and step start afresh "
         "(DMD2's two-stage recipes).",
         path=True,
+    )
+    # LoRA (training/lora.py; docs/RECIPES.md for the defaults' sources)
+    lora_rank: int | None = option(
+        None,
+        "Train LoRA adapters of this rank on the generator's UNet instead of all its weights "
+        "(Stable Diffusion teachers; DMD2's SDXL LoRA: 64). Default: full fine-tuning.",
+        min=1,
+    )
+    lora_alpha: float | None = option(
+        None,
+        "LoRA alpha: the adapters are scaled by alpha / rank (DMD2's SDXL LoRA: 8 with rank 64). "
+        "Default: the rank (scale 1).",
+        above=0,
+    )
+    lora_targets: str = option(
+        DEFAULT_LORA_TARGETS,
+        "Comma-separated module-name suffixes of the UNet that get adapters (default: DMD2's "
+        "SDXL LoRA list).",
+    )
+    fake_lora_rank: int | None = option(
+        None,
+        "Train the fake score as LoRA adapters of this rank on the teacher's UNet (same alpha "
+        "and targets; the GAN head stays fully trained). Default: full fine-tuning.",
+        min=1,
     )
     sigma_levels: int = option(1000, "Noise levels of the DM loss's grid.", min=1, cli=False)
     min_step_frac: float = option(
@@ -225,6 +254,24 @@ class DistillConfig(Settings):
             "--init-from starts a new run from another one; --resume continues this one: "
             "give one of them",
         )
+        lora = self.lora_rank is not None or self.fake_lora_rank is not None
+        require(
+            self.fake_lora_rank is None or (self.dm_weight > 0 and not self.real_only),
+            "--fake-lora-rank is for the fake score: it needs --dm-weight > 0 and no --real-only",
+        )
+        require(
+            self.lora_alpha is None or lora,
+            "--lora-alpha scales LoRA adapters: pass --lora-rank or --fake-lora-rank too",
+        )
+        require(
+            not lora or any(t.strip() for t in self.lora_targets.split(",")),
+            "--lora-targets names no module (give comma-separated name suffixes, e.g. to_q,to_k)",
+        )
+        require(
+            not lora or self.init_from is None,
+            "--init-from is not available with --lora-rank / --fake-lora-rank (a LoRA run starts "
+            "from the teacher); continue a LoRA run with --resume",
+        )
         require(
             self.min_step_frac < self.max_step_frac,
             "need 0 <= --min-step-frac < --max-step-frac <= 1, "
@@ -299,6 +346,10 @@ DMD's. Flags and --config override them.
 
 Example: [bold]dmdctl distill --teacher-path runs/teacher/teacher.safetensors --pairs runs/pairs --out runs/dmd[/bold]
 DMD2 on digits, 4 steps (the demo's run): [bold]dmdctl distill --teacher digits --reg-weight 0 --gan-weight 3e-3 --fake-updates 3 --steps 200 --batch-size 64 --lr 1e-4 --fake-lr 1e-4 --warmup 20 --denoising-steps 80,2,0.8,0.35[/bold]
+
+LoRA (SD teachers): [bold]--lora-rank 64 --lora-alpha 8[/bold] trains adapters only (DMD2's SDXL
+LoRA values); [bold]dmdctl export RUN --format lora -o DIR[/bold] writes them for
+pipe.load_lora_weights(DIR).
 
 Multi-GPU: [bold]accelerate launch --num_processes 8 -m dmdctl distill ...[/bold] (the batch
 sizes are global; SIGTERM saves a checkpoint and exits 143; resume with --resume latest).

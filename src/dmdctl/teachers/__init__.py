@@ -172,7 +172,9 @@ def load_state(path: Path, expected_format: str) -> tuple[dict, dict[str, torch.
             f"{path} is not {what.get(expected_format, expected_format)} file "
             f"(its metadata says format={fmt!r})"
         )
-    return meta, load_file(str(path))
+    from dmdctl.training.lora import without_adapters  # a LoRA generator's adapter tensors
+
+    return meta, without_adapters(load_file(str(path)))
 
 
 def save_network(

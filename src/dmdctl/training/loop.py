@@ -105,7 +105,17 @@ def evaluate_generator(trainer: DMDTrainer) -> dict:
 # settings a resumed run must share with its checkpoint: the networks and optimiser states only
 # fit the same teacher and fake-score setting (checked in DMDTrainer.resume / below), and the
 # step-seeded draws only continue the same run with the same global batch sizes
-RESUME_MUST_MATCH = ("batch_size", "pair_batch_size", "denoising_steps", "conditioning_timestep")
+RESUME_MUST_MATCH = (
+    "batch_size",
+    "pair_batch_size",
+    "denoising_steps",
+    "conditioning_timestep",
+    # LoRA: a checkpoint holds adapters of this shape and scale only (training/lora.py)
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "fake_lora_rank",
+)
 
 
 def check_resume(ckpt: Path, cfg: DistillConfig) -> dict:
@@ -368,14 +378,20 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
         t = trainer.teacher
         path = out / "generator.safetensors"
         try:
+            network, lora_meta = trainer.file_network()
             save_generator(
-                trainer.ema_generator().denoiser,
+                network,
                 t.name,
                 t.config,
                 t.sha256,
                 path,
                 # the training settings travel with the weights (the diffusers model card)
-                extra={"step": str(trainer.step), "ema": "true", "train_config": asdict(cfg)},
+                extra={
+                    "step": str(trainer.step),
+                    "ema": "true",
+                    "train_config": asdict(cfg),
+                    **lora_meta,
+                },
                 sigmas=trainer.sigmas,
             )
         except (OSError, SafetensorError) as e:

@@ -41,6 +41,7 @@ from dmdctl.pairs import load_pairs
 from dmdctl.settings.distill import DistillConfig
 from dmdctl.teachers import resolve_teacher
 from dmdctl.teachers.sd.denoiser import GuidedDenoiser
+from dmdctl.training import lora
 from dmdctl.training.checkpoint import (
     find_checkpoint,
     list_checkpoints,
@@ -93,6 +94,11 @@ class DMDTrainer:
             cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None, cfg.offline
         )
         t = self.teacher
+        # --lora-rank / --fake-lora-rank (training/lora.py): refused here for non-UNet teachers
+        self.lora, self.fake_lora = lora.specs(cfg)
+        for spec in (self.lora, self.fake_lora):
+            if spec is not None:
+                lora.check(t.denoiser, spec)
         world = acc.num_processes
         require(
             cfg.batch_size % world == 0,
@@ -122,25 +128,31 @@ class DMDTrainer:
         # the fake score's loss: the teacher's own training loss (EDM weighting, SD's eps-MSE)
         self.loss_weight = t.denoiser.loss_weight
         self.sigmas = generator_sigmas(cfg, t)
+        # frozen networks run with their *weights* in the compute dtype (fp32 master weights stay
+        # with G and the fake); their schedule buffers stay fp32 (freeze_in_dtype)
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         generator = StepGenerator(
             copy.deepcopy(t.denoiser).requires_grad_(True).train(), self.sigmas
         )
+        # LoRA: only the adapters train (their names; the base frozen, in the compute dtype)
+        self.gen_names = self.fake_names = None
+        if self.lora:
+            self.gen_names = lora.add_lora(generator.denoiser, self.lora, cfg.seed, compute)
         if cfg.grad_checkpointing:
             enable_checkpointing(generator.denoiser)
-        self.ema = EMA(generator.denoiser, cfg.ema_decay)
+        self.ema = EMA(self.trained_state(generator.denoiser), cfg.ema_decay)
         adamw = optimizer_factory(cfg, acc.device)
-        opt_g = adamw(generator.parameters(), cfg.lr)
+        opt_g = adamw(trainable(generator), cfg.lr)
         self.use_fake = cfg.dm_weight > 0 and not cfg.real_only
         fake = None
         if self.use_fake:
             fake = copy.deepcopy(t.denoiser).requires_grad_(True).train()
+            if self.fake_lora:
+                self.fake_names = lora.add_lora(fake, self.fake_lora, cfg.seed + 1, compute)
             if cfg.grad_checkpointing:
                 enable_checkpointing(fake)
         # the DM loss's noise levels, read before anything is cast: schedules stay fp32
         grid = t.denoiser.training_sigmas(cfg.sigma_levels)
-        # frozen networks run with their *weights* in the compute dtype (fp32 master weights stay
-        # with G and the fake); their schedule buffers stay fp32 (freeze_in_dtype)
-        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         self.real = freeze_in_dtype(t.denoiser, self.device, compute)
         if t.text_conditioned and self.guidance != 1.0:
             self.real = GuidedDenoiser(self.real, self.guidance, self.uncond).to(self.device)
@@ -168,9 +180,7 @@ class DMDTrainer:
                 torch.manual_seed(cfg.seed)
                 head = GANHead(shape).to(self.device)
         if self.use_fake:
-            fake_params = list(fake.parameters()) + (
-                list(head.parameters()) if self.use_gan else []
-            )
+            fake_params = trainable(fake) + (list(head.parameters()) if self.use_gan else [])
             opt_f = adamw(fake_params, cfg.fake_lr)
             if self.use_gan:
                 self.generator, self.opt_g, self.fake, self.opt_f, self.head = acc.prepare(
@@ -305,6 +315,19 @@ class DMDTrainer:
             getattr(opt, "optimizer", opt).found_inf = bad
         return bad
 
+    def trained_state(self, denoiser, fake: bool = False):
+        """What the EMA and checkpoints hold of a network: all of it, or its LoRA adapters."""
+        names = self.fake_names if fake else self.gen_names
+        return denoiser if names is None else lora.TrainableState(denoiser, names)
+
+    def file_network(self) -> tuple[torch.nn.Module, dict]:
+        """The EMA generator's network as its generator file stores it, and metadata to add
+        (LoRA: the merged network plus the adapters, training/lora.py)."""
+        d = self.ema_generator().denoiser
+        if self.lora is None:
+            return d, {}
+        return lora.GeneratorFileState(d), lora.file_metadata(self.lora)
+
     @property
     def unwrapped_generator(self) -> StepGenerator:
         return self.acc.unwrap_model(self.generator)
@@ -396,11 +419,12 @@ class DMDTrainer:
                 loss_g = loss_g + cfg.reg_weight * loss_reg
                 logs["loss_reg"] = loss_reg.detach()
             acc.backward(loss_g)
-        gnorm = acc.clip_grad_norm_(self.generator.parameters(), cfg.grad_clip or float("inf"))
+        params = [p for group in self.opt_g.param_groups for p in group["params"]]
+        gnorm = acc.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
         skipped = self._gate(self.opt_g, gnorm)
         self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
-        self.ema.update(self.unwrapped_generator.denoiser)
+        self.ema.update(self.trained_state(self.unwrapped_generator.denoiser))
         logs["loss_g"] = loss_g.detach()
         logs["grad_norm_g"] = torch.as_tensor(gnorm).detach()
         if skipped is not None:
@@ -508,6 +532,10 @@ class DMDTrainer:
             "ema_updates": self.ema.num_updates,
             "gan": self.use_gan,
             "generator_sigmas": self.sigmas,
+            "lora": {
+                "generator": self.lora.as_meta() if self.lora else None,
+                "fake": self.fake_lora.as_meta() if self.fake_lora else None,
+            },
         }
 
     def save(self, extra: dict | None = None) -> Path | None:
@@ -515,10 +543,10 @@ class DMDTrainer:
         self.acc.wait_for_everyone()
         path = None
         if self.acc.is_main_process:
-            models = {"generator": self.unwrapped_generator.denoiser}
+            models = {"generator": self.trained_state(self.unwrapped_generator.denoiser)}
             optims = {"generator": self.opt_g}
             if self.use_fake:
-                models["fake"] = self.acc.unwrap_model(self.fake)
+                models["fake"] = self.trained_state(self.acc.unwrap_model(self.fake), fake=True)
                 optims["fake"] = self.opt_f  # with the GAN head's parameters, when there is one
             if self.use_gan:
                 models["gan_head"] = self.acc.unwrap_model(self.head)
@@ -557,10 +585,11 @@ class DMDTrainer:
                 "from it with --init-from"
             )
         try:
-            self.unwrapped_generator.denoiser.load_state_dict(load("generator"))
+            self.trained_state(self.unwrapped_generator.denoiser).load_state_dict(load("generator"))
             self.opt_g.load_state_dict(_optim_state(load, state, "generator"))
             if self.use_fake:
-                self.acc.unwrap_model(self.fake).load_state_dict(load("fake"))
+                fake = self.trained_state(self.acc.unwrap_model(self.fake), fake=True)
+                fake.load_state_dict(load("fake"))
                 if self.use_gan:
                     self.acc.unwrap_model(self.head).load_state_dict(load("gan_head"))
                 self.opt_f.load_state_dict(_optim_state(load, state, "fake"))
@@ -582,7 +611,7 @@ class DMDTrainer:
 
     def ema_generator(self) -> StepGenerator:
         g = copy.deepcopy(self.unwrapped_generator).eval().requires_grad_(False)
-        self.ema.copy_to(g.denoiser)
+        self.ema.copy_to(self.trained_state(g.denoiser))
         return g
 
     def init_from(self, where: str) -> Path:
@@ -657,6 +686,11 @@ def generator_sigmas(cfg: DistillConfig, teacher) -> list[float]:
         return d.step_sigmas(values)
     except ValueError as e:
         raise UserError(f"--denoising-steps {cfg.denoising_steps or values}: {e}") from None
+
+
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters an optimiser takes: all of them, or a LoRA network's adapters."""
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def enable_checkpointing(denoiser: torch.nn.Module) -> None:

@@ -1,0 +1,382 @@
+"""LoRA generators and fake scores (``--lora-rank``, ``--fake-lora-rank``) through peft.
+
+Any teacher whose denoiser wraps a diffusers ``UNet2DConditionModel`` as ``.unet`` (the Stable
+Diffusion kinds) takes adapters: ``unet.add_adapter(LoraConfig)`` (diffusers' PeftAdapterMixin)
+on a copy of the teacher's UNet. The base weights stay frozen (in the compute dtype under mixed
+precision); only the adapters train, and only they go to the optimiser, the EMA and the
+checkpoints (the base is rebuilt from the teacher on resume).
+
+A generator file of a LoRA run holds the merged UNet (what ``sample``, ``eval-fid`` and
+``export --format diffusers`` read, unchanged) and, under :data:`ADAPTER_PREFIX`, the adapter
+tensors in peft's layout with the LoRA config in the metadata (what ``export --format lora``
+writes for ``pipe.load_lora_weights``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dmdctl.errors import UserError
+
+# generator files: the adapter tensors' keys start with this (the loaders drop them)
+ADAPTER_PREFIX = "lora_adapter."
+META_KEY = "lora"  # generator-file metadata: {"rank", "alpha", "targets"} as JSON
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            target_modules=list(self.targets),
+            lora_dropout=0.0,
+            init_lora_weights=True,
+        )
+
+    def as_meta(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> LoraSpec:
+        return cls(int(meta["rank"]), float(meta["alpha"]), tuple(meta["targets"]))
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in str(text).split(",") if t.strip())
+
+
+def specs(cfg) -> tuple[LoraSpec | None, LoraSpec | None]:
+    """(generator's, fake score's) LoRA of a distill config; None: full fine-tuning."""
+
+    def one(rank):
+        if not rank:
+            return None
+        alpha = cfg.lora_alpha if cfg.lora_alpha is not None else rank
+        return LoraSpec(int(rank), float(alpha), parse_targets(cfg.lora_targets))
+
+    return one(cfg.lora_rank), one(cfg.fake_lora_rank)
+
+
+def unet_of(denoiser: nn.Module) -> nn.Module:
+    unet = getattr(denoiser, "unet", None)
+    if unet is None or not callable(getattr(unet, "add_adapter", None)):
+        raise UserError(
+            "--lora-rank / --fake-lora-rank need a Stable Diffusion teacher (a diffusers UNet); "
+            "train this teacher's generator fully (leave them out)"
+        )
+    return unet
+
+
+def check(denoiser: nn.Module, spec: LoraSpec) -> None:
+    """Refuse, before anything is written, a teacher without a UNet or targets that name no
+    module of it (peft matches a target as the module's name or its dotted suffix)."""
+    names = [n for n, _ in unet_of(denoiser).named_modules()]
+    if not any(n == t or n.endswith("." + t) for t in spec.targets for n in names):
+        raise UserError(
+            f"--lora-targets {','.join(spec.targets)} names no module of the UNet (give module "
+            "name suffixes such as to_q,to_k,to_v,to_out.0)"
+        )
+
+
+def add_lora(
+    denoiser: nn.Module, spec: LoraSpec, seed: int, compute: torch.dtype | None
+) -> list[str]:
+    """Adapters on ``denoiser.unet``; the base frozen (its weights cast to ``compute`` when
+    given). Returns the trainable parameters' names. The adapters' initial weights follow
+    ``seed`` (peft draws lora_A from the global RNG)."""
+    unet = unet_of(denoiser)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            unet.add_adapter(spec.peft_config())
+        except ValueError as e:  # no module matched --lora-targets
+            raise UserError(f"--lora-targets: {str(e).splitlines()[0]}") from None
+    denoiser.requires_grad_(False)
+    names = []
+    for n, p in denoiser.named_parameters():
+        if ".lora_A." in n or ".lora_B." in n:
+            p.requires_grad_(True)
+            names.append(n)
+        elif compute is not None and p.dtype.is_floating_point:
+            p.data = p.data.to(compute)
+    return names
+
+
+class TrainableState:
+    """The state dict of a network's trainable (LoRA) parameters only, by name: what the EMA
+    averages and checkpoints hold. ``load_state_dict`` copies into the parameters, strictly."""
+
+    def __init__(self, module: nn.Module, names: list[str]):
+        self.module, self.names = module, list(names)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        params = dict(self.module.named_parameters())
+        return {n: params[n].detach() for n in self.names}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True):
+        if set(state) != set(self.names):
+            missing = sorted(set(self.names) - set(state))
+            extra = sorted(set(state) - set(self.names))
+            raise RuntimeError(
+                f"LoRA parameters differ: missing {missing[:2]}, unexpected {extra[:2]}"
+            )
+        params = dict(self.module.named_parameters())
+        for n in self.names:
+            params[n].copy_(state[n])
+
+
+def adapter_state(denoiser: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters in peft's layout (keys relative to the UNet, no adapter name)."""
+    from peft.utils import get_peft_model_state_dict
+
+    unet = unet_of(denoiser)
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def merged(denoiser: nn.Module) -> nn.Module:
+    """A copy of ``denoiser`` with the adapters merged into plain layers, in fp32: the network
+    a generator file stores."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    d = copy.deepcopy(denoiser).float()
+    for m in d.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.merge()
+    state = {
+        k.replace(".base_layer.", "."): v
+        for k, v in d.state_dict().items()
+        if ".lora_A." not in k and ".lora_B." not in k
+    }
+    unet_of(d).unload_lora()  # plain diffusers layers again
+    d.load_state_dict(state)
+    return d
+
+
+class GeneratorFileState(nn.Module):
+    """What a LoRA run's generator file holds: the merged network's state dict plus the adapter
+    tensors under :data:`ADAPTER_PREFIX` (``save_generator`` calls ``state_dict`` only)."""
+
+    def __init__(self, denoiser: nn.Module):
+        super().__init__()
+        self.full = merged(denoiser)
+        self.adapters = adapter_state(denoiser)
+        self.sigma_max = denoiser.sigma_max
+
+    def state_dict(self, *args, **kwargs):
+        out = dict(self.full.state_dict())
+        out.update({ADAPTER_PREFIX + k: v for k, v in self.adapters.items()})
+        return out
+
+
+def file_metadata(spec: LoraSpec) -> dict[str, str]:
+    return {META_KEY: json.dumps(spec.as_meta())}
+
+
+def without_adapters(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A generator file's network weights (its adapter tensors left out)."""
+    return {k: v for k, v in state.items() if not k.startswith(ADAPTER_PREFIX)}
+
+
+def write_diffusers_lora(adapters: dict[str, torch.Tensor], spec: LoraSpec, out, card: str) -> None:
+    """``out/pytorch_lora_weights.safetensors`` (diffusers' own writer, with the LoRA config as
+    its metadata so ``load_lora_weights`` applies alpha/rank) and a README.md."""
+    import inspect
+
+    from diffusers import StableDiffusionPipeline
+
+    if (
+        "unet_lora_adapter_metadata"
+        not in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters
+    ):  # without it the file would not carry alpha (diffusers would assume = rank)
+        raise UserError(
+            "--format lora needs a newer diffusers (save_lora_weights with "
+            "unet_lora_adapter_metadata): pip install -U diffusers"
+        )
+    meta = spec.peft_config().to_dict()
+    StableDiffusionPipeline.save_lora_weights(
+        str(out),
+        unet_lora_layers=adapters,
+        unet_lora_adapter_metadata=meta,
+        safe_serialization=True,
+    )
+    (out / "README.md").write_text(card)
+
+
+# --- networks of a LoRA checkpoint, and `export --format lora` ---------------------------------
+def is_lora_checkpoint(state: dict) -> bool:
+    return bool((state.get("lora") or {}).get("generator"))
+
+
+def checkpoint_network(
+    state: dict,
+    weights: dict[str, torch.Tensor],
+    teacher_path: str | None = None,
+    offline: bool = False,
+    base: bool = True,
+) -> nn.Module:
+    """The generator of a LoRA checkpoint: the teacher's network (``base``; otherwise the kind's
+    network with fresh weights, enough for the adapters alone) with the adapters loaded."""
+    from pathlib import Path
+
+    from dmdctl.teachers import get_kind, resolve_teacher
+
+    spec = LoraSpec.from_meta(state["lora"]["generator"])
+    if base:
+        cfg = state.get("config", {})
+        where = teacher_path or cfg.get("teacher_path")
+        teacher = resolve_teacher(cfg.get("teacher"), Path(where) if where else None, offline)
+        if teacher.sha256 != state.get("teacher_sha256"):
+            raise UserError(
+                f"{where or cfg.get('teacher')} is not the teacher this LoRA run was distilled "
+                "from (its sha256 differs); pass --teacher-path with the teacher's pipeline"
+            )
+        denoiser = teacher.denoiser
+    else:
+        denoiser = get_kind(state["teacher_kind"]).build(state["teacher_config"])
+    names = add_lora(denoiser, spec, 0, None)
+    try:
+        TrainableState(denoiser, names).load_state_dict(weights)
+    except RuntimeError as e:
+        raise UserError(f"the checkpoint's adapters do not fit its LoRA settings ({e})") from None
+    return denoiser.eval().requires_grad_(False)
+
+
+def model_card(
+    pipeline: str, teacher_sha256: str, train_config: dict | None, out, timesteps, spec
+) -> str:
+    from dmdctl.teachers.sd.generate import usage_call
+
+    cfg = json.dumps(train_config or {}, indent=2, sort_keys=True)
+    k = len(timesteps)
+    return f"""---
+library_name: diffusers
+base_model: {pipeline}
+tags: [lora, stable-diffusion, distillation, dmd, {"one-step" if k == 1 else "few-step"}]
+---
+
+# LoRA for a {"one" if k == 1 else str(k)}-step generator distilled with dmdctl (DMD)
+
+LoRA adapters (rank {spec.rank}, alpha {spec.alpha:g}) on the UNet of `{pipeline}` (pipeline
+identity sha256 `{teacher_sha256}`), trained with Distribution Matching Distillation (Yin et al.,
+CVPR 2024; DMD2, NeurIPS 2024). With them the UNet maps pure noise to an image at timesteps
+{timesteps}; `LCMScheduler` takes its x0 prediction at each of them and renoises it to the next.
+
+## Usage
+
+```python
+import torch
+from diffusers import LCMScheduler, StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{pipeline}", torch_dtype=torch.float16).to("cuda")
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+pipe.load_lora_weights("{out}")
+image = pipe("a photo of a cat", {usage_call(list(timesteps))}).images[0]
+```
+
+Use `guidance_scale=0`: guidance was distilled into the generator. `dmdctl sample` with this
+run's generator file gives the same images for the same seeds
+(`generator=torch.Generator().manual_seed(seed)`, one prompt per call).
+
+Target modules: {", ".join(spec.targets)}.
+
+## Training configuration
+
+```json
+{cfg}
+```
+"""
+
+
+def export(cfg, source, out) -> dict:
+    """``dmdctl export --format lora``: the adapters of a LoRA run's generator (its EMA
+    generator file, or a checkpoint) as ``pytorch_lora_weights.safetensors`` + README.md."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from dmdctl.commands.export import _checkpoint_of
+    from dmdctl.core.generator import load_generator
+    from dmdctl.teachers import GENERATOR_FORMAT, read_metadata
+    from dmdctl.training.checkpoint import load_checkpoint
+
+    source, out = Path(source), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not an empty folder; choose another --out")
+    train_config = None
+    run_file = source / "generator.safetensors"  # a run folder's EMA generator, not a checkpoint's
+    if source.is_file() or (
+        cfg.ema and run_file.is_file() and not (source / "state.json").is_file()
+    ):
+        path = source if source.is_file() else source / "generator.safetensors"
+        meta = read_metadata(path)
+        if meta.get("format") != GENERATOR_FORMAT:
+            raise UserError(f"{path} is not a dmdctl generator file")
+        if META_KEY not in meta:
+            raise UserError(
+                f"--format lora: {path} holds no LoRA adapters (a run without --lora-rank); "
+                "export it with --format diffusers or safetensors"
+            )
+        spec = LoraSpec.from_meta(json.loads(meta[META_KEY]))
+        with safe_open(str(path), framework="pt") as f:
+            adapters = {
+                k[len(ADAPTER_PREFIX) :]: f.get_tensor(k)
+                for k in f.keys()
+                if k.startswith(ADAPTER_PREFIX)
+            }
+        gen = load_generator(path)
+        denoiser, config, sha = gen.fn.denoiser, gen.config, meta["teacher_sha256"]
+        sigmas = gen.fn.sigmas
+        train_config = json.loads(meta["train_config"]) if "train_config" in meta else None
+        what = str(path)
+    else:
+        ckpt = _checkpoint_of(source)
+        if ckpt is None:
+            raise UserError(f"{source} holds no checkpoint (no state.json, no checkpoints/step-*)")
+        state, load = load_checkpoint(ckpt)
+        if not is_lora_checkpoint(state):
+            raise UserError(
+                f"--format lora: {ckpt} holds no LoRA adapters (a run without --lora-rank); "
+                "export it with --format diffusers or safetensors"
+            )
+        spec = LoraSpec.from_meta(state["lora"]["generator"])
+        denoiser = checkpoint_network(state, load("ema" if cfg.ema else "generator"), base=False)
+        adapters = adapter_state(denoiser)
+        config, sha = state["teacher_config"], state["teacher_sha256"]
+        sigmas = state.get("generator_sigmas") or [denoiser.sigma_max]
+        train_config = state.get("config")
+        what = str(ckpt)
+    timesteps = [int(t) for t in denoiser.timesteps(torch.tensor(sigmas, dtype=torch.float32))]
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    pipeline = str(config.get("pipeline", ""))
+    write_diffusers_lora(
+        adapters, spec, tmp, model_card(pipeline, sha, train_config, out, timesteps, spec)
+    )
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    from dmdctl.teachers.sd.generate import usage_call
+
+    return {
+        "out": str(out),
+        "from": what,
+        "format": "lora",
+        "lora": f"rank {spec.rank}, alpha {spec.alpha:g}, {len(adapters)} tensors",
+        "usage": f"StableDiffusionPipeline.from_pretrained('{pipeline}'); scheduler LCMScheduler; "
+        f"pipe.load_lora_weights('{out}'); pipe(prompt, {usage_call(timesteps)})",
+    }
