@@ -20,6 +20,10 @@ weights make the timings and memory those of the real model; the images are nois
 both text encoders) and times the training step only, with ``--recipe sdxl`` (DMD2's SDXL 4-step
 recipe: 5 fake-score updates, the GAN on random captioned images) or ``sdxl-1step``; the sampling
 and make-pairs rows are SD1.5's (StableDiffusionPipeline) and are skipped for SDXL shapes.
+``--lora-ranks 0 64`` measures full fine-tuning and a rank-64 LoRA generator side by side:
+
+    python -m benchmarks.sd_step --size sdxl --recipe sdxl --batch-sizes 1 2 4 \
+        --checkpointing off on --lora-ranks 0 64 --json sdxl.json
 """
 
 from __future__ import annotations
@@ -97,7 +101,14 @@ def lever_settings(lever: str) -> dict:
 
 
 def recipe_config(
-    folder: Path, prompts: Path, pairs: Path | None, args, batch: int, ckpt: bool, lever: str
+    folder: Path,
+    prompts: Path,
+    pairs: Path | None,
+    args,
+    batch: int,
+    ckpt: bool,
+    lever: str,
+    lora_rank: int = 0,
 ):
     """The preset's own settings (docs/RECIPES.md), with the benchmark's shapes on top."""
     from dmdctl.settings.distill import DistillConfig
@@ -108,7 +119,7 @@ def recipe_config(
         teacher_path=str(folder),
         prompts=str(prompts),
         pairs=str(pairs) if pairs else None,
-        out=str(folder.parent / f"run-{batch}-{ckpt}"),
+        out=str(folder.parent / f"run-{batch}-{ckpt}-{lora_rank}"),
         batch_size=batch,
         pair_batch_size=batch,
         mixed_precision=args.precision,
@@ -120,6 +131,11 @@ def recipe_config(
     )
     if args.fake_updates:
         values["fake_updates"] = args.fake_updates
+    if lora_rank:  # LoRA adapters on the generator (the recipe's alpha, or alpha = rank)
+        values["lora_rank"] = lora_rank
+    else:
+        values.pop("lora_rank", None)
+        values.pop("lora_alpha", None)
     if args.reg_loss:
         values["reg_loss"] = args.reg_loss
     if args.denoising_steps:
@@ -180,16 +196,22 @@ def train_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
     gpu_name, peak = peak_tflops(device)
     print(f"device: {gpu_name}; dense bf16 peak: {peak or 'unknown'} TFLOP/s", flush=True)
     rows = []
-    cases = [(b, c, lv) for b in args.batch_sizes for c in args.checkpointing for lv in args.levers]
-    for batch, ckpt, lever in cases:
-        cfg = recipe_config(folder, prompts, pairs, args, batch, ckpt, lever)
+    cases = [
+        (b, c, lv, r)
+        for r in args.lora_ranks
+        for b in args.batch_sizes
+        for c in args.checkpointing
+        for lv in args.levers
+    ]
+    for batch, ckpt, lever, rank in cases:
+        cfg = recipe_config(folder, prompts, pairs, args, batch, ckpt, lever, rank)
         cfg.validate()
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
         trainer = None
-        row = {"lever": lever, "grad_checkpointing": ckpt, "batch_per_gpu": batch}
+        row = {"lever": lever, "grad_checkpointing": ckpt, "batch_per_gpu": batch, "lora": rank}
         try:
             trainer = DMDTrainer(cfg, acc)
             t0 = time.perf_counter()
@@ -219,7 +241,7 @@ def train_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
             continue
         if flops is None:  # the levers change kernels, not the arithmetic: the base row's count
             flops = next((r["flops"] for r in rows if r.get("flops") and r["batch_per_gpu"] == batch
-                          and r["grad_checkpointing"] == ckpt), None)  # fmt: skip
+                          and r["grad_checkpointing"] == ckpt and r["lora"] == rank), None)  # fmt: skip
         finite = all(torch.isfinite(v).all().item() for v in logs.values())
         peak_mem = (
             torch.cuda.max_memory_allocated() / 2**30
@@ -436,6 +458,13 @@ def main() -> None:
         help="speed levers measured side by side, each on a fresh trainer",
     )
     ap.add_argument("--count-all", action="store_true", help="count FLOPs for every lever")
+    ap.add_argument(
+        "--lora-ranks",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="generator LoRA ranks to measure side by side (0: full fine-tuning)",
+    )
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
     ap.add_argument(
         "--checkpointing",
@@ -493,12 +522,16 @@ def main() -> None:
         "and the fake score, frozen real UNet's weights in the compute dtype. MFU: the step's "
         "FLOPs (torch's FLOP counter, at these shapes) / step time / the device's dense bf16 peak.",
         "",
-        "| lever | grad ckpt | batch/GPU | fake updates | step (s) | first step (s) | images/s "
-        "| TFLOP/s | MFU | host syncs | peak memory (GiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| lever | generator | grad ckpt | batch/GPU | fake updates | step (s) | first step (s) "
+        "| images/s | TFLOP/s | MFU | host syncs | peak memory (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in train:
-        lead = f"| {r['lever']} | {'on' if r['grad_checkpointing'] else 'off'} | {r['batch_per_gpu']} |"
+        what = f"LoRA {r['lora']}" if r["lora"] else "full"
+        lead = (
+            f"| {r['lever']} | {what} | {'on' if r['grad_checkpointing'] else 'off'} "
+            f"| {r['batch_per_gpu']} |"
+        )
         if r.get("oom"):
             body.append(f"{lead} | out of memory | | | | | | |")
             continue

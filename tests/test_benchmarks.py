@@ -71,12 +71,13 @@ def test_sdxl_step_benchmark_runs_at_tiny_size(bench_root, monkeypatch, capsys, 
 
     argv = ["sd_step", "--size", "tiny-xl", "--recipe", "sdxl", "--device", "cpu",
             "--batch-sizes", "2", "--checkpointing", "off", "--steps", "1", "--warmup", "1",
-            "--precision", "no"]  # fmt: skip
+            "--precision", "no", "--lora-ranks", "0", "4"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     sd_step.main()
     out = capsys.readouterr().out
-    row = re.search(r"\| base \| off \| 2 \| 5 \| (\d+\.\d+) \|", out)
-    assert row and float(row.group(1)) > 0, out
+    for what in ("full", "LoRA 4"):  # full fine-tuning and LoRA side by side
+        row = re.search(rf"\| base \| {what} \| off \| 2 \| 5 \| (\d+\.\d+) \|", out)
+        assert row and float(row.group(1)) > 0, out
     assert '"generator_steps": 4' in out and '"gan": true' in out
     monkeypatch.setattr(sys, "argv", ["sd_step", "--size", "tiny-xl", "--recipe", "sd15"])
     with pytest.raises(SystemExit):

@@ -230,3 +230,33 @@ def test_lora_export_of_a_full_run_is_refused(sd_pipe, prompts_file, tmp_path):
         out = tmp_path / "lora"
         one_line_error(run("export", source, "--format", "lora", "-o", out), "no LoRA adapters")
         assert not out.exists()
+
+
+def test_bf16_lora_file_merges_into_the_teachers_own_weights(sd_pipe, prompts_file, tmp_path):
+    """Under bf16 the adapters train over a bf16 copy of the base; the generator file merges them
+    into the teacher's fp32 weights, so `dmdctl sample` equals the teacher with the exported
+    LoRA loaded (stock diffusers), as a checkpoint's export does."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from dmdctl.core.generator import load_generator
+    from dmdctl.teachers.sd.generate import text_to_image
+
+    run_dir = tmp_path / "run"
+    ok(
+        run(
+            "distill", "--teacher", "sd15", "--teacher-path", sd_pipe, "--prompts", prompts_file,
+            "--batch-size", 2, "--fake-updates", 1, "--plot-samples", 0, "--steps", 2,
+            "--mixed-precision", "bf16", "--lr", 1e-2, "--lora-rank", RANK, "--cpu",
+            "--out", run_dir,
+        )
+    )  # fmt: skip
+    gen = load_generator(run_dir / "generator.safetensors")
+    ours = text_to_image(gen.fn, sd_pipe, gen.config, PROMPTS[:2], [3, 4], "cpu")
+    ok(run("export", run_dir, "--format", "lora", "-o", tmp_path / "lora"))
+    pipe = StableDiffusionPipeline.from_pretrained(sd_pipe)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(tmp_path / "lora")
+    for i, prompt in enumerate(PROMPTS[:2]):
+        theirs = pipe(prompt, timesteps=[999], guidance_scale=0, output_type="pt",
+                      generator=torch.Generator().manual_seed(3 + i)).images[0]  # fmt: skip
+        torch.testing.assert_close(theirs, ours[i], rtol=0, atol=2e-5)

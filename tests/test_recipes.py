@@ -40,6 +40,7 @@ RECIPE_PRESETS = [
     "sd15-gan",
     "sd15-dmd",
     "sdxl",
+    "sdxl-lora",
     "sdxl-1step",
     "edm-imagenet64",
     "edm-imagenet64-gan",

@@ -224,3 +224,48 @@ def test_the_wrong_architecture_is_refused_in_one_line(xl_pipe, sd_pipe, prompts
                 f"is an {says} pipeline", f"--teacher {teacher} is a recipe for",
             )  # fmt: skip
             assert not out.exists()
+
+
+def test_sdxl_lora_run_exports_adapters_and_a_merged_pipeline(xl_pipe, prompts_file, tmp_path):
+    """--teacher sdxl-lora (DMD2's SDXL LoRA recipe: rank 64, alpha 8, here rank 4): the
+    adapters exported with --format lora, loaded by stock StableDiffusionXLPipeline onto the
+    teacher, and the merged --format diffusers folder both give `dmdctl sample`'s images."""
+    import tomllib
+
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
+    from dmdctl.core.generator import load_generator
+    from dmdctl.teachers.sd.generate import text_to_image
+
+    run_dir = tmp_path / "run"
+    ok(
+        run(
+            "distill", "--teacher", "sdxl-lora", "--teacher-path", xl_pipe, "--prompts",
+            prompts_file, "--gan-weight", 0, "--lora-rank", 4, "--steps", 2, "--batch-size", 2,
+            "--fake-updates", 1, "--plot-samples", 0, "--lr", 1e-2, "--mixed-precision", "no",
+            "--cpu", "--out", run_dir,
+        )
+    )  # fmt: skip
+    used = tomllib.loads((run_dir / "config.toml").read_text())
+    assert used["lora_rank"] == 4 and used["lora_alpha"] == 8.0
+    gen = load_generator(run_dir / "generator.safetensors")
+    ours = text_to_image(gen.fn, xl_pipe, gen.config, PROMPTS[:2], [5, 6], "cpu")
+    steps = [999, 749, 499, 249]
+    ok(run("export", run_dir, "--format", "lora", "-o", tmp_path / "lora"))
+    assert "StableDiffusionXLPipeline" in (tmp_path / "lora" / "README.md").read_text()
+    with_lora = StableDiffusionXLPipeline.from_pretrained(xl_pipe)
+    with_lora.scheduler = LCMScheduler.from_config(with_lora.scheduler.config)
+    plain = [
+        with_lora(p, timesteps=steps, guidance_scale=0, output_type="pt",
+                  generator=torch.Generator().manual_seed(5 + i)).images[0]
+        for i, p in enumerate(PROMPTS[:2])
+    ]  # fmt: skip
+    with_lora.load_lora_weights(tmp_path / "lora")
+    ok(run("export", run_dir, "--format", "diffusers", "-o", tmp_path / "full"))
+    merged = StableDiffusionXLPipeline.from_pretrained(tmp_path / "full")
+    for i, prompt in enumerate(PROMPTS[:2]):
+        for pipe in (with_lora, merged):
+            theirs = pipe(prompt, timesteps=steps, guidance_scale=0, output_type="pt",
+                          generator=torch.Generator().manual_seed(5 + i)).images[0]  # fmt: skip
+            torch.testing.assert_close(theirs, ours[i], rtol=0, atol=2e-5)
+        assert (plain[i] - ours[i]).abs().max() > 1e-3  # the adapters changed the images

@@ -190,23 +190,29 @@ def without_adapters(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith(ADAPTER_PREFIX)}
 
 
-def write_diffusers_lora(adapters: dict[str, torch.Tensor], spec: LoraSpec, out, card: str) -> None:
-    """``out/pytorch_lora_weights.safetensors`` (diffusers' own writer, with the LoRA config as
-    its metadata so ``load_lora_weights`` applies alpha/rank) and a README.md."""
+def write_diffusers_lora(
+    adapters: dict[str, torch.Tensor], spec: LoraSpec, out, card: str, arch: str = "sd"
+) -> None:
+    """``out/pytorch_lora_weights.safetensors`` (diffusers' own writer for the teacher's pipeline
+    class, with the LoRA config as its metadata so ``load_lora_weights`` applies alpha/rank) and
+    a README.md."""
     import inspect
 
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
+    from dmdctl.teachers.sd.generate import PIPELINE_CLASSES
+
+    pipeline_cls = getattr(diffusers, PIPELINE_CLASSES[arch])
     if (
         "unet_lora_adapter_metadata"
-        not in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters
+        not in inspect.signature(pipeline_cls.save_lora_weights).parameters
     ):  # without it the file would not carry alpha (diffusers would assume = rank)
         raise UserError(
             "--format lora needs a newer diffusers (save_lora_weights with "
             "unet_lora_adapter_metadata): pip install -U diffusers"
         )
     meta = spec.peft_config().to_dict()
-    StableDiffusionPipeline.save_lora_weights(
+    pipeline_cls.save_lora_weights(
         str(out),
         unet_lora_layers=adapters,
         unet_lora_adapter_metadata=meta,
@@ -255,16 +261,17 @@ def checkpoint_network(
 
 
 def model_card(
-    pipeline: str, teacher_sha256: str, train_config: dict | None, out, timesteps, spec
+    pipeline: str, teacher_sha256: str, train_config: dict | None, out, timesteps, spec, arch="sd"
 ) -> str:
-    from dmdctl.teachers.sd.generate import usage_call
+    from dmdctl.teachers.sd.generate import PIPELINE_CLASSES, usage_call
 
+    cls = PIPELINE_CLASSES[arch]
     cfg = json.dumps(train_config or {}, indent=2, sort_keys=True)
     k = len(timesteps)
     return f"""---
 library_name: diffusers
 base_model: {pipeline}
-tags: [lora, stable-diffusion, distillation, dmd, {"one-step" if k == 1 else "few-step"}]
+tags: [lora, {"stable-diffusion-xl" if arch == "sdxl" else "stable-diffusion"}, distillation, dmd, {"one-step" if k == 1 else "few-step"}]
 ---
 
 # LoRA for a {"one" if k == 1 else str(k)}-step generator distilled with dmdctl (DMD)
@@ -278,9 +285,9 @@ CVPR 2024; DMD2, NeurIPS 2024). With them the UNet maps pure noise to an image a
 
 ```python
 import torch
-from diffusers import LCMScheduler, StableDiffusionPipeline
+from diffusers import LCMScheduler, {cls}
 
-pipe = StableDiffusionPipeline.from_pretrained("{pipeline}", torch_dtype=torch.float16).to("cuda")
+pipe = {cls}.from_pretrained("{pipeline}", torch_dtype=torch.float16).to("cuda")
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
 pipe.load_lora_weights("{out}")
 image = pipe("a photo of a cat", {usage_call(list(timesteps))}).images[0]
@@ -363,20 +370,19 @@ def export(cfg, source, out) -> dict:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    pipeline = str(config.get("pipeline", ""))
-    write_diffusers_lora(
-        adapters, spec, tmp, model_card(pipeline, sha, train_config, out, timesteps, spec)
-    )
+    pipeline, arch = str(config.get("pipeline", "")), config.get("arch", "sd")
+    card = model_card(pipeline, sha, train_config, out, timesteps, spec, arch)
+    write_diffusers_lora(adapters, spec, tmp, card, arch)
     if out.exists():
         out.rmdir()
     tmp.rename(out)
-    from dmdctl.teachers.sd.generate import usage_call
+    from dmdctl.teachers.sd.generate import PIPELINE_CLASSES, usage_call
 
     return {
         "out": str(out),
         "from": what,
         "format": "lora",
         "lora": f"rank {spec.rank}, alpha {spec.alpha:g}, {len(adapters)} tensors",
-        "usage": f"StableDiffusionPipeline.from_pretrained('{pipeline}'); scheduler LCMScheduler; "
+        "usage": f"{PIPELINE_CLASSES[arch]}.from_pretrained('{pipeline}'); scheduler LCMScheduler; "
         f"pipe.load_lora_weights('{out}'); pipe(prompt, {usage_call(timesteps)})",
     }

@@ -326,6 +326,17 @@ class DMDTrainer:
         d = self.ema_generator().denoiser
         if self.lora is None:
             return d, {}
+        if self.cfg.mixed_precision in ("bf16", "fp16"):
+            # the base trained in the compute dtype: the file merges the adapters into the
+            # teacher's own weights instead, as load_lora_weights on the teacher and an export
+            # from a checkpoint do (so `sample` and the exported LoRA agree)
+            weights = lora.TrainableState(d, self.gen_names).state_dict()
+            state = {
+                "lora": {"generator": self.lora.as_meta()},
+                "config": asdict(self.cfg),
+                "teacher_sha256": self.teacher.sha256,
+            }
+            d = lora.checkpoint_network(state, weights, offline=self.cfg.offline)
         return lora.GeneratorFileState(d), lora.file_metadata(self.lora)
 
     @property

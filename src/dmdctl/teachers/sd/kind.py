@@ -100,6 +100,21 @@ class StableDiffusion(TeacherKind):
                 "pairs": sdxl_pairs,
                 "distill": dict(sdxl, denoising_steps="999,749,499,249"),
             },
+            # DMD2's SDXL 4-step LoRA generator (..._backsim_scratch_lora.sh: --generator_lora,
+            # lr 5e-5; rank 64, alpha 8 from train_sd.py's defaults); the fake score is full
+            "sdxl-lora": {
+                "pipeline": SDXL_HUB_ID,
+                "arch": "sdxl",
+                "pairs": sdxl_pairs,
+                "distill": dict(
+                    sdxl,
+                    denoising_steps="999,749,499,249",
+                    lr=5e-5,
+                    fake_lr=5e-5,
+                    lora_rank=64,
+                    lora_alpha=8.0,
+                ),
+            },
             # DMD2's SDXL 1-step generator at conditioning timestep 399, from a generator
             # pretrained by regression on pairs (..._cond399_..._1step_..._noode.sh)
             "sdxl-1step": {
