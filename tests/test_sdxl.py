@@ -231,7 +231,6 @@ def test_sdxl_lora_run_exports_adapters_and_a_merged_pipeline(xl_pipe, prompts_f
     adapters exported with --format lora, loaded by stock StableDiffusionXLPipeline onto the
     teacher, and the merged --format diffusers folder both give `dmdctl sample`'s images."""
     import tomllib
-
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
 
     from dmdctl.core.generator import load_generator
