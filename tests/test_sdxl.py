@@ -138,6 +138,7 @@ def test_sdxl_dmd2_4_step_gan_run_exports_to_stock_diffusers(xl_pipe, prompts_fi
     images for the same seeds."""
     import tomllib
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
+    from safetensors.torch import load_file
 
     from dmdctl.core.generator import load_generator
     from dmdctl.teachers.sd.generate import text_to_image
@@ -182,9 +183,14 @@ def test_sdxl_dmd2_4_step_gan_run_exports_to_stock_diffusers(xl_pipe, prompts_fi
     )  # fmt: skip
     index = [json.loads(x) for x in (samples / "images.jsonl").read_text().splitlines()]
     export = tmp_path / "export"
-    ok(run("export", run_dir, "--format", "diffusers", "-o", export))
+    r = ok(run("export", run_dir, "--format", "diffusers", "-o", export))
+    assert "StableDiffusionXLPipeline.from_pretrained" in r.output
     card = (export / "README.md").read_text()
     assert "StableDiffusionXLPipeline" in card and "timesteps=[999, 749, 499, 249]" in card
+    # a checkpoint folder exports too (its own generator.safetensors is not an EMA file)
+    ckpt = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    ok(run("export", ckpt, "--format", "diffusers", "-o", tmp_path / "from-ckpt"))
+    assert load_file(str(tmp_path / "from-ckpt" / "unet" / "diffusion_pytorch_model.safetensors"))
     pipe = StableDiffusionXLPipeline.from_pretrained(export)
     assert isinstance(pipe.scheduler, LCMScheduler)
     ours = text_to_image(gen.fn, xl_pipe, gen.config, PROMPTS[:2], [5, 6], "cpu")

@@ -30,6 +30,18 @@ def _checkpoint_of(source: Path) -> Path | None:
     return None
 
 
+def generator_file_of(source: Path, ema: bool) -> Path | None:
+    """The generator file an export reads: ``source`` itself, or a run folder's EMA generator
+    (not for a checkpoint folder, which holds its own generator.safetensors, nor for --no-ema,
+    which reads the checkpoint). None: export from a checkpoint."""
+    if source.is_file():
+        return source
+    run_file = source / "generator.safetensors"
+    if ema and run_file.is_file() and not (source / "state.json").is_file():
+        return run_file
+    return None
+
+
 def _from_checkpoint(source: Path, ema: bool, teacher_path=None, offline=False):
     """(checkpoint folder, its state, the generator's denoiser with EMA or raw weights; of a
     LoRA run: the teacher's network with the adapters, training/lora.py)."""
@@ -97,9 +109,8 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
     from dmdctl.teachers.sd.generate import export_diffusers
 
     train_config = None
-    # a run folder's generator.safetensors is its EMA generator; --no-ema reads the checkpoint
-    if source.is_file() or (cfg.ema and (source / "generator.safetensors").is_file()):
-        path = source if source.is_file() else source / "generator.safetensors"
+    path = generator_file_of(source, cfg.ema)
+    if path is not None:
         meta = read_metadata(path)
         if meta.get("format") != GENERATOR_FORMAT:
             raise UserError(f"{path} is not a dmdctl generator file")
@@ -131,7 +142,7 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
         config, sha, what = state["teacher_config"], state["teacher_sha256"], str(ckpt)
         train_config = state.get("config")
         sigmas = state.get("generator_sigmas") or [denoiser.sigma_max]
-    from dmdctl.teachers.sd.generate import usage_call
+    from dmdctl.teachers.sd.generate import PIPELINE_CLASSES, usage_call
 
     timesteps = [int(t) for t in denoiser.timesteps(torch.tensor(sigmas, dtype=torch.float32))]
     folder = export_diffusers(
@@ -143,7 +154,7 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
         "from": what,
         "format": "diffusers",
         "scheduler": f"LCMScheduler ({steps}, t={','.join(map(str, timesteps))})",
-        "usage": f"StableDiffusionPipeline.from_pretrained('{folder}')"
+        "usage": f"{PIPELINE_CLASSES[config.get('arch', 'sd')]}.from_pretrained('{folder}')"
         f"(prompt, {usage_call(timesteps)})",
     }
 

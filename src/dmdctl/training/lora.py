@@ -315,7 +315,7 @@ def export(cfg, source, out) -> dict:
 
     from safetensors import safe_open
 
-    from dmdctl.commands.export import _checkpoint_of
+    from dmdctl.commands.export import _checkpoint_of, generator_file_of
     from dmdctl.core.generator import load_generator
     from dmdctl.teachers import GENERATOR_FORMAT, read_metadata
     from dmdctl.training.checkpoint import load_checkpoint
@@ -324,11 +324,8 @@ def export(cfg, source, out) -> dict:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty folder; choose another --out")
     train_config = None
-    run_file = source / "generator.safetensors"  # a run folder's EMA generator, not a checkpoint's
-    if source.is_file() or (
-        cfg.ema and run_file.is_file() and not (source / "state.json").is_file()
-    ):
-        path = source if source.is_file() else source / "generator.safetensors"
+    path = generator_file_of(source, cfg.ema)
+    if path is not None:
         meta = read_metadata(path)
         if meta.get("format") != GENERATOR_FORMAT:
             raise UserError(f"{path} is not a dmdctl generator file")
