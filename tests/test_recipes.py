@@ -42,6 +42,7 @@ RECIPE_PRESETS = [
     "sdxl",
     "sdxl-lora",
     "sdxl-1step",
+    "sd3",
     "edm-imagenet64",
     "edm-imagenet64-gan",
     "edm-cifar10",

@@ -186,7 +186,9 @@ def _captioned_latents(folder: Path, teacher, cache_dir: Path, device) -> RealDa
         raise UserError(f"--real-data {folder}: expected a folder of images with {CAPTIONS_FILE}")
     files, captions = _read_captions(folder)
     stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    key = hashlib.sha256(json.dumps([stamp, captions, teacher.sha256]).encode()).hexdigest()
+    from dmdctl.teachers.sd.pipeline import text_identity
+
+    key = hashlib.sha256(json.dumps([stamp, captions, text_identity(teacher)]).encode()).hexdigest()
     cache = cache_dir / CACHE_FILE
     description = f"{folder} ({len(files)} captioned images, latents cached in {cache})"
     d = load_cached_safetensors(cache, key)

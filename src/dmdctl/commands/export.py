@@ -6,8 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from dmdctl.commands import show
 from dmdctl.core.generator import load_generator, save_generator
 from dmdctl.errors import UserError
@@ -142,20 +140,22 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
         config, sha, what = state["teacher_config"], state["teacher_sha256"], str(ckpt)
         train_config = state.get("config")
         sigmas = state.get("generator_sigmas") or [denoiser.sigma_max]
-    from dmdctl.teachers.sd.generate import PIPELINE_CLASSES, usage_call
+    from dmdctl.teachers.sd.generate import PIPELINE_CLASSES, step_scheduler, usage_call
 
-    timesteps = [int(t) for t in denoiser.timesteps(torch.tensor(sigmas, dtype=torch.float32))]
+    arch = config.get("arch", "sd")
+    timesteps = denoiser.step_values(list(sigmas))
     folder = export_diffusers(
         denoiser.eval(), config, sha, out, cfg.teacher_path, cfg.offline, train_config, timesteps
     )
     steps = "1 step" if len(timesteps) == 1 else f"{len(timesteps)} steps"
+    _, scheduler = step_scheduler(arch, timesteps, {})
     return {
         "out": str(folder),
         "from": what,
         "format": "diffusers",
-        "scheduler": f"LCMScheduler ({steps}, t={','.join(map(str, timesteps))})",
-        "usage": f"{PIPELINE_CLASSES[config.get('arch', 'sd')]}.from_pretrained('{folder}')"
-        f"(prompt, {usage_call(timesteps)})",
+        "scheduler": f"{scheduler} ({steps}, t={','.join(f'{t:g}' for t in timesteps)})",
+        "usage": f"{PIPELINE_CLASSES[arch]}.from_pretrained('{folder}')"
+        f"(prompt, {usage_call(timesteps, arch)})",
     }
 
 

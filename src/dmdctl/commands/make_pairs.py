@@ -91,7 +91,7 @@ class PromptPairs:
 def make_pairs(cfg: MakePairsConfig) -> dict:
     cfg.validate()
     teacher = resolve_teacher(
-        cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None, cfg.offline
+        cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None, cfg.offline, cfg.no_t5
     )
     if cfg.steps == 0:
         cfg.steps = teacher.kind.default_steps_for(teacher.config)

@@ -212,6 +212,10 @@ class FlowDenoiser(Denoiser):
             raise ValueError(f"{type(self.velocity).__name__} exposes no bottleneck features")
         return fn()
 
+    def step_values(self, sigmas: list[float]) -> list[float]:
+        """A generator's steps as t values (1.0 for pure noise)."""
+        return [1.0 if math.isinf(s) else round(float(s) / (1 + float(s)), 6) for s in sigmas]
+
     def velocity_at(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         """The network's velocity (float32) on ``x_t`` at times ``t`` ([N] or scalar)."""
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).reshape(-1)

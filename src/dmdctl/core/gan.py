@@ -30,19 +30,32 @@ class GANHead(nn.Module):
     On maps: stride-2 4x4 convolutions (each with GroupNorm and SiLU) until the side is at most
     4, one convolution over what is left (to 1x1), then a 1x1 convolution to the logit; on 8x8
     features this is DMD2's SD1.5/ImageNet head, on 32x32 its SDXL head (the layer pattern is
-    theirs, the code ours). On vectors: a two-layer MLP.
+    theirs, the code ours). On vectors: a two-layer MLP. On ``[N, tokens, C]`` (a transformer's
+    image tokens, a square grid of patches in row-major order): the tokens laid back out as a
+    ``[C, side, side]`` map, then the map head.
     """
 
     def __init__(self, feature_shape: tuple[int, ...]):
         super().__init__()
         self.feature_shape = tuple(int(s) for s in feature_shape)
+        self.grid = None
         if len(self.feature_shape) == 1:
             (c,) = self.feature_shape
             self.net = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, 1))
             return
-        if len(self.feature_shape) != 3:
-            raise ValueError(f"a GAN head reads [C] or [C, H, W] features, got {feature_shape}")
-        c, h, w = self.feature_shape
+        shape = self.feature_shape
+        if len(shape) == 2:
+            n, c = shape
+            side = math.isqrt(n)
+            if side * side != n:
+                raise ValueError(f"{n} image tokens do not form a square grid")
+            self.grid = (side, side)
+            shape = (c, side, side)
+        if len(shape) != 3:
+            raise ValueError(
+                f"a GAN head reads [C], [C, H, W] or [tokens, C] features, got {shape}"
+            )
+        c, h, w = shape
         layers: list[nn.Module] = []
         side = min(h, w)
         while side > 4:
@@ -53,22 +66,30 @@ class GANHead(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.grid is not None:
+            feats = feats.transpose(1, 2).reshape(feats.shape[0], -1, *self.grid)
         return self.net(feats.float()).flatten(1).mean(1)
 
 
 @contextlib.contextmanager
-def tap(module: nn.Module):
-    """Collect ``module``'s outputs while the block runs (a forward hook, removed after)."""
+def tap(module: nn.Module, index: int = 0):
+    """Collect ``module``'s outputs while the block runs (a forward hook, removed after); of a
+    block returning a tuple, item ``index`` (SD3's joint blocks: 1, the image tokens)."""
     seen: list[torch.Tensor] = []
 
     def hook(_m, _inputs, output):
-        seen.append(output[0] if isinstance(output, tuple) else output)
+        seen.append(output[index] if isinstance(output, tuple) else output)
 
     handle = module.register_forward_hook(hook)
     try:
         yield seen
     finally:
         handle.remove()
+
+
+def bottleneck_tap(denoiser: nn.Module):
+    """:func:`tap` on the denoiser's bottleneck (the item of a tuple output it names)."""
+    return tap(denoiser.bottleneck(), getattr(denoiser, "bottleneck_output", 0))
 
 
 @contextlib.contextmanager
@@ -88,7 +109,7 @@ def frozen(*modules: nn.Module):
 def feature_shape(denoiser: nn.Module, sample_shape, sigma: float, cond) -> tuple[int, ...]:
     """The bottleneck's output shape (without the batch), from one sample through ``denoiser``."""
     x = torch.zeros(1, *sample_shape, device=next(denoiser.parameters()).device)
-    with torch.no_grad(), tap(denoiser.bottleneck()) as seen:
+    with torch.no_grad(), bottleneck_tap(denoiser) as seen:
         denoiser(x, torch.full((1,), sigma, device=x.device), cond)
     if not seen:
         raise ValueError("the bottleneck module did not run")

@@ -40,6 +40,16 @@ def offline_option(help: str = OFFLINE_HELP) -> Any:
     return option(False, help)
 
 
+NO_T5_HELP = (
+    "SD3 teachers: leave out the T5 text encoder (4.7B parameters in SD3), as diffusers' "
+    "pipeline does with text_encoder_3=None: T5's tokens are zeros; sample and export follow."
+)
+
+
+def no_t5_option() -> Any:
+    return option(False, NO_T5_HELP)
+
+
 def device_option() -> Any:
     return option("auto", DEVICE_HELP)
 

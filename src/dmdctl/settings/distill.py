@@ -10,6 +10,7 @@ from dmdctl.config import Settings
 from dmdctl.errors import require
 from dmdctl.options import option
 from dmdctl.settings.common import (
+    no_t5_option,
     offline_option,
     prompts_option,
     report_to_option,
@@ -202,6 +203,7 @@ class DistillConfig(Settings):
         "Train on pairs made with another CFG scale than the real score's (refused by default: "
         "the two losses would pull toward different distributions).",
     )
+    no_t5: bool = no_t5_option()
     offline: bool = offline_option()
     report_to: str = report_to_option()
 

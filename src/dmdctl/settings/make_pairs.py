@@ -10,6 +10,7 @@ from dmdctl.config import Settings
 from dmdctl.options import option
 from dmdctl.settings.common import (
     device_option,
+    no_t5_option,
     offline_option,
     prompts_option,
     teacher_option,
@@ -17,7 +18,7 @@ from dmdctl.settings.common import (
 )
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
-SCHEDULERS = ("pndm", "ddim", "euler", "euler-trailing")
+SCHEDULERS = ("pndm", "ddim", "euler", "euler-trailing", "flow-euler")
 
 
 @dataclass
@@ -45,7 +46,8 @@ class MakePairsConfig(Settings):
         "pndm",
         "Text-to-image teachers: the sampler (diffusers' scheduler of that name, from the "
         "pipeline's scheduler config; euler-trailing: Euler with trailing timestep spacing, "
-        "DMD2's SDXL pair sampler). The teacher's pairs recipe sets it when not given.",
+        "DMD2's SDXL pair sampler; flow-euler: SD3's FlowMatchEulerDiscreteScheduler). The "
+        "teacher's pairs recipe sets it when not given.",
         choices=SCHEDULERS,
     )
     # None: no guidance, unless the teacher's pairs recipe (preset layer) sets it
@@ -54,11 +56,12 @@ class MakePairsConfig(Settings):
         "Text-to-image teachers: CFG scale (1: none), by default the pairs recipe's (the DMD "
         "paper's, equal to its real score's guidance).",
         min=1,
-        show_default="sd15 3.0, sd15-dmd 3.0, sdxl 8.0",
+        show_default="sd15 3.0, sd15-dmd 3.0, sdxl 8.0, sd3 7.0",
     )
     save_images: bool = option(
         False, "Text-to-image teachers: also store the decoded images (uint8)."
     )
+    no_t5: bool = no_t5_option()
     offline: bool = offline_option()
 
     @staticmethod

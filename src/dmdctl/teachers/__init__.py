@@ -230,9 +230,13 @@ def load_teacher(path: Path, expected: str | None = None) -> Teacher:
 
 
 def resolve_teacher(
-    teacher: str | None, teacher_path: Path | str | None, offline: bool = False
+    teacher: str | None,
+    teacher_path: Path | str | None,
+    offline: bool = False,
+    no_t5: bool = False,
 ) -> Teacher:
-    """The teacher named by ``--teacher`` / ``--teacher-path`` on any command."""
+    """The teacher named by ``--teacher`` / ``--teacher-path`` on any command (``no_t5``: an SD3
+    teacher without its T5 text encoder)."""
     from dmdctl.teachers.sd.pipeline import is_pipeline_folder
 
     sd_named = teacher is not None and get_kind(teacher).name == StableDiffusion.name
@@ -247,7 +251,7 @@ def resolve_teacher(
         from dmdctl.teachers.sd.teacher import load_sd_teacher
 
         preset = teacher if teacher is not None and teacher != StableDiffusion.name else None
-        return load_sd_teacher(str(teacher_path), offline, preset)
+        return load_sd_teacher(str(teacher_path), offline, preset, no_t5)
     if teacher_path is None:
         if teacher is None:
             raise UserError(
@@ -262,4 +266,6 @@ def resolve_teacher(
                 + (hint or f"train one with `dmdctl train-teacher {kind.name} --out DIR`")
             )
         teacher_path = default
+    if no_t5:
+        raise UserError("--no-t5 is for SD3 teachers (their third text encoder is T5)")
     return load_teacher(teacher_path, expected=teacher)

@@ -115,6 +115,8 @@ RESUME_MUST_MATCH = (
     "lora_alpha",
     "lora_targets",
     "fake_lora_rank",
+    # SD3 without T5: the cached prompt embeddings and the generator's conditioning differ
+    "no_t5",
 )
 
 

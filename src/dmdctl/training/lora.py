@@ -1,8 +1,8 @@
 """LoRA generators and fake scores (``--lora-rank``, ``--fake-lora-rank``) through peft.
 
-Any teacher whose denoiser wraps a diffusers ``UNet2DConditionModel`` as ``.unet`` (the Stable
-Diffusion kinds) takes adapters: ``unet.add_adapter(LoraConfig)`` (diffusers' PeftAdapterMixin)
-on a copy of the teacher's UNet. The base weights stay frozen (in the compute dtype under mixed
+Any teacher whose denoiser wraps a diffusers model as ``.network`` (the Stable Diffusion kinds:
+SD1.x/2.x and SDXL UNets, SD3's transformer) takes adapters: ``add_adapter(LoraConfig)``
+(diffusers' PeftAdapterMixin) on a copy of the teacher's network. The base weights stay frozen (in the compute dtype under mixed
 precision); only the adapters train, and only they go to the optimiser, the EMA and the
 checkpoints (the base is rebuilt from the teacher on resume).
 
@@ -70,7 +70,8 @@ def specs(cfg) -> tuple[LoraSpec | None, LoraSpec | None]:
 
 
 def unet_of(denoiser: nn.Module) -> nn.Module:
-    unet = getattr(denoiser, "unet", None)
+    """The diffusers network inside a denoiser (a UNet, or SD3's transformer)."""
+    unet = getattr(denoiser, "network", None)
     if unet is None or not callable(getattr(unet, "add_adapter", None)):
         raise UserError(
             "--lora-rank / --fake-lora-rank need a Stable Diffusion teacher (a diffusers UNet); "
@@ -203,8 +204,9 @@ def write_diffusers_lora(
     from dmdctl.teachers.sd.generate import PIPELINE_CLASSES
 
     pipeline_cls = getattr(diffusers, PIPELINE_CLASSES[arch])
+    part = "transformer" if arch == "sd3" else "unet"  # what the adapters are on
     if (
-        "unet_lora_adapter_metadata"
+        f"{part}_lora_adapter_metadata"
         not in inspect.signature(pipeline_cls.save_lora_weights).parameters
     ):  # without it the file would not carry alpha (diffusers would assume = rank)
         raise UserError(
@@ -214,8 +216,7 @@ def write_diffusers_lora(
     meta = spec.peft_config().to_dict()
     pipeline_cls.save_lora_weights(
         str(out),
-        unet_lora_layers=adapters,
-        unet_lora_adapter_metadata=meta,
+        **{f"{part}_lora_layers": adapters, f"{part}_lora_adapter_metadata": meta},
         safe_serialization=True,
     )
     (out / "README.md").write_text(card)
@@ -243,7 +244,9 @@ def checkpoint_network(
     if base:
         cfg = state.get("config", {})
         where = teacher_path or cfg.get("teacher_path")
-        teacher = resolve_teacher(cfg.get("teacher"), Path(where) if where else None, offline)
+        teacher = resolve_teacher(
+            cfg.get("teacher"), Path(where) if where else None, offline, cfg.get("no_t5", False)
+        )
         if teacher.sha256 != state.get("teacher_sha256"):
             raise UserError(
                 f"{where or cfg.get('teacher')} is not the teacher this LoRA run was distilled "
@@ -263,34 +266,42 @@ def checkpoint_network(
 def model_card(
     pipeline: str, teacher_sha256: str, train_config: dict | None, out, timesteps, spec, arch="sd"
 ) -> str:
-    from dmdctl.teachers.sd.generate import PIPELINE_CLASSES, usage_call
+    from dmdctl.teachers.sd.generate import (
+        PIPELINE_CLASSES,
+        describe_steps,
+        step_scheduler,
+        usage_call,
+    )
 
     cls = PIPELINE_CLASSES[arch]
+    _, scheduler = step_scheduler(arch, timesteps, {})
+    net = "transformer" if arch == "sd3" else "UNet"
     cfg = json.dumps(train_config or {}, indent=2, sort_keys=True)
     k = len(timesteps)
+    tag = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "stable-diffusion-3"}
     return f"""---
 library_name: diffusers
 base_model: {pipeline}
-tags: [lora, {"stable-diffusion-xl" if arch == "sdxl" else "stable-diffusion"}, distillation, dmd, {"one-step" if k == 1 else "few-step"}]
+tags: [lora, {tag[arch]}, distillation, dmd, {"one-step" if k == 1 else "few-step"}]
 ---
 
 # LoRA for a {"one" if k == 1 else str(k)}-step generator distilled with dmdctl (DMD)
 
-LoRA adapters (rank {spec.rank}, alpha {spec.alpha:g}) on the UNet of `{pipeline}` (pipeline
+LoRA adapters (rank {spec.rank}, alpha {spec.alpha:g}) on the {net} of `{pipeline}` (pipeline
 identity sha256 `{teacher_sha256}`), trained with Distribution Matching Distillation (Yin et al.,
-CVPR 2024; DMD2, NeurIPS 2024). With them the UNet maps pure noise to an image at timesteps
-{timesteps}; `LCMScheduler` takes its x0 prediction at each of them and renoises it to the next.
+CVPR 2024; DMD2, NeurIPS 2024). With them the {net} maps pure noise to an image
+{describe_steps(arch, timesteps, scheduler)}.
 
 ## Usage
 
 ```python
 import torch
-from diffusers import LCMScheduler, {cls}
+from diffusers import {scheduler}, {cls}
 
 pipe = {cls}.from_pretrained("{pipeline}", torch_dtype=torch.float16).to("cuda")
-pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+pipe.scheduler = {scheduler}.from_config(pipe.scheduler.config{", shift=1.0" if scheduler == "FlowMatchLCMScheduler" else ""})
 pipe.load_lora_weights("{out}")
-image = pipe("a photo of a cat", {usage_call(list(timesteps))}).images[0]
+image = pipe("a photo of a cat", {usage_call(list(timesteps), arch)}).images[0]
 ```
 
 Use `guidance_scale=0`: guidance was distilled into the generator. `dmdctl sample` with this
@@ -363,7 +374,7 @@ def export(cfg, source, out) -> dict:
         sigmas = state.get("generator_sigmas") or [denoiser.sigma_max]
         train_config = state.get("config")
         what = str(ckpt)
-    timesteps = [int(t) for t in denoiser.timesteps(torch.tensor(sigmas, dtype=torch.float32))]
+    timesteps = denoiser.step_values(list(sigmas))
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -373,13 +384,14 @@ def export(cfg, source, out) -> dict:
     if out.exists():
         out.rmdir()
     tmp.rename(out)
-    from dmdctl.teachers.sd.generate import PIPELINE_CLASSES, usage_call
+    from dmdctl.teachers.sd.generate import PIPELINE_CLASSES, step_scheduler, usage_call
 
+    _, scheduler = step_scheduler(arch, timesteps, {})
     return {
         "out": str(out),
         "from": what,
         "format": "lora",
         "lora": f"rank {spec.rank}, alpha {spec.alpha:g}, {len(adapters)} tensors",
-        "usage": f"{PIPELINE_CLASSES[arch]}.from_pretrained('{pipeline}'); scheduler LCMScheduler; "
-        f"pipe.load_lora_weights('{out}'); pipe(prompt, {usage_call(timesteps)})",
+        "usage": f"{PIPELINE_CLASSES[arch]}.from_pretrained('{pipeline}'); scheduler {scheduler}; "
+        f"pipe.load_lora_weights('{out}'); pipe(prompt, {usage_call(timesteps, arch)})",
     }

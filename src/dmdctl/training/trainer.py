@@ -28,11 +28,11 @@ from dmdctl.core.denoiser import StepGenerator, freeze_in_dtype
 from dmdctl.core.ema import EMA
 from dmdctl.core.gan import (
     GANHead,
+    bottleneck_tap,
     classifier_gan_loss,
     feature_shape,
     frozen,
     generator_gan_loss,
-    tap,
 )
 from dmdctl.core.losses import denoising_error, dm_loss, edm_denoising_loss, regression_loss
 from dmdctl.core.schedules import warmup_then
@@ -91,7 +91,10 @@ class DMDTrainer:
         self.acc = accelerator
         acc = self.acc
         self.teacher = resolve_teacher(
-            cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None, cfg.offline
+            cfg.teacher,
+            Path(cfg.teacher_path) if cfg.teacher_path else None,
+            cfg.offline,
+            cfg.no_t5,
         )
         t = self.teacher
         # --lora-rank / --fake-lora-rank (training/lora.py): refused here for non-UNet teachers
@@ -414,7 +417,7 @@ class DMDTrainer:
                 # non-saturating GAN loss through the frozen fake score and head (DMD2)
                 sg = self.grid[gan_idx]
                 fake_net, head = acc.unwrap_model(self.fake), acc.unwrap_model(self.head)
-                with tap(fake_net.bottleneck()) as feats:
+                with bottleneck_tap(fake_net) as feats:
                     fake_net(x + sg.reshape(-1, *([1] * len(shape))) * gan_eps, sg, c)
                 loss_gan = generator_gan_loss(head(feats[-1]))
                 loss_g = loss_g + cfg.gan_weight * loss_gan
@@ -522,7 +525,7 @@ class DMDTrainer:
         noisy = torch.cat([x_fake + sf.reshape(view) * feps, xr + sr.reshape(view) * reps])
         cond = torch.cat([c, cr.to(c.dtype)]) if c is not None else None
         n = x_fake.shape[0]
-        with tap(self.acc.unwrap_model(self.fake).bottleneck()) as feats:
+        with bottleneck_tap(self.acc.unwrap_model(self.fake)) as feats:
             pred = self.fake(noisy, torch.cat([sf, sr]), cond)
         loss_den = denoising_error(pred[:n], x_fake, sf, self.sigma_data, self.loss_weight)
         logits = self.head(feats[-1])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dmdctl.core.denoiser import Denoiser, broadcast_sigma
+from dmdctl.core.denoiser import Denoiser, FlowDenoiser, broadcast_sigma
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -67,6 +67,15 @@ class SDDenoiser(Denoiser):
 
     def bottleneck(self) -> nn.Module:
         return self.unet.mid_block  # DMD2's GAN head reads the mid block's output
+
+    @property
+    def network(self) -> nn.Module:
+        """The diffusers model inside (what LoRA adapters go on, what an export writes)."""
+        return self.unet
+
+    def step_values(self, sigmas: list[float]) -> list[int]:
+        """A generator's steps as the pipeline names them: integer timesteps."""
+        return [int(t) for t in self.timesteps(torch.tensor(sigmas, dtype=torch.float32))]
 
     def training_sigmas(self, levels: int) -> torch.Tensor:
         """The teacher's own noise levels, one per timestep, ascending (DMD's timestep grid;
@@ -149,6 +158,51 @@ def pack_sdxl_condition(tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Ten
 
 def unpack_sdxl_condition(cond: torch.Tensor, pooled_dim: int):
     return cond[:, :-1], cond[:, -1, :pooled_dim]
+
+
+class SD3Denoiser(FlowDenoiser):
+    """SD3's flow-matching MMDiT (``SD3Transformer2DModel``) as a denoiser: the velocity at
+    ``timestep = 1000 t`` on ``x_t``, given the token embeddings (CLIP + T5) and the pooled CLIP
+    embedding, packed in one condition tensor as for SDXL (:func:`pack_sdxl_condition`). The DM
+    loss's grid is the scheduler's shifted training timesteps (SD3: shift 3)."""
+
+    # the GAN head reads the image tokens of the middle joint block ([N, tokens, C])
+    bottleneck_output = 1
+
+    def __init__(self, transformer: nn.Module, shift: float, pooled_dim: int, levels: int = 1000):
+        super().__init__(None, time_scale=levels, shift=shift, levels=levels)
+        self.transformer = transformer
+        self.pooled_dim = int(pooled_dim)
+
+    @property
+    def network(self) -> nn.Module:
+        return self.transformer
+
+    def bottleneck(self) -> nn.Module:
+        blocks = self.transformer.transformer_blocks
+        return blocks[len(blocks) // 2]
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.transformer.enable_gradient_checkpointing()
+
+    def unet_output(self, x_t: torch.Tensor, timestep, cond=None) -> torch.Tensor:
+        """The transformer's velocity (float32) at the pipeline's ``timestep`` (1000 t)."""
+        if cond is None:
+            raise ValueError("an SD3 transformer needs a condition (token and pooled embeddings)")
+        dtype = next(self.transformer.parameters()).dtype
+        emb, pooled = unpack_sdxl_condition(cond.to(dtype), self.pooled_dim)
+        t = torch.as_tensor(timestep, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        out = self.transformer(
+            hidden_states=x_t.to(dtype),
+            encoder_hidden_states=emb,
+            pooled_projections=pooled,
+            timestep=t,
+        )
+        return out.sample.float()
+
+    def velocity_at(self, x_t: torch.Tensor, t, cond=None) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
+        return self.unet_output(x_t, t * self.time_scale, cond)
 
 
 class GuidedDenoiser(nn.Module):

@@ -6,7 +6,8 @@ generator, at each next timestep the x0 estimate renoised with fresh noise (draw
 per-seed RNG, in the same order); then the VAE decoder, ``(x / 2 + 0.5).clamp(0, 1)``. The export
 swaps the teacher pipeline's UNet for the distilled one and its scheduler for ``LCMScheduler``,
 which run with the generator's timesteps does exactly these steps (its boundary-condition
-scalings differ from pure x0 by ~1e-8 at t >= 249).
+scalings differ from pure x0 by ~1e-8 at t >= 249). SD3 (flow matching) exports run with
+``FlowMatchEulerDiscreteScheduler`` (one step) or ``FlowMatchLCMScheduler`` (a few steps).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def text_to_image(
     progress_cb=None,
 ) -> torch.Tensor:
     """Images in [0, 1], [N, 3, H, W], float32; prompt i with noise seed i."""
-    encoder = sdp.load_text_encoder(folder)
+    encoder = sdp.load_text_encoder(folder, config)
     emb = encoder(prompts, device)
     del encoder
     codec = sdp.VAECodec(sdp.load_vae(folder).to(device), config["scaling_factor"], config)
@@ -56,12 +57,76 @@ def text_to_image(
     return torch.cat(out)
 
 
-def usage_call(timesteps: list[int]) -> str:
-    """How to run an exported pipeline with the generator's own steps."""
-    return f"timesteps={timesteps}, guidance_scale=0"
+PIPELINE_CLASSES = {
+    "sd": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+}
 
 
-PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+def no_t5_kwargs(config: dict) -> dict:
+    """``from_pretrained`` arguments of an SD3 pipeline used without T5 (--no-t5)."""
+    if config.get("arch") == "sd3" and not config.get("t5", True):
+        return {"text_encoder_3": None, "tokenizer_3": None}
+    return {}
+
+
+def usage_call(steps: list, arch: str = "sd") -> str:
+    """How to run an exported pipeline with the generator's own steps (SD/SDXL: timesteps;
+    SD3: t values, given as the scheduler's sigmas, or one step, FlowMatchEuler's default)."""
+    if arch == "sd3":
+        if list(steps) == [1.0]:
+            return "num_inference_steps=1, guidance_scale=0"
+        return f"sigmas={list(steps)}, guidance_scale=0"
+    return f"timesteps={list(steps)}, guidance_scale=0"
+
+
+def step_scheduler(arch: str, steps: list, scheduler_config: dict):
+    """(scheduler, its name) that runs a generator's steps in the stock pipeline.
+
+    SD/SDXL: ``LCMScheduler`` (x0 at each timestep, renoised to the next). SD3, one step at
+    t = 1: the pipeline's own ``FlowMatchEulerDiscreteScheduler`` (one Euler step from t = 1 to 0
+    is x_1 - v); a few steps: ``FlowMatchLCMScheduler`` without a shift, so that the sigmas the
+    call passes are the generator's t values exactly.
+    """
+    import diffusers
+
+    sched = dict(scheduler_config)
+    if arch == "sd3":
+        if list(steps) == [1.0]:
+            name = "FlowMatchEulerDiscreteScheduler"
+        else:
+            name, sched["shift"] = "FlowMatchLCMScheduler", 1.0
+        return getattr(diffusers, name).from_config(sched), name
+    k = len(steps)
+    n_train = int(sched.get("num_train_timesteps", 1000))
+    if list(steps) == [(n_train // k) * i - 1 for i in range(k, 0, -1)]:
+        # LCM's own schedule for k steps is exactly these (999/749/499/249 for k=4): then
+        # num_inference_steps=k alone runs them
+        sched["original_inference_steps"] = k
+    return diffusers.LCMScheduler.from_config(sched), "LCMScheduler"
+
+
+def describe_steps(arch: str, steps: list, scheduler: str) -> str:
+    """The model card's sentence on what the scheduler does with the generator's steps."""
+    if arch == "sd3":
+        if list(steps) == [1.0]:
+            return (
+                f"at t = 1 (pure noise); the scheduler in this folder is `{scheduler}`, whose "
+                "one step from t = 1 to 0 is x_1 - v: exactly the generator"
+            )
+        return (
+            f"at times t = {list(steps)}; the scheduler in this folder is `{scheduler}`: the "
+            "transformer's velocity v gives x0 = x_t - t v, renoised to the next time. "
+            "StableDiffusion3Pipeline does not pass `generator` to the scheduler, so that "
+            "renoising noise comes from torch's global RNG (seed it with `torch.manual_seed` "
+            "for repeatable images); `dmdctl sample` draws it from each seed's own generator, so "
+            "the two give different images for the same seed, from the same distribution"
+        )
+    return (
+        f"at timesteps {list(steps)}; the scheduler in this folder is `{scheduler}`, which at "
+        "each of these timesteps takes the UNet's x0 prediction and renoises it to the next one"
+    )
 
 
 def model_card(
@@ -69,25 +134,27 @@ def model_card(
     teacher_sha256: str,
     train_config: dict | None,
     out: Path,
-    timesteps: list[int],
+    steps: list,
     arch: str = "sd",
+    scheduler: str = "LCMScheduler",
+    load_kwargs: str = "",
 ) -> str:
     cls = PIPELINE_CLASSES[arch]
     cfg = json.dumps(train_config or {}, indent=2, sort_keys=True)
-    k = len(timesteps)
+    k = len(steps)
     what = "one network evaluation" if k == 1 else f"{k} network evaluations"
+    tag = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "stable-diffusion-3"}
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
-tags: [{"stable-diffusion-xl" if arch == "sdxl" else "stable-diffusion"}, distillation, dmd, {"one-step" if k == 1 else "few-step"}]
+tags: [{tag[arch]}, distillation, dmd, {"one-step" if k == 1 else "few-step"}]
 ---
 
 # {"One" if k == 1 else str(k)}-step text-to-image generator distilled with dmdctl (DMD)
 
 Distilled from `{source}` (pipeline identity sha256 `{teacher_sha256}`) with Distribution
-Matching Distillation (Yin et al., CVPR 2024; DMD2, NeurIPS 2024). The UNet maps pure noise to an
-image in **{what}**, at timesteps {timesteps}; the scheduler in this folder is `LCMScheduler`,
-which at each of these timesteps takes the UNet's x0 prediction and renoises it to the next one.
+Matching Distillation (Yin et al., CVPR 2024; DMD2, NeurIPS 2024). The network maps pure noise to
+an image in **{what}**, {describe_steps(arch, steps, scheduler)}.
 
 ## Usage
 
@@ -95,8 +162,8 @@ which at each of these timesteps takes the UNet's x0 prediction and renoises it 
 import torch
 from diffusers import {cls}
 
-pipe = {cls}.from_pretrained("{out}", torch_dtype=torch.float16).to("cuda")
-image = pipe("a photo of a cat", {usage_call(timesteps)}).images[0]
+pipe = {cls}.from_pretrained("{out}",{load_kwargs} torch_dtype=torch.float16).to("cuda")
+image = pipe("a photo of a cat", {usage_call(steps, arch)}).images[0]
 ```
 
 Use `guidance_scale=0`: guidance was distilled into the generator (the real score used CFG
@@ -119,11 +186,11 @@ def export_diffusers(
     teacher_path: str | None = None,
     offline: bool = False,
     train_config: dict | None = None,
-    timesteps: list[int] | None = None,
+    timesteps: list | None = None,
 ) -> Path:
-    """A folder that stock diffusers loads: the teacher's parts, the distilled UNet, LCMScheduler."""
+    """A folder that stock diffusers loads: the teacher's parts, the distilled network (UNet or
+    transformer) and a scheduler that runs its steps (:func:`step_scheduler`)."""
     import diffusers
-    from diffusers import LCMScheduler
 
     folder = pipeline_folder_for(config, teacher_path, offline)
     if sdp.pipeline_identity(folder) != teacher_sha256:
@@ -137,18 +204,18 @@ def export_diffusers(
     sdp.quiet_loaders()
     try:
         cls = getattr(diffusers, PIPELINE_CLASSES[config.get("arch", "sd")])
-        pipe = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+        pipe = cls.from_pretrained(
+            folder, use_safetensors=True, local_files_only=True, **no_t5_kwargs(config)
+        )
     except (OSError, ValueError) as e:
         raise UserError(f"could not load the pipeline {folder}: {str(e).splitlines()[0]}") from None
-    timesteps = list(timesteps or [int(pipe.scheduler.config.num_train_timesteps) - 1])
-    sched = dict(pipe.scheduler.config)
-    k = len(timesteps)
-    n_train = int(sched.get("num_train_timesteps", 1000))
-    if timesteps == [(n_train // k) * i - 1 for i in range(k, 0, -1)]:
-        # LCM's own schedule for k steps is exactly these (999/749/499/249 for k=4): then
-        # num_inference_steps=k alone runs them
-        sched["original_inference_steps"] = k
-    pipe.register_modules(unet=denoiser.unet, scheduler=LCMScheduler.from_config(sched))
+    arch = config.get("arch", "sd")
+    if timesteps is None:
+        timesteps = denoiser.step_values([denoiser.sigma_max])
+    timesteps = list(timesteps)
+    scheduler, scheduler_name = step_scheduler(arch, timesteps, pipe.scheduler.config)
+    part = "transformer" if arch == "sd3" else "unet"
+    pipe.register_modules(**{part: denoiser.network, "scheduler": scheduler})
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         import shutil
@@ -162,7 +229,9 @@ def export_diffusers(
             train_config,
             out,
             timesteps,
-            config.get("arch", "sd"),
+            arch,
+            scheduler_name,
+            " text_encoder_3=None, tokenizer_3=None," if no_t5_kwargs(config) else "",
         )
     )
     if out.exists():

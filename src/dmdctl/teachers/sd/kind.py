@@ -25,7 +25,7 @@ class StableDiffusion(TeacherKind):
 
     def presets(self) -> dict[str, dict]:
         """SD1.5 and SDXL recipes; every value and its source is listed in docs/RECIPES.md."""
-        from dmdctl.teachers.sd.pipeline import SD15_HUB_ID, SDXL_HUB_ID
+        from dmdctl.teachers.sd.pipeline import SD3_HUB_ID, SD15_HUB_ID, SDXL_HUB_ID
 
         # what both recipes share: DMD2's optimiser set-up and DM-loss range, no EMA, and our
         # memory and precision choices
@@ -115,6 +115,19 @@ class StableDiffusion(TeacherKind):
                     lora_alpha=8.0,
                 ),
             },
+            # SD3 medium (flow matching): no public DMD recipe was found; DMD2's SDXL values, the
+            # pipeline's own CFG and sampler, 4 steps at the shift-3 images of 1/.75/.5/.25 (ours)
+            "sd3": {
+                "pipeline": SD3_HUB_ID,
+                "arch": "sd3",
+                "pairs": {"scheduler": "flow-euler", "steps": 28, "guidance": 7.0},
+                "distill": dict(
+                    sdxl,
+                    real_guidance=7.0,
+                    gan_weight=0.0,
+                    denoising_steps="1,0.9,0.75,0.5",
+                ),
+            },
             # DMD2's SDXL 1-step generator at conditioning timestep 399, from a generator
             # pretrained by regression on pairs (..._cond399_..._1step_..._noode.sh)
             "sdxl-1step": {
@@ -130,7 +143,7 @@ class StableDiffusion(TeacherKind):
         return self.presets().get(name, {}).get("arch", "sd")
 
     def default_preset_for(self, config: dict) -> str:
-        return "sdxl" if config.get("arch") == "sdxl" else self.default_preset
+        return {"sdxl": "sdxl", "sd3": "sd3"}.get(config.get("arch"), self.default_preset)
 
     def build(self, config: dict) -> nn.Module:
         from dmdctl.teachers.sd.pipeline import build_denoiser

@@ -2,9 +2,10 @@
 
 A teacher is a pipeline folder (``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``; SDXL adds ``text_encoder_2/`` and ``tokenizer_2/``) given as a
-local path or a Hugging Face hub id. Two architectures are told apart by the UNet's config:
-SD1.x/2.x (``arch = "sd"``) and SDXL (``"sdxl"``: a ``text_time`` added embedding). Only
-safetensors weights are read. Offline (``--offline`` or ``HF_HUB_OFFLINE=1``) nothing touches the network:
+local path or a Hugging Face hub id. Three architectures are told apart by the folder: SD1.x/2.x
+(``arch = "sd"``), SDXL (``"sdxl"``: a UNet with a ``text_time`` added embedding) and SD3/SD3.5
+(``"sd3"``: a flow-matching ``transformer/``, two CLIP encoders with projections and an optional
+T5 encoder in ``text_encoder_3/``). Only safetensors weights are read. Offline (``--offline`` or ``HF_HUB_OFFLINE=1``) nothing touches the network:
 a hub id must already be in the local cache.
 """
 
@@ -24,6 +25,7 @@ from torch import nn
 from dmdctl.errors import UserError
 from dmdctl.files import atomic_save_safetensors, load_cached_safetensors, sha256_file
 from dmdctl.teachers.sd.denoiser import (
+    SD3Denoiser,
     SDDenoiser,
     SDXLDenoiser,
     alphas_cumprod,
@@ -32,9 +34,11 @@ from dmdctl.teachers.sd.denoiser import (
 
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
+SD3_HUB_ID = "stabilityai/stable-diffusion-3-medium-diffusers"
+SD3_MAX_SEQUENCE_LENGTH = 256  # T5 tokens: StableDiffusion3Pipeline's default
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHTED = ("unet", "vae", "text_encoder")
-ARCH_NAMES = {"sd": "SD1.x/2.x", "sdxl": "SDXL"}
+ARCH_NAMES = {"sd": "SD1.x/2.x", "sdxl": "SDXL", "sd3": "SD3"}
 # files a pipeline needs (weights as safetensors only), for hub downloads
 ALLOW_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.json", "*/*.txt"]
 IGNORE_PATTERNS = ["*.ckpt", "*.bin", "*.pt", "*.pth", "*.msgpack", "*.onnx", "*fp16*", "*non_ema*"]
@@ -128,14 +132,32 @@ def _read_json(path: Path) -> dict:
 
 
 def pipeline_arch(folder: Path) -> str:
-    """ "sdxl" for a UNet with SDXL's added text-time embedding, else "sd"."""
-    unet = _read_json(Path(folder) / "unet" / "config.json")
+    """The architecture: "sd3" for a flow-matching transformer pipeline, "sdxl" for a UNet with
+    SDXL's added text-time embedding, else "sd"."""
+    folder = Path(folder)
+    if (folder / "transformer" / "config.json").is_file():
+        cls = _read_json(folder / "transformer" / "config.json").get("_class_name", "")
+        if cls != "SD3Transformer2DModel":
+            raise UserError(
+                f"{folder} holds a {cls or 'transformer'} pipeline; dmdctl distils SD1.x/2.x, "
+                "SDXL and SD3 pipelines"
+            )
+        return "sd3"
+    unet = _read_json(folder / "unet" / "config.json")
     return "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd"
 
 
 def weighted_components(folder: Path) -> tuple[str, ...]:
-    extra = ("text_encoder_2",) if pipeline_arch(folder) == "sdxl" else ()
-    return WEIGHTED + extra
+    arch = pipeline_arch(folder)
+    if arch == "sd3":
+        t5 = ("text_encoder_3",) if has_t5(folder) else ()
+        return ("transformer", "vae", "text_encoder", "text_encoder_2", *t5)
+    return WEIGHTED + (("text_encoder_2",) if arch == "sdxl" else ())
+
+
+def has_t5(folder: Path) -> bool:
+    """SD3's T5 encoder is optional (diffusers then gives zeros for its tokens)."""
+    return (Path(folder) / "text_encoder_3" / "config.json").is_file()
 
 
 def pipeline_identity(folder: Path) -> str:
@@ -163,16 +185,20 @@ def scheduler_config(folder: Path) -> dict:
 
 
 def load_unet(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The pipeline's denoising network: its UNet, or SD3's transformer."""
     quiet_loaders()
-    from diffusers import UNet2DConditionModel
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
-    _weights_file(folder, "unet")
+    sub, cls = ("unet", UNet2DConditionModel)
+    if pipeline_arch(folder) == "sd3":
+        sub, cls = ("transformer", SD3Transformer2DModel)
+    _weights_file(folder, sub)
     try:
-        return UNet2DConditionModel.from_pretrained(
-            folder, subfolder="unet", use_safetensors=True, local_files_only=True, torch_dtype=dtype
+        return cls.from_pretrained(
+            folder, subfolder=sub, use_safetensors=True, local_files_only=True, torch_dtype=dtype
         )
     except (OSError, ValueError) as e:
-        raise UserError(f"could not load {folder / 'unet'}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"could not load {folder / sub}: {str(e).splitlines()[0]}") from None
 
 
 def load_vae(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -189,14 +215,21 @@ def load_vae(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     return vae.eval().requires_grad_(False)
 
 
-def _load_clip(folder: Path, tokenizer: str, encoder: str, with_projection: bool):
+def _load_clip(folder: Path, tokenizer: str, encoder: str, with_projection: bool, t5=False):
     quiet_loaders()
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import (
+        AutoTokenizer,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5EncoderModel,
+    )
 
     _weights_file(folder, encoder)
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    cls, tok_cls = (T5EncoderModel, AutoTokenizer) if t5 else (cls, CLIPTokenizer)
     try:
-        tok = CLIPTokenizer.from_pretrained(folder, subfolder=tokenizer, local_files_only=True)
+        tok = tok_cls.from_pretrained(folder, subfolder=tokenizer, local_files_only=True)
         enc = cls.from_pretrained(
             folder, subfolder=encoder, use_safetensors=True, local_files_only=True
         )
@@ -207,11 +240,11 @@ def _load_clip(folder: Path, tokenizer: str, encoder: str, with_projection: bool
     return tok, enc.eval().requires_grad_(False)
 
 
-def _tokens(tokenizer, prompts: list[str], device) -> torch.Tensor:
+def _tokens(tokenizer, prompts: list[str], device, max_length: int | None = None) -> torch.Tensor:
     return tokenizer(
         prompts,
         padding="max_length",
-        max_length=tokenizer.model_max_length,
+        max_length=max_length or tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids.to(device)
@@ -220,11 +253,23 @@ def _tokens(tokenizer, prompts: list[str], device) -> torch.Tensor:
 class PromptEncoder:
     """Prompts -> the condition tensor the teacher's denoiser takes, as diffusers' pipeline
     encodes them: SD, the text encoder's last hidden state; SDXL, both encoders' penultimate
-    hidden states concatenated and the second one's pooled (projected) embedding, packed as
-    :func:`~dmdctl.teachers.sd.denoiser.pack_sdxl_condition` describes."""
+    hidden states concatenated and the second one's pooled (projected) embedding; SD3, the two
+    CLIP encoders' penultimate hidden states concatenated and zero-padded to T5's width, then T5's
+    tokens after them, and both CLIP pooled embeddings concatenated. The pooled embedding is packed
+    as :func:`~dmdctl.teachers.sd.denoiser.pack_sdxl_condition` describes."""
 
-    def __init__(self, folder: Path, arch: str):
+    def __init__(self, folder: Path, arch: str, config: dict | None = None):
         self.arch = arch
+        self.config = config or {}
+        if arch == "sd3":
+            self.parts = [
+                _load_clip(folder, "tokenizer", "text_encoder", True),
+                _load_clip(folder, "tokenizer_2", "text_encoder_2", True),
+            ]
+            self.t5 = None
+            if self.config.get("t5", has_t5(folder)):
+                self.t5 = _load_clip(folder, "tokenizer_3", "text_encoder_3", False, t5=True)
+            return
         self.parts = [_load_clip(folder, "tokenizer", "text_encoder", False)]
         if arch == "sdxl":
             self.parts.append(_load_clip(folder, "tokenizer_2", "text_encoder_2", True))
@@ -236,6 +281,9 @@ class PromptEncoder:
             enc.to(device)
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
+            if self.arch == "sd3":
+                out.append(self._sd3(chunk, device).cpu())
+                continue
             if self.arch == "sd":
                 tok, enc = self.parts[0]
                 out.append(enc(_tokens(tok, chunk, device))[0].float().cpu())
@@ -248,20 +296,51 @@ class PromptEncoder:
             out.append(pack_sdxl_condition(torch.cat(hidden, dim=-1), pooled).cpu())
         return torch.cat(out)
 
+    def _sd3(self, prompts: list[str], device) -> torch.Tensor:
+        hidden, pooled = [], []
+        for tok, enc in self.parts:
+            res = enc(_tokens(tok, prompts, device), output_hidden_states=True)
+            hidden.append(res.hidden_states[-2].float())
+            pooled.append(res[0].float())
+        clip = torch.cat(hidden, dim=-1)
+        width = int(self.config["joint_attention_dim"])
+        n_t5 = int(self.config.get("max_sequence_length", SD3_MAX_SEQUENCE_LENGTH))
+        if self.t5 is None:  # as the pipeline without text_encoder_3: zeros for T5's tokens
+            t5 = clip.new_zeros(len(prompts), n_t5, width)
+        else:
+            tok, enc = self.t5
+            enc.to(device)
+            t5 = enc(_tokens(tok, prompts, device, n_t5))[0].float()
+        clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
+        return pack_sdxl_condition(torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1))
+
     def uncond(self, device="cpu") -> torch.Tensor:
-        """The unconditional branch of the real score's guidance. SD: the empty prompt. SDXL:
-        zeros for the token and the pooled embeddings, as DMD2's SDXL code and diffusers' SDXL
-        pipeline (``force_zeros_for_empty_prompt``, true for SDXL base) both build it."""
+        """The unconditional branch of the real score's guidance. SD and SD3: the empty prompt,
+        encoded (SD3's pipeline encodes "" with all three encoders). SDXL: zeros for the token
+        and the pooled embeddings, as DMD2's SDXL code and diffusers' SDXL pipeline
+        (``force_zeros_for_empty_prompt``, true for SDXL base) both build it."""
         empty = self([""], device)
         return torch.zeros_like(empty) if self.arch == "sdxl" else empty
 
 
-def load_text_encoder(folder: Path) -> PromptEncoder:
-    return PromptEncoder(folder, pipeline_arch(folder))
+def load_text_encoder(folder: Path, config: dict | None = None) -> PromptEncoder:
+    """The prompt encoder of a pipeline folder; ``config`` (the teacher's or a generator's)
+    says whether SD3's T5 is used (``--no-t5`` leaves it out)."""
+    arch = pipeline_arch(folder)
+    if arch == "sd3" and config is None:
+        config = sd_config(folder, str(folder))
+    return PromptEncoder(folder, arch, config)
 
 
-def sd_config(folder: Path, source: str) -> dict:
-    """Everything needed to rebuild the denoiser without the folder (kept in generator files)."""
+def sd_config(folder: Path, source: str, no_t5: bool = False) -> dict:
+    """Everything needed to rebuild the denoiser without the folder (kept in generator files).
+    ``no_t5``: an SD3 teacher without its T5 encoder (zeros for T5's tokens)."""
+    if pipeline_arch(folder) == "sd3":
+        config = sd3_config(folder, source)
+        config["t5"] = config["t5"] and not no_t5
+        return config
+    if no_t5:
+        raise UserError("--no-t5 is for SD3 teachers (their third text encoder is T5)")
     unet_cfg = {k: v for k, v in _read_json(folder / "unet" / "config.json").items()}
     sched = scheduler_config(folder)
     vae_cfg = _read_json(folder / "vae" / "config.json")
@@ -289,7 +368,46 @@ def sd_config(folder: Path, source: str) -> dict:
     return config
 
 
-def build_denoiser(config: dict, unet: nn.Module | None = None) -> SDDenoiser:
+def sd3_config(folder: Path, source: str) -> dict:
+    tcfg = _read_json(folder / "transformer" / "config.json")
+    sched = scheduler_config(folder)
+    vae_cfg = _read_json(folder / "vae" / "config.json")
+    vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    if sched.get("use_dynamic_shifting"):
+        raise UserError(
+            f"{folder}: a scheduler with resolution-dependent shifting (use_dynamic_shifting) "
+            "is not supported; SD3 and SD3.5 use a fixed shift"
+        )
+    return {
+        "pipeline": source,
+        "arch": "sd3",
+        "transformer_config": tcfg,
+        "scheduler_config": sched,
+        "prediction_type": "flow",
+        "shift": float(sched.get("shift", 1.0)),
+        "num_train_timesteps": int(sched.get("num_train_timesteps", 1000)),
+        "latent_channels": int(tcfg.get("in_channels", 16)),
+        "vae_scale": vae_scale,
+        "scaling_factor": float(vae_cfg.get("scaling_factor", 1.5305)),
+        "shift_factor": float(vae_cfg.get("shift_factor") or 0.0),
+        "resolution": int(tcfg.get("sample_size", 128)) * vae_scale,
+        "pooled_dim": int(tcfg.get("pooled_projection_dim", 2048)),
+        "joint_attention_dim": int(tcfg.get("joint_attention_dim", 4096)),
+        "max_sequence_length": SD3_MAX_SEQUENCE_LENGTH,
+        "t5": has_t5(folder),
+    }
+
+
+def build_denoiser(config: dict, unet: nn.Module | None = None) -> SDDenoiser | SD3Denoiser:
+    if config.get("arch") == "sd3":
+        if unet is None:
+            from diffusers import SD3Transformer2DModel
+
+            cfg = {k: v for k, v in config["transformer_config"].items() if not k.startswith("_")}
+            unet = SD3Transformer2DModel.from_config(cfg)
+        return SD3Denoiser(
+            unet, config["shift"], config["pooled_dim"], config["num_train_timesteps"]
+        )
     if unet is None:
         from diffusers import UNet2DConditionModel
 
@@ -349,11 +467,16 @@ class PromptTable:
         return len(self.prompts)
 
 
+def text_identity(teacher) -> str:
+    """What prompt embeddings depend on: the pipeline, and whether SD3's T5 is used."""
+    return teacher.sha256 + ("" if teacher.config.get("t5", True) else ":no-t5")
+
+
 def prompt_table(teacher, prompts_path: Path, cache_dir: Path, device="cpu") -> PromptTable:
     """Embeddings of a prompts file, cached in ``cache_dir`` (the text encoder is then freed)."""
     prompts_path = Path(prompts_path)
     prompts = read_prompts(prompts_path)
-    key = hashlib.sha256((json.dumps(prompts) + teacher.sha256).encode()).hexdigest()
+    key = hashlib.sha256((json.dumps(prompts) + text_identity(teacher)).encode()).hexdigest()
     cache = Path(cache_dir) / EMBEDDINGS_FILE
     data = load_cached_safetensors(cache, key)
     if data is not None:
@@ -402,6 +525,7 @@ class VAECodec:
         self.vae = vae
         self.scaling_factor = float(scaling_factor)
         config = config or {}
+        self.shift_factor = float(config.get("shift_factor") or 0.0)  # SD3's VAE
         self.mean = self.std = None
         if config.get("latents_mean") is not None and config.get("latents_std") is not None:
             self.mean = torch.tensor(config["latents_mean"]).view(1, -1, 1, 1)
@@ -413,7 +537,7 @@ class VAECodec:
         if self.mean is not None:
             z = z * self.std.to(z.device) / self.scaling_factor + self.mean.to(z.device)
         else:
-            z = z / self.scaling_factor
+            z = z / self.scaling_factor + self.shift_factor
         return self.vae.decode(z.to(dtype)).sample.float()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -421,12 +545,14 @@ class VAECodec:
         z = self.vae.encode(x.to(dtype)).latent_dist.mean.float()
         if self.mean is not None:
             return (z - self.mean.to(z.device)) * self.scaling_factor / self.std.to(z.device)
-        return z * self.scaling_factor
+        return (z - self.shift_factor) * self.scaling_factor
 
 
 # --- the teacher's own sampler for make-pairs -------------------------------------------------
-# name -> (diffusers class, config overrides); euler-trailing is DMD2's SDXL pair sampler
+# name -> (diffusers class, config overrides); euler-trailing is DMD2's SDXL pair sampler,
+# flow-euler SD3's own sampler
 SCHEDULERS = {
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
@@ -463,7 +589,7 @@ class SchedulerSampler:
     def __call__(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         sched = self.cls.from_config(self.config)  # fresh: PNDM keeps state across steps
         sched.set_timesteps(self.steps, device=z.device)
-        lat = z.float() * sched.init_noise_sigma
+        lat = z.float() * getattr(sched, "init_noise_sigma", 1.0)  # flow: x_1 is the noise
         guided = self.guidance != 1.0
         emb = cond
         if guided:
@@ -471,7 +597,8 @@ class SchedulerSampler:
             emb = torch.cat([u, cond])
         for t in sched.timesteps:
             inp = torch.cat([lat, lat]) if guided else lat
-            inp = sched.scale_model_input(inp, t)
+            if hasattr(sched, "scale_model_input"):  # not for flow-matching schedulers
+                inp = sched.scale_model_input(inp, t)
             out = self.denoiser.unet_output(inp, t.expand(inp.shape[0]), emb)
             if guided:
                 o_u, o_c = out.chunk(2)

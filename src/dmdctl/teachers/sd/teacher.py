@@ -31,13 +31,15 @@ class SDTeacher(Teacher):
     def text_encoder(self):
         from dmdctl.teachers.sd.pipeline import load_text_encoder
 
-        return load_text_encoder(self.folder)
+        return load_text_encoder(self.folder, self.config)
 
     def identity(self) -> dict:
         return dict(super().identity(), path=self.source)
 
 
-def load_sd_teacher(source: str, offline: bool = False, preset: str | None = None) -> SDTeacher:
+def load_sd_teacher(
+    source: str, offline: bool = False, preset: str | None = None, no_t5: bool = False
+) -> SDTeacher:
     """A pipeline folder or hub id as a teacher (frozen UNet wrapped as a denoiser); a
     ``preset`` (sd15, sdxl, ...) must be written for the pipeline's architecture."""
     from dmdctl.errors import UserError
@@ -53,7 +55,7 @@ def load_sd_teacher(source: str, offline: bool = False, preset: str | None = Non
             f"recipe for {sdp.ARCH_NAMES[kind.preset_arch(preset)]}; use --teacher "
             f"{' / '.join(fits)} (or --teacher sd) with this pipeline"
         )
-    config = sdp.sd_config(folder, str(source))
+    config = sdp.sd_config(folder, str(source), no_t5)
     sha = sdp.pipeline_identity(folder)
     denoiser = sdp.build_denoiser(config, sdp.load_unet(folder))
     denoiser.eval().requires_grad_(False)

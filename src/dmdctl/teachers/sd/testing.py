@@ -297,3 +297,88 @@ def build_xl_pipeline(
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def write_t5_tokenizer(folder: Path):
+    """A small T5 tokenizer (a Unigram vocabulary as T5's: <pad>=0, </s>=1, <unk>=2, the WORDS
+    above as whole pieces, single letters for anything else), made locally and saved."""
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -1.0) for w in WORDS]
+    vocab += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    tok = T5TokenizerFast(vocab=vocab, extra_ids=0)
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+def build_sd3_pipeline(folder: Path, seed: int = 0, t5: bool = True, shift: float = 3.0) -> Path:
+    """Write a tiny random-weight SD3 pipeline folder: two CLIP text encoders with projections,
+    a T5 encoder (left out with ``t5=False``, as diffusers allows), an ``SD3Transformer2DModel``,
+    a VAE with SD3's shift and scaling factors and ``FlowMatchEulerDiscreteScheduler``."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab, merges = write_tokenizer_files(Path(tmp))
+        toks = [CLIPTokenizer(str(vocab), str(merges), model_max_length=16) for _ in range(2)]
+        vocab_size = len(json.loads(vocab.read_text()))
+        tok3 = write_t5_tokenizer(Path(tmp) / "t5")
+    torch.manual_seed(seed)
+    text = dict(_configs("tiny", "epsilon")["text"], projection_dim=8)
+    ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=vocab_size)
+    enc1 = CLIPTextModelWithProjection(CLIPTextConfig(**text, **ids))
+    enc2 = CLIPTextModelWithProjection(CLIPTextConfig(**text, **ids))
+    enc3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tok3),
+            d_model=48,  # T5's width = the transformer's joint attention width
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_heads=2,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        caption_projection_dim=16,
+        pooled_projection_dim=16,  # the two CLIP projections, concatenated
+        out_channels=4,
+        pos_embed_max_size=16,
+    )
+    vae_cfg = _configs("tiny", "epsilon")["vae"]
+    vae = AutoencoderKL(**dict(vae_cfg, scaling_factor=1.5305, shift_factor=0.0609))
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=sched,
+        vae=vae,
+        text_encoder=enc1,
+        tokenizer=toks[0],
+        text_encoder_2=enc2,
+        tokenizer_2=toks[1],
+        text_encoder_3=enc3 if t5 else None,
+        tokenizer_3=tok3 if t5 else None,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
