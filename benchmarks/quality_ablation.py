@@ -106,14 +106,20 @@ def run_seed(teacher_name: str, seed: int, args, root: Path, done: dict | None =
     return {**done, **evaluate_rows(teacher_name, seed, sources, n, args)}
 
 
+def kind_of(teacher_name: str) -> str:
+    """toy2d-flow (the flow-matching toy) is measured as toy2d is, with toy2d's settings."""
+    return get_kind(teacher_name).name
+
+
 def teacher_file(teacher_name: str, root: Path, d: dict) -> Path:
-    """The shipped digits teacher; one toy2d teacher, trained once (seed 0) for every seed."""
-    if teacher_name != "toy2d":
+    """The shipped digits teacher; one toy2d (or toy2d-flow) teacher, trained once (seed 0) for
+    every seed."""
+    if kind_of(teacher_name) != "toy2d":
         return get_kind(teacher_name).default_path()
     path = root / teacher_name / "teacher" / "teacher.safetensors"
     if not path.is_file():
         say(f"{teacher_name}: training the teacher ({d['teacher_steps']} steps, seed 0)")
-        train_teacher(TrainTeacherConfig(teacher="toy2d", out=str(path.parent),
+        train_teacher(TrainTeacherConfig(teacher=teacher_name, out=str(path.parent),
                                          steps=d["teacher_steps"], seed=0))  # fmt: skip
     return path
 
@@ -140,7 +146,7 @@ def distill_runs(teacher_name, teacher_path, seed, runs, d, out) -> None:
     )
     for name, overrides in runs.items():
         if name.startswith("dmd2"):  # DMD2's two time-scale rule, per teacher
-            overrides = dict(overrides, fake_updates=DMD2_FAKE_UPDATES[teacher_name])
+            overrides = dict(overrides, fake_updates=DMD2_FAKE_UPDATES[kind_of(teacher_name)])
         if not (out / name / "generator.safetensors").is_file():
             say(f"{teacher_name} seed {seed}: distilling {name} ({d['distill_steps']} steps)")
             distill(replace(base, out=str(out / name), **overrides))
@@ -186,7 +192,7 @@ def summarise(teacher_name: str, per_seed: dict[int, dict], floor: dict, halves,
     any_row = per_seed[seeds[0]]["teacher_35nfe"]
     ref = any_row["reference"]
     n = any_row["num_samples"]
-    fmt = "{:.4f}" if teacher_name == "toy2d" else "{:.2f}"
+    fmt = "{:.4f}" if kind_of(teacher_name) == "toy2d" else "{:.2f}"
 
     def agg(row, key):
         return mean_std([per_seed[s][row][key] for s in row_seeds[row]])
@@ -292,10 +298,14 @@ def summarise(teacher_name: str, per_seed: dict[int, dict], floor: dict, halves,
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--teachers", nargs="+", default=["toy2d", "digits"], choices=["toy2d", "digits"]
+        "--teachers",
+        nargs="+",
+        default=["toy2d", "digits"],
+        choices=["toy2d", "toy2d-flow", "digits"],
     )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--samples", nargs="+", default=["toy2d=10000", "digits=5000"],
+    ap.add_argument("--samples", nargs="+",
+                    default=["toy2d=10000", "toy2d-flow=10000", "digits=5000"],
                     help="samples per row and seed, per teacher (name=N)")  # fmt: skip
     ap.add_argument("--bootstrap", type=int, default=200, help="bootstrap rounds")
     ap.add_argument("--runs", nargs="*", default=DEFAULT_RUNS, choices=list(RUNS),
@@ -311,7 +321,8 @@ def main(argv=None) -> str:
     torch.set_num_threads(max(1, args.threads))
     quick = dict(teacher_steps=30, num_pairs=16, distill_steps=2, batch_size=16, warmup=1)
     args.settings = {
-        name: dict(DEMO_DEFAULTS[name], **(quick if args.quick else {})) for name in DEMO_DEFAULTS
+        name: dict(DEMO_DEFAULTS[kind_of(name)], **(quick if args.quick else {}))
+        for name in args.teachers
     }
     bodies = []
     for teacher_name in args.teachers:

@@ -20,6 +20,8 @@ weights make the timings and memory those of the real model; the images are nois
 both text encoders) and times the training step only, with ``--recipe sdxl`` (DMD2's SDXL 4-step
 recipe: 5 fake-score updates, the GAN on random captioned images) or ``sdxl-1step``; the sampling
 and make-pairs rows are SD1.5's (StableDiffusionPipeline) and are skipped for SDXL shapes.
+``--size sd3-medium`` (with ``--recipe sd3``) builds SD3 medium's 2B transformer, CLIP encoders
+and VAE (T5 left out: a step never runs it; its cached tokens are zeros of the same shape).
 ``--lora-ranks 0 64`` measures full fine-tuning and a rank-64 LoRA generator side by side:
 
     python -m benchmarks.sd_step --size sdxl --recipe sdxl --batch-sizes 1 2 4 \
@@ -154,7 +156,9 @@ def real_images(where: Path, folder: Path, n: int) -> Path:
     if (where / "captions.jsonl").is_file():
         return where
     where.mkdir(parents=True, exist_ok=True)
-    side = int(json.loads((folder / "unet" / "config.json").read_text())["sample_size"]) * 8
+    from dmdctl.teachers.sd.pipeline import sd_config
+
+    side = int(sd_config(folder, str(folder))["resolution"])
     rng = np.random.default_rng(0)
     rows = []
     for i in range(n):
@@ -435,13 +439,17 @@ def pairs_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=["sd15", "tiny", "sdxl", "tiny-xl"], default="sd15")
+    ap.add_argument(
+        "--size",
+        choices=["sd15", "tiny", "sdxl", "tiny-xl", "sd3-medium", "tiny-sd3"],
+        default="sd15",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8], help="per GPU")
     ap.add_argument(
         "--recipe",
         default="sd15",
-        choices=["sd15", "sd15-gan", "sd15-dmd", "sdxl", "sdxl-1step"],
+        choices=["sd15", "sd15-gan", "sd15-dmd", "sdxl", "sdxl-1step", "sd3"],
         help="the preset whose settings the step uses (docs/RECIPES.md; sd15-gan, sdxl: with "
         "DMD2's GAN, on random captioned images); the SDXL recipes need an SDXL --size",
     )
@@ -492,16 +500,23 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--record", action="store_true", help="append the tables to BENCHMARKS.md")
     args = ap.parse_args()
-    from dmdctl.teachers.sd.testing import build_pipeline, build_xl_pipeline
+    from dmdctl.teachers.sd.testing import build_pipeline, build_sd3_pipeline, build_xl_pipeline
 
-    xl = args.size in ("sdxl", "tiny-xl")
-    if xl != args.recipe.startswith("sdxl"):
+    arch = {"sdxl": "sdxl", "tiny-xl": "sdxl", "sd3-medium": "sd3", "tiny-sd3": "sd3"}
+    arch = arch.get(args.size, "sd")
+    from dmdctl.teachers import get_kind
+
+    if arch != get_kind("sd").preset_arch(args.recipe):
         ap.error(f"--recipe {args.recipe} does not fit --size {args.size}")
+    xl = arch != "sd"
     if xl:  # the sampling and pairs rows compare against StableDiffusionPipeline
         args.skip_latency, args.sampling_levers, args.pairs_num = True, [], 0
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        if xl:
+        if arch == "sd3":
+            size = "sd3-medium" if args.size == "sd3-medium" else "tiny"
+            folder = build_sd3_pipeline(Path(tmp) / "pipe", size=size)
+        elif xl:
             size = "sdxl" if args.size == "sdxl" else "tiny"
             folder = build_xl_pipeline(Path(tmp) / "pipe", size=size)
         else:
@@ -582,7 +597,9 @@ def main() -> None:
         rows = {"train": train, "latency": latency, "sampling": sampling, "pairs": pairs}
         args.json.write_text(json.dumps({"machine": machine(), **rows}, indent=1))
     if args.record:
-        title = "SDXL-shaped DMD2 step" if xl else "SD1.5-shaped DMD step and sampling latency"
+        title = {"sdxl": "SDXL-shaped DMD2 step", "sd3": "SD3-medium-shaped DMD step"}.get(
+            arch, "SD1.5-shaped DMD step and sampling latency"
+        )
         append_markdown(title, text, "benchmarks.sd_step")
 
 

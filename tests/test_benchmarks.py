@@ -62,14 +62,18 @@ def test_missing_package_skips_the_row(bench_root, monkeypatch):
     assert "skipped: needs no_such_package_dmdctl (not installed)" in body
 
 
-def test_sdxl_step_benchmark_runs_at_tiny_size(bench_root, monkeypatch, capsys, hf_offline):
-    """The prepared SDXL-shaped step benchmark (run at real shapes on a GPU) works end to end:
-    DMD2's SDXL recipe (5 fake updates, GAN, 4 steps) on a tiny SDXL pipeline."""
+@pytest.mark.parametrize("size, recipe", [("tiny-xl", "sdxl"), ("tiny-sd3", "sd3")])
+def test_sdxl_and_sd3_step_benchmark_runs_at_tiny_size(
+    size, recipe, bench_root, monkeypatch, capsys, hf_offline
+):
+    """The prepared SDXL- and SD3-shaped step benchmark (run at real shapes on a GPU) works end
+    to end at tiny sizes: DMD2's SDXL recipe (5 fake updates, GAN, 4 steps), the sd3 recipe (5
+    fake updates, 4 flow steps), full and LoRA side by side."""
     import sys
 
     from benchmarks import sd_step
 
-    argv = ["sd_step", "--size", "tiny-xl", "--recipe", "sdxl", "--device", "cpu",
+    argv = ["sd_step", "--size", size, "--recipe", recipe, "--device", "cpu",
             "--batch-sizes", "2", "--checkpointing", "off", "--steps", "1", "--warmup", "1",
             "--precision", "no", "--lora-ranks", "0", "4"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
@@ -78,7 +82,8 @@ def test_sdxl_step_benchmark_runs_at_tiny_size(bench_root, monkeypatch, capsys, 
     for what in ("full", "LoRA 4"):  # full fine-tuning and LoRA side by side
         row = re.search(rf"\| base \| {what} \| off \| 2 \| 5 \| (\d+\.\d+) \|", out)
         assert row and float(row.group(1)) > 0, out
-    assert '"generator_steps": 4' in out and '"gan": true' in out
-    monkeypatch.setattr(sys, "argv", ["sd_step", "--size", "tiny-xl", "--recipe", "sd15"])
+    assert '"generator_steps": 4' in out
+    assert f'"gan": {"true" if recipe == "sdxl" else "false"}' in out
+    monkeypatch.setattr(sys, "argv", ["sd_step", "--size", size, "--recipe", "sd15"])
     with pytest.raises(SystemExit):
         sd_step.main()

@@ -241,3 +241,41 @@ def test_sd3_presets_and_their_refusals(sd3_pipe, sd_pipe, prompts_file, tmp_pat
             prompts_file, "--denoising-steps", "999,499", "--out", out, "--cpu"),
         "t values in (0, 1]",
     )  # fmt: skip
+
+
+def test_no_t5_is_recorded_and_followed_by_sample_and_export(
+    sd3_pipe, sd_pipe, prompts_file, tmp_path
+):
+    """--no-t5: T5's tokens are zeros in the cached embeddings; the generator records it, and the
+    export (loaded as its model card says, text_encoder_3=None) gives `dmdctl sample`'s images."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    from dmdctl.core.generator import load_generator
+    from dmdctl.teachers.sd.generate import text_to_image
+
+    run_dir = tmp_path / "run"
+    ok(run("distill", "--teacher", "sd3", "--teacher-path", sd3_pipe, "--prompts", prompts_file,
+           "--no-t5", "--denoising-steps", "1", "--batch-size", 2, "--fake-updates", 1,
+           "--plot-samples", 0, "--steps", 1, "--cpu", "--out", run_dir))  # fmt: skip
+    emb = load_file(str(run_dir / "prompt-embeddings.safetensors"))["embeddings"]
+    assert emb[:, 16:-1].abs().sum() == 0 and emb[:, :16].abs().sum() > 0
+    gen = load_generator(run_dir / "generator.safetensors")
+    assert gen.config["t5"] is False
+    ours = text_to_image(gen.fn, sd3_pipe, gen.config, PROMPTS[:2], [5, 6], "cpu")
+    ok(run("export", run_dir, "--format", "diffusers", "-o", tmp_path / "full"))
+    assert "text_encoder_3=None, tokenizer_3=None" in (tmp_path / "full" / "README.md").read_text()
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        tmp_path / "full", text_encoder_3=None, tokenizer_3=None
+    )
+    for i, prompt in enumerate(PROMPTS[:2]):
+        theirs = pipe(prompt, guidance_scale=0, output_type="pt", num_inference_steps=1,
+                      generator=torch.Generator().manual_seed(5 + i)).images[0]  # fmt: skip
+        torch.testing.assert_close(theirs, ours[i], rtol=0, atol=2e-5)
+    # on a teacher without T5, --no-t5 is refused in one line
+    one_line_error(
+        run("distill", "--teacher-path", sd_pipe, "--no-t5", "--prompts", prompts_file,
+            "--out", tmp_path / "x", "--cpu"),
+        "--no-t5 is for SD3 teachers",
+    )  # fmt: skip
+    assert not (tmp_path / "x").exists()

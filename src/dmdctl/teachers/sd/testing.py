@@ -312,10 +312,48 @@ def write_t5_tokenizer(folder: Path):
     return tok
 
 
-def build_sd3_pipeline(folder: Path, seed: int = 0, t5: bool = True, shift: float = 3.0) -> Path:
-    """Write a tiny random-weight SD3 pipeline folder: two CLIP text encoders with projections,
+def sd3_transformer_config(size: str = "tiny") -> dict:
+    """An SD3 transformer config: tiny, or stable-diffusion-3-medium's own shapes (2B)."""
+    if size == "tiny":
+        return dict(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=48,  # = T5's width
+            caption_projection_dim=16,
+            pooled_projection_dim=16,  # the two CLIP projections, concatenated
+            out_channels=4,
+            pos_embed_max_size=16,
+        )
+    if size == "sd3-medium":
+        return dict(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            num_layers=24,
+            attention_head_dim=64,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            caption_projection_dim=1536,
+            pooled_projection_dim=2048,
+            out_channels=16,
+            pos_embed_max_size=192,
+        )
+    raise ValueError(f"unknown size {size!r}")
+
+
+def build_sd3_pipeline(
+    folder: Path, seed: int = 0, t5: bool = True, shift: float = 3.0, size: str = "tiny"
+) -> Path:
+    """Write a random-weight SD3 pipeline folder: two CLIP text encoders with projections,
     a T5 encoder (left out with ``t5=False``, as diffusers allows), an ``SD3Transformer2DModel``,
-    a VAE with SD3's shift and scaling factors and ``FlowMatchEulerDiscreteScheduler``."""
+    a VAE with SD3's shift and scaling factors and ``FlowMatchEulerDiscreteScheduler``. Tiny, or
+    (``size="sd3-medium"``, for benchmarks) SD3 medium's transformer, CLIP encoders and VAE;
+    T5-XXL is then left out (a training step never runs it: its tokens are cached, and without
+    it they are zeros of the same shape)."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -333,14 +371,21 @@ def build_sd3_pipeline(folder: Path, seed: int = 0, t5: bool = True, shift: floa
     folder = Path(folder)
     with tempfile.TemporaryDirectory() as tmp:
         vocab, merges = write_tokenizer_files(Path(tmp))
-        toks = [CLIPTokenizer(str(vocab), str(merges), model_max_length=16) for _ in range(2)]
+        max_length = 16 if size == "tiny" else 77
+        toks = [CLIPTokenizer(str(vocab), str(merges), model_max_length=max_length)] * 2
         vocab_size = len(json.loads(vocab.read_text()))
         tok3 = write_t5_tokenizer(Path(tmp) / "t5")
     torch.manual_seed(seed)
-    text = dict(_configs("tiny", "epsilon")["text"], projection_dim=8)
+    real = size != "tiny"
+    t5 = t5 and not real
     ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=vocab_size)
-    enc1 = CLIPTextModelWithProjection(CLIPTextConfig(**text, **ids))
-    enc2 = CLIPTextModelWithProjection(CLIPTextConfig(**text, **ids))
+    if real:  # CLIP ViT-L and OpenCLIP bigG text towers, with their projections
+        one, two, _ = _xl_text_configs("sdxl")
+        one = dict(one, projection_dim=768)
+    else:
+        one = two = dict(_configs("tiny", "epsilon")["text"], projection_dim=8)
+    enc1 = CLIPTextModelWithProjection(CLIPTextConfig(**one, **ids))
+    enc2 = CLIPTextModelWithProjection(CLIPTextConfig(**two, **ids))
     enc3 = T5EncoderModel(
         T5Config(
             vocab_size=len(tok3),
@@ -353,20 +398,10 @@ def build_sd3_pipeline(folder: Path, seed: int = 0, t5: bool = True, shift: floa
             eos_token_id=1,
         )
     )
-    transformer = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=48,
-        caption_projection_dim=16,
-        pooled_projection_dim=16,  # the two CLIP projections, concatenated
-        out_channels=4,
-        pos_embed_max_size=16,
-    )
-    vae_cfg = _configs("tiny", "epsilon")["vae"]
+    transformer = SD3Transformer2DModel(**sd3_transformer_config(size))
+    vae_cfg = _configs("sd15" if real else "tiny", "epsilon")["vae"]
+    if real:
+        vae_cfg = dict(vae_cfg, latent_channels=16, sample_size=1024)
     vae = AutoencoderKL(**dict(vae_cfg, scaling_factor=1.5305, shift_factor=0.0609))
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     pipe = StableDiffusion3Pipeline(
