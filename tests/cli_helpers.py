@@ -78,3 +78,32 @@ def distill_config(teacher, pairs, out, **kw):
     )
     base.update(kw)
     return DistillConfig(**base)
+
+
+def captioned_images(folder, size=(20, 24), n=3):
+    """``n`` random RGB images of ``size`` (h, w) in ``folder`` with a captions.jsonl naming
+    SD_PROMPTS in turn: the real data of a text-to-image GAN run."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        img = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        Image.fromarray(img).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file": f"{i}.png", "caption": SD_PROMPTS[i % len(SD_PROMPTS)]}))
+    (folder / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def largest_change(denoiser, unet_state: dict, prefix: str = "unet.") -> float:
+    """The largest change of any weight of a distilled network from the teacher's."""
+    return max(
+        (v - unet_state[k.removeprefix(prefix)]).abs().max().item()
+        for k, v in denoiser.state_dict().items()
+    )

@@ -4,14 +4,12 @@ exported for stock diffusers' ``load_lora_weights``."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from cli_helpers import SD_PROMPTS as PROMPTS
-from cli_helpers import ok, one_line_error, run
+from cli_helpers import captioned_images, ok, one_line_error, run
 
 RANK, ALPHA, FAKE_RANK = 4, 8.0, 2
 
@@ -22,14 +20,7 @@ def offline(hf_offline):
 
 
 def _real_images(folder):
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        rows.append(json.dumps({"file": f"{i}.png", "caption": PROMPTS[i]}))
-    (folder / "captions.jsonl").write_text("\n".join(rows) + "\n")
-    return folder
+    return captioned_images(folder, (16, 16))
 
 
 def _is_adapter(key: str) -> bool:

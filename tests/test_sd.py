@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_helpers import PROCESS_ENV, ok, one_line_error, run
+from cli_helpers import PROCESS_ENV, captioned_images, largest_change, ok, one_line_error, run
 from cli_helpers import SD_PROMPTS as PROMPTS
 from dmdctl.errors import UserError
 
@@ -229,11 +229,7 @@ def test_sd_end_to_end_export_runs_in_stock_diffusers(sd_pipe, prompts_file, tmp
     from dmdctl.teachers import resolve_teacher
 
     teacher_unet = resolve_teacher("sd15", sd_pipe).denoiser.unet.state_dict()
-    moved = max(
-        (v - teacher_unet[k.removeprefix("unet.")]).abs().max().item()
-        for k, v in gen.fn.denoiser.state_dict().items()
-    )
-    assert moved > 1e-5
+    assert largest_change(gen.fn.denoiser, teacher_unet) > 1e-5
 
     samples = tmp_path / "samples"
     ok(
@@ -398,14 +394,7 @@ def test_sd_gan_on_cached_captioned_latents_and_a_4_step_export(sd_pipe, prompts
     from dmdctl.core.generator import load_generator
     from dmdctl.teachers.sd.generate import text_to_image
 
-    real = tmp_path / "real"
-    real.mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(real / f"{i}.png")
-        rows.append(json.dumps({"file": f"{i}.png", "caption": PROMPTS[i % len(PROMPTS)]}))
-    (real / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    real = captioned_images(tmp_path / "real", (40, 48))
     run_dir = tmp_path / "run"
     common = ("distill", "--teacher", "sd15", "--teacher-path", sd_pipe, "--prompts", prompts_file,
               "--real-data", real, "--gan-weight", 1e-3, "--denoising-steps", "999,749,499,249",

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from cli_helpers import SD_PROMPTS as PROMPTS
-from cli_helpers import ok, one_line_error, run
+from cli_helpers import captioned_images, ok, one_line_error, run
 
 
 @pytest.fixture(scope="module")
@@ -127,17 +127,6 @@ def test_pairs_are_the_sd3_pipelines_own_latents(sd3_pipe, prompts_file, tmp_pat
         torch.testing.assert_close(shard["target"][i], ref, rtol=1e-4, atol=1e-4)
 
 
-def _captioned(folder: Path) -> Path:
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        rows.append(json.dumps({"file": f"{i}.png", "caption": PROMPTS[i]}))
-    (folder / "captions.jsonl").write_text("\n".join(rows) + "\n")
-    return folder
-
-
 @contextlib.contextmanager
 def renoising_noise(monkeypatch, seed: int, shape, steps: int):
     """FlowMatchLCMScheduler's noise draws, replaced by draws 2..K of ``seed``'s own RNG (what
@@ -181,7 +170,7 @@ def test_sd3_distills_and_exports_to_stock_diffusers(
                2, "--denoising-steps", "1"))  # fmt: skip
         steps = [1.0]
     else:
-        real = _captioned(tmp_path / "real")
+        real = captioned_images(tmp_path / "real", (20, 20))
         r = ok(run("distill", *common, "--real-data", real, "--gan-weight", 1e-2,
                    "--lora-rank", 4, "--mixed-precision", "no"))  # fmt: skip
         assert "3 captioned" in r.output

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from cli_helpers import SD_PROMPTS as PROMPTS
-from cli_helpers import ok, one_line_error, run
+from cli_helpers import captioned_images, largest_change, ok, one_line_error, run
 
 
 @pytest.fixture(scope="module")
@@ -143,14 +143,7 @@ def test_sdxl_dmd2_4_step_gan_run_exports_to_stock_diffusers(xl_pipe, prompts_fi
     from dmdctl.core.generator import load_generator
     from dmdctl.teachers.sd.generate import text_to_image
 
-    real = tmp_path / "real"
-    real.mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(real / f"{i}.png")
-        rows.append(json.dumps({"file": f"{i}.png", "caption": PROMPTS[i]}))
-    (real / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    real = captioned_images(tmp_path / "real")
     run_dir = tmp_path / "run"
     ok(
         run(
@@ -168,11 +161,7 @@ def test_sdxl_dmd2_4_step_gan_run_exports_to_stock_diffusers(xl_pipe, prompts_fi
     gen = load_generator(run_dir / "generator.safetensors")
     assert gen.nfe == 4 and gen.config["arch"] == "sdxl"
     teacher_unet = StableDiffusionXLPipeline.from_pretrained(xl_pipe).unet.state_dict()
-    moved = max(
-        (v - teacher_unet[k.removeprefix("unet.")]).abs().max().item()
-        for k, v in gen.fn.denoiser.state_dict().items()
-    )
-    assert moved > 1e-5
+    assert largest_change(gen.fn.denoiser, teacher_unet) > 1e-5
 
     samples = tmp_path / "samples"
     ok(

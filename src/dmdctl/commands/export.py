@@ -40,6 +40,14 @@ def generator_file_of(source: Path, ema: bool) -> Path | None:
     return None
 
 
+def generator_metadata(path: Path) -> dict:
+    """A generator file's metadata (refused in one line when it is not one)."""
+    meta = read_metadata(path)
+    if meta.get("format") != GENERATOR_FORMAT:
+        raise UserError(f"{path} is not a dmdctl generator file")
+    return meta
+
+
 def _from_checkpoint(source: Path, ema: bool, teacher_path=None, offline=False):
     """(checkpoint folder, its state, the generator's denoiser with EMA or raw weights; of a
     LoRA run: the teacher's network with the adapters, training/lora.py)."""
@@ -109,9 +117,7 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
     train_config = None
     path = generator_file_of(source, cfg.ema)
     if path is not None:
-        meta = read_metadata(path)
-        if meta.get("format") != GENERATOR_FORMAT:
-            raise UserError(f"{path} is not a dmdctl generator file")
+        meta = generator_metadata(path)
         kind_name = meta.get("kind")
         if not get_kind(str(kind_name)).text_to_image:
             raise UserError(

@@ -326,9 +326,8 @@ def export(cfg, source, out) -> dict:
 
     from safetensors import safe_open
 
-    from dmdctl.commands.export import _checkpoint_of, generator_file_of
+    from dmdctl.commands.export import _checkpoint_of, generator_file_of, generator_metadata
     from dmdctl.core.generator import load_generator
-    from dmdctl.teachers import GENERATOR_FORMAT, read_metadata
     from dmdctl.training.checkpoint import load_checkpoint
 
     source, out = Path(source), Path(out)
@@ -337,9 +336,7 @@ def export(cfg, source, out) -> dict:
     train_config = None
     path = generator_file_of(source, cfg.ema)
     if path is not None:
-        meta = read_metadata(path)
-        if meta.get("format") != GENERATOR_FORMAT:
-            raise UserError(f"{path} is not a dmdctl generator file")
+        meta = generator_metadata(path)
         if META_KEY not in meta:
             raise UserError(
                 f"--format lora: {path} holds no LoRA adapters (a run without --lora-rank); "
