@@ -268,3 +268,32 @@ def test_no_t5_is_recorded_and_followed_by_sample_and_export(
         "--no-t5 is for SD3 teachers",
     )  # fmt: skip
     assert not (tmp_path / "x").exists()
+
+
+def test_the_real_scores_guidance_is_the_sd3_pipelines_cfg(sd3_pipe):
+    """The guided real score (the encoded empty prompt as the unconditional branch) equals
+    x_t - t v for the pipeline's CFG-combined velocity with its own negative embeddings."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from dmdctl.teachers import resolve_teacher
+    from dmdctl.teachers.sd.denoiser import GuidedDenoiser
+
+    teacher = resolve_teacher("sd3", sd3_pipe)
+    enc = teacher.text_encoder()
+    real = GuidedDenoiser(teacher.denoiser, 7.0, enc.uncond())
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_pipe)
+    emb, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPTS[:2], None, None, device="cpu")
+    t = 0.6
+    x_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        v = pipe.transformer(
+            hidden_states=torch.cat([x_t, x_t]),
+            encoder_hidden_states=torch.cat([neg, emb]),
+            pooled_projections=torch.cat([neg_pooled, pooled]),
+            timestep=torch.full((4,), 1000 * t),
+        ).sample
+        u, c = v.chunk(2)
+        want = x_t - t * (u + 7.0 * (c - u))
+        sigma = t / (1 - t)
+        got = real(x_t * (1 + sigma), torch.full((2,), sigma), enc(PROMPTS[:2]))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

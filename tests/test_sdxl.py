@@ -263,3 +263,39 @@ def test_sdxl_lora_run_exports_adapters_and_a_merged_pipeline(xl_pipe, prompts_f
                           generator=torch.Generator().manual_seed(5 + i)).images[0]  # fmt: skip
             torch.testing.assert_close(theirs, ours[i], rtol=0, atol=2e-5)
         assert (plain[i] - ours[i]).abs().max() > 1e-3  # the adapters changed the images
+
+
+def test_the_real_scores_guidance_is_the_pipelines_cfg(xl_pipe):
+    """The guided real score (zeros as the unconditional branch) equals the Euler scheduler's x0
+    for the pipeline's CFG-combined prediction with zero negative embeddings."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from dmdctl.teachers import resolve_teacher
+    from dmdctl.teachers.sd.denoiser import GuidedDenoiser
+
+    teacher = resolve_teacher("sdxl", xl_pipe)
+    enc = teacher.text_encoder()
+    real = GuidedDenoiser(teacher.denoiser, 8.0, enc.uncond())
+    pipe = StableDiffusionXLPipeline.from_pretrained(xl_pipe)
+    emb, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPTS[:2], device="cpu")
+    sched = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(10)
+    i = 3
+    t, sigma = sched.timesteps[i], sched.sigmas[i]
+    sched._step_index = i
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * (1 + sigma)
+    with torch.no_grad():
+        inp = sched.scale_model_input(torch.cat([x, x]), t)
+        out = pipe.unet(
+            inp,
+            t,
+            encoder_hidden_states=torch.cat([neg, emb]),
+            added_cond_kwargs={
+                "text_embeds": torch.cat([neg_pooled, pooled]),
+                "time_ids": _time_ids(pipe).repeat(4, 1),
+            },
+        ).sample
+        u, c = out.chunk(2)
+        want = sched.step(u + 8.0 * (c - u), t, x).pred_original_sample
+        got = real(x, torch.full((2,), float(sigma)), enc(PROMPTS[:2]))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
