@@ -313,7 +313,11 @@ def write_t5_tokenizer(folder: Path):
 
 
 def sd3_transformer_config(size: str = "tiny") -> dict:
-    """An SD3 transformer config: tiny, or stable-diffusion-3-medium's own shapes (2B)."""
+    """An SD3 transformer config: tiny, tiny with SD3.5's additions (``tiny-3.5``: RMS-normed
+    queries and keys, a dual-attention block as in SD3.5 medium), or stable-diffusion-3-medium's
+    own shapes (2B)."""
+    if size == "tiny-3.5":
+        return dict(sd3_transformer_config("tiny"), qk_norm="rms_norm", dual_attention_layers=(0,))
     if size == "tiny":
         return dict(
             sample_size=8,
@@ -371,12 +375,12 @@ def build_sd3_pipeline(
     folder = Path(folder)
     with tempfile.TemporaryDirectory() as tmp:
         vocab, merges = write_tokenizer_files(Path(tmp))
-        max_length = 16 if size == "tiny" else 77
+        max_length = 16 if size.startswith("tiny") else 77
         toks = [CLIPTokenizer(str(vocab), str(merges), model_max_length=max_length)] * 2
         vocab_size = len(json.loads(vocab.read_text()))
         tok3 = write_t5_tokenizer(Path(tmp) / "t5")
     torch.manual_seed(seed)
-    real = size != "tiny"
+    real = not size.startswith("tiny")
     t5 = t5 and not real
     ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=vocab_size)
     if real:  # CLIP ViT-L and OpenCLIP bigG text towers, with their projections
