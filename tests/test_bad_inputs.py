@@ -377,6 +377,18 @@ CASES = [
         "need a Stable Diffusion teacher",
     ),
     Case(
+        "d-fsdp-lora",
+        "--fsdp with LoRA (not supported together)",
+        D + " --fsdp --lora-rank 4",
+        "--fsdp is not available with --lora-rank",
+    ),
+    Case(
+        "d-fsdp-fp16",
+        "--fsdp with fp16 (its loss scaler was not run on sharded gradients)",
+        D + " --fsdp --mixed-precision fp16",
+        "--fsdp is not available with --mixed-precision fp16",
+    ),
+    Case(
         "d-disk-full",
         "disk full while writing a checkpoint (test: save_file raises ENOSPC)",
         D + " --checkpoint-every 2",

@@ -119,14 +119,23 @@ def test_read_only_commands_do_not_need_the_lock(toy_teacher, tmp_path, command)
         held.release()
 
 
-@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
-def test_sharded_launch_is_refused_not_run_as_ddp(toy_teacher, tmp_path, monkeypatch, variable):
+@pytest.mark.parametrize(
+    ("variable", "says"),
+    [
+        ("ACCELERATE_USE_FSDP", ["asks for FSDP", "pass --fsdp", "DDP"]),
+        ("ACCELERATE_USE_DEEPSPEED", ["DeepSpeed", "does not support", "--fsdp"]),
+    ],
+)
+def test_sharded_launch_is_refused_not_run_as_ddp(
+    toy_teacher, tmp_path, monkeypatch, variable, says
+):
     """`accelerate launch --config_file <fsdp config>` sets this variable; on the CPU Accelerate
-    1.15 would quietly train with DDP instead: dmdctl says so before training."""
+    1.15 would quietly train with DDP instead: dmdctl says so before training, and names its own
+    --fsdp as the way to shard."""
     monkeypatch.setenv(variable, "true")
     r = run("distill", "--teacher-path", toy_teacher, "--reg-weight", "0", "--out", tmp_path / "d",
             "--steps", "2", "--batch-size", "8", "--cpu")  # fmt: skip
-    one_line_error(r, "does not support", "DDP")
+    one_line_error(r, *says)
     assert not (tmp_path / "d" / "log.jsonl").exists()
 
 

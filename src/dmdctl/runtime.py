@@ -123,13 +123,14 @@ def process_session():
 
 
 def refuse_sharding(accelerator=None) -> None:
-    """dmdctl trains with DDP only: refuse an Accelerate FSDP/DeepSpeed launch instead of
-    running it as something else (``accelerator``: one the caller built, or None: the
-    environment ``accelerate launch`` sets is checked before one is built).
+    """Refuse an Accelerate FSDP/DeepSpeed launch instead of running it as something else
+    (``accelerator``: one the caller built, or None: the environment ``accelerate launch`` sets
+    is checked before one is built).
 
-    Accelerate 1.15 turns ``distributed_type: FSDP`` into plain DDP when the processes run on
-    the CPU (gloo), silently; on GPUs it would hand the trainer sharded parameters, which its
-    EMA, checkpoints and non-finite guards do not handle (never run here)."""
+    dmdctl shards with its own ``--fsdp`` (torch FSDP2, training/sharding.py), the same code on
+    the CPU and on GPUs: Accelerate 1.15 turns ``distributed_type: FSDP`` into plain DDP when
+    the processes run on the CPU, silently, and on GPUs would shard in its own way (never run
+    here). DeepSpeed is not installed here and is not supported."""
     from accelerate.utils import DistributedType
 
     asked = [
@@ -144,11 +145,17 @@ def refuse_sharding(accelerator=None) -> None:
         got = accelerator.distributed_type
         if got in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             asked = asked or [got.value]
+    if asked and asked[0].upper() == "FSDP":
+        raise UserError(
+            "the accelerate config asks for FSDP; dmdctl distill shards with its own --fsdp "
+            "instead (torch FSDP2; Accelerate would run this config as DDP on the CPU): launch "
+            "with a multi-GPU/multi-CPU config without fsdp_config and pass --fsdp"
+        )
     if asked:
         raise UserError(
             f"the accelerate config asks for {asked[0]}, which dmdctl distill does not support "
-            "yet (it trains with DDP; on the CPU Accelerate would quietly run DDP instead): use "
-            "a multi-GPU/multi-CPU config without fsdp_config or deepspeed_config"
+            "(DeepSpeed is not installed or run here): use a multi-GPU/multi-CPU config "
+            "without deepspeed_config (with --fsdp to shard the trained networks)"
         )
 
 

@@ -1,4 +1,8 @@
-"""Exponential moving average of a model's parameters."""
+"""Exponential moving average of a model's parameters.
+
+For a network sharded with FSDP (``distill --fsdp``) the shadow holds this process's shards
+(``DTensor.to_local()``): the lerp is elementwise, so it gives the same numbers as on whole
+tensors; training/sharding.py gathers the shadow when a whole copy is needed."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = float(decay)
         self.num_updates = 0
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        self.shadow = {k: _local(v).detach().clone().float() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -24,7 +28,7 @@ class EMA:
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         shadows, values = [], []
         for k, v in model.state_dict().items():
-            s = self.shadow[k]
+            s, v = self.shadow[k], _local(v)
             if v.dtype.is_floating_point:
                 shadows.append(s)
                 values.append(v.detach().float())
@@ -46,3 +50,8 @@ class EMA:
         for k in self.shadow:
             self.shadow[k].copy_(state[k])
         self.num_updates = int(num_updates)
+
+
+def _local(v: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) value's local shard; a plain tensor as it is."""
+    return v.to_local() if hasattr(v, "to_local") else v

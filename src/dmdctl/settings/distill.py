@@ -178,6 +178,11 @@ class DistillConfig(Settings):
         "Recompute activations in the backward pass of the generator and fake score (less "
         "memory, ~30% slower).",
     )
+    fsdp: bool = option(
+        False,
+        "Shard the generator and the fake score over the launch's processes with torch FSDP2 "
+        "(per repeated block, then the whole network); the teacher stays whole on each.",
+    )
     optimizer: str = option(
         "adamw", "Optimiser; adamw8bit (bitsandbytes, CUDA) saves memory.", choices=OPTIMIZERS
     )
@@ -289,6 +294,24 @@ class DistillConfig(Settings):
         require(
             not (self.optimizer == "adamw8bit" and self.skip_nonfinite),
             "--skip-nonfinite needs --optimizer adamw (it uses torch's fused AdamW)",
+        )
+        require(
+            not (self.fsdp and lora),
+            "--fsdp is not available with --lora-rank / --fake-lora-rank (a LoRA run trains "
+            "only small adapters: run it without --fsdp)",
+        )
+        require(
+            not (self.fsdp and self.optimizer == "adamw8bit"),
+            "--fsdp needs --optimizer adamw (8-bit AdamW was not run on sharded parameters)",
+        )
+        require(
+            not (self.fsdp and self.compile),
+            "--fsdp is not available with --compile (compiled blocks were not run sharded)",
+        )
+        require(
+            not (self.fsdp and self.mixed_precision == "fp16"),
+            "--fsdp is not available with --mixed-precision fp16 (its loss scaler was not run "
+            "on sharded gradients); use bf16",
         )
         require(
             self.dm_weight > 0 or self.reg_weight > 0,

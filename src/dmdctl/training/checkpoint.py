@@ -65,8 +65,8 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 def save_checkpoint(
     root: Path,
     step: int,
-    models: dict[str, torch.nn.Module],
-    optimizers: dict[str, torch.optim.Optimizer],
+    models: dict[str, torch.nn.Module | dict[str, torch.Tensor]],
+    optimizers: dict[str, torch.optim.Optimizer | dict],
     tensors: dict[str, dict[str, torch.Tensor]],
     state: dict,
     keep: int = 0,
@@ -79,11 +79,13 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
         meta = {"step": str(step)}
         for name, model in models.items():
-            sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            # a module, or its state dict already gathered (distill --fsdp)
+            sd = model if isinstance(model, dict) else model.state_dict()
+            sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
             save_file(sd, str(tmp / f"{name}.safetensors"), metadata=meta)
         opt_rest = {}
         for name, opt in optimizers.items():
-            t, rest = flatten_optimizer(opt.state_dict())
+            t, rest = flatten_optimizer(opt if isinstance(opt, dict) else opt.state_dict())
             save_file(t, str(tmp / f"optim_{name}.safetensors"), metadata=meta)
             opt_rest[name] = rest
         for name, group in tensors.items():

@@ -330,6 +330,7 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
             else:
                 bar.update(task, completed=step)
             if is_eval:
+                trainer.gather_ema()  # --fsdp: every process takes part; no-op otherwise
                 if main:
                     row = evaluate_generator(trainer)
                     append_line(log_path, json.dumps({"step": step, **row}))
@@ -376,6 +377,7 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
     if interrupted is not None:
         result["interrupted"] = signal.Signals(interrupted).name
         return result
+    trainer.gather_ema()  # --fsdp: the whole EMA, gathered by every process for the main one
     if main:
         t = trainer.teacher
         path = out / "generator.safetensors"

@@ -41,7 +41,7 @@ from dmdctl.pairs import load_pairs
 from dmdctl.settings.distill import DistillConfig
 from dmdctl.teachers import resolve_teacher
 from dmdctl.teachers.sd.denoiser import GuidedDenoiser
-from dmdctl.training import lora
+from dmdctl.training import lora, sharding
 from dmdctl.training.checkpoint import (
     find_checkpoint,
     list_checkpoints,
@@ -143,6 +143,11 @@ class DMDTrainer:
             self.gen_names = lora.add_lora(generator.denoiser, self.lora, cfg.seed, compute)
         if cfg.grad_checkpointing:
             enable_checkpointing(generator.denoiser)
+        # --fsdp: the trained networks sharded over the launch (training/sharding.py); their
+        # optimisers and the EMA are made from the sharded parameters
+        self.mesh = sharding.mesh(acc.device) if cfg.fsdp else None
+        if self.mesh is not None:
+            sharding.shard(generator.denoiser.to(acc.device), self.mesh)
         self.ema = EMA(self.trained_state(generator.denoiser), cfg.ema_decay)
         adamw = optimizer_factory(cfg, acc.device)
         opt_g = adamw(trainable(generator), cfg.lr)
@@ -167,12 +172,15 @@ class DMDTrainer:
             cfg.channels_last,
             cfg.compile,
         )
+        if self.mesh is not None and fake is not None:
+            sharding.shard(fake.to(self.device), self.mesh)
         # DMD2's GAN: a head on the fake score's bottleneck, trained by the fake's optimiser
         self.use_gan = cfg.gan_weight > 0
         self.real_data = self.head = None
         if self.use_gan:
             self.real_data = self._load_real_data(acc)
-            fake.to(self.device)
+            if self.mesh is None:  # (a sharded module is already there; .to() would replace
+                fake.to(self.device)  # its DTensor parameters behind FSDP's back)
             try:
                 shape = feature_shape(
                     fake, t.sample_shape, t.sigma_max, self._cond(self._probe_cond())
@@ -182,7 +190,23 @@ class DMDTrainer:
             with torch.random.fork_rng(devices=[]):  # its initial weights follow --seed
                 torch.manual_seed(cfg.seed)
                 head = GANHead(shape).to(self.device)
-        if self.use_fake:
+            if self.mesh is not None:
+                sharding.shard(head, self.mesh)
+                sharding.reshard(fake)  # after the probe's forward pass
+        if self.mesh is not None:
+            # sharded networks stay out of prepare (it would wrap them in DDP): only the
+            # optimisers go through it (mixed precision, gradient accumulation bookkeeping)
+            self.generator, self.fake = generator, fake
+            self.head = head if self.use_gan else None
+            opts = [opt_g]
+            if self.use_fake:
+                fake_params = trainable(fake) + (list(head.parameters()) if self.use_gan else [])
+                opts.append(adamw(fake_params, cfg.fake_lr))
+            prepared = acc.prepare(*opts)
+            prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+            self.opt_g = prepared[0]
+            self.opt_f = prepared[1] if self.use_fake else None
+        elif self.use_fake:
             fake_params = trainable(fake) + (list(head.parameters()) if self.use_gan else [])
             opt_f = adamw(fake_params, cfg.fake_lr)
             if self.use_gan:
@@ -556,20 +580,28 @@ class DMDTrainer:
         """Checkpoint on the main process; the others wait at the barriers around it."""
         self.acc.wait_for_everyone()
         path = None
-        if self.acc.is_main_process:
-            models = {"generator": self.trained_state(self.unwrapped_generator.denoiser)}
-            optims = {"generator": self.opt_g}
-            if self.use_fake:
-                models["fake"] = self.trained_state(self.acc.unwrap_model(self.fake), fake=True)
-                optims["fake"] = self.opt_f  # with the GAN head's parameters, when there is one
-            if self.use_gan:
-                models["gan_head"] = self.acc.unwrap_model(self.head)
+        main = self.acc.is_main_process
+        models = {"generator": self.trained_state(self.unwrapped_generator.denoiser)}
+        optims = {"generator": self.opt_g}
+        if self.use_fake:
+            models["fake"] = self.trained_state(self.acc.unwrap_model(self.fake), fake=True)
+            optims["fake"] = self.opt_f  # with the GAN head's parameters, when there is one
+        if self.use_gan:
+            models["gan_head"] = self.acc.unwrap_model(self.head)
+        if self.mesh is not None:
+            sharding.reshard(*(m for m in models.values()))
+            # whole tensors gathered by every process (collectives), kept by the main one: the
+            # files of a DDP run, key for key (training/sharding.py)
+            models = {n: sharding.gather_state(m.state_dict(), main) for n, m in models.items()}
+            optims = {n: sharding.gather_optimizer(o, main) for n, o in optims.items()}
+        ema = self.gather_ema()
+        if main:
             path = save_checkpoint(
                 self.out / "checkpoints",
                 self.step,
                 models,
                 optims,
-                {"ema": self.ema.state_dict()},
+                {"ema": ema},
                 dict(self.checkpoint_state(), **(extra or {})),
                 keep=self.cfg.keep_checkpoints,
             )
@@ -599,15 +631,16 @@ class DMDTrainer:
                 "from it with --init-from"
             )
         try:
-            self.trained_state(self.unwrapped_generator.denoiser).load_state_dict(load("generator"))
-            self.opt_g.load_state_dict(_optim_state(load, state, "generator"))
+            g = self.trained_state(self.unwrapped_generator.denoiser)
+            self._load_net(g, load("generator"))
+            self._load_optim(self.opt_g, _optim_state(load, state, "generator"))
             if self.use_fake:
                 fake = self.trained_state(self.acc.unwrap_model(self.fake), fake=True)
-                fake.load_state_dict(load("fake"))
+                self._load_net(fake, load("fake"))
                 if self.use_gan:
-                    self.acc.unwrap_model(self.head).load_state_dict(load("gan_head"))
-                self.opt_f.load_state_dict(_optim_state(load, state, "fake"))
-            ema = {k: v.to(self.device) for k, v in load("ema").items()}
+                    self._load_net(self.acc.unwrap_model(self.head), load("gan_head"))
+                self._load_optim(self.opt_f, _optim_state(load, state, "fake"))
+            ema = self._ema_shards(load("ema"))
         except SafetensorError as e:
             raise UserError(
                 f"checkpoint {path} is damaged ({e}); resume from an earlier one with "
@@ -623,10 +656,54 @@ class DMDTrainer:
         self.skipped_fake_updates = int(state.get("skipped_fake_updates", 0))
         return path
 
+    def _load_net(self, net: torch.nn.Module, full: dict) -> None:
+        """A network's whole state dict into it (cut to this process's shards under --fsdp)."""
+        if self.mesh is not None:
+            sharding.reshard(net)
+            sharding.load_module(net, full)
+        else:
+            net.load_state_dict(full)
+
+    def _load_optim(self, opt, full: dict) -> None:
+        if self.mesh is not None:
+            full = sharding.shard_optimizer_state(opt, full)
+        opt.load_state_dict(full)
+
+    def _ema_shards(self, full: dict) -> dict:
+        """A whole EMA state as the shadow holds it (this process's shards under --fsdp)."""
+        if self.mesh is not None:
+            ref = self.trained_state(self.unwrapped_generator.denoiser).state_dict()
+            full = sharding.cut_state_like(full, ref)
+        return {k: v.to(self.device) for k, v in full.items()}
+
+    _ema_full: tuple[int, dict] | None = None
+
+    def gather_ema(self) -> dict:
+        """The whole EMA state; under --fsdp a collective every process calls (the main process
+        gets the tensors, kept for :meth:`ema_generator` at this step; the others get {})."""
+        if self.mesh is None:
+            return self.ema.state_dict()
+        if self._ema_full is None or self._ema_full[0] != self.step:
+            sharding.reshard(self.unwrapped_generator.denoiser)
+            ref = self.trained_state(self.unwrapped_generator.denoiser).state_dict()
+            self._ema_full = None  # the previous step's copy goes before the new one is made
+            full = sharding.gather_like(self.ema.state_dict(), ref, self.acc.is_main_process)
+            self._ema_full = (self.step, full)
+        return self._ema_full[1]
+
     def ema_generator(self) -> StepGenerator:
-        g = copy.deepcopy(self.unwrapped_generator).eval().requires_grad_(False)
-        self.ema.copy_to(self.trained_state(g.denoiser))
-        return g
+        if self.mesh is None:
+            g = copy.deepcopy(self.unwrapped_generator).eval().requires_grad_(False)
+            self.ema.copy_to(self.trained_state(g.denoiser))
+            return g
+        # a whole network on this process: the teacher's structure with the gathered EMA
+        # weights, in the training dtype (gather_ema ran on every process at this step)
+        if self._ema_full is None or self._ema_full[0] != self.step or not self._ema_full[1]:
+            raise RuntimeError("ema_generator under --fsdp needs gather_ema() at this step")
+        d = copy.deepcopy(self.teacher.denoiser)
+        d.load_state_dict(self._ema_full[1], assign=True)
+        d = d.to(self.device).eval().requires_grad_(False)
+        return StepGenerator(d, self.sigmas)
 
     def init_from(self, where: str) -> Path:
         """--init-from: weights of another run (generator, EMA, fake score and GAN head when it
@@ -669,12 +746,12 @@ class DMDTrainer:
                     f"--init-from {path} was trained from a different teacher; use the same "
                     "--teacher-path"
                 )
-            g.load_state_dict(parts["generator"])
-            self.ema.load_state_dict({k: v.to(self.device) for k, v in parts["ema"].items()}, 0)
+            self._load_net(g, parts["generator"])
+            self.ema.load_state_dict(self._ema_shards(parts["ema"]), 0)
             if "fake" in parts:
-                self.acc.unwrap_model(self.fake).load_state_dict(parts["fake"])
+                self._load_net(self.acc.unwrap_model(self.fake), parts["fake"])
             if "gan_head" in parts:
-                self.acc.unwrap_model(self.head).load_state_dict(parts["gan_head"])
+                self._load_net(self.acc.unwrap_model(self.head), parts["gan_head"])
         except SafetensorError as e:
             raise UserError(f"--init-from {path} is damaged ({e})") from None
         except (RuntimeError, KeyError, ValueError) as e:
