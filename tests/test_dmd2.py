@@ -371,3 +371,17 @@ def test_image_folders_are_resized_to_the_teacher(tmp_path):
     assert rd.x.shape == (2, 3, 32, 32)
     torch.testing.assert_close(rd.x[0, :, 5, 5], torch.tensor([1.0, -1.0, -1.0]))
     torch.testing.assert_close(rd.x[1, :, 5, 5], torch.tensor([-1.0, -1.0, 1.0]))
+
+
+def test_gan_head_on_narrow_features_sees_its_input_at_batch_1():
+    """16-channel 4x4 features (a tiny UNet's mid block): the head's last map is 1x1, so its
+    GroupNorm needs 2+ channels a group; with one it normalised every value to 0 (a constant
+    logit) and failed in training at one sample per process."""
+    import torch
+
+    from dmdctl.core.gan import GANHead
+
+    head = GANHead((16, 4, 4)).train()
+    a = head(torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0)))
+    b = head(torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(1)))
+    assert a.shape == (1,) and not torch.equal(a, b)

@@ -20,8 +20,13 @@ from torch import nn
 
 
 def _groups(channels: int) -> int:
-    """GroupNorm groups: 32 as DMD2's heads use, or the largest divisor of ``channels`` below."""
-    return math.gcd(channels, 32)
+    """GroupNorm groups: 32 as DMD2's heads use, or the largest divisor of ``channels`` below,
+    with at least 2 channels a group: after the head's last convolution the map is 1x1, and a
+    group of one value normalises to 0 (and fails in training for a batch of 1)."""
+    groups = math.gcd(channels, 32)
+    while groups > 1 and channels // groups < 2:
+        groups //= 2
+    return groups
 
 
 class GANHead(nn.Module):
