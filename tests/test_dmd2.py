@@ -142,6 +142,11 @@ def test_gan_step_wiring(toy_teacher, tmp_path):
     (g_gan,) = torch.autograd.grad(F.softplus(-head_copy(feats[-1])).mean(), xg)
     assert g_gan.abs().max() > 0
     torch.testing.assert_close(seen["grad"], dm + gw * g_gan, rtol=1e-4, atol=1e-9)
+    # the head trains with the fake score: its parameters are in the fake's optimiser and moved
+    held = {id(p) for group in tr.opt_f.param_groups for p in group["params"]}
+    assert all(id(p) in held for p in head.parameters())
+    pairs = zip(head.parameters(), head_copy.parameters(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in pairs)
 
 
 def test_few_step_generator_and_seeded_sampling(toy_teacher):

@@ -193,33 +193,20 @@ class DMDTrainer:
             if self.mesh is not None:
                 sharding.shard(head, self.mesh)
                 sharding.reshard(fake)  # after the probe's forward pass
-        if self.mesh is not None:
-            # sharded networks stay out of prepare (it would wrap them in DDP): only the
-            # optimisers go through it (mixed precision, gradient accumulation bookkeeping)
-            self.generator, self.fake = generator, fake
-            self.head = head if self.use_gan else None
-            opts = [opt_g]
-            if self.use_fake:
-                fake_params = trainable(fake) + (list(head.parameters()) if self.use_gan else [])
-                opts.append(adamw(fake_params, cfg.fake_lr))
-            prepared = acc.prepare(*opts)
-            prepared = prepared if isinstance(prepared, tuple) else (prepared,)
-            self.opt_g = prepared[0]
-            self.opt_f = prepared[1] if self.use_fake else None
-        elif self.use_fake:
+        # what Accelerate prepares, in this order: the networks (not when sharded: prepare would
+        # wrap them in DDP) and their optimisers (mixed precision, accumulation bookkeeping)
+        opt_f = None
+        if self.use_fake:
             fake_params = trainable(fake) + (list(head.parameters()) if self.use_gan else [])
             opt_f = adamw(fake_params, cfg.fake_lr)
-            if self.use_gan:
-                self.generator, self.opt_g, self.fake, self.opt_f, self.head = acc.prepare(
-                    generator, opt_g, fake, opt_f, head
-                )
-            else:
-                self.generator, self.opt_g, self.fake, self.opt_f = acc.prepare(
-                    generator, opt_g, fake, opt_f
-                )
-        else:
-            self.generator, self.opt_g = acc.prepare(generator, opt_g)
-            self.fake = self.opt_f = None
+        nets = {"generator": generator, "fake": fake, "head": head if self.use_gan else None}
+        opts = {"opt_g": opt_g, "opt_f": opt_f}
+        parts = {**opts} if self.mesh is not None else {**nets, **opts}
+        names = [n for n, v in parts.items() if v is not None]
+        prepared = acc.prepare(*(parts[n] for n in names))
+        prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+        for name, value in {**nets, **opts, **dict(zip(names, prepared, strict=True))}.items():
+            setattr(self, name, value)
         self.ema_shadow_to(self.device)
         self.grid = grid.float().to(self.device)
         self.levels = len(grid)
