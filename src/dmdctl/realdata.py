@@ -181,13 +181,12 @@ def _read_captions(folder: Path) -> tuple[list[Path], list[str]]:
 @torch.no_grad()
 def _captioned_latents(folder: Path, teacher, cache_dir: Path, device) -> RealData:
     from dmdctl.files import atomic_save_safetensors, load_cached_safetensors
+    from dmdctl.teachers.sd.pipeline import text_identity
 
     if not folder.is_dir():
         raise UserError(f"--real-data {folder}: expected a folder of images with {CAPTIONS_FILE}")
     files, captions = _read_captions(folder)
     stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    from dmdctl.teachers.sd.pipeline import text_identity
-
     key = hashlib.sha256(json.dumps([stamp, captions, text_identity(teacher)]).encode()).hexdigest()
     cache = cache_dir / CACHE_FILE
     description = f"{folder} ({len(files)} captioned images, latents cached in {cache})"

@@ -74,8 +74,7 @@ def export(cfg: ExportConfig) -> dict:
     if cfg.format == "lora":
         return lora.export(cfg, source, out)
     if source.is_file():
-        if read_metadata(source).get("format") != GENERATOR_FORMAT:
-            raise UserError(f"{source} is not a dmdctl generator file")
+        generator_metadata(source)
         if source.resolve() != out.resolve():
             shutil.copyfile(source, out)
         gen = load_generator(out)
@@ -146,7 +145,7 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
         config, sha, what = state["teacher_config"], state["teacher_sha256"], str(ckpt)
         train_config = state.get("config")
         sigmas = state.get("generator_sigmas") or [denoiser.sigma_max]
-    from dmdctl.teachers.sd.generate import PIPELINE_CLASSES, step_scheduler, usage_call
+    from dmdctl.teachers.sd.generate import PIPELINE_CLASSES, step_scheduler_name, usage_call
 
     arch = config.get("arch", "sd")
     timesteps = denoiser.step_values(list(sigmas))
@@ -154,7 +153,7 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
         denoiser.eval(), config, sha, out, cfg.teacher_path, cfg.offline, train_config, timesteps
     )
     steps = "1 step" if len(timesteps) == 1 else f"{len(timesteps)} steps"
-    _, scheduler = step_scheduler(arch, timesteps, {})
+    scheduler = step_scheduler_name(arch, timesteps)
     return {
         "out": str(folder),
         "from": what,

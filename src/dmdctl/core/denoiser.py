@@ -153,7 +153,8 @@ class FlowDenoiser(Denoiser):
     ``x0 = z - v(z, 1)`` is then exactly one Euler step of the flow from t = 1 to 0, which is what
     diffusers' ``FlowMatchEulerDiscreteScheduler`` runs in one step.
 
-    The network is called as ``velocity(x_t, t * time_scale, cond)`` (SD3's transformer takes
+    The network (``backbone``, as for :class:`EDMPrecond`) is called as
+    ``backbone(x_t, t * time_scale, cond)`` and returns the velocity (SD3's transformer takes
     ``1000 t``). The DM loss's grid is the teacher's training timesteps ``i / levels``
     (i = 1..levels-1; pure noise left out), mapped through the schedule's ``shift``.
     """
@@ -162,14 +163,14 @@ class FlowDenoiser(Denoiser):
 
     def __init__(
         self,
-        velocity: nn.Module,
+        backbone: nn.Module | None,
         time_scale: float = 1.0,
         shift: float = 1.0,
         levels: int = 1000,
         sigma_data: float = 0.5,
     ):
         super().__init__()
-        self.velocity = velocity
+        self.backbone = backbone
         self.time_scale = float(time_scale)
         self.shift = float(shift)
         self.levels = int(levels)
@@ -206,12 +207,6 @@ class FlowDenoiser(Denoiser):
         loss the flow-matching (velocity) loss the teacher was trained with."""
         return self.t_of(sigma.float()).pow(-2)
 
-    def bottleneck(self) -> nn.Module:
-        fn = getattr(self.velocity, "bottleneck", None)
-        if fn is None:
-            raise ValueError(f"{type(self.velocity).__name__} exposes no bottleneck features")
-        return fn()
-
     def step_values(self, sigmas: list[float]) -> list[float]:
         """A generator's steps as t values (1.0 for pure noise)."""
         return [1.0 if math.isinf(s) else round(float(s) / (1 + float(s)), 6) for s in sigmas]
@@ -220,7 +215,7 @@ class FlowDenoiser(Denoiser):
         """The network's velocity (float32) on ``x_t`` at times ``t`` ([N] or scalar)."""
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).reshape(-1)
         t = t.expand(x_t.shape[0]) if t.numel() == 1 else t
-        return self.velocity(x_t, t * self.time_scale, cond).float()
+        return self.backbone(x_t, t * self.time_scale, cond).float()
 
     def forward(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
         s = broadcast_sigma(sigma, x)

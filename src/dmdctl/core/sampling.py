@@ -157,7 +157,7 @@ class FlowHeunSampler:
     """The deterministic sampler of flow-matching teachers: Heun on the flow's ODE in t, over
     ``steps`` intervals from t = 1 (NFE = 2N-1)."""
 
-    def __init__(self, denoiser, steps: int, rho: float = 7.0):
+    def __init__(self, denoiser, steps: int):
         self.denoiser = denoiser
         self.times = flow_times(steps, float(getattr(denoiser, "shift", 1.0)))
         self.nfe = heun_nfe(steps)
@@ -169,7 +169,7 @@ class FlowHeunSampler:
 
 def teacher_sampler(denoiser, steps: int, rho: float = 7.0):
     """The teacher's own deterministic sampler: Heun on the Karras schedule (EDM-style
-    teachers) or Heun on the flow ODE (flow-matching teachers)."""
+    teachers; ``rho`` shapes its schedule) or Heun on the flow ODE (flow-matching teachers)."""
     if getattr(denoiser, "step_unit", "sigma") == "t":
-        return FlowHeunSampler(denoiser, steps, rho)
+        return FlowHeunSampler(denoiser, steps)
     return HeunSampler(denoiser, steps, rho)

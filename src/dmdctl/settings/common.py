@@ -41,7 +41,7 @@ def offline_option(help: str = OFFLINE_HELP) -> Any:
 
 
 NO_T5_HELP = (
-    "SD3 teachers: leave out the T5 text encoder (4.7B parameters in SD3), as diffusers' "
+    "SD3 teachers: leave out the T5 text encoder (the largest of the three), as diffusers' "
     "pipeline does with text_encoder_3=None: T5's tokens are zeros; sample and export follow."
 )
 

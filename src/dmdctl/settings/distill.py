@@ -18,7 +18,7 @@ from dmdctl.settings.common import (
     teacher_path_option,
 )
 
-# DMD2's SDXL LoRA generator's target modules (main/sd_unified_model.py); = training.lora's
+# DMD2's SDXL LoRA generator's target modules (main/sd_unified_model.py)
 DEFAULT_LORA_TARGETS = (
     "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,"
     "conv_shortcut,downsamplers.0.conv,upsamplers.0.conv,time_emb_proj"
@@ -125,8 +125,9 @@ class DistillConfig(Settings):
     # LoRA (training/lora.py; docs/RECIPES.md for the defaults' sources)
     lora_rank: int | None = option(
         None,
-        "Train LoRA adapters of this rank on the generator's UNet instead of all its weights "
-        "(Stable Diffusion teachers; DMD2's SDXL LoRA: 64). Default: full fine-tuning.",
+        "Train LoRA adapters of this rank on the generator's network (UNet, or SD3's "
+        "transformer) instead of all its weights (Stable Diffusion teachers; DMD2's SDXL LoRA: "
+        "64). Default: full fine-tuning.",
         min=1,
     )
     lora_alpha: float | None = option(
@@ -137,13 +138,13 @@ class DistillConfig(Settings):
     )
     lora_targets: str = option(
         DEFAULT_LORA_TARGETS,
-        "Comma-separated module-name suffixes of the UNet that get adapters (default: DMD2's "
-        "SDXL LoRA list).",
+        "Comma-separated module-name suffixes of the network that get adapters (default: "
+        "DMD2's SDXL LoRA list; modules a network lacks are skipped).",
     )
     fake_lora_rank: int | None = option(
         None,
-        "Train the fake score as LoRA adapters of this rank on the teacher's UNet (same alpha "
-        "and targets; the GAN head stays fully trained). Default: full fine-tuning.",
+        "Train the fake score as LoRA adapters of this rank on the teacher's network (same "
+        "alpha and targets; the GAN head stays fully trained). Default: full fine-tuning.",
         min=1,
     )
     sigma_levels: int = option(1000, "Noise levels of the DM loss's grid.", min=1, cli=False)

@@ -201,10 +201,10 @@ def write_diffusers_lora(
 
     import diffusers
 
-    from dmdctl.teachers.sd.generate import PIPELINE_CLASSES
+    from dmdctl.teachers.sd.generate import NETWORK_PARTS, PIPELINE_CLASSES
 
     pipeline_cls = getattr(diffusers, PIPELINE_CLASSES[arch])
-    part = "transformer" if arch == "sd3" else "unet"  # what the adapters are on
+    part = NETWORK_PARTS[arch]  # what the adapters are on
     if (
         f"{part}_lora_adapter_metadata"
         not in inspect.signature(pipeline_cls.save_lora_weights).parameters
@@ -264,17 +264,19 @@ def checkpoint_network(
 
 
 def model_card(
-    pipeline: str, teacher_sha256: str, train_config: dict | None, out, timesteps, spec, arch="sd"
+    pipeline: str, teacher_sha256: str, train_config: dict | None, out, timesteps, spec, config
 ) -> str:
     from dmdctl.teachers.sd.generate import (
         PIPELINE_CLASSES,
         describe_steps,
-        step_scheduler,
+        no_t5_text,
+        step_scheduler_name,
         usage_call,
     )
 
+    arch = config.get("arch", "sd")
     cls = PIPELINE_CLASSES[arch]
-    _, scheduler = step_scheduler(arch, timesteps, {})
+    scheduler = step_scheduler_name(arch, timesteps)
     net = "transformer" if arch == "sd3" else "UNet"
     cfg = json.dumps(train_config or {}, indent=2, sort_keys=True)
     k = len(timesteps)
@@ -298,7 +300,7 @@ CVPR 2024; DMD2, NeurIPS 2024). With them the {net} maps pure noise to an image
 import torch
 from diffusers import {scheduler}, {cls}
 
-pipe = {cls}.from_pretrained("{pipeline}", torch_dtype=torch.float16).to("cuda")
+pipe = {cls}.from_pretrained("{pipeline}",{no_t5_text(config)} torch_dtype=torch.float16).to("cuda")
 pipe.scheduler = {scheduler}.from_config(pipe.scheduler.config{", shift=1.0" if scheduler == "FlowMatchLCMScheduler" else ""})
 pipe.load_lora_weights("{out}")
 image = pipe("a photo of a cat", {usage_call(list(timesteps), arch)}).images[0]
@@ -376,14 +378,14 @@ def export(cfg, source, out) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     pipeline, arch = str(config.get("pipeline", "")), config.get("arch", "sd")
-    card = model_card(pipeline, sha, train_config, out, timesteps, spec, arch)
+    card = model_card(pipeline, sha, train_config, out, timesteps, spec, config)
     write_diffusers_lora(adapters, spec, tmp, card, arch)
     if out.exists():
         out.rmdir()
     tmp.rename(out)
-    from dmdctl.teachers.sd.generate import PIPELINE_CLASSES, step_scheduler, usage_call
+    from dmdctl.teachers.sd.generate import PIPELINE_CLASSES, step_scheduler_name, usage_call
 
-    _, scheduler = step_scheduler(arch, timesteps, {})
+    scheduler = step_scheduler_name(arch, timesteps)
     return {
         "out": str(out),
         "from": what,

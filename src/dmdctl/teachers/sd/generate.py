@@ -64,11 +64,20 @@ PIPELINE_CLASSES = {
 }
 
 
+# the pipeline component that holds the distilled network (and LoRA adapters)
+NETWORK_PARTS = {"sd": "unet", "sdxl": "unet", "sd3": "transformer"}
+
+
 def no_t5_kwargs(config: dict) -> dict:
     """``from_pretrained`` arguments of an SD3 pipeline used without T5 (--no-t5)."""
     if config.get("arch") == "sd3" and not config.get("t5", True):
         return {"text_encoder_3": None, "tokenizer_3": None}
     return {}
+
+
+def no_t5_text(config: dict) -> str:
+    """:func:`no_t5_kwargs` as a model card's ``from_pretrained`` call spells them."""
+    return "".join(f" {k}=None," for k in no_t5_kwargs(config))
 
 
 def usage_call(steps: list, arch: str = "sd") -> str:
@@ -81,22 +90,27 @@ def usage_call(steps: list, arch: str = "sd") -> str:
     return f"timesteps={list(steps)}, guidance_scale=0"
 
 
-def step_scheduler(arch: str, steps: list, scheduler_config: dict):
-    """(scheduler, its name) that runs a generator's steps in the stock pipeline.
+def step_scheduler_name(arch: str, steps: list) -> str:
+    """The diffusers scheduler that runs a generator's steps in the stock pipeline.
 
     SD/SDXL: ``LCMScheduler`` (x0 at each timestep, renoised to the next). SD3, one step at
     t = 1: the pipeline's own ``FlowMatchEulerDiscreteScheduler`` (one Euler step from t = 1 to 0
-    is x_1 - v); a few steps: ``FlowMatchLCMScheduler`` without a shift, so that the sigmas the
-    call passes are the generator's t values exactly.
+    is x_1 - v); a few steps: ``FlowMatchLCMScheduler`` (without a shift: see below).
     """
+    if arch != "sd3":
+        return "LCMScheduler"
+    return "FlowMatchEulerDiscreteScheduler" if list(steps) == [1.0] else "FlowMatchLCMScheduler"
+
+
+def step_scheduler(arch: str, steps: list, scheduler_config: dict):
+    """(scheduler, its name): :func:`step_scheduler_name`'s, made from the teacher's config."""
     import diffusers
 
     sched = dict(scheduler_config)
+    name = step_scheduler_name(arch, steps)
     if arch == "sd3":
-        if list(steps) == [1.0]:
-            name = "FlowMatchEulerDiscreteScheduler"
-        else:
-            name, sched["shift"] = "FlowMatchLCMScheduler", 1.0
+        if name == "FlowMatchLCMScheduler":
+            sched["shift"] = 1.0  # the sigmas the call passes are the generator's t exactly
         return getattr(diffusers, name).from_config(sched), name
     k = len(steps)
     n_train = int(sched.get("num_train_timesteps", 1000))
@@ -214,8 +228,7 @@ def export_diffusers(
         timesteps = denoiser.step_values([denoiser.sigma_max])
     timesteps = list(timesteps)
     scheduler, scheduler_name = step_scheduler(arch, timesteps, pipe.scheduler.config)
-    part = "transformer" if arch == "sd3" else "unet"
-    pipe.register_modules(**{part: denoiser.network, "scheduler": scheduler})
+    pipe.register_modules(**{NETWORK_PARTS[arch]: denoiser.network, "scheduler": scheduler})
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         import shutil
@@ -231,7 +244,7 @@ def export_diffusers(
             timesteps,
             arch,
             scheduler_name,
-            " text_encoder_3=None, tokenizer_3=None," if no_t5_kwargs(config) else "",
+            no_t5_text(config),
         )
     )
     if out.exists():

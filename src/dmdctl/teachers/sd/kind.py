@@ -1,5 +1,6 @@
-"""The Stable Diffusion teacher kind (``--teacher sd15`` / ``sdxl``, or any SD1.x/2.x- or
-SDXL-style pipeline; the architecture is read from the pipeline, presets say which they expect).
+"""The Stable Diffusion teacher kind (``--teacher sd15`` / ``sdxl`` / ``sd3``, or any SD1.x/2.x-,
+SDXL- or SD3-style pipeline; the architecture is read from the pipeline, presets say which they
+expect).
 
 Unlike the built-in kinds, the teacher is not a dmdctl file but a diffusers pipeline folder or
 hub id; generator files still hold the UNet's weights with the configs needed to rebuild it.
@@ -24,7 +25,7 @@ class StableDiffusion(TeacherKind):
     default_recipe_applies = True
 
     def presets(self) -> dict[str, dict]:
-        """SD1.5 and SDXL recipes; every value and its source is listed in docs/RECIPES.md."""
+        """SD1.5, SDXL and SD3 recipes; every value and its source is listed in RECIPES.md."""
         from dmdctl.teachers.sd.pipeline import SD3_HUB_ID, SD15_HUB_ID, SDXL_HUB_ID
 
         # what both recipes share: DMD2's optimiser set-up and DM-loss range, no EMA, and our
@@ -139,7 +140,7 @@ class StableDiffusion(TeacherKind):
         }
 
     def preset_arch(self, name: str) -> str:
-        """The pipeline architecture a preset is written for ("sd" or "sdxl")."""
+        """The pipeline architecture a preset is written for ("sd", "sdxl" or "sd3")."""
         return self.presets().get(name, {}).get("arch", "sd")
 
     def default_preset_for(self, config: dict) -> str:

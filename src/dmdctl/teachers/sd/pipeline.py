@@ -5,8 +5,8 @@ A teacher is a pipeline folder (``model_index.json`` with ``unet/``, ``vae/``, `
 local path or a Hugging Face hub id. Three architectures are told apart by the folder: SD1.x/2.x
 (``arch = "sd"``), SDXL (``"sdxl"``: a UNet with a ``text_time`` added embedding) and SD3/SD3.5
 (``"sd3"``: a flow-matching ``transformer/``, two CLIP encoders with projections and an optional
-T5 encoder in ``text_encoder_3/``). Only safetensors weights are read. Offline (``--offline`` or ``HF_HUB_OFFLINE=1``) nothing touches the network:
-a hub id must already be in the local cache.
+T5 encoder in ``text_encoder_3/``). Only safetensors weights are read. Offline (``--offline`` or
+``HF_HUB_OFFLINE=1``) nothing touches the network: a hub id must already be in the local cache.
 """
 
 from __future__ import annotations
@@ -215,7 +215,9 @@ def load_vae(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     return vae.eval().requires_grad_(False)
 
 
-def _load_clip(folder: Path, tokenizer: str, encoder: str, with_projection: bool, t5=False):
+def _load_text_model(folder: Path, tokenizer: str, encoder: str, with_projection: bool, t5=False):
+    """A tokenizer and a frozen text encoder of the pipeline: CLIP (with or without its
+    projection) or, ``t5``, SD3's T5 encoder."""
     quiet_loaders()
     from transformers import (
         AutoTokenizer,
@@ -261,23 +263,23 @@ class PromptEncoder:
     def __init__(self, folder: Path, arch: str, config: dict | None = None):
         self.arch = arch
         self.config = config or {}
+        self.t5 = None  # SD3's (tokenizer, encoder), when it is used
         if arch == "sd3":
             self.parts = [
-                _load_clip(folder, "tokenizer", "text_encoder", True),
-                _load_clip(folder, "tokenizer_2", "text_encoder_2", True),
+                _load_text_model(folder, "tokenizer", "text_encoder", True),
+                _load_text_model(folder, "tokenizer_2", "text_encoder_2", True),
             ]
-            self.t5 = None
             if self.config.get("t5", has_t5(folder)):
-                self.t5 = _load_clip(folder, "tokenizer_3", "text_encoder_3", False, t5=True)
+                self.t5 = _load_text_model(folder, "tokenizer_3", "text_encoder_3", False, t5=True)
             return
-        self.parts = [_load_clip(folder, "tokenizer", "text_encoder", False)]
+        self.parts = [_load_text_model(folder, "tokenizer", "text_encoder", False)]
         if arch == "sdxl":
-            self.parts.append(_load_clip(folder, "tokenizer_2", "text_encoder_2", True))
+            self.parts.append(_load_text_model(folder, "tokenizer_2", "text_encoder_2", True))
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], device="cpu", batch_size: int = 64) -> torch.Tensor:
         out = []
-        for _, enc in self.parts:
+        for _, enc in self.parts + ([self.t5] if self.t5 else []):
             enc.to(device)
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
@@ -309,7 +311,6 @@ class PromptEncoder:
             t5 = clip.new_zeros(len(prompts), n_t5, width)
         else:
             tok, enc = self.t5
-            enc.to(device)
             t5 = enc(_tokens(tok, prompts, device, n_t5))[0].float()
         clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
         return pack_sdxl_condition(torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1))
