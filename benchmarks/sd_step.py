@@ -396,7 +396,7 @@ def pairs_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
     from diffusers import StableDiffusionPipeline
 
     from dmdctl.commands.make_pairs import make_pairs
-    from dmdctl.pairs import load_pairs
+    from dmdctl.data.pairs import load_pairs
     from dmdctl.settings.make_pairs import MakePairsConfig
 
     n, b = args.pairs_num, args.pairs_batch

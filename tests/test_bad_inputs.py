@@ -495,7 +495,7 @@ def failure(name: str | None):
         yield
         return
     target = {
-        "shard-enospc": "dmdctl.pairs.save_file",
+        "shard-enospc": "dmdctl.data.pairs.save_file",
         "checkpoint-enospc": "dmdctl.training.checkpoint.save_file",
     }
     with mock.patch(target[name], _enospc):

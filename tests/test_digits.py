@@ -90,7 +90,7 @@ def test_short_digits_distillation_end_to_end(tmp_path):
         "--out",
         tmp_path / "pairs",
     )
-    from dmdctl.pairs import load_pairs
+    from dmdctl.data.pairs import load_pairs
 
     assert load_pairs(tmp_path / "pairs").cond.tolist() == [i % 10 for i in range(20)]
     ok(

@@ -266,7 +266,7 @@ def test_init_from_starts_a_new_run_from_another(toy_teacher, toy_pairs, tmp_pat
 def test_real_data_files_and_refusals(toy_teacher, tmp_path):
     import numpy as np
 
-    from dmdctl.realdata import load_real_data
+    from dmdctl.data.real import load_real_data
     from dmdctl.teachers import resolve_teacher
 
     digits = resolve_teacher("digits", None)
@@ -364,7 +364,7 @@ def test_image_folders_are_resized_to_the_teacher(tmp_path):
 
     from PIL import Image
 
-    from dmdctl.realdata import load_real_data
+    from dmdctl.data.real import load_real_data
 
     folder = tmp_path / "imgs"
     folder.mkdir()

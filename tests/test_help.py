@@ -114,8 +114,8 @@ def test_a_bad_value_gets_the_generic_message_with_the_flag():
 
 
 def test_choices_match_the_code_that_reads_them():
+    from dmdctl.data.pairs import DTYPES
     from dmdctl.metrics.protocols import PROTOCOLS as PROTOCOL_TABLE
-    from dmdctl.pairs import DTYPES
     from dmdctl.settings.eval_fid import PROTOCOLS
     from dmdctl.settings.make_pairs import STORAGE_DTYPES
 

@@ -11,8 +11,8 @@ import dmdctl.core.sampling as sampling
 from cli_helpers import pairs_config
 from dmdctl.commands.make_pairs import make_pairs
 from dmdctl.core.sampling import heun_sample, karras_sigmas, seeded_noise
+from dmdctl.data.pairs import load_pairs
 from dmdctl.errors import UserError
-from dmdctl.pairs import load_pairs
 from dmdctl.teachers import load_teacher
 
 

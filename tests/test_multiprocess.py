@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 import dmdctl.core.sampling as sampling
 from cli_helpers import PROCESS_ENV
 from dmdctl.commands.make_pairs import make_pairs
-from dmdctl.pairs import PROGRESS, PairWriter, read_manifest
+from dmdctl.data.pairs import PROGRESS, PairWriter, read_manifest
 from dmdctl.settings.distill import DistillConfig
 from dmdctl.settings.make_pairs import MakePairsConfig
 from dmdctl.training.loop import distill

@@ -3,8 +3,8 @@ from safetensors.torch import load_file
 
 from cli_helpers import pairs_config
 from dmdctl.commands.make_pairs import make_pairs
+from dmdctl.data.pairs import load_pairs
 from dmdctl.errors import UserError
-from dmdctl.pairs import load_pairs
 
 
 def test_corrupt_shard_is_named(toy_teacher, tmp_path):

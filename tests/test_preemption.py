@@ -18,14 +18,14 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import dmdctl.pairs as dp
+import dmdctl.data.pairs as dp
 import dmdctl.training.checkpoint as ck
 import dmdctl.training.trainer as dd
 from cli_helpers import PROCESS_ENV
 from dmdctl.cli import app
 from dmdctl.commands.make_pairs import make_pairs
+from dmdctl.data.pairs import load_pairs
 from dmdctl.errors import UserError
-from dmdctl.pairs import load_pairs
 from dmdctl.settings.distill import DistillConfig
 from dmdctl.settings.make_pairs import MakePairsConfig
 from dmdctl.training.loop import distill

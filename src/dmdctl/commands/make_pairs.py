@@ -16,8 +16,8 @@ import torch
 from dmdctl.commands import report
 from dmdctl.config import write_config
 from dmdctl.core.sampling import class_labels, seeded_noise, teacher_sampler
+from dmdctl.data.pairs import DTYPES, PairWriter
 from dmdctl.errors import require
-from dmdctl.pairs import DTYPES, PairWriter
 from dmdctl.runtime import StopRequested, claim_output, holds_output, pick_device, process_state
 from dmdctl.settings.make_pairs import MakePairsConfig
 from dmdctl.teachers import resolve_teacher

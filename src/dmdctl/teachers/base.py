@@ -55,7 +55,7 @@ class TeacherKind:
         return None
 
     def real_data(self, config: dict):
-        """The GAN's default real samples (a :class:`dmdctl.realdata.RealData`), or None when
+        """The GAN's default real samples (a :class:`dmdctl.data.real.RealData`), or None when
         ``--real-data`` must name them."""
         return None
 

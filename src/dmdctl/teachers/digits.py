@@ -152,7 +152,7 @@ class Digits(TeacherKind):
 
     def real_data(self, config: dict):
         """The teacher's own training images and labels (not the held-out split)."""
-        from dmdctl.realdata import RealData
+        from dmdctl.data.real import RealData
 
         x, y, _, _ = digits_split(config["holdout"], config["split_seed"])
         return RealData(f"the digits training split ({len(x)} images)", x, y)

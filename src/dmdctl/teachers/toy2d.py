@@ -126,7 +126,7 @@ class Toy2D(TeacherKind):
         return mode_centers(config)[idx] + noise, None
 
     def real_data(self, config: dict):
-        from dmdctl.realdata import RealData
+        from dmdctl.data.real import RealData
 
         return RealData(
             "the toy2d mixture itself (fresh draws)",

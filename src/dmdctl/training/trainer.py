@@ -36,8 +36,8 @@ from dmdctl.core.gan import (
 )
 from dmdctl.core.losses import denoising_error, dm_loss, edm_denoising_loss, regression_loss
 from dmdctl.core.schedules import warmup_then
+from dmdctl.data.pairs import load_pairs
 from dmdctl.errors import UserError, require
-from dmdctl.pairs import load_pairs
 from dmdctl.settings.distill import DistillConfig
 from dmdctl.teachers import resolve_teacher
 from dmdctl.teachers.sd.denoiser import GuidedDenoiser
@@ -222,7 +222,7 @@ class DMDTrainer:
     def _load_real_data(self, acc):
         """The GAN's real samples; for SD the main process encodes them once, the others read
         its cache."""
-        from dmdctl.realdata import load_real_data
+        from dmdctl.data.real import load_real_data
 
         data = None
         if acc.is_main_process:

@@ -35,7 +35,7 @@ from dmdctl.files import atomic_write_bytes, sha256_file
 
 MANIFEST = "manifest.json"
 PROGRESS = ".progress"
-PAIRS_FORMAT = "dmdctl.pairs"
+PAIRS_FORMAT = "dmdctl.data.pairs"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHARD_FILE = re.compile(r"^pairs-(\d+)\.safetensors$")
 
