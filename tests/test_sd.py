@@ -132,25 +132,6 @@ def test_prompt_files_and_their_errors(tmp_path):
         read_prompts(p)
 
 
-def test_embeddings_are_cached_and_the_text_encoder_is_not_reloaded(
-    sd_pipe, prompts_file, tmp_path
-):
-    from dmdctl.teachers import resolve_teacher
-    from dmdctl.teachers.sd.pipeline import prompt_table
-
-    teacher = resolve_teacher("sd15", sd_pipe)
-    first = prompt_table(teacher, prompts_file, tmp_path)
-    assert first.embeddings.shape == (len(PROMPTS), 16, 16)
-
-    def no_encoder():
-        raise AssertionError("the text encoder was loaded again")
-
-    teacher.text_encoder = no_encoder
-    again = prompt_table(teacher, prompts_file, tmp_path)
-    assert torch.equal(again.embeddings, first.embeddings)
-    assert torch.equal(again.uncond, first.uncond)
-
-
 def test_loading_errors_are_one_line(sd_pipe, tmp_path, prompts_file):
     # a hub id that is not cached, offline: a message, no download attempt
     r = run(

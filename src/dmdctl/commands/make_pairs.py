@@ -40,32 +40,31 @@ class HeunPairs:
 
 
 class PromptPairs:
-    """Stable Diffusion: the pipeline's scheduler with CFG; conditions index the prompt table."""
+    """Stable Diffusion: the pipeline's scheduler with CFG; a pair's condition is a row of the
+    prompts file (indexed, never read whole), encoded with the batch that uses it."""
 
-    def __init__(self, teacher, cfg: MakePairsConfig, out: Path, device, main: bool, state):
-        from dmdctl.teachers.sd.pipeline import SchedulerSampler, load_prompt_table, prompt_table
+    def __init__(self, teacher, cfg: MakePairsConfig, device):
+        from dmdctl.data.prompts import PAIRS_PROMPTS, PromptFile
+        from dmdctl.files import sha256_file
+        from dmdctl.teachers.sd.pipeline import SchedulerSampler
 
         require(
             cfg.prompts is not None,
             "a text-to-image teacher needs --prompts FILE (one prompt per line, or JSONL with "
             "a 'caption' field)",
         )
-        if main:  # the text encoder runs once; the other processes read its cache
-            self.table = prompt_table(teacher, Path(cfg.prompts), out, device)
-        state.wait_for_everyone()
-        if not main:
-            self.table = load_prompt_table(out)
-        self.denoiser = teacher.denoiser
+        self.prompts = PromptFile(cfg.prompts, cfg.prompt_column)
+        self.encoder = teacher.text_encoder().to(device)
         self.teacher = teacher
         self.save_images = cfg.save_images
-        self.num_conditions = len(self.table)
+        self.num_conditions = len(self.prompts)
         self.sampler = SchedulerSampler(
             teacher.denoiser,
             teacher.config["scheduler_config"],
             cfg.scheduler,
             cfg.steps,
             cfg.guidance,
-            self.table.uncond,
+            self.encoder.uncond(device),
         )
         self.nfe = self.sampler.nfe
         self.settings = {
@@ -73,12 +72,23 @@ class PromptPairs:
             "steps": cfg.steps,
             "nfe": self.nfe,
             "guidance": cfg.guidance,
-            "prompts": {"count": len(self.table), "key": self.table.sha256},
+            # the pairs' conditions are rows of this file, kept in the pairs folder
+            "prompts": {
+                "file": PAIRS_PROMPTS + self.prompts.path.suffix.lower(),
+                "count": len(self.prompts),
+                "column": getattr(self.prompts, "column", None),
+                "sha256": sha256_file(self.prompts.path),
+            },
             "images": cfg.save_images,
         }
 
+    def keep_prompts(self, folder: Path) -> None:
+        from dmdctl.data.prompts import copy_prompts
+
+        copy_prompts(self.prompts, folder)
+
     def __call__(self, z, c_idx, device) -> dict[str, torch.Tensor]:
-        emb = self.table.embeddings[c_idx].to(device)
+        emb = self.encoder(self.prompts.texts(c_idx.tolist()), device)
         out = {"target": self.sampler(z, emb)}
         if self.save_images:
             with torch.no_grad():
@@ -103,7 +113,7 @@ def make_pairs(cfg: MakePairsConfig) -> dict:
     out = Path(cfg.out)
     claim_output(out, "make-pairs", state)  # one writer per folder, until make_pairs returns
     if teacher.text_conditioned:
-        sampler = PromptPairs(teacher, cfg, out, device, main, state)
+        sampler = PromptPairs(teacher, cfg, device)
         if cfg.save_images:
             teacher.codec.vae.to(device)
     else:
@@ -125,6 +135,8 @@ def make_pairs(cfg: MakePairsConfig) -> dict:
     # the others read the result, and nobody writes a shard before everybody has read it
     writer = PairWriter(out, settings, main=main)
     if main:
+        if teacher.text_conditioned:
+            sampler.keep_prompts(out)
         write_config(cfg, out)
     state.wait_for_everyone()
     if not main:

@@ -84,62 +84,78 @@ def sample(cfg: SampleConfig) -> dict:
     return result
 
 
+class _Cycled:
+    """Prompt i of a run of ``num`` images: row ``i % len(rows)`` (read when needed)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __getitem__(self, i: int) -> str:
+        return self.rows[i % len(self.rows)]
+
+
 def sample_text_to_image(cfg: SampleConfig, source) -> dict:
-    """PNG files (and a grid) from a one-step Stable Diffusion generator."""
+    """PNG files (and a grid) from a one-step Stable Diffusion generator, written batch by
+    batch: memory does not grow with the number of prompts or images."""
+    from PIL import Image
+
+    from dmdctl.data.prompts import PromptFile
     from dmdctl.plots import image_grid_panels
-    from dmdctl.teachers.sd.generate import pipeline_folder_for, text_to_image
-    from dmdctl.teachers.sd.pipeline import read_prompts
+    from dmdctl.teachers.sd.generate import pipeline_folder_for, text_to_image_batches
 
     require(
         (cfg.prompt is None) != (cfg.prompts is None),
         "a text-to-image generator needs --prompt TEXT or --prompts FILE (one of them)",
     )
     require(cfg.class_label is None, "--class is for class-conditional generators")
-    prompts = [cfg.prompt] if cfg.prompt is not None else read_prompts(Path(cfg.prompts))
+    rows = [cfg.prompt] if cfg.prompt is not None else PromptFile(cfg.prompts)
     # --num defaults to one image per prompt of a file (4 for a single --prompt)
     num = cfg.num
     if num is None:  # not given
-        num = len(prompts) if cfg.prompts is not None else 4
+        num = len(rows) if cfg.prompts is not None else 4
     folder = pipeline_folder_for(source.config, cfg.teacher_path, cfg.offline)
     device = pick_device(cfg.device)
     seeds = list(range(cfg.seed, cfg.seed + num))
-    chosen = [prompts[i % len(prompts)] for i in range(num)]
+    prompts = _Cycled(rows)
     out = Path(cfg.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    with progress(transient=True) as bar:
+    grid = []
+    index = out / "images.jsonl"
+    tmp = index.with_name(index.name + ".tmp")
+    with progress(transient=True) as bar, open(tmp, "w", encoding="utf-8") as lines:
         task = bar.add_task(f"sample {source.description}", total=num, info="")
-        images = text_to_image(
-            source.fn,
-            folder,
-            source.config,
-            chosen,
-            seeds,
-            device,
-            min(cfg.batch_size, 16),
-            progress_cb=lambda n: bar.advance(task, n),
+        batches = text_to_image_batches(
+            source.fn, folder, source.config, prompts, seeds, device, min(cfg.batch_size, 16)
         )
-    from PIL import Image
-
-    rows = []
-    for i, (img, seed, text) in enumerate(zip(images, seeds, chosen, strict=True)):
-        name = f"images/{i:05d}.png"
-        arr = (img * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        Image.fromarray(arr).save(out / name)
-        rows.append(json.dumps({"file": name, "seed": seed, "prompt": text}))
-    (out / "images.jsonl").write_text("\n".join(rows) + "\n")
+        i = 0
+        for images in batches:
+            for img in images:
+                name = f"images/{i:05d}.png"
+                arr = (img * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+                Image.fromarray(arr).save(out / name)
+                row = {"file": name, "seed": seeds[i], "prompt": prompts[i]}
+                lines.write(json.dumps(row) + "\n")
+                if len(grid) < 16:
+                    grid.append(img)
+                i += 1
+            bar.advance(task, images.shape[0])
+    tmp.replace(index)
     write_config(cfg, out)
     result = {
         "out": str(out / "images"),
         "num": num,
         "source": source.description,
         "nfe": source.nfe,
-        "index": str(out / "images.jsonl"),
+        "index": str(index),
     }
     if cfg.plot:
-        grid = images[:16] * 2 - 1
         result["plot"] = str(
             image_grid_panels(
-                [(source.description, grid)], out / "samples.png", None, per_row=8, scale=1
+                [(source.description, torch.stack(grid) * 2 - 1)],
+                out / "samples.png",
+                None,
+                per_row=8,
+                scale=1,
             )
         )
     return result

@@ -12,3 +12,34 @@ them).
 - :mod:`dmdctl.data.real`: the real-sample store made once by ``dmdctl prepare-real``.
 - :mod:`dmdctl.data.pairs`: the pairs store made by ``dmdctl make-pairs``, memory-mapped.
 """
+
+from __future__ import annotations
+
+
+def check_together(state, checks: list) -> None:
+    """Run this process's share of ``checks`` (callables that raise UserError; process r takes
+    every world-th one) and agree on the outcome: when any process found a fault, every process
+    raises it (the main one says it, the others exit quietly), so nobody waits at a collective
+    for a process that has stopped. Used for the shards' sha256 at the start of a run: the work
+    is split, not done by one process while the others wait."""
+    from dmdctl.errors import UserError
+    from dmdctl.runtime import QuietUserError
+
+    rank = state.process_index if state is not None else 0
+    world = state.num_processes if state is not None else 1
+    fault = None
+    for check in checks[rank::world]:
+        try:
+            check()
+        except UserError as e:
+            fault = str(e)
+            break
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        faults = [f for f in gather_object([fault]) if f]
+        fault = faults[0] if faults else None
+    if fault is not None:
+        if state is None or state.is_main_process:
+            raise UserError(fault)
+        raise QuietUserError(fault)

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from dmdctl.errors import UserError
 from dmdctl.files import atomic_write_bytes, sha256_file
@@ -237,21 +237,155 @@ def verify_shard(folder: Path, entry: dict) -> Path:
     return path
 
 
-@dataclass
-class Pairs:
-    """All pairs of a folder in memory (verified against the manifest)."""
+SAFETENSORS_NUMPY = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,  # viewed as torch.bfloat16 after the gather
+    "I64": np.int64,
+    "U8": np.uint8,
+}
+COLUMNS = ("noise", "target", "cond")
 
-    noise: torch.Tensor
-    target: torch.Tensor
-    cond: torch.Tensor
-    manifest: dict
+
+def safetensors_layout(path: Path) -> tuple[int, dict]:
+    """Where a safetensors file's tensors lie: (offset of the data, the header's entries), read
+    from the header alone (the tensors are not touched)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n < 100_000_000:
+                raise ValueError("no safetensors header")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(
+            f"pairs shard {path} is unreadable or damaged ({e}); run the same "
+            "`dmdctl make-pairs` command again to remake it"
+        ) from None
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+class PairColumn:
+    """One tensor of every shard (noise, target or cond), read by row from memory-mapped files:
+    ``column[idx]`` gathers only the rows asked for."""
+
+    def __init__(self, pairs: Pairs, name: str):
+        self.pairs, self.name = pairs, name
+        entry = pairs.layout(0)[name]
+        self.dtype = {
+            "F32": torch.float32,
+            "F16": torch.float16,
+            "BF16": torch.bfloat16,
+            "I64": torch.int64,
+            "U8": torch.uint8,
+        }[entry["dtype"]]
+        self.shape = (len(pairs), *entry["shape"][1:])
+        self.device = torch.device("cpu")
 
     def __len__(self) -> int:
-        return self.noise.shape[0]
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if isinstance(idx, slice):
+            return self[torch.arange(len(self))[idx]]
+        single = isinstance(idx, int) or (torch.is_tensor(idx) and idx.ndim == 0)
+        rows = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
+        out = self.pairs.gather(self.name, rows.numpy())
+        return out[0] if single else out
+
+    def tolist(self) -> list:
+        return self[:].tolist()
 
 
-def load_pairs(folder: Path, teacher=None, limit: int | None = None) -> Pairs:
-    """Load and verify a pairs folder; with ``teacher``, check it was made by that teacher."""
+class Pairs:
+    """The pairs of a folder, read by row (see :class:`PairColumn`): nothing is loaded when the
+    folder is opened but the manifest and each shard's header."""
+
+    def __init__(self, folder: Path, manifest: dict, entries: list[dict], limit: int | None):
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.entries = entries
+        counts = np.array([e["count"] for e in entries], dtype=np.int64)
+        self.bounds = np.concatenate([[0], np.cumsum(counts)])
+        self.total = int(self.bounds[-1]) if limit is None else min(limit, int(self.bounds[-1]))
+        self._layouts: dict[int, tuple[int, dict]] = {}
+        self._maps: dict[tuple[int, str], np.ndarray] = {}
+        self.noise, self.target, self.cond = (PairColumn(self, c) for c in COLUMNS)
+
+    def __len__(self) -> int:
+        return self.total
+
+    def layout(self, shard: int) -> dict:
+        if shard not in self._layouts:
+            path = self.folder / self.entries[shard]["file"]
+            self._layouts[shard] = safetensors_layout(path)
+        return self._layouts[shard][1]
+
+    def check_sizes(self) -> None:
+        """Every shard is there, whole (its size matches its header) and holds the columns."""
+        for k, entry in enumerate(self.entries):
+            path = self.folder / entry["file"]
+            if not path.is_file():
+                verify_shard(self.folder, entry)  # says it is missing
+            start, header = safetensors_layout(path)
+            self._layouts[k] = (start, header)
+            end = max(v["data_offsets"][1] for v in header.values())
+            if path.stat().st_size != start + end or any(c not in header for c in COLUMNS):
+                raise UserError(
+                    f"pairs shard {path} is corrupt or truncated (its size does not match its "
+                    "header); run the same "
+                    "`dmdctl make-pairs` command again to remake it"
+                )
+
+    def verify(self, shards) -> None:
+        """sha256 of these shards against the manifest (streamed: memory flat)."""
+        for k in shards:
+            verify_shard(self.folder, self.entries[k])
+
+    def _map(self, shard: int, name: str) -> np.ndarray:
+        key = (shard, name)
+        if key not in self._maps:
+            self.layout(shard)
+            start, header = self._layouts[shard]
+            entry = header[name]
+            a, b = entry["data_offsets"]
+            shape = tuple(entry["shape"])
+            dtype = SAFETENSORS_NUMPY[entry["dtype"]]
+            path = self.folder / self.entries[shard]["file"]
+            try:
+                empty = b == a  # numpy cannot map zero bytes
+                self._maps[key] = (
+                    np.zeros(shape, dtype)
+                    if empty
+                    else np.memmap(path, dtype, "r", start + a, shape)
+                )
+            except (OSError, ValueError) as e:
+                raise UserError(f"pairs shard {path} became unreadable ({e})") from None
+        return self._maps[key]
+
+    def gather(self, name: str, rows: np.ndarray) -> torch.Tensor:
+        """Rows ``rows`` of column ``name``, in that order."""
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.total):
+            raise IndexError(f"pair index out of range 0..{self.total - 1}")
+        shard = np.searchsorted(self.bounds, rows, side="right") - 1
+        first = self._map(0, name)
+        out = np.empty((len(rows), *first.shape[1:]), first.dtype)
+        for k in np.unique(shard):
+            sel = shard == k
+            try:
+                out[sel] = self._map(int(k), name)[rows[sel] - self.bounds[k]]
+            except OSError as e:  # a shard cut short under a running job
+                path = self.folder / self.entries[int(k)]["file"]
+                raise UserError(f"pairs shard {path} became unreadable ({e})") from None
+        t = torch.from_numpy(out)
+        return t.view(torch.bfloat16) if self.layout(0)[name]["dtype"] == "BF16" else t
+
+
+def open_pairs(folder: Path, teacher=None, limit: int | None = None) -> Pairs:
+    """Open a pairs folder for reading by row: the manifest checked (and, with ``teacher``, that
+    it was made by that teacher), every shard's presence and size checked; the sha256 check is
+    :meth:`Pairs.verify`, which the processes of a run share."""
     folder = Path(folder)
     if folder.is_file():
         raise UserError(f"--pairs {folder} is a file; pass the folder made by `dmdctl make-pairs`")
@@ -287,14 +421,20 @@ def load_pairs(folder: Path, teacher=None, limit: int | None = None) -> Pairs:
             f"--num-pairs {limit} but {folder} holds only {available} complete pairs; pass "
             f"--num-pairs {available} or less (0 uses all), or make more with `dmdctl make-pairs`"
         )
-    parts: dict[str, list[torch.Tensor]] = {"noise": [], "target": [], "cond": []}
-    total = 0
+    entries, total = [], 0
     for entry in sorted(manifest["shards"], key=shard_index):
-        data = load_file(str(verify_shard(folder, entry)))
-        for k in parts:
-            parts[k].append(data[k])
+        entries.append(entry)
         total += entry["count"]
         if limit is not None and total >= limit:
             break
-    out = {k: torch.cat(v)[:limit] for k, v in parts.items()}
-    return Pairs(out["noise"], out["target"], out["cond"], manifest)
+    pairs = Pairs(folder, manifest, entries, limit)
+    pairs.check_sizes()
+    return pairs
+
+
+def load_pairs(folder: Path, teacher=None, limit: int | None = None) -> Pairs:
+    """Open a pairs folder and check every shard's sha256 (one process; a training run shares
+    the check between its processes instead)."""
+    pairs = open_pairs(folder, teacher, limit)
+    pairs.verify(range(len(pairs.entries)))
+    return pairs

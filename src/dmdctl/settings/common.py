@@ -12,7 +12,11 @@ TEACHER_PATH_HELP = (
     "folder or hub id (sd15: stable-diffusion-v1-5/stable-diffusion-v1-5)."
 )
 PROMPTS_HELP = (
-    "Text-to-image teachers: prompts file, one per line, or JSONL with a 'caption' field."
+    "Text-to-image teachers: prompts file, one per line, JSONL with a 'caption' field, or an "
+    "Arrow/Parquet file with a text column; indexed, never read whole."
+)
+PROMPT_COLUMN_HELP = (
+    "The text column of an Arrow/Parquet prompts file (default: caption, prompt or text)."
 )
 OFFLINE_HELP = "Never touch the network (as HF_HUB_OFFLINE=1): hub ids must be in the local cache."
 DEVICE_HELP = "Device: auto, cpu, cuda, cuda:1 …"
@@ -34,6 +38,10 @@ def teacher_path_option() -> Any:
 
 def prompts_option() -> Any:
     return option(None, PROMPTS_HELP, path=True)
+
+
+def prompt_column_option() -> Any:
+    return option(None, PROMPT_COLUMN_HELP)
 
 
 def offline_option(help: str = OFFLINE_HELP) -> Any:

@@ -12,6 +12,7 @@ from dmdctl.options import option
 from dmdctl.settings.common import (
     no_t5_option,
     offline_option,
+    prompt_column_option,
     prompts_option,
     report_to_option,
     teacher_option,
@@ -98,9 +99,9 @@ class DistillConfig(Settings):
     )
     real_data: str | None = option(
         None,
-        "Real samples for the GAN: an image folder, an ADM/EDM-style .npz (arr_0 uint8 NHWC, "
-        "arr_1 labels), or for text-to-image teachers images with captions.jsonl (encoded once, "
-        "cached in the run folder). Default: the built-in teachers' own training data.",
+        "Real samples for the GAN: a store made once by `dmdctl prepare-real` (from an image "
+        "folder, images with captions.jsonl, an ADM/EDM .npz or Parquet files), read by row. "
+        "Default: the built-in teachers' own training data.",
         path=True,
     )
     denoising_steps: str | None = option(
@@ -197,6 +198,14 @@ class DistillConfig(Settings):
     )
     # text-to-image (Stable Diffusion) teachers
     prompts: str | None = prompts_option()
+    prompt_column: str | None = prompt_column_option()
+    prompt_cache: str = option(
+        "auto",
+        "Text-to-image teachers: encode the drawn prompts in each step with the frozen text "
+        "encoders (off), or once into a table in the run folder (on); auto caches a table of "
+        "at most 1 GiB (a few thousand prompts) and encodes larger sets in the step.",
+        choices=("auto", "on", "off"),
+    )
     real_guidance: float | None = option(
         None,
         "Text-to-image teachers: CFG scale of the real score (the empty prompt is the "

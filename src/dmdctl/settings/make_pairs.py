@@ -12,6 +12,7 @@ from dmdctl.settings.common import (
     device_option,
     no_t5_option,
     offline_option,
+    prompt_column_option,
     prompts_option,
     teacher_option,
     teacher_path_option,
@@ -42,6 +43,7 @@ class MakePairsConfig(Settings):
     dtype: str = option("float32", "Storage dtype of the targets.", choices=STORAGE_DTYPES)
     device: str = device_option()
     prompts: str | None = prompts_option()
+    prompt_column: str | None = prompt_column_option()
     scheduler: str = option(
         "pndm",
         "Text-to-image teachers: the sampler (diffusers' scheduler of that name, from the "

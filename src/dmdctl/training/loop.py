@@ -247,9 +247,10 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
             )
         if cfg.pairs is not None and trainer.pairs is None:
             info(
-                f"[bold red]warning:[/bold red] --pairs {cfg.pairs} is not used: --reg-weight is 0 "
-                "(the sd15 and edm-imagenet64 recipes, DMD2's, have no regression loss)"
+                f"[bold red]warning:[/bold red] --pairs {cfg.pairs} is not used: --reg-weight is 0"
             )
+        if trainer.text_mode:
+            info(trainer.text_mode)
         if trainer.real_data is not None:
             info(f"GAN real data: {trainer.real_data.description}")
         if trainer.initialised_from is not None:

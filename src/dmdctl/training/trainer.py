@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,7 +37,8 @@ from dmdctl.core.gan import (
 )
 from dmdctl.core.losses import denoising_error, dm_loss, edm_denoising_loss, regression_loss
 from dmdctl.core.schedules import warmup_then
-from dmdctl.data.pairs import load_pairs
+from dmdctl.data import check_together
+from dmdctl.data.pairs import open_pairs
 from dmdctl.errors import UserError, require
 from dmdctl.settings.distill import DistillConfig
 from dmdctl.teachers import resolve_teacher
@@ -111,10 +113,27 @@ class DMDTrainer:
             cfg.pair_batch_size % world == 0,
             f"--pair-batch-size {cfg.pair_batch_size} is not divisible by the {world} processes",
         )
+        # every check comes before anything is built or written: the generator's steps, the
+        # sources a step draws from (opened by every process on its own, read by row), and
+        # their shards' sha256 (shared out between the processes)
+        self.sigmas = generator_sigmas(cfg, t)
         self.pairs = None
         if cfg.reg_weight > 0:
-            self.pairs = load_pairs(Path(cfg.pairs), t, limit=cfg.num_pairs or None)
-        self._setup_conditions(acc)
+            self.pairs = open_pairs(Path(cfg.pairs), t, limit=cfg.num_pairs or None)
+        self._open_prompt_sources()
+        self.use_gan = cfg.gan_weight > 0
+        self.real_data = self._open_real_data() if self.use_gan else None
+        checks = []
+        if self.pairs is not None:
+            checks += [
+                functools.partial(self.pairs.verify, [k]) for k in range(len(self.pairs.entries))
+            ]
+        if self.real_data is not None and hasattr(self.real_data, "verify"):
+            checks += [
+                functools.partial(self.real_data.verify, [k])
+                for k in range(self.real_data.num_shards)
+            ]
+        check_together(acc, checks)
         self.lpips = None
         if cfg.reg_weight > 0 and cfg.reg_loss == "lpips":
             if len(t.sample_shape) != 3:
@@ -130,7 +149,6 @@ class DMDTrainer:
         self.sigma_data = float(t.denoiser.sigma_data)
         # the fake score's loss: the teacher's own training loss (EDM weighting, SD's eps-MSE)
         self.loss_weight = t.denoiser.loss_weight
-        self.sigmas = generator_sigmas(cfg, t)
         # frozen networks run with their *weights* in the compute dtype (fp32 master weights stay
         # with G and the fake); their schedule buffers stay fp32 (freeze_in_dtype)
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
@@ -159,6 +177,8 @@ class DMDTrainer:
                 self.fake_names = lora.add_lora(fake, self.fake_lora, cfg.seed + 1, compute)
             if cfg.grad_checkpointing:
                 enable_checkpointing(fake)
+        # prompts: encoded in the step, or a small table computed once (the first write)
+        self._setup_conditions(acc, compute)
         # the DM loss's noise levels, read before anything is cast: schedules stay fp32
         grid = t.denoiser.training_sigmas(cfg.sigma_levels)
         self.real = freeze_in_dtype(t.denoiser, self.device, compute)
@@ -175,10 +195,8 @@ class DMDTrainer:
         if self.mesh is not None and fake is not None:
             sharding.shard(fake.to(self.device), self.mesh)
         # DMD2's GAN: a head on the fake score's bottleneck, trained by the fake's optimiser
-        self.use_gan = cfg.gan_weight > 0
-        self.real_data = self.head = None
+        self.head = None
         if self.use_gan:
-            self.real_data = self._load_real_data(acc)
             if self.mesh is None:  # (a sharded module is already there; .to() would replace
                 fake.to(self.device)  # its DTensor parameters behind FSDP's back)
             try:
@@ -219,18 +237,12 @@ class DMDTrainer:
         """One sample's condition index (for the probe that sizes the GAN head)."""
         return torch.zeros(1, dtype=torch.int64) if self.num_conditions else None
 
-    def _load_real_data(self, acc):
-        """The GAN's real samples; for SD the main process encodes them once, the others read
-        its cache."""
+    def _open_real_data(self):
+        """The GAN's real samples: a store made by ``dmdctl prepare-real`` (opened here, read
+        by row in the step), or the built-in teachers' own data."""
         from dmdctl.data.real import load_real_data
 
-        data = None
-        if acc.is_main_process:
-            data = load_real_data(self.cfg.real_data, self.teacher, Path(self.cfg.out), acc.device)
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            data = load_real_data(self.cfg.real_data, self.teacher, Path(self.cfg.out), acc.device)
-        return data
+        return load_real_data(self.cfg.real_data, self.teacher)
 
     # --- helpers -------------------------------------------------------------------------
     def ema_shadow_to(self, device) -> None:
@@ -244,33 +256,29 @@ class DMDTrainer:
         i = self.acc.process_index
         return x[i * n : (i + 1) * n].to(device or self.device, non_blocking=True)
 
-    def _setup_conditions(self, acc) -> None:
-        """Class labels, or for text-to-image teachers prompt embeddings looked up by index."""
+    def _open_prompt_sources(self) -> None:
+        """Text-to-image teachers: index the prompts (--prompts, or the pairs' own); every check
+        on them and on guidance comes here, before anything is written."""
         cfg, t = self.cfg, self.teacher
         self.num_conditions = t.num_classes
-        self.gen_table = self.pair_table = None
+        self.gen_prompts = self.pair_prompts = None
         self.guidance = 1.0
         if not t.text_conditioned:
             require(cfg.prompts is None, f"--prompts is for text-to-image teachers, not '{t.name}'")
             return
-        from dmdctl.teachers.sd.pipeline import load_prompt_table, prompt_table
+        from dmdctl.data.prompts import PromptFile, pairs_prompt_source
 
         if self.pairs is not None:
-            self.pair_table = load_prompt_table(Path(cfg.pairs))
+            self.pair_prompts = pairs_prompt_source(Path(cfg.pairs), self.pairs.manifest)
         if cfg.prompts is not None:
-            if acc.is_main_process:  # the text encoder runs once; the others read its cache
-                self.gen_table = prompt_table(t, Path(cfg.prompts), Path(cfg.out), acc.device)
-            acc.wait_for_everyone()
-            if not acc.is_main_process:
-                self.gen_table = load_prompt_table(Path(cfg.out))
+            self.gen_prompts = PromptFile(cfg.prompts, cfg.prompt_column)
         else:
             require(
-                self.pair_table is not None,
+                self.pair_prompts is not None,
                 "a text-to-image teacher needs --prompts FILE (or --pairs made with prompts)",
             )
-            self.gen_table = self.pair_table
-        self.num_conditions = len(self.gen_table)
-        self.uncond = self.gen_table.uncond
+            self.gen_prompts = self.pair_prompts
+        self.num_conditions = len(self.gen_prompts)
         if cfg.real_guidance is not None:
             self.guidance = float(cfg.real_guidance)
         else:  # a config built without the CLI: the kind's default recipe
@@ -291,6 +299,29 @@ class DMDTrainer:
             "`dmdctl sample` and score them with `dmdctl eval-fid --images`",
         )
 
+    def _setup_conditions(self, acc, compute) -> None:
+        """Prompt conditions: a table for a small prompt set (--prompt-cache), else the frozen
+        text encoders on the device, in the compute dtype, run on the rows a step draws (the
+        pairs' prompts and the real data's captions too)."""
+        self.gen_table = self.pair_table = None
+        self.text_mode = None
+        if not self.teacher.text_conditioned:
+            return
+        from dmdctl.data.prompts import setup_prompt_conditions
+
+        captions = getattr(self.real_data, "conditioning", None) == "captions"
+        self.gen_table, self.pair_table, self.text_mode = setup_prompt_conditions(
+            self.teacher,
+            self.gen_prompts,
+            self.pair_prompts,
+            self.cfg.prompt_cache,
+            Path(self.cfg.out),
+            acc,
+            compute,
+            need_encoder=captions,
+        )
+        self.uncond = self.gen_table.uncond
+
     def _labels(self, n: int, gen: torch.Generator) -> torch.Tensor | None:
         k = self.num_conditions
         return torch.randint(0, k, (n,), generator=gen) if k else None
@@ -302,7 +333,7 @@ class DMDTrainer:
         table = table if table is not None else self.gen_table
         if table is None:
             return idx.to(self.device, non_blocking=True)
-        return table.embeddings[idx.cpu()].to(self.device, non_blocking=True)
+        return table(idx.cpu())
 
     def _set_lr(self, step: int) -> None:
         m = warmup_then(step, self.cfg.warmup, self.cfg.steps, self.cfg.lr_schedule)
@@ -526,9 +557,7 @@ class DMDTrainer:
         """
         B = self.cfg.batch_size
         shape = self.teacher.sample_shape
-        xr, cr = self.real_data.draw(B, gen)
-        xr = self._slice(xr)
-        cr = self._slice(cr) if cr is not None else None
+        xr, cr = self._real_rows(B, gen)
         ridx = self._slice(torch.randint(0, self.levels, (B,), generator=gen))
         reps = self._slice(torch.randn(B, *shape, generator=gen))
         sf, sr = self.grid[fidx], self.grid[ridx]
@@ -545,6 +574,21 @@ class DMDTrainer:
         logs["real_logit"] = logits[n:].detach().float().mean()
         logs["fake_logit"] = logits[:n].detach().float().mean()
         return loss_den + self.cfg.gan_classifier_weight * loss_cls
+
+    def _real_rows(self, B: int, gen: torch.Generator):
+        """This process's share of B real samples drawn with the step's generator: rows of a
+        store (only these are read) or of the built-in data, with their conditions (labels,
+        or captions encoded like prompts)."""
+        if getattr(self.real_data, "sampler", None) is not None:  # an endless built-in source
+            xr, cr = self.real_data.draw(B, gen)
+            return self._slice(xr), (self._slice(cr) if cr is not None else None)
+        idx = self._slice(torch.randint(0, len(self.real_data), (B,), generator=gen), "cpu")
+        xr, cr = self.real_data.rows(idx)
+        if isinstance(cr, list):
+            cr = self.gen_table.encode(cr)
+        return xr.to(self.device, non_blocking=True), (
+            cr.to(self.device, non_blocking=True) if cr is not None else None
+        )
 
     # --- checkpoints ---------------------------------------------------------------------
     def checkpoint_state(self) -> dict:

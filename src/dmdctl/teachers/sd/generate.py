@@ -28,33 +28,35 @@ def pipeline_folder_for(config: dict, teacher_path: str | None, offline: bool) -
 
 
 @torch.no_grad()
-def text_to_image(
+def text_to_image_batches(
     generator: nn.Module,
     folder: Path,
     config: dict,
-    prompts: list[str],
+    prompts,
     seeds: list[int],
     device,
     batch_size: int = 8,
-    progress_cb=None,
-) -> torch.Tensor:
-    """Images in [0, 1], [N, 3, H, W], float32; prompt i with noise seed i."""
-    encoder = sdp.load_text_encoder(folder, config)
-    emb = encoder(prompts, device)
-    del encoder
+):
+    """Images in [0, 1], ``[n, 3, H, W]`` float32, one batch at a time (memory flat in the
+    number of images); prompt i (``prompts[i]``: a list, or a :class:`PromptFile` read by row)
+    with noise seed i, each batch's prompts encoded with it."""
+    encoder = sdp.load_text_encoder(folder, config).to(device)
     codec = sdp.VAECodec(sdp.load_vae(folder).to(device), config["scaling_factor"], config)
     side = int(config["resolution"]) // int(config["vae_scale"])
     shape = (int(config["latent_channels"]), side, side)
     generator.to(device)
-    out = []
     for i in range(0, len(seeds), batch_size):
-        x0 = generator.sample(
-            seeds[i : i + batch_size], emb[i : i + batch_size].to(device), shape, device
-        )
-        out.append((codec.decode(x0) / 2 + 0.5).clamp(0, 1).cpu())
-        if progress_cb:
-            progress_cb(x0.shape[0])
-    return torch.cat(out)
+        chunk = seeds[i : i + batch_size]
+        emb = encoder([prompts[j] for j in range(i, i + len(chunk))], device)
+        x0 = generator.sample(chunk, emb, shape, device)
+        yield (codec.decode(x0) / 2 + 0.5).clamp(0, 1).cpu()
+
+
+def text_to_image(generator, folder, config, prompts, seeds, device, batch_size=8) -> torch.Tensor:
+    """All images of :func:`text_to_image_batches` at once (for a few images)."""
+    return torch.cat(
+        list(text_to_image_batches(generator, folder, config, prompts, seeds, device, batch_size))
+    )
 
 
 PIPELINE_CLASSES = {

@@ -16,14 +16,13 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from dmdctl.errors import UserError
-from dmdctl.files import atomic_save_safetensors, load_cached_safetensors, sha256_file
+from dmdctl.files import sha256_file
 from dmdctl.teachers.sd.denoiser import (
     SD3Denoiser,
     SDDenoiser,
@@ -44,7 +43,6 @@ ALLOW_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.j
 IGNORE_PATTERNS = ["*.ckpt", "*.bin", "*.pt", "*.pth", "*.msgpack", "*.onnx", "*fp16*", "*non_ema*"]
 IGNORE_PATTERNS += ["vae_1_0/*", "vae_decoder/*", "vae_encoder/*"]  # SDXL base's extra VAEs
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-EMBEDDINGS_FILE = "prompt-embeddings.safetensors"
 
 
 def quiet_loaders() -> None:
@@ -276,27 +274,34 @@ class PromptEncoder:
         if arch == "sdxl":
             self.parts.append(_load_text_model(folder, "tokenizer_2", "text_encoder_2", True))
 
+    def to(self, device, dtype: torch.dtype | None = None) -> PromptEncoder:
+        """Move the encoders (in ``dtype``: a training run keeps them in its compute dtype)."""
+        for _, enc in self.parts + ([self.t5] if self.t5 else []):
+            enc.to(device, dtype)
+        return self
+
     @torch.no_grad()
     def __call__(self, prompts: list[str], device="cpu", batch_size: int = 64) -> torch.Tensor:
+        """Conditions for ``prompts``, float32 on ``device`` (the encoders move there)."""
         out = []
         for _, enc in self.parts + ([self.t5] if self.t5 else []):
             enc.to(device)
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
             if self.arch == "sd3":
-                out.append(self._sd3(chunk, device).cpu())
+                out.append(self._sd3(chunk, device))
                 continue
             if self.arch == "sd":
                 tok, enc = self.parts[0]
-                out.append(enc(_tokens(tok, chunk, device))[0].float().cpu())
+                out.append(enc(_tokens(tok, chunk, device))[0].float())
                 continue
             hidden, pooled = [], None
             for tok, enc in self.parts:
                 res = enc(_tokens(tok, chunk, device), output_hidden_states=True)
                 hidden.append(res.hidden_states[-2].float())
                 pooled = res[0].float()  # the last encoder's projected pooled output
-            out.append(pack_sdxl_condition(torch.cat(hidden, dim=-1), pooled).cpu())
-        return torch.cat(out)
+            out.append(pack_sdxl_condition(torch.cat(hidden, dim=-1), pooled))
+        return torch.cat(out) if len(out) > 1 else out[0]
 
     def _sd3(self, prompts: list[str], device) -> torch.Tensor:
         hidden, pooled = [], []
@@ -422,95 +427,12 @@ def build_denoiser(config: dict, unet: nn.Module | None = None) -> SDDenoiser | 
 
 
 # --- prompts -------------------------------------------------------------------------------
+# prompt files, their index and their encoding in the step: dmdctl.data.prompts
 def read_prompts(path: Path) -> list[str]:
-    """One prompt per line (.txt), or JSON lines with a caption/prompt/text field (.jsonl)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompts file not found: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"could not read prompts file {path} ({e})") from None
-    prompts = []
-    jsonl = path.suffix.lower() in (".jsonl", ".json")
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if jsonl:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n} is not valid JSON ({e.msg})") from None
-            text = None
-            if isinstance(row, dict):
-                text = next((row[k] for k in ("caption", "prompt", "text") if k in row), None)
-            if not isinstance(text, str):
-                raise UserError(f"{path}:{n} has no 'caption', 'prompt' or 'text' string field")
-            prompts.append(text)
-        else:
-            prompts.append(line.strip())
-    if not prompts:
-        raise UserError(f"prompts file {path} holds no prompt")
-    return prompts
+    """Every prompt of a file, in memory (for commands that take few: ``clip-score``)."""
+    from dmdctl.data.prompts import read_prompts as read
 
-
-@dataclass
-class PromptTable:
-    """Prompt embeddings computed once; conditions are indices into this table."""
-
-    prompts: list[str]
-    embeddings: torch.Tensor  # [N, L, D] float32, on the CPU
-    uncond: torch.Tensor  # [1, L, D]: the empty prompt
-    path: Path | None = None
-    sha256: str = ""
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-
-def text_identity(teacher) -> str:
-    """What prompt embeddings depend on: the pipeline, and whether SD3's T5 is used."""
-    return teacher.sha256 + ("" if teacher.config.get("t5", True) else ":no-t5")
-
-
-def prompt_table(teacher, prompts_path: Path, cache_dir: Path, device="cpu") -> PromptTable:
-    """Embeddings of a prompts file, cached in ``cache_dir`` (the text encoder is then freed)."""
-    prompts_path = Path(prompts_path)
-    prompts = read_prompts(prompts_path)
-    key = hashlib.sha256((json.dumps(prompts) + text_identity(teacher)).encode()).hexdigest()
-    cache = Path(cache_dir) / EMBEDDINGS_FILE
-    data = load_cached_safetensors(cache, key)
-    if data is not None:
-        return PromptTable(prompts, data["embeddings"], data["uncond"], cache, key)
-    encoder = teacher.text_encoder()
-    emb = encoder(prompts, device)
-    uncond = encoder.uncond(device)
-    del encoder
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(
-        {"embeddings": emb.contiguous(), "uncond": uncond.contiguous()},
-        cache,
-        {"key": key, "prompts": json.dumps(prompts), "source": str(prompts_path)},
-    )
-    return PromptTable(prompts, emb, uncond, cache, key)
-
-
-def load_prompt_table(folder: Path) -> PromptTable:
-    """The embeddings a make-pairs folder was made with (its conditions index into them)."""
-    from safetensors.torch import load_file, safe_open
-
-    cache = Path(folder) / EMBEDDINGS_FILE
-    if not cache.is_file():
-        raise UserError(
-            f"{folder} has no {EMBEDDINGS_FILE}: it was not made from a text-to-image teacher "
-            "by `dmdctl make-pairs --prompts FILE`"
-        )
-    with safe_open(str(cache), framework="pt") as f:
-        meta = f.metadata() or {}
-    data = load_file(str(cache))
-    return PromptTable(
-        json.loads(meta["prompts"]), data["embeddings"], data["uncond"], cache, meta["key"]
-    )
+    return read(path)
 
 
 # --- the VAE ----------------------------------------------------------------------------------
