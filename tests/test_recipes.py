@@ -150,3 +150,22 @@ def test_the_resumed_imagenet_run_is_documented_as_in_the_code():
     assert f"--steps {GAN_RESUMED.steps}" in DOC.read_text()
     assert len(source_table()) == 1 + sum(preset_source(n) is not None for n in RECIPE_PRESETS)
 
+
+def test_the_start_line_names_the_presets_source_checkpoint():
+    from dmdctl.teachers.source import run_length_line
+    from dmdctl.training.loop import run_length
+
+    sd15 = DistillConfig.preset_layer({"teacher": "sd15"})
+    line = run_length_line(sd15["steps"], sd15["fake_updates"], "sd15", preset_source("sd15"))
+    assert line == (
+        "3,900 generator steps = 39,000 DMD2 iterations (DMD2's SD1.5 stage-1 checkpoint, FID 9.28)"
+    )
+    # what distill prints: the preset found from --teacher, the length from the settings
+    assert run_length(DistillConfig(teacher="sd15", steps=3900, fake_updates=10)) == line
+    # a length other than the source's says both
+    other = run_length(DistillConfig(teacher="sd15", steps=39000, fake_updates=10))
+    assert other.startswith("39,000 generator steps = 390,000 DMD2 iterations")
+    assert "trained 3,900 generator steps = 39,000 iterations" in other
+    # a preset whose source gives no length, and no preset at all
+    assert "sd3 preset's length is ours" in run_length(DistillConfig(teacher="sd3", fake_updates=5))
+    assert run_length(DistillConfig(steps=10)) == "10 generator steps = 10 DMD2 iterations"
