@@ -166,7 +166,8 @@ def test_distill_settings_come_from_defaults_preset_file_flags_in_that_order(tmp
     cfg = seen[-1]
     # sd15 = DMD2's recipe (docs/RECIPES.md) where the defaults would say otherwise
     assert (cfg.lr, cfg.fake_updates, cfg.real_guidance, cfg.reg_weight) == (1e-5, 10, 1.75, 0.0)
-    assert cfg.steps == 2000  # not in the recipe: the default
+    assert cfg.steps == 3900  # DMD2's checkpoint: 39,000 iterations / 10 fake updates
+    assert cfg.checkpoint_every == 500  # not in the recipe: the default
     conf = tmp_path / "c.toml"
     conf.write_text("fake_updates = 3\nlr = 2e-5\n")
     ok(run(*base, "--config", conf))

@@ -122,3 +122,12 @@ def test_the_dm_loss_draws_from_the_teachers_grid(toy_teacher, toy_pairs, tmp_pa
         )
         want = dmd_sigma_grid(teacher.sigma_min, teacher.sigma_max, levels)
         torch.testing.assert_close(trainer.grid.cpu(), want.float())
+
+
+def test_distill_says_its_length_in_generator_steps_and_dmd2_iterations(
+    toy_teacher, toy_pairs, tmp_path, monkeypatch
+):
+    said = []
+    monkeypatch.setattr(dd, "info", lambda message: said.append(message))
+    distill(distill_config(toy_teacher, toy_pairs, tmp_path, fake_updates=2))
+    assert "40 generator steps = 80 DMD2 iterations (2 fake-score updates each)" in said, said

@@ -14,6 +14,9 @@ from typer.testing import CliRunner
 from dmdctl.cli import app
 from dmdctl.options import declared_fields, default_of, help_text, shown_default
 from dmdctl.settings import COMMANDS, settings_module
+from dmdctl.teachers import presets
+
+PRESETS = set(presets())
 
 CLICK = typer.main.get_command(app)
 
@@ -68,8 +71,13 @@ def test_preset_dependent_defaults_are_the_presets_values(name):
     settings = settings_module(name).SETTINGS
     for f in declared_fields(settings):
         text = f.metadata["show_default"]
-        if not text or ";" in text:  # free text (sample --num), not a per-preset list
+        if not text:
             continue
+        if ";" in text:  # "BUILT-IN; preset value, ..." (or free text: sample --num)
+            head, text = (part.strip() for part in text.split(";", 1))
+            if not all(p in PRESETS for p, *_ in preset_entries(text)):
+                continue  # free text, not a per-preset list
+            assert float(head) == float(default_of(f)), (name, f.name, head)
         for preset, value in preset_entries(text):
             used = settings.preset_layer({"teacher": preset})[f.name]
             assert float(value) == float(used) if isinstance(used, (int, float)) else value == used, (

@@ -47,7 +47,17 @@ class DistillConfig(Settings):
         "Run folder (config, log.jsonl, checkpoints, samples, generator).",
         path=True,
     )
-    steps: int = option(2000, "Generator updates.", min=1)
+    steps: int = option(
+        2000,
+        "Generator updates (a DMD2 script's iterations are steps x fake updates: its 39k-"
+        "iteration SD1.5 checkpoint at 10 fake updates is 3,900 steps). A DMD2 preset trains "
+        "as long as its published checkpoint (docs/RECIPES.md).",
+        min=1,
+        show_default=(
+            "2000; sd15 3900, sd15-gan 200, sdxl 3800, sdxl-lora 3200, sdxl-1step 4800, "
+            "edm-imagenet64 81100, edm-imagenet64-gan 38700"
+        ),
+    )
     batch_size: int = option(512, "Global generator batch for the DM loss.", min=1)
     pair_batch_size: int = option(512, "Global batch of pairs for the regression loss.", min=1)
     num_pairs: int = option(0, "Use only the first N pairs (0: all).", min=0)

@@ -23,6 +23,7 @@ from dmdctl.teachers.base import TeacherKind
 from dmdctl.teachers.digits import Digits
 from dmdctl.teachers.edm.kind import EDM
 from dmdctl.teachers.sd.kind import StableDiffusion
+from dmdctl.teachers.source import SourceCheckpoint
 from dmdctl.teachers.toy2d import Toy2D
 
 KINDS: dict[str, TeacherKind] = {k.name: k for k in (Toy2D(), Digits(), StableDiffusion(), EDM())}
@@ -94,6 +95,13 @@ def preset_config(name: str) -> tuple[TeacherKind, dict]:
     table = presets()
     cfg = table[name][1] if name in table else kind.presets()[kind.default_preset]
     return kind, dict(cfg)
+
+
+def preset_source(name: str) -> SourceCheckpoint | None:
+    """The published checkpoint a preset's length (`steps`) comes from; None where its source
+    gives no length or it has none (the value is then ours)."""
+    _, cfg = preset_config(name)
+    return cfg.get("source") or cfg.get("recipe", {}).get("source")
 
 
 class OfKind:

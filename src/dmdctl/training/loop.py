@@ -32,6 +32,8 @@ from dmdctl.runtime import (
     use_cpu,
 )
 from dmdctl.settings.distill import DistillConfig
+from dmdctl.teachers import preset_of, preset_source
+from dmdctl.teachers.source import run_length_line
 from dmdctl.training.checkpoint import (
     append_line,
     config_differences,
@@ -200,6 +202,15 @@ class StepWatch:
         }
 
 
+def run_length(cfg: DistillConfig) -> str:
+    """The start-of-run line: --steps in generator steps and in DMD2 iterations and, for a
+    preset, the published checkpoint its length comes from."""
+    found = preset_of(cfg.teacher, cfg.teacher_path)
+    preset = found[1] if found is not None else None
+    source = preset_source(preset) if preset is not None else None
+    return run_length_line(cfg.steps, cfg.fake_updates, preset, source)
+
+
 def _json_value(v: float):
     return v if math.isfinite(v) else None  # JSON has no NaN/inf
 
@@ -239,6 +250,7 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
     )
     if main:
         write_config(cfg, out)
+        info(run_length(cfg))
         # rows past the checkpoint (a run killed after it) are written again by this run
         dropped = trim_log(log_path, trainer.step)
         if trainer.lpips is not None and trainer.lpips.random_backbone:

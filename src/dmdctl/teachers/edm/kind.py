@@ -14,6 +14,7 @@ import torch
 
 from dmdctl.core.denoiser import EDMPrecond
 from dmdctl.teachers.base import TeacherKind
+from dmdctl.teachers.source import SourceCheckpoint
 
 EDM_RANGE = {"sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0}
 
@@ -55,6 +56,26 @@ CIFAR10 = {
     **EDM_RANGE,
 }
 
+# The DMD2 checkpoints the ImageNet presets' lengths come from: iterations from the checkpoint
+# names in experiments/imagenet/README.md's model zoo (tianweiy/DMD2 at 8d8fa55; its "Iters"
+# column rounds them to 410k and 200k), ratio 5 from each script's --dfake_gen_update_ratio
+# (docs/RECIPES.md, "Steps and iterations"). Each preset's `steps` is its checkpoint's `steps`.
+SOURCES = {
+    # imagenet_lr2e-6_scratch.sh: checkpoint_model_405500
+    "edm-imagenet64": SourceCheckpoint(
+        "DMD2's ImageNet-64 checkpoint without GAN", 405_500, 5, 2.61
+    ),
+    # imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch.sh: checkpoint_model_193500
+    "edm-imagenet64-gan": SourceCheckpoint(
+        "DMD2's ImageNet-64 GAN checkpoint from scratch", 193_500, 5, 1.51
+    ),
+}
+# not a preset: ..._lr5e-7_resume.sh continues the no-GAN checkpoint (405,500) with the GAN at
+# lr 5e-7 to checkpoint_model_548000, FID 1.28 (docs/RECIPES.md: --init-from with --steps 28500)
+GAN_RESUMED = SourceCheckpoint(
+    "DMD2's ImageNet-64 GAN checkpoint resumed at lr 5e-7", 142_500, 5, 1.28
+)
+
 # The papers' settings; every FID names its source. "dmdctl" marks our own choices.
 RECIPES = {
     "edm-imagenet64": {
@@ -63,10 +84,15 @@ RECIPES = {
         "pairs_sampler": "Heun, N=40 steps (79 NFE), sigma 0.002..80, rho 7 (DMD paper)",
         "teacher_fid": "1.36 with EDM's stochastic sampler, 256 steps / 511 NFE (EDM paper)",
         "dmd_fid": "2.62 at 1 NFE (DMD paper, ImageNet 64x64 class-conditional)",
-        "dmd2_fid": "1.28 at 1 NFE (DMD2 paper: the GAN run resumed at lr 5e-7); 2.61 without GAN",
+        "dmd2_fid": (
+            "1.28 at 1 NFE (DMD2 paper: the no-GAN run resumed with the GAN at lr 5e-7); "
+            "2.61 without GAN"
+        ),
         # DMD2's ImageNet-64 run without GAN (the public script imagenet_lr2e-6_scratch.sh);
         # sources of every value in docs/RECIPES.md
+        "source": SOURCES["edm-imagenet64"],
         "distill": {
+            "steps": SOURCES["edm-imagenet64"].steps,
             "reg_weight": 0.0,
             "lr": 2e-6,
             "fake_lr": 2e-6,
@@ -119,8 +145,13 @@ class EDM(TeacherKind):
     def presets(self) -> dict[str, dict]:
         # DMD2's ImageNet-64 GAN script: the no-GAN recipe plus the classifier head
         # (imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch.sh; docs/RECIPES.md)
-        gan = dict(RECIPES["edm-imagenet64"])
-        gan["distill"] = dict(gan["distill"], gan_weight=3e-3, gan_classifier_weight=1e-2)
+        gan = dict(RECIPES["edm-imagenet64"], source=SOURCES["edm-imagenet64-gan"])
+        gan["distill"] = dict(
+            gan["distill"],
+            steps=SOURCES["edm-imagenet64-gan"].steps,
+            gan_weight=3e-3,
+            gan_classifier_weight=1e-2,
+        )
         return {
             "edm-imagenet64": dict(IMAGENET64, recipe=RECIPES["edm-imagenet64"]),
             "edm-imagenet64-gan": dict(IMAGENET64, recipe=gan),

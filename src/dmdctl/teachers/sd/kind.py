@@ -13,6 +13,26 @@ from pathlib import Path
 from torch import nn
 
 from dmdctl.teachers.base import TeacherKind
+from dmdctl.teachers.source import SourceCheckpoint
+
+# The DMD2 checkpoints the presets' lengths come from: iterations from the checkpoint names in
+# the model zoos of experiments/sdv1.5/README.md and experiments/sdxl/README.md (tianweiy/DMD2 at
+# 8d8fa55), ratios from each script's --dfake_gen_update_ratio (docs/RECIPES.md, "Steps and
+# iterations"). Each preset's `steps` is its checkpoint's `steps`.
+SOURCES = {
+    # ..._dfake10_from_scratch.sh: checkpoint_model_039000
+    "sd15": SourceCheckpoint("DMD2's SD1.5 stage-1 checkpoint", 39_000, 10, 9.28),
+    # ..._gan1e-3_noode_resume_fixdata.sh, from checkpoint_model_039000 to _041000
+    "sd15-gan": SourceCheckpoint(
+        "DMD2's SD1.5 stage-2 checkpoint, 2,000 iterations past stage 1", 2_000, 10, 8.35
+    ),
+    # ..._denoising4step_..._backsim_scratch.sh: checkpoint_model_019000
+    "sdxl": SourceCheckpoint("DMD2's SDXL 4-step checkpoint", 19_000, 5, 19.32),
+    # ..._backsim_scratch_lora.sh: checkpoint_model_016000
+    "sdxl-lora": SourceCheckpoint("DMD2's SDXL 4-step LoRA checkpoint", 16_000, 5, 19.68),
+    # ..._cond399_..._1step_..._noode.sh: checkpoint_model_024000 (after the regression stage)
+    "sdxl-1step": SourceCheckpoint("DMD2's SDXL 1-step checkpoint", 24_000, 5, 19.01),
+}
 
 
 class StableDiffusion(TeacherKind):
@@ -63,17 +83,26 @@ class StableDiffusion(TeacherKind):
             # DMD2 (Yin et al. 2024), stage 1 of its public SD1.5 script: no regression, no GAN
             "sd15": {
                 "pipeline": SD15_HUB_ID,
-                "distill": dict(common, reg_weight=0.0, real_guidance=1.75, fake_updates=10),
-            },
-            # DMD2's SD1.5 stage 2: from the stage-1 run (--init-from), the GAN on real images
-            # at lr 5e-7 (..._lr5e-7_..._gan1e-3_noode_resume_fixdata.sh)
-            "sd15-gan": {
-                "pipeline": SD15_HUB_ID,
+                "source": SOURCES["sd15"],
                 "distill": dict(
                     common,
                     reg_weight=0.0,
                     real_guidance=1.75,
                     fake_updates=10,
+                    steps=SOURCES["sd15"].steps,
+                ),
+            },
+            # DMD2's SD1.5 stage 2: from the stage-1 run (--init-from), the GAN on real images
+            # at lr 5e-7 (..._lr5e-7_..._gan1e-3_noode_resume_fixdata.sh)
+            "sd15-gan": {
+                "pipeline": SD15_HUB_ID,
+                "source": SOURCES["sd15-gan"],
+                "distill": dict(
+                    common,
+                    reg_weight=0.0,
+                    real_guidance=1.75,
+                    fake_updates=10,
+                    steps=SOURCES["sd15-gan"].steps,
                     lr=5e-7,
                     fake_lr=5e-7,
                     gan_weight=1e-3,
@@ -99,7 +128,10 @@ class StableDiffusion(TeacherKind):
                 "pipeline": SDXL_HUB_ID,
                 "arch": "sdxl",
                 "pairs": sdxl_pairs,
-                "distill": dict(sdxl, denoising_steps="999,749,499,249"),
+                "source": SOURCES["sdxl"],
+                "distill": dict(
+                    sdxl, denoising_steps="999,749,499,249", steps=SOURCES["sdxl"].steps
+                ),
             },
             # DMD2's SDXL 4-step LoRA generator (..._backsim_scratch_lora.sh: --generator_lora,
             # lr 5e-5; rank 64, alpha 8 from train_sd.py's defaults); the fake score is full
@@ -107,9 +139,11 @@ class StableDiffusion(TeacherKind):
                 "pipeline": SDXL_HUB_ID,
                 "arch": "sdxl",
                 "pairs": sdxl_pairs,
+                "source": SOURCES["sdxl-lora"],
                 "distill": dict(
                     sdxl,
                     denoising_steps="999,749,499,249",
+                    steps=SOURCES["sdxl-lora"].steps,
                     lr=5e-5,
                     fake_lr=5e-5,
                     lora_rank=64,
@@ -135,7 +169,8 @@ class StableDiffusion(TeacherKind):
                 "pipeline": SDXL_HUB_ID,
                 "arch": "sdxl",
                 "pairs": sdxl_pairs,
-                "distill": dict(sdxl, conditioning_timestep=399),
+                "source": SOURCES["sdxl-1step"],
+                "distill": dict(sdxl, conditioning_timestep=399, steps=SOURCES["sdxl-1step"].steps),
             },
         }
 
