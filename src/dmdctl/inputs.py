@@ -64,3 +64,13 @@ def check_teacher_path(path: str | None, teacher: str | None = None) -> None:
         not p.is_file() or os.access(p, os.R_OK),
         f"--teacher-path {p} is not readable (permission denied)",
     )
+
+
+def resolve_input_paths(cfg, names: tuple[str, ...]) -> None:
+    """Record the inputs a run reads as absolute paths (in its config.toml and the files it
+    writes), so its outputs work from any folder. A value that is not a local path (a hub id,
+    a name) is kept as given."""
+    for name in names:
+        value = getattr(cfg, name, None)
+        if value and Path(value).expanduser().exists():
+            setattr(cfg, name, str(Path(value).expanduser().resolve()))

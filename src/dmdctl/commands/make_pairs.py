@@ -18,6 +18,7 @@ from dmdctl.config import write_config
 from dmdctl.core.sampling import class_labels, seeded_noise, teacher_sampler
 from dmdctl.data.pairs import DTYPES, PairWriter
 from dmdctl.errors import require
+from dmdctl.inputs import resolve_input_paths
 from dmdctl.runtime import StopRequested, claim_output, holds_output, pick_device, process_state
 from dmdctl.settings.make_pairs import MakePairsConfig
 from dmdctl.teachers import resolve_teacher
@@ -100,6 +101,7 @@ class PromptPairs:
 @holds_output
 def make_pairs(cfg: MakePairsConfig) -> dict:
     cfg.validate()
+    resolve_input_paths(cfg, ("teacher_path", "prompts"))
     teacher = resolve_teacher(
         cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None, cfg.offline, cfg.no_t5
     )

@@ -21,6 +21,7 @@ from dmdctl.config import write_config
 from dmdctl.core.generator import save_generator
 from dmdctl.core.lpips_loss import RANDOM_BACKBONE_NOTE
 from dmdctl.errors import UserError
+from dmdctl.inputs import resolve_input_paths
 from dmdctl.runtime import (
     PROCESS_GROUP_TIMEOUT,
     StopRequested,
@@ -218,6 +219,7 @@ def _json_value(v: float):
 @holds_output
 def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
     cfg.validate()
+    resolve_input_paths(cfg, ("teacher_path", "pairs", "prompts", "real_data", "init_from"))
     out = Path(cfg.out)
     # every check that needs no network comes first: nothing is built or written before it
     ckpt = None

@@ -807,7 +807,12 @@ def generator_sigmas(cfg: DistillConfig, teacher) -> list[float]:
     try:
         return d.step_sigmas(values)
     except ValueError as e:
-        raise UserError(f"--denoising-steps {cfg.denoising_steps or values}: {e}") from None
+        given = (
+            f"--conditioning-timestep {cfg.conditioning_timestep}"
+            if cfg.conditioning_timestep is not None
+            else f"--denoising-steps {cfg.denoising_steps}"
+        )
+        raise UserError(f"{given}: {e}") from None
 
 
 def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -46,6 +46,8 @@ def load_sd_teacher(
     from dmdctl.teachers.sd import pipeline as sdp
 
     folder = sdp.resolve_pipeline_folder(str(source), offline)
+    if Path(source).expanduser().exists():  # a local folder is recorded resolved: sample and
+        source = str(Path(source).expanduser().resolve())  # export work from any folder
     arch = sdp.pipeline_arch(folder)
     kind = KINDS[StableDiffusion.name]
     if preset is not None and kind.preset_arch(preset) != arch:
