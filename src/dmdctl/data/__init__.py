@@ -43,3 +43,52 @@ def check_together(state, checks: list) -> None:
         if state is None or state.is_main_process:
             raise UserError(fault)
         raise QuietUserError(fault)
+
+
+class RowGuard:
+    """Reads rows through ``fetch(indices)``; with ``skip`` (``--skip-bad-records``) a row that
+    fails with :class:`~dmdctl.errors.DataError` is replaced by the next row that reads, and
+    counted (``count``; ``last`` names the latest). Without ``skip`` the error goes on up and
+    stops the run (its last checkpoint stays as it was)."""
+
+    def __init__(self, skip: bool = False):
+        self.skip = skip
+        self.count = 0
+        self.last: str | None = None
+
+    def read(self, fetch, idx: list[int], rows: int):
+        from dmdctl.errors import DataError
+
+        try:
+            return fetch(list(idx))
+        except DataError as e:
+            if not self.skip:
+                raise
+            self.last = str(e)
+        parts = []
+        for i in idx:
+            for k in range(rows):
+                try:
+                    parts.append(fetch([(i + k) % rows]))
+                    break
+                except DataError as e:
+                    if k == 0:
+                        self.count += 1
+                        self.last = str(e)
+            else:
+                raise DataError(f"no row of this source can be read any more ({self.last})")
+        return _join(parts)
+
+
+def _join(parts):
+    """One batch from single-row batches: tensors concatenated, lists joined, tuples by item."""
+    import torch
+
+    first = parts[0]
+    if isinstance(first, tuple):
+        return tuple(_join([p[i] for p in parts]) for i in range(len(first)))
+    if first is None:
+        return None
+    if isinstance(first, list):
+        return [x for p in parts for x in p]
+    return torch.cat(parts)

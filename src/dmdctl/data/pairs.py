@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from dmdctl.errors import UserError
+from dmdctl.errors import DataError, UserError
 from dmdctl.files import atomic_write_bytes, sha256_file
 
 MANIFEST = "manifest.json"
@@ -311,6 +311,7 @@ class Pairs:
         self.total = int(self.bounds[-1]) if limit is None else min(limit, int(self.bounds[-1]))
         self._layouts: dict[int, tuple[int, dict]] = {}
         self._maps: dict[tuple[int, str], np.ndarray] = {}
+        self._sizes: dict[int, int] = {}
         self.noise, self.target, self.cond = (PairColumn(self, c) for c in COLUMNS)
 
     def __len__(self) -> int:
@@ -331,6 +332,7 @@ class Pairs:
             start, header = safetensors_layout(path)
             self._layouts[k] = (start, header)
             end = max(v["data_offsets"][1] for v in header.values())
+            self._sizes[k] = start + end
             if path.stat().st_size != start + end or any(c not in header for c in COLUMNS):
                 raise UserError(
                     f"pairs shard {path} is corrupt or truncated (its size does not match its "
@@ -342,6 +344,20 @@ class Pairs:
         """sha256 of these shards against the manifest (streamed: memory flat)."""
         for k in shards:
             verify_shard(self.folder, self.entries[k])
+
+    def _still_whole(self, shard: int) -> None:
+        """A shard cut short under a running job is named here: reading its mapped pages past
+        the new end would kill the process (SIGBUS) instead."""
+        path = self.folder / self.entries[shard]["file"]
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise DataError(f"pairs shard {path} became unreadable ({e})") from None
+        if shard in self._sizes and size != self._sizes[shard]:
+            raise DataError(
+                f"pairs shard {path} changed while in use ({size} bytes, {self._sizes[shard]} "
+                "when the run started)"
+            )
 
     def _map(self, shard: int, name: str) -> np.ndarray:
         key = (shard, name)
@@ -361,8 +377,13 @@ class Pairs:
                     else np.memmap(path, dtype, "r", start + a, shape)
                 )
             except (OSError, ValueError) as e:
-                raise UserError(f"pairs shard {path} became unreadable ({e})") from None
+                raise DataError(f"pairs shard {path} became unreadable ({e})") from None
         return self._maps[key]
+
+    def rows(self, idx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noise, target, cond) of pairs ``idx``, in that order."""
+        rows = np.asarray(idx, dtype=np.int64).reshape(-1)
+        return tuple(self.gather(c, rows) for c in COLUMNS)
 
     def gather(self, name: str, rows: np.ndarray) -> torch.Tensor:
         """Rows ``rows`` of column ``name``, in that order."""
@@ -373,11 +394,12 @@ class Pairs:
         out = np.empty((len(rows), *first.shape[1:]), first.dtype)
         for k in np.unique(shard):
             sel = shard == k
+            self._still_whole(int(k))
             try:
                 out[sel] = self._map(int(k), name)[rows[sel] - self.bounds[k]]
             except OSError as e:  # a shard cut short under a running job
                 path = self.folder / self.entries[int(k)]["file"]
-                raise UserError(f"pairs shard {path} became unreadable ({e})") from None
+                raise DataError(f"pairs shard {path} became unreadable ({e})") from None
         t = torch.from_numpy(out)
         return t.view(torch.bfloat16) if self.layout(0)[name]["dtype"] == "BF16" else t
 

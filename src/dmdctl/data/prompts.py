@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmdctl.errors import UserError
+from dmdctl.errors import DataError, UserError
 
 TEXT_FIELDS = ("caption", "prompt", "text")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -159,9 +159,9 @@ class PromptFile:
         try:
             raw = os.pread(self._fd, length, start)
         except OSError as e:
-            raise UserError(f"{self.path}: could not read prompt {i} ({e.strerror or e})") from None
+            raise DataError(f"{self.path}: could not read prompt {i} ({e.strerror or e})") from None
         if len(raw) != length:
-            raise UserError(
+            raise DataError(
                 f"{self.path} changed while in use (prompt {i} is cut short): the file a run "
                 "reads must stay as it was when the run started"
             )
@@ -169,11 +169,11 @@ class PromptFile:
             try:
                 return _jsonl_text(raw)
             except ValueError as e:
-                raise UserError(f"{self.path} changed while in use: row {i} {e}") from None
+                raise DataError(f"{self.path} changed while in use: row {i} {e}") from None
         try:
             return raw.decode("utf-8").strip()
         except UnicodeDecodeError:
-            raise UserError(f"{self.path} changed while in use: row {i} is not UTF-8") from None
+            raise DataError(f"{self.path} changed while in use: row {i} is not UTF-8") from None
 
     # --- Arrow / Parquet ----------------------------------------------------------------
     def _open_columnar(self, column: str | None) -> None:

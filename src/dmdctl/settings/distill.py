@@ -185,6 +185,12 @@ class DistillConfig(Settings):
         "Skip updates whose loss or gradient is NaN/inf (counted in log.jsonl) instead of "
         "stopping the run.",
     )
+    skip_bad_records: bool = option(
+        False,
+        "A prompt, real sample or pair that can no longer be read (a file changed or was "
+        "damaged under the run) is replaced by the next readable row and counted in log.jsonl "
+        "(bad_records), instead of stopping the run at its last checkpoint.",
+    )
     grad_checkpointing: bool = option(
         False,
         "Recompute activations in the backward pass of the generator and fake score (less "

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from dmdctl.config import write_config
 from dmdctl.core.generator import save_generator
 from dmdctl.core.lpips_loss import RANDOM_BACKBONE_NOTE
-from dmdctl.errors import UserError
+from dmdctl.errors import DataError, UserError
 from dmdctl.inputs import resolve_input_paths
 from dmdctl.runtime import (
     PROCESS_GROUP_TIMEOUT,
@@ -185,10 +185,11 @@ class StepWatch:
         if skipped_fake is not None:
             self.skipped[1] += skipped_fake
 
-    def collect(self, acc: Accelerator, stop_signal: int | None) -> dict:
+    def collect(self, acc: Accelerator, stop_signal: int | None, bad_records: int = 0) -> dict:
         n = len(self.names)
         stop = torch.tensor([float(stop_signal or 0)], device=self.device)
-        packet = torch.cat([self.last, self.bad, self.first_bad, self.skipped, stop])
+        records = torch.tensor([float(bad_records)], device=self.device)
+        packet = torch.cat([self.last, self.bad, self.first_bad, self.skipped, stop, records])
         rows = acc.gather(packet[None]).cpu().double().reshape(-1, packet.numel())
         firsts = [v for v in rows[:, 2 * n].tolist() if v >= 0]
         return {
@@ -200,6 +201,7 @@ class StepWatch:
             "skipped": int(rows[:, 2 * n + 1].max()),
             "skipped_fake": int(rows[:, 2 * n + 2].max()),
             "stop": int(rows[:, 2 * n + 3].max()) or None,
+            "bad_records": int(rows[:, 2 * n + 4].sum()),
         }
 
 
@@ -283,7 +285,16 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
     with StopRequested() as stop, progress(disable=None if main else True) as bar:
         task = bar.add_task("distill", total=cfg.steps, completed=trainer.step, info="")
         while trainer.step < cfg.steps:
-            logs = trainer.train_step()
+            try:
+                logs = trainer.train_step()
+            except DataError as e:
+                found = list_checkpoints(out / "checkpoints")
+                raise DataError(
+                    f"{e}; stopped at step {trainer.step + 1} without saving: the last "
+                    f"checkpoint ({found[-1] if found else 'none yet'}) is intact. Restore the "
+                    "file and resume with --resume latest, or pass --skip-bad-records to "
+                    "replace such records (counted in log.jsonl)"
+                ) from None
             step = trainer.step
             watch.add(logs, step)
             is_log = step % cfg.log_every == 0 or step == cfg.steps
@@ -297,7 +308,7 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
             if not (is_log or is_ckpt or is_eval or stop_here):
                 bar.update(task, completed=step)
                 continue
-            seen = watch.collect(acc, stop.signal)
+            seen = watch.collect(acc, stop.signal, trainer.guard.count)
             bad = [k for k in seen["bad"] if not (fp16 and k.startswith("grad_norm"))]
             if bad and not cfg.skip_nonfinite:
                 found = list_checkpoints(out / "checkpoints")
@@ -327,6 +338,8 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
                 last = dict(values, samples_per_s=rate, lr=trainer.opt_g.param_groups[0]["lr"])
                 if cfg.skip_nonfinite:
                     last.update(skipped)
+                if cfg.skip_bad_records:
+                    last["bad_records"] = seen["bad_records"]
                 if main:
                     row = {"step": step, **{k: _json_value(v) for k, v in last.items()}}
                     if trainer.lpips is not None and trainer.lpips.random_backbone:

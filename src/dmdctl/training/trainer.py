@@ -37,7 +37,7 @@ from dmdctl.core.gan import (
 )
 from dmdctl.core.losses import denoising_error, dm_loss, edm_denoising_loss, regression_loss
 from dmdctl.core.schedules import warmup_then
-from dmdctl.data import check_together
+from dmdctl.data import RowGuard, check_together
 from dmdctl.data.pairs import open_pairs
 from dmdctl.errors import UserError, require
 from dmdctl.settings.distill import DistillConfig
@@ -117,6 +117,7 @@ class DMDTrainer:
         # sources a step draws from (opened by every process on its own, read by row), and
         # their shards' sha256 (shared out between the processes)
         self.sigmas = generator_sigmas(cfg, t)
+        self.guard = RowGuard(cfg.skip_bad_records)  # rows that turn bad inside the run
         self.pairs = None
         if cfg.reg_weight > 0:
             self.pairs = open_pairs(Path(cfg.pairs), t, limit=cfg.num_pairs or None)
@@ -333,7 +334,7 @@ class DMDTrainer:
         table = table if table is not None else self.gen_table
         if table is None:
             return idx.to(self.device, non_blocking=True)
-        return table(idx.cpu())
+        return self.guard.read(lambda rows: table(torch.tensor(rows)), idx.tolist(), len(table))
 
     def _set_lr(self, step: int) -> None:
         m = warmup_then(step, self.cfg.warmup, self.cfg.steps, self.cfg.lr_schedule)
@@ -410,12 +411,14 @@ class DMDTrainer:
         if self.pairs is not None:
             # indices stay on the host, where the pairs are: no device round trip, no sync
             pidx = self._slice(torch.randint(0, len(self.pairs), (P,), generator=gen), "cpu")
-            inputs.append(
-                self.pairs.noise[pidx].to(self.device, non_blocking=True)
-                * self.unwrapped_generator.input_scale
+            z_pair, y_pair, c_pair = self.guard.read(
+                self.pairs.rows, pidx.tolist(), len(self.pairs)
             )
-            cs.append(self._cond(self.pairs.cond[pidx], self.pair_table) if c is not None else None)
-            y_pair = self.pairs.target[pidx].to(self.device, non_blocking=True)
+            inputs.append(
+                z_pair.to(self.device, non_blocking=True) * self.unwrapped_generator.input_scale
+            )
+            cs.append(self._cond(c_pair, self.pair_table) if c is not None else None)
+            y_pair = y_pair.to(self.device, non_blocking=True)
         # draws that only few-step and GAN runs make come last: a DMD run draws what it always did
         at = None
         if len(self.sigmas) > 1:
@@ -583,7 +586,9 @@ class DMDTrainer:
             xr, cr = self.real_data.draw(B, gen)
             return self._slice(xr), (self._slice(cr) if cr is not None else None)
         idx = self._slice(torch.randint(0, len(self.real_data), (B,), generator=gen), "cpu")
-        xr, cr = self.real_data.rows(idx)
+        xr, cr = self.guard.read(
+            lambda rows: self.real_data.rows(torch.tensor(rows)), idx.tolist(), len(self.real_data)
+        )
         if isinstance(cr, list):
             cr = self.gen_table.encode(cr)
         return xr.to(self.device, non_blocking=True), (
