@@ -40,8 +40,8 @@ class PrepareRealConfig(Settings):
     )
     caption_column: str | None = option(
         None,
-        "Parquet sources: the caption column.",
-        show_default="the first of caption, text, prompt",
+        "Parquet sources: the caption column (default: the first of caption, text, prompt "
+        "that the files have).",
     )
     skip_bad: bool = option(
         False,
