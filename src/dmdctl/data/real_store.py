@@ -149,6 +149,10 @@ def _decode_all(items, mode: str, size: int) -> list[tuple[np.ndarray | None, st
         try:
             return decode_image(src, mode, size), None
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds; the record names it
+            from PIL import UnidentifiedImageError
+
+            if isinstance(e, UnidentifiedImageError):  # its text holds the resolved path
+                return None, "not an image PIL can decode"
             return None, f"{type(e).__name__}: {e}"
 
     with ThreadPoolExecutor(DECODE_THREADS) as pool:
@@ -491,9 +495,9 @@ def open_source(path_arg: str, teacher, image_column: str, caption_column: str |
         raise UserError(
             f"SOURCE {shown} has no captions, but the '{teacher.name}' teacher is text-to-image"
             + (
-                f": give the folder a {CAPTIONS_FILE}"
-                if src.kind != "parquet"
-                else ": pass --caption-column"
+                ": pass --caption-column"
+                if src.kind == "parquet"
+                else f": use a folder of images with {CAPTIONS_FILE}"
             )
         )
     if need == "labels" and src.conditioning != "labels":
@@ -517,6 +521,16 @@ def open_source(path_arg: str, teacher, image_column: str, caption_column: str |
 
 
 # --- writing ------------------------------------------------------------------------------------
+def _shown(value) -> str:
+    """A value for a message; a resolved path under the working folder is shown relative."""
+    if isinstance(value, str) and Path(value).is_absolute():
+        try:
+            return repr(Path(value).relative_to(Path.cwd().resolve()).as_posix())
+        except ValueError:
+            pass
+    return repr(value)
+
+
 class RealWriter(ShardWriter):
     """Writes the store's Arrow shards (any order, any process) and keeps manifest.json."""
 
@@ -536,8 +550,8 @@ class RealWriter(ShardWriter):
                 name, there, value = f"{key}.{sub}", there.get(sub), value.get(sub)
             raise UserError(
                 f"{self.folder} already holds a real-data store made with a different "
-                f"'{name}' ({there!r} there, {value!r} now); use another --out or the same "
-                "source, teacher and settings"
+                f"'{name}' ({_shown(there)} there, {_shown(value)} now); use another --out or "
+                "the same source, teacher and settings"
             )
 
     def verify_shard(self, entry: dict) -> Path:
