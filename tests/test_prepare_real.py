@@ -91,7 +91,8 @@ def test_captioned_folder_gives_the_vae_latents_and_captions_by_row(
     idx = torch.tensor([4, 0, 3, 3, 1, 2])
     x, captions = store.rows(idx)
     assert x.dtype == torch.float32 and x.shape == (6, 4, 8, 8)
-    torch.testing.assert_close(x, want[idx], rtol=0, atol=0)  # fp16 rounding of the same encode
+    # the same encode, rounded to fp16 (a batch of 2 vs 5 may differ by float rounding)
+    torch.testing.assert_close(x, want[idx], rtol=2e-3, atol=1e-4)
     assert captions == [SD_PROMPTS[i % len(SD_PROMPTS)] for i in idx.tolist()]
     store.verify(range(store.num_shards))
 
@@ -264,3 +265,32 @@ def test_two_processes_make_the_store_one_makes(sd_store, sd_pipe, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert shard_hashes(tmp_path / "two") == shard_hashes(store_dir)
     assert manifest(tmp_path / "two")["shards"] == manifest(store_dir)["shards"]
+
+
+def test_parquet_with_image_structs_and_text_is_read_by_row_group(
+    sd_store, sd_pipe, hf_offline, tmp_path
+):
+    """Hugging Face style Parquet (image struct with bytes, a 'text' column), two files of
+    row groups of 2, shards of 3 spanning them: the same latents and captions as the folder."""
+    import pyarrow.parquet as pq
+
+    folder, store_dir, _ = sd_store
+    images = [{"bytes": (folder / f"{i}.png").read_bytes(), "path": f"{i}.png"} for i in range(5)]
+    texts = [SD_PROMPTS[i % len(SD_PROMPTS)] for i in range(5)]
+    (tmp_path / "pq").mkdir()
+    for name, part in (("a", slice(0, 3)), ("b", slice(3, 5))):
+        table = pa.table({"text": texts[part], "image": images[part]})
+        pq.write_table(table, tmp_path / "pq" / f"{name}.parquet", row_group_size=2)
+    out = tmp_path / "store"
+    args = ("--teacher-path", sd_pipe, "--out", out, "--shard-size", 3, "--batch-size", 2)
+    ok(run("prepare-real", tmp_path / "pq", *args))
+    teacher = resolve_teacher(None, sd_pipe)
+    idx = torch.tensor([4, 1, 3, 0, 2])
+    x, captions = open_real_store(out, teacher).rows(idx)
+    x_folder, captions_folder = open_real_store(store_dir, teacher).rows(idx)
+    # other shard sizes batch the VAE differently: equal up to float (then fp16) rounding
+    torch.testing.assert_close(x, x_folder, rtol=2e-3, atol=1e-4)
+    assert captions == captions_folder
+    assert manifest(out)["source"]["caption_column"] == "text"
+    r = run("prepare-real", tmp_path / "pq", *args, "--image-column", "picture")
+    one_line_error(r, "a.parquet has no column 'picture'", "--image-column")
