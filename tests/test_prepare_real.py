@@ -97,15 +97,26 @@ def test_captioned_folder_gives_the_vae_latents_and_captions_by_row(
     store.verify(range(store.num_shards))
 
 
-def test_npz_with_labels_gives_the_pixels_and_labels(tmp_path):
+def test_npz_with_labels_gives_the_pixels_and_labels(tmp_path, monkeypatch):
     """Uncompressed (seek) and compressed (read forward) npz: arr_0 and arr_1 come back as
-    they were. That the npz is never read whole is not measured here (by design: the source
-    reads one shard's slice of the zip member)."""
+    they were, and no read of the archive asks for more than one shard of images (memory
+    itself is not measured)."""
+    import zipfile
+
     teacher = resolve_teacher("digits", None)
+    real_read, sizes = zipfile.ZipExtFile.read, []
+
+    def read(self, n=-1):
+        sizes.append(n)
+        return real_read(self, n)
+
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", read)
     for compressed in (False, True):
         npz = digits_npz(tmp_path / f"d{int(compressed)}.npz", compressed=compressed)
         out = tmp_path / f"store{int(compressed)}"
+        sizes.clear()
         ok(run("prepare-real", npz, "--teacher", "digits", "--out", out, "--shard-size", 16))
+        assert sizes and -1 not in sizes and max(sizes) <= 16 * 8 * 8  # one shard of images
         store = open_real_store(out, teacher)
         data = np.load(npz)
         idx = torch.tensor([39, 0, 17, 16, 15, 33, 17])
