@@ -143,7 +143,7 @@ def recipe_config(
     if args.denoising_steps:
         values["denoising_steps"] = args.denoising_steps
     if values.get("gan_weight", 0) > 0:
-        values["real_data"] = str(real_images(folder.parent / "real", folder, max(8, batch)))
+        values["real_data"] = str(real_store(folder.parent / "real", folder, max(8, batch)))
     return DistillConfig(**values)
 
 
@@ -168,6 +168,22 @@ def real_images(where: Path, folder: Path, n: int) -> Path:
         rows.append(json.dumps({"file": f"{i}.png", "caption": f"a photo number {i}"}))
     (where / "captions.jsonl").write_text("\n".join(rows) + "\n")
     return where
+
+
+def real_store(where: Path, folder: Path, n: int) -> Path:
+    """The images of :func:`real_images` made into the store ``distill --real-data`` reads."""
+    from dmdctl.commands.prepare_real import prepare_real
+    from dmdctl.settings.prepare_real import PrepareRealConfig
+
+    store = where.with_name(where.name + "-store")
+    if not (store / "manifest.json").is_file():
+        images = real_images(where, folder, n)
+        prepare_real(
+            PrepareRealConfig(
+                source=str(images), teacher_path=str(folder), out=str(store)
+            )
+        )
+    return store
 
 
 def train_rows(folder: Path, prompts: Path, args, device) -> list[dict]:

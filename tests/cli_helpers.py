@@ -107,3 +107,15 @@ def largest_change(denoiser, unet_state: dict, prefix: str = "unet.") -> float:
         (v - unet_state[k.removeprefix(prefix)]).abs().max().item()
         for k, v in denoiser.state_dict().items()
     )
+
+
+def real_store(source, teacher_path, out=None, teacher=None):
+    """``dmdctl prepare-real SOURCE``: the store ``distill --real-data`` reads (an image folder
+    with captions.jsonl, an image folder or an npz, made once for the teacher)."""
+    from pathlib import Path
+
+    out = Path(out) if out is not None else Path(f"{source}-store")
+    extra = ["--teacher", teacher] if teacher else []
+    ok(run("prepare-real", source, "--teacher-path", teacher_path, *extra, "--device", "cpu",
+           "--out", out))  # fmt: skip
+    return out

@@ -30,7 +30,11 @@ SCRIPT = "scripts/bad_inputs_table.py"
 T = "--teacher-path runs/teacher/teacher.safetensors"
 MP = f"make-pairs {T} --out {{out}} --num-pairs 64 --shard-size 32 --steps 4"
 D = f"distill {T} --pairs runs/pairs --out {{out}} --steps 4 --batch-size 16 --pair-batch-size 16 --plot-samples 0"
-RUN = D.replace("{out}", "runs/run")  # the settings of the run in runs/run (checkpoint at step 4)
+RUN = D.replace("{out}", "runs/run")
+PR = "--teacher digits --out {out} --shard-size 16"
+PR_SD = "--teacher-path runs/sd --out {out}"
+# a text-to-image run on the tiny SD pipeline (runs/sd) with a prompts file
+DSD = "distill --teacher-path runs/sd --prompts runs/prompts.txt --out {out} --steps 2 --batch-size 2 --cpu"
 
 
 @dataclass
@@ -396,6 +400,111 @@ CASES = [
         patch="checkpoint-enospc",
         writes=True,
     ),
+    # --- distill, text-to-image: refused before anything (a prompt table, a folder) is written ---
+    Case(
+        "dsd-conditioning-timestep",
+        "--conditioning-timestep outside the scheduler's timesteps",
+        f"{DSD} --conditioning-timestep 1000",
+        "--conditioning-timestep 1000: timesteps must be integers in 0..999",
+    ),
+    Case(
+        "dsd-gan-without-real-data",
+        "the GAN without real samples for a text-to-image teacher",
+        f"{DSD} --gan-weight 0.01",
+        "needs real samples: make a store once with `dmdctl prepare-real",
+    ),
+    Case(
+        "dsd-raw-real-data",
+        "--real-data names a captioned folder, not a store",
+        f"{DSD} --gan-weight 0.01 --real-data runs/real/cap-corrupt",
+        "--real-data runs/real/cap-corrupt is not a store made by `dmdctl prepare-real`",
+    ),
+    Case(
+        "dsd-real-store-other-teacher",
+        "--real-data holds a store made for another teacher",
+        f"{DSD} --gan-weight 0.01 --real-data runs/real/store",
+        "was made for a teacher with samples in pixels, this teacher has latents",
+    ),
+    Case(
+        "dsd-prompts-bad-row",
+        "a JSONL prompts file with a row that has no caption",
+        DSD.replace("runs/prompts.txt", "runs/prompts-bad.jsonl"),
+        "runs/prompts-bad.jsonl:3 has no 'caption', 'prompt' or 'text' string field",
+    ),
+    # --- prepare-real ---
+    Case(
+        "pr-missing-source",
+        "the real images do not exist",
+        f"prepare-real runs/missing.npz {PR}",
+        "SOURCE runs/missing.npz: no such file or folder",
+    ),
+    Case(
+        "pr-npz-no-arr0",
+        "an npz without arr_0",
+        f"prepare-real runs/real/no-arr0.npz {PR}",
+        "runs/real/no-arr0.npz has no arr_0",
+    ),
+    Case(
+        "pr-npz-float",
+        "an npz whose arr_0 is not uint8",
+        f"prepare-real runs/real/float.npz {PR}",
+        "arr_0 must be uint8 images [N, H, W, C], got float32",
+    ),
+    Case(
+        "pr-labels-out-of-range",
+        "a label outside the teacher's classes",
+        f"prepare-real runs/real/bad-labels.npz {PR}",
+        "arr_1[3] = 12 is not a label in 0..9",
+    ),
+    Case(
+        "pr-npz-unlabelled",
+        "an npz without labels for a class-conditional teacher",
+        f"prepare-real runs/real/unlabelled.npz {PR}",
+        "has no labels (arr_1), but the 'digits' teacher is class-conditional",
+    ),
+    Case(
+        "pr-folder-unlabelled",
+        "an image folder for a class-conditional teacher",
+        f"prepare-real runs/real/images {PR}",
+        "is an image folder without labels, but the teacher is class-conditional",
+    ),
+    Case(
+        "pr-no-captions",
+        "a text-to-image teacher with a folder without captions.jsonl",
+        f"prepare-real runs/real/images {PR_SD}",
+        "a text-to-image teacher needs captions.jsonl",
+    ),
+    Case(
+        "pr-captions-not-json",
+        "a captions.jsonl line that is not JSON",
+        f"prepare-real runs/real/cap-not-json {PR_SD}",
+        "runs/real/cap-not-json/captions.jsonl:2: not JSON",
+    ),
+    Case(
+        "pr-caption-not-text",
+        "a caption that is not a string",
+        f"prepare-real runs/real/cap-not-text {PR_SD}",
+        "runs/real/cap-not-text/captions.jsonl:2: 'caption' must be a string, got int",
+    ),
+    Case(
+        "pr-image-missing",
+        "captions.jsonl names an image that is not there",
+        f"prepare-real runs/real/cap-missing {PR_SD}",
+        "captions.jsonl:3: image gone.png not found",
+    ),
+    Case(
+        "pr-corrupt-image",
+        "an image that does not decode (the complete shards are kept)",
+        f"prepare-real runs/real/cap-corrupt {PR_SD} --shard-size 1",
+        "could not read image 1.png (runs/real/cap-corrupt/captions.jsonl:2): not an image",
+        writes=True,
+    ),
+    Case(
+        "pr-other-source",
+        "--out holds a store made from another source",
+        f"prepare-real runs/real/digits-b.npz {PR.replace('{out}', 'runs/real/store')}",
+        "already holds a real-data store made with a different 'source.path'",
+    ),
     # --- export ---
     Case(
         "ex-lora-not-lora-run",
@@ -478,10 +587,57 @@ def build_env(root: Path, teacher: str | None = None, pairs: str | None = None) 
         checkpoint_every=4,
     )
     distill(DistillConfig(**args))
+    build_real_sources(runs / "real")
+    (runs / "prompts.txt").write_text("a red dog\nthe blue sky\n")
+    (runs / "prompts-bad.jsonl").write_text('{"caption": "a"}\n\n{"image": "x.png"}\n')
     (runs / "garbage.safetensors").write_bytes(b"not a safetensors file")
     (runs / "afile.txt").write_text("just a file\n")
     (runs / "bad.toml").write_text("steps = [\n")
     (runs / "unknown.toml").write_text("num_pairz = 3\n")
+
+
+def build_real_sources(real: Path) -> None:
+    """Good and bad sources for prepare-real, a tiny SD pipeline (runs/sd) and a store made
+    from runs/real/digits.npz for the digits teacher (runs/real/store)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from dmdctl.commands.prepare_real import prepare_real
+    from dmdctl.settings.prepare_real import PrepareRealConfig
+    from dmdctl.teachers.sd.testing import build_pipeline
+
+    build_pipeline(real.parent / "sd")
+    real.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)
+    labels = rng.integers(0, 10, 20)
+    np.savez(real / "digits.npz", images, labels)
+    np.savez(real / "digits-b.npz", images[::-1], labels[::-1])
+    np.savez(real / "no-arr0.npz", images=images)
+    np.savez(real / "float.npz", images.astype(np.float32), labels)
+    np.savez(real / "bad-labels.npz", images, np.where(np.arange(20) == 3, 12, labels))
+    np.savez(real / "unlabelled.npz", images)
+    (real / "images").mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+            real / "images" / f"{i}.png"
+        )
+    good = json.dumps({"file": "0.png", "caption": "a red dog"})
+    lines = {
+        "cap-not-json": [good, "{file: 1.png}"],
+        "cap-not-text": [good, json.dumps({"file": "1.png", "caption": 7})],
+        "cap-missing": [good, json.dumps({"file": "1.png", "caption": "x"}),
+                        json.dumps({"file": "gone.png", "caption": "x"})],
+        "cap-corrupt": [good, json.dumps({"file": "1.png", "caption": "the blue sky"})],
+    }  # fmt: skip
+    for name, rows in lines.items():
+        shutil.copytree(real / "images", real / name)
+        (real / name / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    (real / "cap-corrupt" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    prepare_real(PrepareRealConfig(str(real / "digits.npz"), teacher="digits",
+                                   out=str(real / "store"), shard_size=16))  # fmt: skip
 
 
 def _enospc(*a, **k):
@@ -512,7 +668,11 @@ def run_case(case: Case) -> tuple[int, list[str]]:
         r = CliRunner().invoke(app, case.argv)
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         raise r.exception
-    return r.exit_code, [line for line in r.stderr.splitlines() if line.strip()]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    if case.writes:  # a run that started says what it runs (its length, its data) before failing
+        starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+        lines = lines[starts[0] :] if starts else lines
+    return r.exit_code, lines
 
 
 def normalise(message: str) -> str:

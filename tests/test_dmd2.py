@@ -266,23 +266,23 @@ def test_init_from_starts_a_new_run_from_another(toy_teacher, toy_pairs, tmp_pat
 def test_real_data_files_and_refusals(toy_teacher, tmp_path):
     import numpy as np
 
+    from cli_helpers import real_store
     from dmdctl.data.real import load_real_data
     from dmdctl.teachers import resolve_teacher
 
     digits = resolve_teacher("digits", None)
     imgs = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
     np.savez(tmp_path / "d.npz", imgs, np.arange(6) % 10)
-    rd = load_real_data(str(tmp_path / "d.npz"), digits, tmp_path)
-    assert rd.x.shape == (6, 1, 8, 8) and rd.x.min() >= -1 and rd.x.max() <= 1
-    torch.testing.assert_close(rd.x[2, 0], torch.tensor(imgs[2, ..., 0]).float() / 127.5 - 1)
-    x, c = rd.draw(4, torch.Generator().manual_seed(0))
-    assert x.shape == (4, 1, 8, 8) and c.dtype == torch.int64
-    np.savez(tmp_path / "nolabels.npz", imgs)
-    with pytest.raises(UserError, match="no labels"):
-        load_real_data(str(tmp_path / "nolabels.npz"), digits, tmp_path)
-    np.savez(tmp_path / "big.npz", np.zeros((2, 16, 16, 1), np.uint8), np.zeros(2))
-    with pytest.raises(UserError, match="shape"):
-        load_real_data(str(tmp_path / "big.npz"), digits, tmp_path)
+    store = real_store(tmp_path / "d.npz", digits.path, tmp_path / "store", teacher="digits")
+    rd = load_real_data(str(store), digits)
+    assert len(rd) == 6
+    x, c = rd.rows(torch.tensor([2, 5, 2]))
+    assert x.shape == (3, 1, 8, 8) and x.min() >= -1 and x.max() <= 1
+    torch.testing.assert_close(x[0, 0], torch.tensor(imgs[2, ..., 0]).float() / 127.5 - 1)
+    assert c.tolist() == [2, 5, 2] and c.dtype == torch.int64
+    # a raw npz or folder is refused with the command that makes a store of it
+    with pytest.raises(UserError, match="not a store made by `dmdctl prepare-real`"):
+        load_real_data(str(tmp_path / "d.npz"), digits)
     # the CLI refuses bad combinations in one line, before anything is built
     common = ("distill", "--teacher-path", toy_teacher, "--reg-weight", 0, "--steps", 1, "--cpu")
     one_line_error(run(*common, "--out", tmp_path / "r1", "--gan-weight", 0.1, "--real-only"),
@@ -300,7 +300,7 @@ def test_real_data_files_and_refusals(toy_teacher, tmp_path):
     one_line_error(run(*common, "--out", tmp_path / "r7", "--init-from", tmp_path / "none"),
                    "no such file")  # fmt: skip
     one_line_error(run(*common, "--out", tmp_path / "r8", "--gan-weight", 0.1, "--real-data",
-                       tmp_path / "d.npz"), "--real-data takes images")  # fmt: skip
+                       store), "was made for a teacher with sample shape [1, 8, 8]")  # fmt: skip
 
 
 def test_digits_gan_run_through_the_cli(tmp_path):
@@ -358,24 +358,20 @@ def test_gan_real_samples_carry_their_own_labels(tmp_path):
 
 
 def test_image_folders_are_resized_to_the_teacher(tmp_path):
-    """An image folder of mixed sizes (and a non-square image) is centre-cropped and resized,
-    not a traceback."""
-    from types import SimpleNamespace
-
+    """prepare-real's image reader: mixed sizes (and a non-square image) are centre-cropped and
+    resized to the teacher's resolution, not a traceback."""
     from PIL import Image
 
-    from dmdctl.data.real import load_real_data
+    from dmdctl.data.real import _read_images, _to_unit_range
 
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.new("RGB", (40, 40), (255, 0, 0)).save(folder / "a.png")
     Image.new("RGB", (64, 48), (0, 0, 255)).save(folder / "b.png")
-    teacher = SimpleNamespace(name="edm", sample_shape=(3, 32, 32), num_classes=0,
-                              text_conditioned=False)  # fmt: skip
-    rd = load_real_data(str(folder), teacher, tmp_path)
-    assert rd.x.shape == (2, 3, 32, 32)
-    torch.testing.assert_close(rd.x[0, :, 5, 5], torch.tensor([1.0, -1.0, -1.0]))
-    torch.testing.assert_close(rd.x[1, :, 5, 5], torch.tensor([-1.0, -1.0, 1.0]))
+    x = _to_unit_range(_read_images([folder / "a.png", folder / "b.png"], 3, 32))
+    assert x.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(x[0, :, 5, 5], torch.tensor([1.0, -1.0, -1.0]))
+    torch.testing.assert_close(x[1, :, 5, 5], torch.tensor([-1.0, -1.0, 1.0]))
 
 
 def test_gan_head_on_narrow_features_sees_its_input_at_batch_1():

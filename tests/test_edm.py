@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cli_helpers import ok, one_line_error, run
+from cli_helpers import ok, one_line_error, real_store, run
 from dmdctl.core.denoiser import EDMPrecond
 from dmdctl.errors import UserError
 from dmdctl.teachers import KINDS, load_teacher
@@ -460,16 +460,18 @@ def test_cifar_shaped_dmd2_with_gan_and_backward_simulation_survives_sigkill(tmp
     np.savez(tmp_path / "real.npz", rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
              rng.integers(0, 10, 16))  # fmt: skip
 
+    store = real_store(tmp_path / "real.npz", teacher)
+
     def args(out):
-        return ["distill", "--teacher-path", teacher, "--real-data", tmp_path / "real.npz",
+        return ["distill", "--teacher-path", teacher, "--real-data", store,
                 "--gan-weight", 3e-3, "--reg-weight", 0, "--denoising-steps", "80,1",
                 "--fake-updates", 2, "--steps", 6, "--batch-size", 2, "--log-every", 1,
                 "--checkpoint-every", 2, "--plot-samples", 0, "--warmup", 0, "--cpu",
                 "--out", out]  # fmt: skip
 
     # an EDM teacher has no data of its own: a GAN run without --real-data is refused in one line
-    bare = [a for a in args(tmp_path / "bare") if a not in ("--real-data", tmp_path / "real.npz")]
-    one_line_error(run(*bare), "needs real samples: pass --real-data")
+    bare = [a for a in args(tmp_path / "bare") if a not in ("--real-data", store)]
+    one_line_error(run(*bare), "needs real samples: make a store once with `dmdctl prepare-real")
     ok(run(*args(tmp_path / "whole")))
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "dmdctl", *map(str, args(cut))],

@@ -158,7 +158,7 @@ def test_fsdp_text_to_image_teachers_match_ddp(arch, prompts_file, tmp_path):
     """Tiny SDXL (UNet blocks as units, the GAN head on the mid block, 4 steps) and SD3
     (transformer_blocks as units, 4 flow steps) pipelines, 2 processes, 2 steps: the --fsdp run's
     checkpoint has the DDP run's files and keys, its weights within 1e-4 of DDP's (as digits)."""
-    from cli_helpers import captioned_images
+    from cli_helpers import captioned_images, real_store
     from dmdctl.teachers.sd.testing import build_sd3_pipeline, build_xl_pipeline
 
     build = build_xl_pipeline if arch == "sdxl" else build_sd3_pipeline
@@ -168,7 +168,7 @@ def test_fsdp_text_to_image_teachers_match_ddp(arch, prompts_file, tmp_path):
            "--plot-samples", "0", "--checkpoint-every", "2", "--mixed-precision", "no",
            "--lr", "1e-4", "--fake-lr", "1e-4", "--cpu"]  # fmt: skip
     if arch == "sdxl":  # the recipe's GAN, on captioned images
-        run += ["--real-data", str(captioned_images(tmp_path / "real"))]
+        run += ["--real-data", str(real_store(captioned_images(tmp_path / "real"), pipe))]
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     env_jobs = [[*run, "--out", str(ddp)], [*run, "--out", str(fsdp), "--fsdp"]]
     launch(tmp_path, env_jobs, 600)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from cli_helpers import SD_PROMPTS as PROMPTS
-from cli_helpers import captioned_images, ok, one_line_error, run
+from cli_helpers import captioned_images, ok, one_line_error, real_store, run
 
 RANK, ALPHA, FAKE_RANK = 4, 8.0, 2
 
@@ -19,8 +19,8 @@ def offline(hf_offline):
     """Every test here runs with HF_HUB_OFFLINE=1."""
 
 
-def _real_images(folder):
-    return captioned_images(folder, (16, 16))
+def _real_images(folder, pipe):
+    return real_store(captioned_images(folder, (16, 16)), pipe)
 
 
 def _is_adapter(key: str) -> bool:
@@ -39,7 +39,7 @@ def test_lora_run_trains_adapters_only_resumes_exactly_and_exports(sd_pipe, prom
     from dmdctl.teachers import resolve_teacher
     from dmdctl.teachers.sd.generate import text_to_image
 
-    real = _real_images(tmp_path / "real")
+    real = _real_images(tmp_path / "real", sd_pipe)
 
     def args(out):
         return ("distill", "--teacher", "sd15", "--teacher-path", sd_pipe, "--prompts",

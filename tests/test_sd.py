@@ -13,7 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_helpers import PROCESS_ENV, captioned_images, largest_change, ok, one_line_error, run
+from cli_helpers import (
+    PROCESS_ENV,
+    captioned_images,
+    largest_change,
+    ok,
+    one_line_error,
+    real_store,
+    run,
+)
 from cli_helpers import SD_PROMPTS as PROMPTS
 from dmdctl.errors import UserError
 
@@ -364,34 +372,36 @@ def test_two_processes_split_the_prompts_and_match_one(sd_pipe, prompts_file, tm
     assert (tmp_path / "run" / "generator.safetensors").is_file()
 
 
-def test_sd_gan_on_cached_captioned_latents_and_a_4_step_export(sd_pipe, prompts_file, tmp_path):
-    """DMD2 on a tiny SD pipeline: real images with captions are encoded once (latents and caption
-    embeddings cached in the run folder), the GAN head trains on them, and the 4-step generator
-    (timesteps 999/749/499/249) exports to a folder that stock diffusers runs with LCMScheduler,
-    giving the images of `dmdctl sample` for the same seeds."""
+def test_sd_gan_on_a_real_store_and_a_4_step_export(sd_pipe, prompts_file, tmp_path):
+    """DMD2 on a tiny SD pipeline: real images with captions made once into a store by
+    prepare-real (latents, captions as text), the GAN head trains on rows drawn from it (captions
+    encoded in the step), and the 4-step generator (timesteps 999/749/499/249) exports to a
+    folder that stock diffusers runs with LCMScheduler, giving the images of `dmdctl sample` for
+    the same seeds."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
-    from safetensors.torch import load_file
 
     from dmdctl.core.generator import load_generator
+    from dmdctl.data.real import open_real_store
+    from dmdctl.teachers import resolve_teacher
     from dmdctl.teachers.sd.generate import text_to_image
 
-    real = captioned_images(tmp_path / "real", (40, 48))
+    store = real_store(captioned_images(tmp_path / "real", (40, 48)), sd_pipe)
+    rows = open_real_store(store, resolve_teacher("sd15", sd_pipe))
+    shape = resolve_teacher("sd15", sd_pipe).sample_shape
+    x, captions = rows.rows(torch.tensor([2, 0]))
+    assert x.shape == (2, *shape) and captions == [PROMPTS[2], PROMPTS[0]]
     run_dir = tmp_path / "run"
     common = ("distill", "--teacher", "sd15", "--teacher-path", sd_pipe, "--prompts", prompts_file,
-              "--real-data", real, "--gan-weight", 1e-3, "--denoising-steps", "999,749,499,249",
+              "--real-data", store, "--gan-weight", 1e-3, "--denoising-steps", "999,749,499,249",
               "--batch-size", 2, "--fake-updates", 1, "--plot-samples", 0, "--log-every", 1,
               "--lr", 1e-3, "--cpu", "--out", run_dir)  # fmt: skip
     r = ok(run(*common, "--steps", 2, "--checkpoint-every", 1))
-    assert "3 captioned" in r.output
-    cache = load_file(str(run_dir / "real_data.safetensors"))
-    shape = load_generator(run_dir / "generator.safetensors").sample_shape
-    assert cache["latents"].shape == (3, *shape)  # the images resized, then encoded
-    assert cache["embeddings"].shape[0] == 3
-    stamp = (run_dir / "real_data.safetensors").stat().st_mtime_ns
+    said = " ".join(r.output.split())  # as rich wraps it
+    assert "GAN real data" in said and "(3 latents from" in said
+    assert not list(run_dir.glob("real_data*"))  # nothing of the real data is copied per run
     rows = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(row["loss_cls"]) and np.isfinite(row["loss_gan"]) for row in rows)
-    ok(run(*common, "--steps", 3, "--resume", "latest"))  # the cache is read, not made again
-    assert (run_dir / "real_data.safetensors").stat().st_mtime_ns == stamp
+    ok(run(*common, "--steps", 3, "--resume", "latest"))
 
     gen = load_generator(run_dir / "generator.safetensors")
     assert gen.nfe == 4

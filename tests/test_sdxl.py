@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from cli_helpers import SD_PROMPTS as PROMPTS
-from cli_helpers import captioned_images, largest_change, ok, one_line_error, run
+from cli_helpers import captioned_images, largest_change, ok, one_line_error, real_store, run
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_sdxl_dmd2_4_step_gan_run_exports_to_stock_diffusers(xl_pipe, prompts_fi
     from dmdctl.core.generator import load_generator
     from dmdctl.teachers.sd.generate import text_to_image
 
-    real = captioned_images(tmp_path / "real")
+    real = real_store(captioned_images(tmp_path / "real"), xl_pipe)
     run_dir = tmp_path / "run"
     ok(
         run(

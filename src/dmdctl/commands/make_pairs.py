@@ -101,7 +101,6 @@ class PromptPairs:
 @holds_output
 def make_pairs(cfg: MakePairsConfig) -> dict:
     cfg.validate()
-    resolve_input_paths(cfg, ("teacher_path", "prompts"))
     teacher = resolve_teacher(
         cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None, cfg.offline, cfg.no_t5
     )
@@ -136,6 +135,7 @@ def make_pairs(cfg: MakePairsConfig) -> dict:
     # the main process checks the folder, verifies its shards and merges what a killed run left;
     # the others read the result, and nobody writes a shard before everybody has read it
     writer = PairWriter(out, settings, main=main)
+    resolve_input_paths(cfg, ("teacher_path", "prompts"))  # recorded resolved, once checked
     if main:
         if teacher.text_conditioned:
             sampler.keep_prompts(out)

@@ -16,7 +16,8 @@ Writing a shard: the tensors go to ``pairs-NNNNN.safetensors.tmp``, renamed when
 a record ``.progress/pairs-NNNNN.json`` (name, seeds, sha256) is written atomically. Only the
 main process writes ``manifest.json``: it merges the records (its own after each of its shards,
 everybody's at the end, and any left over by a killed run at the start of the next one), with
-an atomic rename. A shard file without a record is simply made again.
+an atomic rename. A shard file without a record is simply made again. The writing is
+:class:`dmdctl.data.shards.ShardWriter`'s, shared with the real-data store.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from dmdctl.data.shards import ShardWriter
 from dmdctl.errors import DataError, UserError
-from dmdctl.files import atomic_write_bytes, sha256_file
+from dmdctl.files import sha256_file
 
 MANIFEST = "manifest.json"
 PROGRESS = ".progress"
@@ -68,59 +70,22 @@ def read_manifest(folder: Path) -> dict | None:
     return data
 
 
-def _write_failed(path: Path, e: BaseException) -> UserError:
-    from dmdctl.training.checkpoint import describe_os_error
+class PairWriter(ShardWriter):
+    """Writes pairs shards (any order, any process) and keeps manifest.json in step with the
+    disk (:class:`dmdctl.data.shards.ShardWriter`); shard k holds seeds
+    ``seed_start + [k*shard_size, (k+1)*shard_size)``."""
 
-    return UserError(
-        f"could not write {path}: {describe_os_error(e)}; run the same command again to "
-        "continue after the last complete shard"
-    )
+    prefix = "pairs"
+    suffix = ".safetensors"
+    format = PAIRS_FORMAT
+    what = "pairs"
+    write_errors = (OSError, SafetensorError)
 
+    def read_manifest(self) -> dict | None:
+        return read_manifest(self.folder)
 
-class PairWriter:
-    """Writes shards (any order, any process) and keeps manifest.json in step with the disk.
-
-    ``main`` marks the one process that writes the manifest; the others only write shards and
-    their records.
-    """
-
-    def __init__(self, folder: Path, settings: dict, main: bool = True):
-        self.folder = Path(folder)
-        self.settings = settings
-        self.main = main
-        if self.folder.exists() and not self.folder.is_dir():
-            raise UserError(f"--out {self.folder} is a file, not a folder; choose another --out")
-        existing = read_manifest(self.folder)
-        if existing is not None:
-            self._check_same_settings(existing)
-        self.shards: dict[int, dict] = {}
-        if existing is not None:
-            self.shards = {shard_index(e): e for e in existing["shards"]}
-        self.remade: list[int] = []
-        if main:
-            try:
-                self.folder.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise _write_failed(self.folder, e) from None
-            for index, entry in sorted(self.shards.items()):
-                try:
-                    verify_shard(self.folder, entry)
-                except UserError:  # deleted or damaged since: make it again
-                    self.remade.append(index)
-                    del self.shards[index]
-            if self.remade:
-                self._write_manifest()
-            for stale in self.folder.glob("pairs-*.safetensors.tmp"):
-                stale.unlink(missing_ok=True)  # a shard cut short by a crash
-            self.merge(verify=True)  # records left by an interrupted run
-
-    def _check_same_settings(self, existing: dict) -> None:
-        for key, value in self.settings.items():
-            if existing.get(key) != value:
-                raise UserError(
-                    f"{self.folder} already holds pairs made with a different '{key}' "
-                    f"({existing.get(key)!r} there, {value!r} now); use another --out or the same settings"
-                )
+    def verify_shard(self, entry: dict) -> Path:
+        return verify_shard(self.folder, entry)
 
     @property
     def num_shards(self) -> int:
@@ -133,93 +98,19 @@ class PairWriter:
         last = min(first + s["shard_size"], s["num_pairs"])
         return [s["seed_start"] + i for i in range(first, last)]
 
-    def reload(self) -> None:
-        """Re-read the manifest (non-main processes, after the main one has merged)."""
-        existing = read_manifest(self.folder)
-        self.shards = {shard_index(e): e for e in existing["shards"]} if existing else {}
-
-    def missing(self) -> list[int]:
-        return [i for i in range(self.num_shards) if i not in self.shards]
-
-    @property
-    def next_shard(self) -> int:
-        """The first shard not made yet (``num_shards`` when complete)."""
-        todo = self.missing()
-        return todo[0] if todo else self.num_shards
+    def entry_fits(self, index: int, entry: dict) -> bool:
+        return entry.get("first_seed") == self.shard_seeds(index)[0]
 
     @property
     def complete_pairs(self) -> int:
         return sum(e["count"] for e in self.shards.values())
 
-    def write_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> dict:
+    def write_file(self, index: int, tmp: Path, tensors: dict[str, torch.Tensor]) -> dict:
         seeds = tensors["seed"].tolist()
         if seeds != self.shard_seeds(index):
             raise RuntimeError(f"shard {index} must hold seeds {self.shard_seeds(index)[:3]}…")
-        path = self.folder / shard_name(index)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-            tmp.replace(path)
-        except (OSError, SafetensorError) as e:
-            tmp.unlink(missing_ok=True)
-            raise _write_failed(path, e) from None
-        entry = {
-            "file": path.name,
-            "first_seed": int(seeds[0]),
-            "count": len(seeds),
-            "sha256": sha256_file(path),
-        }
-        progress = self.folder / PROGRESS
-        try:
-            progress.mkdir(exist_ok=True)
-        except OSError as e:
-            raise _write_failed(progress, e) from None
-        atomic_write_bytes(progress / f"{path.stem}.json", json.dumps(entry).encode())
-        if self.main:
-            self.merge()
-        return entry
-
-    def merge(self, verify: bool = False) -> int:
-        """Fold the progress records into manifest.json (main process only); return how many."""
-        if not self.main:
-            raise RuntimeError("only the main process writes the manifest")
-        progress = self.folder / PROGRESS
-        records = sorted(progress.glob("pairs-*.json")) if progress.is_dir() else []
-        added = 0
-        for record in records:
-            try:
-                entry = json.loads(record.read_text())
-                index = shard_index(entry)
-            except (json.JSONDecodeError, UnicodeDecodeError, UserError, AttributeError):
-                continue  # a damaged record: its shard is made again
-            if index in self.shards or index >= self.num_shards:
-                continue
-            if entry.get("first_seed") != self.shard_seeds(index)[0]:
-                continue
-            if verify:
-                try:
-                    verify_shard(self.folder, entry)
-                except UserError:
-                    continue  # listed nowhere yet, so it is simply made again
-            self.shards[index] = entry
-            added += 1
-        if added or not (self.folder / MANIFEST).is_file():
-            self._write_manifest()
-        for record in records:  # merged now, or useless
-            record.unlink(missing_ok=True)
-        if progress.is_dir() and not any(progress.iterdir()):
-            progress.rmdir()
-        return added
-
-    def _write_manifest(self) -> None:
-        data = {
-            "format": PAIRS_FORMAT,
-            "version": 1,
-            **self.settings,
-            "complete": len(self.shards) == self.num_shards,
-            "shards": [self.shards[i] for i in sorted(self.shards)],
-        }
-        atomic_write_bytes(self.folder / MANIFEST, (json.dumps(data, indent=2) + "\n").encode())
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        return {"first_seed": int(seeds[0]), "count": len(seeds)}
 
 
 def verify_shard(folder: Path, entry: dict) -> Path:

@@ -63,7 +63,6 @@ class PromptFile:
         self.flag = flag
         if not self.path.is_file():
             raise UserError(f"{flag} {self.path}: prompts file not found")
-        self.path = self.path.resolve()
         suffix = self.path.suffix.lower()
         self.format = (
             "arrow"
@@ -265,7 +264,8 @@ class PromptFile:
         """What the rows depend on, cheaply: the file's resolved path, size and mtime."""
         st = self.path.stat()
         return (
-            f"{self.path}:{st.st_size}:{st.st_mtime_ns}:{self.format}:{getattr(self, 'column', '')}"
+            f"{self.path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{self.format}:"
+            f"{getattr(self, 'column', '')}"
         )
 
     def __getstate__(self):  # picklable for DataLoader workers: descriptors are reopened
@@ -293,17 +293,23 @@ def text_identity(teacher) -> str:
 
 
 def embedding_bytes(teacher) -> int:
-    """Bytes of one prompt's float32 condition tensor for this teacher."""
+    """Bytes of one prompt's float32 condition tensor for this teacher: its token count (the
+    CLIP encoders' context, plus SD3's T5 tokens and the pooled row of SDXL/SD3) times width."""
     cfg = teacher.config
     arch = cfg.get("arch", "sd")
-    unet = cfg.get("unet_config", {})
+    tokens = 77
+    folder = getattr(teacher, "folder", None)
+    if folder is not None and (Path(folder) / "text_encoder" / "config.json").is_file():
+        enc = json.loads((Path(folder) / "text_encoder" / "config.json").read_text())
+        tokens = int(enc.get("max_position_embeddings", 77))
     if arch == "sd3":
-        tokens = 77 + int(cfg.get("max_sequence_length", 256)) + 1
-        width = int(cfg["joint_attention_dim"])
-    else:
-        tokens = 77 + (1 if arch == "sdxl" else 0)
-        width = int(unet.get("cross_attention_dim", 768))
-    return tokens * width * 4
+        return (
+            (tokens + int(cfg.get("max_sequence_length", 256)) + 1)
+            * int(cfg["joint_attention_dim"])
+            * 4
+        )
+    width = int(cfg.get("unet_config", {}).get("cross_attention_dim", 768))
+    return (tokens + (1 if arch == "sdxl" else 0)) * width * 4
 
 
 class EmbeddingTable:
@@ -371,12 +377,12 @@ def build_cache(teacher, source: PromptFile, path: Path, device, batch_size: int
 
     key = cache_key(teacher, source)
     encoder = teacher.text_encoder()
-    parts = []
+    table = None  # filled in place: the table is the only thing that grows with the rows
     for i in range(0, len(source), batch_size):
-        parts.append(
-            encoder(source.texts(range(i, min(i + batch_size, len(source)))), device).cpu()
-        )
-    table = torch.cat(parts)
+        rows = encoder(source.texts(range(i, min(i + batch_size, len(source)))), device).cpu()
+        if table is None:
+            table = torch.empty((len(source), *rows.shape[1:]), dtype=rows.dtype)
+        table[i : i + len(rows)] = rows
     uncond = encoder.uncond(device).cpu()
     del encoder
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from types import ModuleType
 COMMANDS: dict[str, str] = {
     "train-teacher": "train_teacher",
     "make-pairs": "make_pairs",
+    "prepare-real": "prepare_real",
     "distill": "distill",
     "eval-fid": "eval_fid",
     "sample": "sample",

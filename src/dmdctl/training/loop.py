@@ -221,7 +221,6 @@ def _json_value(v: float):
 @holds_output
 def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
     cfg.validate()
-    resolve_input_paths(cfg, ("teacher_path", "pairs", "prompts", "real_data", "init_from"))
     out = Path(cfg.out)
     # every check that needs no network comes first: nothing is built or written before it
     ckpt = None
@@ -252,6 +251,8 @@ def distill(cfg: DistillConfig, accelerator: Accelerator | None = None) -> dict:
     trackers = release_on_return(
         RunTrackers(acc, cfg.report_to, "dmdctl-distill", asdict(cfg), out)
     )
+    # every input was checked (messages name paths as given); the run records them resolved
+    resolve_input_paths(cfg, ("teacher_path", "pairs", "prompts", "real_data", "init_from"))
     if main:
         write_config(cfg, out)
         info(run_length(cfg))

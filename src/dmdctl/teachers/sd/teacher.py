@@ -46,8 +46,6 @@ def load_sd_teacher(
     from dmdctl.teachers.sd import pipeline as sdp
 
     folder = sdp.resolve_pipeline_folder(str(source), offline)
-    if Path(source).expanduser().exists():  # a local folder is recorded resolved: sample and
-        source = str(Path(source).expanduser().resolve())  # export work from any folder
     arch = sdp.pipeline_arch(folder)
     kind = KINDS[StableDiffusion.name]
     if preset is not None and kind.preset_arch(preset) != arch:
@@ -57,6 +55,8 @@ def load_sd_teacher(
             f"recipe for {sdp.ARCH_NAMES[kind.preset_arch(preset)]}; use --teacher "
             f"{' / '.join(fits)} (or --teacher sd) with this pipeline"
         )
+    if Path(source).expanduser().exists():  # a local folder is recorded resolved: sample and
+        source = str(Path(source).expanduser().resolve())  # export work from any folder
     config = sdp.sd_config(folder, str(source), no_t5)
     sha = sdp.pipeline_identity(folder)
     denoiser = sdp.build_denoiser(config, sdp.load_unet(folder))
