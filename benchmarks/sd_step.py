@@ -194,7 +194,7 @@ def train_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
     from dmdctl.commands.make_pairs import make_pairs
     from dmdctl.settings.distill import DistillConfig
     from dmdctl.settings.make_pairs import MakePairsConfig
-    from dmdctl.training.trainer import DMDTrainer
+    from dmdctl.training.trainer import DMDTrainer, _forget_other_precision
 
     pairs = None
     if DistillConfig.preset_layer({"teacher": args.recipe}).get("reg_weight", 0) > 0:
@@ -229,6 +229,7 @@ def train_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        _forget_other_precision(cfg.mixed_precision)  # an earlier run in this process
         acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
         trainer = None
         row = {"lever": lever, "grad_checkpointing": ckpt, "batch_per_gpu": batch, "lora": rank}
