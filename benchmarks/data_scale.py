@@ -50,6 +50,7 @@ from .common import finish, md_table, say
 REPO = Path(__file__).resolve().parent.parent
 RSS_TARGET_MB = 64
 FIRST_STEP_TARGET = 2.0
+PARTS = ("make-pairs", "cache-on", "real", "rates", "clip-l")
 
 # run by `python -c`: one command, its peak RSS from wait4, its wall time and when the first
 # row of a log file appeared; stdlib only, so that this process stays small (see the docstring)
@@ -301,7 +302,7 @@ def data_rates(args, pipe: Path, prompts: Path, store: Path | None) -> dict:
     out["prompt_rows_per_s"] = rate(rows, B, args.rate_seconds)
     texts = [prompt_text(i) for i in range(B)]
     encoders = {"tiny": (pipe, 16)}
-    if args.clip_l:
+    if "clip-l" not in args.skip:
         encoders["CLIP-L-sized"] = (make_clip_l(args.work, pipe), 77)
     out["encode_per_s"] = {}
     for name, (folder, tokens) in encoders.items():
@@ -390,11 +391,10 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--pairs", type=int, default=64, help="make-pairs --num-pairs")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each process")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds a process may take")
-    ap.add_argument("--no-make-pairs", dest="make_pairs", action="store_false")
-    ap.add_argument("--no-rates", dest="rates", action="store_false",
-                    help="skip the in-process data rates")  # fmt: skip
-    ap.add_argument("--no-clip-l", dest="clip_l", action="store_false",
-                    help="rates: skip the CLIP-L-sized encoder (builds a 123M-parameter model)")  # fmt: skip
+    ap.add_argument("--skip", nargs="*", default=[], choices=PARTS,
+                    help="parts left out: make-pairs, cache-on (the --prompt-cache on row), real "
+                    "(prepare-real and distill with the GAN), rates (in-process data rates), "
+                    "clip-l (the CLIP-L-sized encoder's rate: builds a 123M-parameter model)")  # fmt: skip
     ap.add_argument("--rate-threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rate-batch", type=int, default=64)
     ap.add_argument("--rate-seconds", type=float, default=3.0, help="time per rate measured")
@@ -424,12 +424,14 @@ def main(argv: list[str] | None = None) -> str:
         r["auto_caches"] = auto_caches(pipe, n)
         distill.append((n, r))
     n0 = args.prompts[0]
-    cached = distill_run(args, pipe, prompt_files[n0], f"distill-{n0}-cache-on", "on")
     results["distill"] = {str(n): r for n, r in distill}
-    results["distill_cache_on"] = {str(n0): cached}
+    cached = None
+    if "cache-on" not in args.skip:
+        cached = distill_run(args, pipe, prompt_files[n0], f"distill-{n0}-cache-on", "on")
+        results["distill_cache_on"] = {str(n0): cached}
 
     pairs = []
-    if args.make_pairs:
+    if "make-pairs" not in args.skip:
         for n in args.prompts:
             out = args.work / "runs" / f"pairs-{n}"
             shutil.rmtree(out, ignore_errors=True)
@@ -444,7 +446,9 @@ def main(argv: list[str] | None = None) -> str:
 
     # real images: prepare-real, then distill with the GAN reading the store
     prep, gan, store = [], [], None
-    if args.images and not has_command("prepare-real"):
+    if "real" in args.skip:
+        pass
+    elif args.images and not has_command("prepare-real"):
         notes.append(
             "Real images: skipped, `dmdctl prepare-real` is not a command in this checkout "
             "(it comes with the real-store branch); run this again once it is merged."
@@ -468,7 +472,7 @@ def main(argv: list[str] | None = None) -> str:
         results["distill_gan"] = {str(n): r for n, r in gan}
 
     rates = None
-    if args.rates:
+    if "rates" not in args.skip:
         rates = data_rates(args, pipe, prompt_files[args.prompts[-1]], store)
         results["rates"] = rates
 
@@ -476,12 +480,11 @@ def main(argv: list[str] | None = None) -> str:
     headers = ["run", "size", "first step (s)", "vs smallest", "step (ms, range)",
                "vs smallest", "wall (s)", "peak RSS (MB)", "RSS vs smallest (MB)"]  # fmt: skip
     rows = scaling_rows("distill, prompts streamed (--prompt-cache off)", distill, "first_row")
-    rows += scaling_rows(
-        "distill, --prompt-cache on", [(n0, cached)], "first_row"
-    )  # compared with its own size only; the ratios below are against the streamed row
-    rows[-1][3] = f"{cached['first_row'] / distill[0][1]['first_row']:.2f}x vs off"
-    rows[-1][5] = f"{cached['step_s'] / distill[0][1]['step_s']:.2f}x vs off"
-    rows[-1][8] = f"{cached['rss_mb'] - distill[0][1]['rss_mb']:+,.0f} vs off"
+    if cached is not None:  # compared with the streamed row of the same size
+        rows += scaling_rows("distill, --prompt-cache on", [(n0, cached)], "first_row")
+        rows[-1][3] = f"{cached['first_row'] / distill[0][1]['first_row']:.2f}x vs off"
+        rows[-1][5] = f"{cached['step_s'] / distill[0][1]['step_s']:.2f}x vs off"
+        rows[-1][8] = f"{cached['rss_mb'] - distill[0][1]['rss_mb']:+,.0f} vs off"
     if pairs:
         rows += scaling_rows(f"make-pairs, {args.pairs} pairs", pairs, None)
     if prep:
