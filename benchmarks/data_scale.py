@@ -261,6 +261,24 @@ def distill_run(args, pipe: Path, prompts: Path, name: str, cache: str, extra=()
     return r
 
 
+def combine(runs: list[dict]) -> dict:
+    """Repeats of one measurement: median first step and wall, step times pooled (median and
+    range), the largest peak RSS; each repeat kept under "repeats"."""
+    steps = [t for r in runs for t in r["steps_s"]]
+    out = dict(runs[0])
+    out.update(
+        first_row=statistics.median(r["first_row"] for r in runs),
+        wall=statistics.median(r["wall"] for r in runs),
+        rss_mb=max(r["rss_mb"] for r in runs),
+        step_s=statistics.median(steps) if steps else None,
+        step_min=min(steps, default=None),
+        step_max=max(steps, default=None),
+        steps_s=steps,
+        repeats=runs,
+    )
+    return out
+
+
 def auto_caches(pipe: Path, n: int) -> bool:
     """Whether ``--prompt-cache auto`` would cache ``n`` prompts of this pipeline."""
     from dmdctl.data.prompts import AUTO_CACHE_BYTES, embedding_bytes
@@ -389,6 +407,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--fake-updates", type=int, default=1)
     ap.add_argument("--pairs", type=int, default=64, help="make-pairs --num-pairs")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="distill runs per prompts size, interleaved (medians; max of the RSS)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each process")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds a process may take")
     ap.add_argument("--skip", nargs="*", default=[], choices=PARTS,
@@ -418,11 +438,12 @@ def main(argv: list[str] | None = None) -> str:
     notes = []
 
     # distill on each prompts file, streamed; one row with the cache at the smallest size
-    distill = []
-    for n in args.prompts:
-        r = distill_run(args, pipe, prompt_files[n], f"distill-{n}", "off")
-        r["auto_caches"] = auto_caches(pipe, n)
-        distill.append((n, r))
+    # --repeats rounds, interleaved (the order flips each round), summarised per size
+    tries: dict[int, list[dict]] = {n: [] for n in args.prompts}
+    for k in range(args.repeats):
+        for n in args.prompts if k % 2 == 0 else args.prompts[::-1]:
+            tries[n].append(distill_run(args, pipe, prompt_files[n], f"distill-{n}", "off"))
+    distill = [(n, dict(combine(tries[n]), auto_caches=auto_caches(pipe, n))) for n in args.prompts]
     n0 = args.prompts[0]
     results["distill"] = {str(n): r for n, r in distill}
     cached = None
@@ -503,7 +524,8 @@ def main(argv: list[str] | None = None) -> str:
         f"Tiny random SD1.5-style pipeline (16 px images, 8x8 latents, a 2-layer 16-wide CLIP "
         f"text encoder, 16 tokens), CPU, {args.threads} torch "
         f"thread(s) per process, float32. distill: --batch-size {B} --fake-updates {F} "
-        f"--reg-weight 0 --steps {args.steps} --log-every 1; make-pairs: --num-pairs "
+        f"--reg-weight 0 --steps {args.steps} --log-every 1, {args.repeats} run(s) per prompts size "
+        "(interleaved; medians, the largest RSS); make-pairs: --num-pairs "
         f"{args.pairs} --batch-size 16 --steps 2. Peak RSS = ru_maxrss of the process from "
         "os.wait4 in a small wrapper process; first step = process start to the first "
         "log.jsonl row; step = median over steps 2.. of the loop's own rate (range in "
@@ -511,10 +533,20 @@ def main(argv: list[str] | None = None) -> str:
         f"auto would have chosen {autos}.\n\n" + md_table(headers, rows)
     )
     if prep:
-        body += "\n\nprepare-real: " + ", ".join(
-            f"{n:,} images in {r['wall']:.1f} s ({r['images_per_s']:,.0f} images/s, start-up "
-            "included)"
-            for n, r in prep
+        (na, ra), (nb, rb) = prep[0], prep[-1]
+        marginal = (
+            f"; between the sizes {(nb - na) / (rb['wall'] - ra['wall']):,.0f} images/s"
+            if nb > na and rb["wall"] > ra["wall"]
+            else ""
+        )
+        body += (
+            "\n\nprepare-real: "
+            + ", ".join(
+                f"{n:,} images in {r['wall']:.1f} s ({r['images_per_s']:,.0f} images/s, start-up "
+                "included)"
+                for n, r in prep
+            )
+            + marginal
         )
     if checks:
         body += "\n\n" + md_table(["sizes", "target", "measured", "verdict"], checks)
