@@ -87,3 +87,53 @@ def test_sdxl_and_sd3_step_benchmark_runs_at_tiny_size(
     monkeypatch.setattr(sys, "argv", ["sd_step", "--size", size, "--recipe", "sd15"])
     with pytest.raises(SystemExit):
         sd_step.main()
+
+
+def data_scale_at_tiny_sizes(tmp_path, capsys, skip: list[str]) -> tuple[str, dict]:
+    import json
+
+    from benchmarks import data_scale
+
+    out = tmp_path / "numbers.json"
+    body = data_scale.main(["--work", str(tmp_path / "work"), "--prompts", "50", "200",
+                            "--images", "20", "--steps", "2", "--rate-threads", "1",
+                            "--rate-seconds", "0.2", "--json", str(out), "--skip", *skip])  # fmt: skip
+    assert body in capsys.readouterr().out
+    for n in ("50", "200"):
+        row = re.search(
+            rf"\| distill, prompts streamed \(--prompt-cache off\) \| {n} \| (\d+\.\d\d) \| "
+            r"\d+\.\d\dx \| (\d+) \(\d+-\d+\) \| \d+\.\d\dx \| \d+\.\d\d \| ([\d,]+) \|",
+            body,
+        )
+        assert row and float(row.group(1)) > 0 and int(row.group(3).replace(",", "")) > 0, body
+    assert re.search(r"peak RSS within 64 MB \| [+-]\d+ MB \| (met|\*\*not met\*\*) \|", body)
+    assert "time to first step <= 2x" in body
+    assert re.search(r"prompts encoded, tiny, 1 thread\(s\) \(16 tokens, fp32\) \| [\d,]+ ", body)
+    numbers = json.loads(out.read_text())
+    assert set(numbers["distill"]) == {"50", "200"}
+    assert numbers["distill"]["50"]["rss_mb"] > 0 and numbers["distill"]["50"]["step_s"] > 0
+    if "prepare_real" in numbers:
+        assert re.search(r"\| prepare-real \| 20 \|", body), body
+        assert numbers["distill_gan"]["20"]["step_s"] > 0
+    else:
+        assert "`dmdctl prepare-real` is not a command in this checkout" in body
+    return body, numbers
+
+
+def test_data_scale_runs_at_tiny_sizes(bench_root, tmp_path, capsys):
+    """The data-scale benchmark end to end at tiny sizes (~25 s): distill on each prompts file
+    as its own measured process, the table with ratios against the smallest size, the target
+    verdicts, the data rates and the JSON of every number; the real-image part runs (two more
+    processes) or says why not."""
+    body, numbers = data_scale_at_tiny_sizes(tmp_path, capsys, ["make-pairs", "cache-on", "clip-l"])
+    assert "make-pairs" not in numbers and "--prompt-cache on |" not in body
+    assert not (bench_root / "BENCHMARKS.md").exists()
+
+
+@pytest.mark.slow  # ~40 s: three more dmdctl processes (make-pairs twice, the cache row)
+def test_data_scale_every_part_at_tiny_sizes(bench_root, tmp_path, capsys):
+    body, numbers = data_scale_at_tiny_sizes(tmp_path, capsys, ["clip-l"])
+    for n in ("50", "200"):
+        assert re.search(rf"\| make-pairs, 64 pairs \| {n} \| - \|", body), body
+    assert "| distill, --prompt-cache on | 50 |" in body and "vs off" in body
+    assert set(numbers["make_pairs"]) == {"50", "200"}
