@@ -116,3 +116,64 @@ def test_two_processes_read_their_rows_and_train_like_one(sd_pipe, prompts_file,
     a, b = weights(one, 4), weights(two, 4)
     worst = max((a[n][k] - b[n][k]).abs().max().item() for n in a for k in a[n])
     assert worst <= 1e-3, worst
+
+
+def test_a_row_that_turns_bad_stops_the_run_or_is_skipped_and_counted(
+    sd_pipe, prompts_file, tmp_path, monkeypatch
+):
+    """A prompt that can no longer be read inside a run (its file changed under the job): the
+    run stops naming it, its last checkpoint intact; with --skip-bad-records the row is replaced
+    by the next readable one and log.jsonl counts it."""
+    from dmdctl.data.prompts import PromptFile
+    from dmdctl.errors import DataError
+
+    read = PromptFile._read_line
+
+    def second_row_gone(self, i):
+        if i == 1:
+            raise DataError(f"{self.path} changed while in use (prompt {i} is cut short)")
+        return read(self, i)
+
+    monkeypatch.setattr(PromptFile, "_read_line", second_row_gone)
+    common = ["distill", "--teacher-path", sd_pipe, "--prompts", prompts_file, "--prompt-cache",
+              "off", "--reg-weight", 0, "--batch-size", 2, "--fake-updates", 1, "--steps", 6,
+              "--checkpoint-every", 1, "--log-every", 1, "--plot-samples", 0, "--cpu",
+              "--mixed-precision", "no", "--real-guidance", 1.75]  # fmt: skip
+    r = run(*common, "--out", tmp_path / "stop")
+    assert r.exit_code == 2
+    said = " ".join(r.stderr.split())
+    assert "prompts.txt changed while in use (prompt 1 is cut short)" in said
+    assert "without saving: the last checkpoint" in said and "--skip-bad-records" in said
+    done = ck.list_checkpoints(tmp_path / "stop" / "checkpoints")
+    assert not (tmp_path / "stop" / "generator.safetensors").exists()
+    for d in done:  # every checkpoint written before the stop is whole
+        assert (d / "state.json").is_file()
+    ok(run(*common, "--skip-bad-records", "--out", tmp_path / "skip"))
+    rows = [json.loads(x) for x in (tmp_path / "skip" / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["bad_records"] > 0
+    assert [x["bad_records"] for x in rows] == sorted(x["bad_records"] for x in rows)
+
+
+def test_a_run_made_from_a_relative_teacher_path_works_from_any_folder(
+    sd_pipe, prompts_file, tmp_path, monkeypatch
+):
+    """--teacher-path given relative to the working folder is recorded resolved: sample and export
+    of the run work from another folder."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(sd_pipe, work / "my-sd")
+    monkeypatch.chdir(work)
+    ok(run("distill", "--teacher-path", "my-sd", "--prompts", prompts_file, "--reg-weight", 0,
+           "--batch-size", 2, "--fake-updates", 1, "--steps", 1, "--plot-samples", 0, "--cpu",
+           "--mixed-precision", "no", "--out", "run"))  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ok(run("sample", "--generator", work / "run" / "generator.safetensors", "--prompt", "a cat",
+           "--num", 1, "--device", "cpu", "--out", "imgs"))  # fmt: skip
+    assert (elsewhere / "imgs" / "images" / "00000.png").is_file()
+    ok(run("export", work / "run", "--format", "diffusers", "-o", "exported"))
+    assert (elsewhere / "exported" / "model_index.json").is_file()
+    config = (work / "run" / "config.toml").read_text()
+    assert f'teacher_path = "{(work / "my-sd").resolve()}"' in config

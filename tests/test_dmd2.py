@@ -362,13 +362,13 @@ def test_image_folders_are_resized_to_the_teacher(tmp_path):
     resized to the teacher's resolution, not a traceback."""
     from PIL import Image
 
-    from dmdctl.data.real import _read_images, _to_unit_range
+    from dmdctl.data.real_store import read_images, to_unit_range
 
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.new("RGB", (40, 40), (255, 0, 0)).save(folder / "a.png")
     Image.new("RGB", (64, 48), (0, 0, 255)).save(folder / "b.png")
-    x = _to_unit_range(_read_images([folder / "a.png", folder / "b.png"], 3, 32))
+    x = to_unit_range(read_images([folder / "a.png", folder / "b.png"], 3, 32))
     assert x.shape == (2, 3, 32, 32)
     torch.testing.assert_close(x[0, :, 5, 5], torch.tensor([1.0, -1.0, -1.0]))
     torch.testing.assert_close(x[1, :, 5, 5], torch.tensor([-1.0, -1.0, 1.0]))

@@ -30,7 +30,8 @@ from cli_helpers import (
 )
 from dmdctl.commands.prepare_real import prepare_real
 from dmdctl.data import real_store
-from dmdctl.data.real import _read_images, _to_unit_range, open_real_store
+from dmdctl.data.real import open_real_store
+from dmdctl.data.real_store import read_images, to_unit_range
 from dmdctl.errors import UserError
 from dmdctl.files import sha256_file
 from dmdctl.settings.prepare_real import PrepareRealConfig
@@ -87,7 +88,7 @@ def test_captioned_folder_gives_the_vae_latents_and_captions_by_row(
     assert len(store) == 5 and store.num_shards == 3
     files = [folder / f"{i}.png" for i in range(5)]
     with torch.no_grad():
-        want = teacher.codec.encode(_to_unit_range(_read_images(files, 3, 16))).half().float()
+        want = teacher.codec.encode(to_unit_range(read_images(files, 3, 16))).half().float()
     idx = torch.tensor([4, 0, 3, 3, 1, 2])
     x, captions = store.rows(idx)
     assert x.dtype == torch.float32 and x.shape == (6, 4, 8, 8)
@@ -148,7 +149,7 @@ def test_plain_folder_for_an_unconditional_pixel_teacher(tmp_path):
     x, cond = store.rows(torch.arange(3))
     files = [tmp_path / "imgs" / n for n in ("a.png", "b.png", "sub/c.png")]
     assert cond is None
-    assert torch.equal(x, _to_unit_range(_read_images(files, 1, 8)))
+    assert torch.equal(x, to_unit_range(read_images(files, 1, 8)))
 
 
 def test_stopped_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, monkeypatch):
@@ -197,10 +198,10 @@ def test_corrupt_image_stops_naming_file_and_line_and_skip_bad_skips_it(
     out = tmp_path / "store"
     args = ("prepare-real", folder, "--teacher-path", sd_pipe, "--out", out, "--shard-size", 2)
     r = run(*args)
-    one_line_error(r, "could not read image 2.png", "captions.jsonl:3", "--skip-bad")
+    one_line_error(r, "could not read image 2.png", "captions.jsonl:3", "--skip-bad-records")
     m = manifest(out)
     assert [e["file"] for e in m["shards"]] == ["real-00000.arrow"] and not m["complete"]
-    r = ok(run(*args, "--skip-bad"))
+    r = ok(run(*args, "--skip-bad-records"))
     assert "skipped" in r.stdout
     m = manifest(out)
     assert m["complete"] and m["rows"] == 3
@@ -235,7 +236,9 @@ def test_store_for_another_teacher_or_damaged_is_refused(sd_store, sd_pipe, hf_o
     other = resolve_teacher(None, build_pipeline(tmp_path / "other", seed=1))
     with pytest.raises(UserError, match="was made with another VAE"):
         open_real_store(store_dir, other)
-    with pytest.raises(UserError, match=r"teacher with samples in latents, this teacher has pixels"):
+    with pytest.raises(
+        UserError, match=r"teacher with samples in latents, this teacher has pixels"
+    ):
         open_real_store(store_dir, resolve_teacher("digits", None))
     with pytest.raises(UserError, match="has no manifest.json"):
         open_real_store(tmp_path, other)

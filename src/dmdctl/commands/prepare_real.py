@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from dmdctl.commands import report
-from dmdctl.data.real import _to_unit_range
 from dmdctl.data.real_store import (
     RealWriter,
     image_mode,
@@ -24,6 +23,7 @@ from dmdctl.data.real_store import (
     store_identity,
     store_kind,
     teacher_conditioning,
+    to_unit_range,
 )
 from dmdctl.errors import UserError
 from dmdctl.runtime import StopRequested, claim_output, holds_output, pick_device, process_state
@@ -38,7 +38,7 @@ def _encode(teacher, images: np.ndarray, device) -> np.ndarray:
     ``[n, C, H, W]`` pixels."""
     if not teacher.codec.latent:
         return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-    z = teacher.codec.encode(_to_unit_range(images).to(device))
+    z = teacher.codec.encode(to_unit_range(images).to(device))
     return z.float().cpu().to(torch.float16).numpy()
 
 
@@ -98,11 +98,11 @@ def prepare_real(cfg: PrepareRealConfig) -> dict:
                 good = []
                 for r in source.read(first, count, mode, size):
                     if r.image is None:
-                        if not cfg.skip_bad:
+                        if not cfg.skip_bad_records:
                             raise UserError(
                                 f"could not read image {r.name} ({r.where}): {r.why}; fix or "
                                 "remove it and run the same command again (the complete shards "
-                                "are kept), or pass --skip-bad"
+                                "are kept), or pass --skip-bad-records"
                             )
                         skipped.append({"record": r.record, "why": r.why})
                         continue

@@ -297,11 +297,13 @@ def embedding_bytes(teacher) -> int:
     CLIP encoders' context, plus SD3's T5 tokens and the pooled row of SDXL/SD3) times width."""
     cfg = teacher.config
     arch = cfg.get("arch", "sd")
-    tokens = 77
+    tokens = 77  # what CLIP's tokenizer pads to, unless the pipeline's tokenizer says otherwise
     folder = getattr(teacher, "folder", None)
-    if folder is not None and (Path(folder) / "text_encoder" / "config.json").is_file():
-        enc = json.loads((Path(folder) / "text_encoder" / "config.json").read_text())
-        tokens = int(enc.get("max_position_embeddings", 77))
+    tok = Path(folder) / "tokenizer" / "tokenizer_config.json" if folder is not None else None
+    if tok is not None and tok.is_file():
+        length = json.loads(tok.read_text()).get("model_max_length")
+        if isinstance(length, int) and 0 < length < 100_000:
+            tokens = length
     if arch == "sd3":
         return (
             (tokens + int(cfg.get("max_sequence_length", 256)) + 1)

@@ -48,40 +48,6 @@ class RealData:
         return self.rows(idx)
 
 
-def _to_unit_range(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``[N, H, W, C]`` -> float32 ``[N, C, H, W]`` in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def _prepare_image(im, mode: str, size: int | None = None) -> np.ndarray:
-    """A PIL image in ``mode``, centre-cropped and resized (bicubic) to ``size`` x ``size``."""
-    from PIL import Image
-
-    im = im.convert(mode)
-    if size is not None and im.size != (size, size):
-        side = min(im.size)  # centre crop, then resize (as dataset tools do)
-        left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
-        im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-    return np.asarray(im)
-
-
-def _read_images(files: list[Path], channels: int, size: int | None = None) -> np.ndarray:
-    from PIL import Image
-
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise UserError(f"--real-data images need 1 or 3 channels; this teacher has {channels}")
-    out = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                a = _prepare_image(im, mode, size)
-        except OSError as e:
-            raise UserError(f"could not read image {f} ({e})") from None
-        out.append(a[..., None] if a.ndim == 2 else a)
-    return np.stack(out)
-
-
 def load_real_data(path: str | None, teacher):
     """The GAN's real samples for ``teacher``: a store made by ``dmdctl prepare-real`` (opened,
     its shards' sizes checked; rows are read when a step draws them), or with no path the
@@ -250,7 +216,7 @@ class RealStore:
                 labels[where] = shard.cond[off]
         out = torch.from_numpy(x).float()
         if self.kind == "pixels":
-            out = out / 127.5 - 1  # as _to_unit_range
+            out = out / 127.5 - 1  # as real_store.to_unit_range
         if labels is not None:
             return out, torch.from_numpy(labels)
         return out, captions

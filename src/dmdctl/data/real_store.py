@@ -29,7 +29,7 @@ Layout of a store folder::
     ...                  [C*H*W], caption string | label int64, record int64, name string
 
 Shard k holds the source records ``[k*shard_size, (k+1)*shard_size)`` (less those skipped with
-``--skip-bad``), so shards can be made in any order by any process, and a re-run makes only the
+``--skip-bad-records``), so shards can be made in any order by any process, and a re-run makes only the
 missing ones, byte-identical (the writing is :class:`dmdctl.data.shards.ShardWriter`'s).
 The reader is :func:`dmdctl.data.real.open_real_store`.
 """
@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from dmdctl.data.shards import ShardWriter
 from dmdctl.errors import UserError
@@ -61,6 +62,40 @@ DECODE_THREADS = 4
 
 
 # --- what the rows depend on --------------------------------------------------------------------
+def to_unit_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``[N, H, W, C]`` -> float32 ``[N, C, H, W]`` in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def prepare_image(im, mode: str, size: int | None = None) -> np.ndarray:
+    """A PIL image in ``mode``, centre-cropped and resized (bicubic) to ``size`` x ``size``."""
+    from PIL import Image
+
+    im = im.convert(mode)
+    if size is not None and im.size != (size, size):
+        side = min(im.size)  # centre crop, then resize (as dataset tools do)
+        left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
+        im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+    return np.asarray(im)
+
+
+def read_images(files: list[Path], channels: int, size: int | None = None) -> np.ndarray:
+    from PIL import Image
+
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise UserError(f"--real-data images need 1 or 3 channels; this teacher has {channels}")
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                a = prepare_image(im, mode, size)
+        except OSError as e:
+            raise UserError(f"could not read image {f} ({e})") from None
+        out.append(a[..., None] if a.ndim == 2 else a)
+    return np.stack(out)
+
+
 @functools.lru_cache(maxsize=8)
 def _vae_sha256(config_path: Path, weights: Path, stamp: tuple) -> str:
     h = hashlib.sha256()
@@ -115,16 +150,14 @@ def image_mode(channels: int) -> str:
 
 def decode_image(src, mode: str, size: int) -> np.ndarray:
     """uint8 ``[H, W, C]`` of an image file (path) or its encoded bytes, centre-cropped and
-    resized to ``size`` as :func:`dmdctl.data.real._prepare_image` does. Raises OSError (or
+    resized to ``size`` as :func:`prepare_image` does. Raises OSError (or
     PIL's errors) for an image that does not decode."""
     import io
 
     from PIL import Image
 
-    from dmdctl.data.real import _prepare_image
-
     with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-        a = _prepare_image(im, mode, size)
+        a = prepare_image(im, mode, size)
     return a[..., None] if a.ndim == 2 else a
 
 

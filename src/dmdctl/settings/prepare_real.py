@@ -43,7 +43,7 @@ class PrepareRealConfig(Settings):
         "Parquet sources: the caption column (default: the first of caption, text, prompt "
         "that the files have).",
     )
-    skip_bad: bool = option(
+    skip_bad_records: bool = option(
         False,
         "Skip images that fail to decode (each listed in the manifest) instead of stopping.",
     )
