@@ -127,7 +127,13 @@ def test_demo_help_shows_what_the_demo_runs():
 
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], ["distill", "--help"], ["eval-fid", "--help"], ["distill", "--no-such-flag"]],
+    [
+        ["--help"],
+        ["distill", "--help"],
+        ["eval-fid", "--help"],
+        ["env", "--help"],
+        ["distill", "--no-such-flag"],
+    ],
 )
 def test_help_and_flag_errors_import_no_heavy_library(argv):
     code = (

@@ -67,14 +67,10 @@ CONFIG_PARAMETER = inspect.Parameter(
 
 
 def _versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from dmdctl.commands.env import package_versions
 
-    parts = [f"dmdctl {__version__}"]
-    for pkg in ("torch", "diffusers", "accelerate"):
-        try:
-            parts.append(f"{pkg} {version(pkg)}")
-        except PackageNotFoundError:
-            parts.append(f"{pkg} (not installed)")
+    found = package_versions(("torch", "diffusers", "accelerate")).items()
+    parts = [f"dmdctl {__version__}", *(f"{k} {v or '(not installed)'}" for k, v in found)]
     return "\n".join(parts)
 
 

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "convert-edm": "convert_edm",
     "clip-score": "clip_score",
     "demo": "demo",
+    "env": "env",
 }
 
 
