@@ -103,7 +103,7 @@ def declared_fields(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
-def _bare_type(hint) -> type:
+def bare_type(hint) -> type:
     """``int | None`` -> int, ``str`` -> str."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
@@ -225,6 +225,16 @@ def help_paragraphs(text: str) -> list[str]:
     return [" ".join(p.split()) for p in inspect.cleandoc(text).split("\n\n") if p.strip()]
 
 
+def flag_decls(f: dataclasses.Field, bare: type) -> tuple[str, ...]:
+    """The option's flags as Typer declares them: ``("--out", "-o")``, ``("--plot/--no-plot",)``
+    for a flag that is on by default, ``("--cpu",)``."""
+    if f.metadata["flags"]:
+        return f.metadata["flags"]
+    if bare is bool and default_of(f):
+        return (f"{flag_name(f.name)}/--no-{f.name.replace('_', '-')}",)
+    return (flag_name(f.name),)
+
+
 def typer_parameters(cls, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
     """One Typer parameter per field the command line has (default None: "not given"), each
     option in its panel."""
@@ -233,20 +243,14 @@ def typer_parameters(cls, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]
     hints = typing.get_type_hints(cls)
     params = []
     for f in shown_fields(cls, skip):
-        bare = _bare_type(hints[f.name])
+        bare = bare_type(hints[f.name])
         cli_type = Path if f.metadata["path"] else bare
         kw: dict[str, Any] = {"help": help_text(f), "show_default": False}
         if f.metadata["argument"]:
             info = typer.Argument(**kw)
         else:
             kw["rich_help_panel"] = f.metadata.get("panel")
-            if f.metadata["flags"]:
-                decls = f.metadata["flags"]
-            elif bare is bool and default_of(f):
-                decls = (f"{flag_name(f.name)}/--no-{f.name.replace('_', '-')}",)
-            else:
-                decls = (flag_name(f.name),)
-            info = typer.Option(*decls, **kw)
+            info = typer.Option(*flag_decls(f, bare), **kw)
         params.append(
             inspect.Parameter(
                 f.name,

@@ -15,9 +15,11 @@ class EnvConfig(Settings):
     json: bool = option(False, "Print the report as one JSON object.", panel="Output")
 
 
-HELP = """Print what a bug report needs: the versions of dmdctl, Python and the libraries it runs on, the
-platform, the devices torch sees and their memory, the Accelerate config found, the cache
-folders and whether offline mode is on. Touches no network and needs no GPU.
+HELP = """Print the versions, devices and folders a bug report needs.
+
+dmdctl, Python and the libraries it runs on, the platform, the devices torch sees and their
+memory, the Accelerate config found, the cache folders and whether offline mode is on
+(HF_HUB_OFFLINE). Touches no network and needs no GPU.
 
 Example: [bold]dmdctl env[/bold] (paste its lines into the issue), or [bold]dmdctl env --json[/bold]
 """
