@@ -1,10 +1,9 @@
-"""``dmdctl env``: the block a bug report needs, without the network and without a GPU."""
+"""``dmdctl env``: the block a bug report needs, without the network (conftest's ``no_network``
+refuses any connection) and without a GPU."""
 
 import json
-import socket
 from importlib.metadata import version
 
-import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -17,16 +16,6 @@ def env_output(tmp_path, *args, **variables):
     r = CliRunner().invoke(app, ["env", *args], env=env)
     assert r.exit_code == 0, r.output + repr(r.exception)
     return r.output
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("dmdctl env touched the network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 def test_env_lists_versions_devices_and_folders(tmp_path, no_network):
