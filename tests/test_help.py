@@ -12,8 +12,8 @@ import typer
 from typer.testing import CliRunner
 
 from dmdctl.cli import app
-from dmdctl.options import declared_fields, default_of, help_text, shown_default
-from dmdctl.settings import COMMANDS, settings_module
+from dmdctl.options import PANELS, declared_fields, default_of, help_text, shown_default
+from dmdctl.settings import COMMANDS, preset_defaults, settings_module
 from dmdctl.teachers import presets
 
 PRESETS = set(presets())
@@ -69,6 +69,7 @@ def preset_entries(text: str) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_preset_dependent_defaults_are_the_presets_values(name):
     settings = settings_module(name).SETTINGS
+    by_preset = preset_defaults(settings)  # what each preset runs with (docs/CLI.md shows it all)
     for f in declared_fields(settings):
         text = f.metadata["show_default"]
         if not text:
@@ -79,10 +80,43 @@ def test_preset_dependent_defaults_are_the_presets_values(name):
                 continue  # free text, not a per-preset list
             assert float(head) == float(default_of(f)), (name, f.name, head)
         for preset, value in preset_entries(text):
-            used = settings.preset_layer({"teacher": preset})[f.name]
+            used = by_preset[f.name][preset]
             assert float(value) == float(used) if isinstance(used, (int, float)) else value == used, (
                 name, f.name, preset, value, used,
             )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_option_is_in_a_panel(name):
+    """--help groups a command's options (Inputs, Training, DMD2, ...): each declares its panel."""
+    loose = [
+        p.opts[0]
+        for p in CLICK.commands[name].params
+        if p.param_type_name == "option" and p.name != "config" and p.rich_help_panel not in PANELS
+    ]
+    assert not loose, f"dmdctl {name}: options without a panel {loose}"
+    shown = rendered_help(name)
+    for panel in {p.rich_help_panel for p in CLICK.commands[name].params} - {None}:
+        assert f"╭─ {panel} ─" in shown, (name, panel)
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_help_text_wraps_only_where_the_terminal_ends(name):
+    """At 80 columns a line of a command's description breaks only where the next word would
+    not fit (no break where the source's line ended, mid-sentence); flags carry no <bool>."""
+    r = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "80", "NO_COLOR": "1"})
+    text = r.output.split("╭")[0].splitlines()[3:]  # the description: after the usage line
+    width = 80 - 2  # the description's padding
+    for line, following in zip(text, text[1:], strict=False):
+        if line.strip() and following.strip():
+            fits = len(line.strip()) + 1 + len(following.split()[0]) <= width
+            assert not fits, f"dmdctl {name} --help breaks early: {line.strip()!r}"
+    assert "<bool>" not in r.output
+
+
+def test_the_main_help_shows_no_bool_metavar():
+    r = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "80"})
+    assert "--version" in r.output and "<bool>" not in r.output
 
 
 def test_demo_help_shows_what_the_demo_runs():
@@ -94,7 +128,13 @@ def test_demo_help_shows_what_the_demo_runs():
 
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], ["distill", "--help"], ["eval-fid", "--help"], ["distill", "--no-such-flag"]],
+    [
+        ["--help"],
+        ["distill", "--help"],
+        ["eval-fid", "--help"],
+        ["env", "--help"],
+        ["distill", "--no-such-flag"],
+    ],
 )
 def test_help_and_flag_errors_import_no_heavy_library(argv):
     code = (

@@ -17,14 +17,36 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from dmdctl import __version__
 from dmdctl.config import resolve
 from dmdctl.errors import UserError
-from dmdctl.options import typer_parameters
+from dmdctl.options import help_paragraphs, typer_parameters
 from dmdctl.settings import COMMANDS, command_module, settings_module
 
+
+class _NoFlagMetavar:
+    """Flags (``--cpu``, ``--help``) without the ``<bool>`` that Typer's rich help gives them."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_bool_flag", False) and p.metavar is None:
+                p.metavar = ""
+        return params
+
+
+class _Group(_NoFlagMetavar, TyperGroup):
+    pass
+
+
+class _Command(_NoFlagMetavar, TyperCommand):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     name="dmdctl",
     help="Distil a diffusion model into a one-step generator with Distribution Matching Distillation.",
     no_args_is_help=True,
@@ -45,14 +67,10 @@ CONFIG_PARAMETER = inspect.Parameter(
 
 
 def _versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from dmdctl.commands.env import package_versions
 
-    parts = [f"dmdctl {__version__}"]
-    for pkg in ("torch", "diffusers", "accelerate"):
-        try:
-            parts.append(f"{pkg} {version(pkg)}")
-        except PackageNotFoundError:
-            parts.append(f"{pkg} (not installed)")
+    found = package_versions(("torch", "diffusers", "accelerate")).items()
+    parts = [f"dmdctl {__version__}", *(f"{k} {v or '(not installed)'}" for k, v in found)]
     return "\n".join(parts)
 
 
@@ -113,9 +131,9 @@ def _add_command(name: str) -> None:
             raise typer.Exit(code)
 
     command.__name__ = name.replace("-", "_")
-    command.__doc__ = module.HELP
+    command.__doc__ = "\n\n".join(help_paragraphs(module.HELP))  # paragraphs as written
     command.__signature__ = inspect.Signature([*typer_parameters(settings), CONFIG_PARAMETER])
-    app.command(name)(user_errors(command))
+    app.command(name, cls=_Command)(user_errors(command))
 
 
 for _name in COMMANDS:

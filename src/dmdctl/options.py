@@ -22,6 +22,21 @@ from dmdctl.errors import UserError
 
 MISSING = dataclasses.MISSING
 
+# The panels of ``--help`` (and the sections of docs/CLI.md), in the order they are shown; every
+# option names one (``option(..., panel="DMD2")``), an argument none (it shows under Arguments).
+PANELS = (
+    "Inputs",
+    "Sampling",
+    "Training",
+    "Losses",
+    "DMD2",
+    "LoRA",
+    "Evaluation",
+    "Output",
+    "Checkpoints and logging",
+    "Device, precision and speed",
+)
+
 
 def option(
     default: Any,
@@ -37,6 +52,7 @@ def option(
     cli: bool = True,
     show_default: str | None = None,
     flags: tuple[str, ...] | None = None,
+    panel: str | None = None,
 ) -> Any:
     """A dataclass field with what the CLI and the checks need.
 
@@ -45,7 +61,10 @@ def option(
     keeps a field out of the command line (set by presets or --config only); ``show_default``
     replaces the shown default (a default that depends on the teacher, say: written as
     ``"toy2d 8000, digits 5000"``, which tests hold to the presets); ``flags`` replaces the
-    generated flag names (``("--out", "-o")``, ``("--real-only/--with-fake",)``)."""
+    generated flag names (``("--out", "-o")``, ``("--real-only/--with-fake",)``); ``panel`` is the
+    group of ``--help`` (one of :data:`PANELS`) the option is shown in."""
+    if panel is not None and panel not in PANELS:
+        raise ValueError(f"unknown help panel {panel!r} (known: {', '.join(PANELS)})")
     meta = {
         "help": help,
         "min": min,
@@ -58,6 +77,7 @@ def option(
         "cli": cli,
         "show_default": show_default,
         "flags": tuple(flags) if flags else None,
+        "panel": panel,
     }
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -83,7 +103,7 @@ def declared_fields(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
-def _bare_type(hint) -> type:
+def bare_type(hint) -> type:
     """``int | None`` -> int, ``str`` -> str."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
@@ -185,32 +205,52 @@ def check_options(cfg: Any) -> None:
             raise UserError(f"{name} must be finite, got {v}")
 
 
+def shown_fields(cls, skip: tuple[str, ...] = ()) -> list[dataclasses.Field]:
+    """The fields the command line has, in ``--help``'s order: the arguments, then the options
+    panel by panel (:data:`PANELS`), each panel in the order its fields are declared."""
+
+    def rank(f: dataclasses.Field) -> int:
+        if f.metadata["argument"]:
+            return -1
+        panel = f.metadata.get("panel")
+        return PANELS.index(panel) if panel in PANELS else len(PANELS)
+
+    fields = [f for f in declared_fields(cls) if f.metadata["cli"] and f.name not in skip]
+    return sorted(fields, key=rank)
+
+
+def help_paragraphs(text: str) -> list[str]:
+    """A command's help as paragraphs, each on one line: the source wraps them at 100 columns,
+    and Typer's rich markup would keep those line breaks, breaking sentences at any width."""
+    return [" ".join(p.split()) for p in inspect.cleandoc(text).split("\n\n") if p.strip()]
+
+
+def flag_decls(f: dataclasses.Field, bare: type) -> tuple[str, ...]:
+    """The option's flags as Typer declares them: ``("--out", "-o")``, ``("--plot/--no-plot",)``
+    for a flag that is on by default, ``("--cpu",)``."""
+    if f.metadata["flags"]:
+        return f.metadata["flags"]
+    if bare is bool and default_of(f):
+        return (f"{flag_name(f.name)}/--no-{f.name.replace('_', '-')}",)
+    return (flag_name(f.name),)
+
+
 def typer_parameters(cls, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
-    """One Typer parameter per declared field (default None: "not given")."""
+    """One Typer parameter per field the command line has (default None: "not given"), each
+    option in its panel."""
     import typer
 
     hints = typing.get_type_hints(cls)
     params = []
-    for f in declared_fields(cls):
-        if not f.metadata["cli"] or f.name in skip:
-            continue
-        bare = _bare_type(hints[f.name])
+    for f in shown_fields(cls, skip):
+        bare = bare_type(hints[f.name])
         cli_type = Path if f.metadata["path"] else bare
         kw: dict[str, Any] = {"help": help_text(f), "show_default": False}
         if f.metadata["argument"]:
             info = typer.Argument(**kw)
-        elif f.metadata["flags"]:
-            info = typer.Option(*f.metadata["flags"], **kw)
-        elif bare is bool:
-            default = default_of(f)
-            decl = (
-                f"{flag_name(f.name)}/--no-{f.name.replace('_', '-')}"
-                if default
-                else flag_name(f.name)
-            )
-            info = typer.Option(decl, **kw)
         else:
-            info = typer.Option(flag_name(f.name), **kw)
+            kw["rich_help_panel"] = f.metadata.get("panel")
+            info = typer.Option(*flag_decls(f, bare), **kw)
         params.append(
             inspect.Parameter(
                 f.name,

@@ -26,26 +26,27 @@ REPORT_TO_HELP = (
     "distill's sample plots, the config."
 )
 REPORT_TO = ("none", "tensorboard", "wandb")
+DEVICE_PANEL = "Device, precision and speed"
 
 
 def teacher_option() -> Any:
-    return option(None, TEACHER_HELP)
+    return option(None, TEACHER_HELP, panel="Inputs")
 
 
 def teacher_path_option() -> Any:
-    return option(None, TEACHER_PATH_HELP, path=True)
+    return option(None, TEACHER_PATH_HELP, path=True, panel="Inputs")
 
 
 def prompts_option() -> Any:
-    return option(None, PROMPTS_HELP, path=True)
+    return option(None, PROMPTS_HELP, path=True, panel="Inputs")
 
 
 def prompt_column_option() -> Any:
-    return option(None, PROMPT_COLUMN_HELP)
+    return option(None, PROMPT_COLUMN_HELP, panel="Inputs")
 
 
 def offline_option(help: str = OFFLINE_HELP) -> Any:
-    return option(False, help)
+    return option(False, help, panel="Inputs")
 
 
 NO_T5_HELP = (
@@ -55,12 +56,12 @@ NO_T5_HELP = (
 
 
 def no_t5_option() -> Any:
-    return option(False, NO_T5_HELP)
+    return option(False, NO_T5_HELP, panel="Inputs")
 
 
 def device_option() -> Any:
-    return option("auto", DEVICE_HELP)
+    return option("auto", DEVICE_HELP, panel=DEVICE_PANEL)
 
 
-def report_to_option() -> Any:
-    return option("none", REPORT_TO_HELP, choices=REPORT_TO)
+def report_to_option(panel: str = "Checkpoints and logging") -> Any:
+    return option("none", REPORT_TO_HELP, choices=REPORT_TO, panel=panel)

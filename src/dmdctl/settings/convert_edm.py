@@ -21,9 +21,13 @@ class ConvertEdmConfig(Settings):
         argument=True,
     )
     out: str = option(
-        "teacher.safetensors", "Teacher file to write.", path=True, flags=("--out", "-o")
+        "teacher.safetensors",
+        "Teacher file to write.",
+        path=True,
+        flags=("--out", "-o"),
+        panel="Output",
     )
-    entry: str = option("ema", "Which network of the pickle to convert.")
+    entry: str = option("ema", "Which network of the pickle to convert.", panel="Inputs")
 
     def check(self) -> None:
         require(self.source is not None, "pass the EDM checkpoint (.pkl) to convert")

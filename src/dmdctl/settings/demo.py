@@ -60,24 +60,30 @@ class DemoConfig(Settings):
         choices=tuple(DEMO_DEFAULTS),
         argument=True,
     )
-    out: str = option("dmdctl-demo", "Output folder.", path=True)
+    out: str = option("dmdctl-demo", "Output folder.", path=True, panel="Output")
     teacher_steps: int | None = option(
         None,
         "Teacher training steps; 0 uses the shipped teacher.",
         min=0,
         show_default=per_demo("teacher_steps"),
+        panel="Training",
     )
     num_pairs: int | None = option(
-        None, "Regression pairs.", min=1, show_default=per_demo("num_pairs")
+        None, "Regression pairs.", min=1, show_default=per_demo("num_pairs"), panel="Training"
     )
     distill_steps: int | None = option(
-        None, "Steps of each distillation run.", min=1, show_default=per_demo("distill_steps")
+        None,
+        "Steps of each distillation run.",
+        min=1,
+        show_default=per_demo("distill_steps"),
+        panel="Training",
     )
     lr: float | None = option(
         None,
         "Learning rate of the generator and the fake score.",
         above=0,
         show_default=per_demo("lr"),
+        panel="Training",
     )
     batch_size: int | None = option(
         None,
@@ -85,9 +91,10 @@ class DemoConfig(Settings):
         min=1,
         cli=False,
         show_default=per_demo("batch_size"),
+        panel="Training",
     )
     reg_loss: str | None = option(
-        None, "Regression loss.", cli=False, show_default=per_demo("reg_loss")
+        None, "Regression loss.", cli=False, show_default=per_demo("reg_loss"), panel="Training"
     )
     fake_updates: int | None = option(
         None,
@@ -95,14 +102,24 @@ class DemoConfig(Settings):
         min=1,
         cli=False,
         show_default=per_demo("fake_updates"),
+        panel="Training",
     )
     warmup: int | None = option(
-        None, "Learning-rate warm-up steps.", min=0, cli=False, show_default=per_demo("warmup")
+        None,
+        "Learning-rate warm-up steps.",
+        min=0,
+        cli=False,
+        show_default=per_demo("warmup"),
+        panel="Training",
     )
     eval_samples: int | None = option(
-        None, "Samples per evaluation.", min=1, show_default=per_demo("eval_samples")
+        None,
+        "Samples per evaluation.",
+        min=1,
+        show_default=per_demo("eval_samples"),
+        panel="Evaluation",
     )
-    seed: int = option(0, "Random seed.", min=0)
+    seed: int = option(0, "Random seed.", min=0, panel="Training")
 
     @staticmethod
     def preset_layer(values: dict[str, Any]) -> dict[str, Any]:

@@ -40,12 +40,16 @@ class DistillConfig(Settings):
     teacher: str | None = teacher_option()
     teacher_path: str | None = teacher_path_option()
     pairs: str | None = option(
-        None, "Pairs folder from make-pairs (needed when --reg-weight > 0).", path=True
+        None,
+        "Pairs folder from make-pairs (needed when --reg-weight > 0).",
+        path=True,
+        panel="Inputs",
     )
     out: str = option(
         "runs/distill",
         "Run folder (config, log.jsonl, checkpoints, samples, generator).",
         path=True,
+        panel="Checkpoints and logging",
     )
     steps: int = option(
         2000,
@@ -57,43 +61,63 @@ class DistillConfig(Settings):
             "2000; sd15 3900, sd15-gan 200, sdxl 3800, sdxl-lora 3200, sdxl-1step 4800, "
             "edm-imagenet64 81100, edm-imagenet64-gan 38700"
         ),
+        panel="Training",
     )
-    batch_size: int = option(512, "Global generator batch for the DM loss.", min=1)
-    pair_batch_size: int = option(512, "Global batch of pairs for the regression loss.", min=1)
-    num_pairs: int = option(0, "Use only the first N pairs (0: all).", min=0)
-    lr: float = option(3e-4, "Generator learning rate (AdamW).", above=0)
-    fake_lr: float = option(3e-4, "Fake-score learning rate (AdamW).", above=0)
+    batch_size: int = option(
+        512, "Global generator batch for the DM loss.", min=1, panel="Training"
+    )
+    pair_batch_size: int = option(
+        512, "Global batch of pairs for the regression loss.", min=1, panel="Training"
+    )
+    num_pairs: int = option(0, "Use only the first N pairs (0: all).", min=0, panel="Inputs")
+    lr: float = option(3e-4, "Generator learning rate (AdamW).", above=0, panel="Training")
+    fake_lr: float = option(3e-4, "Fake-score learning rate (AdamW).", above=0, panel="Training")
     lr_schedule: str = option(
         "cosine",
         "After the warm-up: cosine (to 0 at --steps) or constant; both learning rates.",
         choices=LR_SCHEDULES,
+        panel="Training",
     )
     warmup: int = option(
         100,
         "Linear warm-up, in generator steps; the fake score follows the same multiplier (so its "
         "warm-up spans warmup x fake-updates updates).",
         min=0,
+        panel="Training",
     )
-    weight_decay: float = option(0.01, "AdamW weight decay.", min=0)
-    grad_clip: float = option(10.0, "Gradient-norm clipping (0: off).", min=0)
+    weight_decay: float = option(0.01, "AdamW weight decay.", min=0, panel="Training")
+    grad_clip: float = option(10.0, "Gradient-norm clipping (0: off).", min=0, panel="Training")
     reg_loss: str = option(
-        "l2", "Regression loss (lpips: image teachers only).", choices=REG_LOSSES
+        "l2", "Regression loss (lpips: image teachers only).", choices=REG_LOSSES, panel="Losses"
     )
     reg_weight: float = option(
-        0.25, "Weight of the regression loss (0: ablation without regression).", min=0
+        0.25,
+        "Weight of the regression loss (0: ablation without regression).",
+        min=0,
+        panel="Losses",
     )
-    lpips_net: str = option("vgg", "LPIPS backbone.", choices=LPIPS_NETS)
-    lpips_size: int = option(32, "Images are resized to this many pixels for LPIPS.", min=1)
+    lpips_net: str = option("vgg", "LPIPS backbone.", choices=LPIPS_NETS, panel="Losses")
+    lpips_size: int = option(
+        32, "Images are resized to this many pixels for LPIPS.", min=1, panel="Losses"
+    )
     lpips_random_backbone: bool = option(
         False,
         "Run LPIPS with a random backbone when the pretrained one is not cached (tests only: it "
         "is not LPIPS).",
+        panel="Losses",
     )
-    dm_weight: float = option(1.0, "Weight of the DM loss (0: ablation, regression only).", min=0)
+    dm_weight: float = option(
+        1.0, "Weight of the DM loss (0: ablation, regression only).", min=0, panel="Losses"
+    )
     real_only: bool = option(
-        False, "Ablation: real score only, no fake score.", flags=("--real-only/--with-fake",)
+        False,
+        "Ablation: real score only, no fake score.",
+        flags=("--real-only/--with-fake",),
+        panel="Losses",
     )
-    fake_updates: int = option(1, "Fake-score updates per generator update (DMD2's TTUR).", min=1)
+    fake_updates: int = option(
+        1, "Fake-score updates per generator update (DMD2's TTUR).", min=1, panel="Training"
+    )
     # DMD2 (docs/METHOD.md, "DMD2"): the GAN on real data, few-step generators
     gan_weight: float = option(
         0.0,
@@ -101,11 +125,13 @@ class DistillConfig(Settings):
         "score's bottleneck tells noised real samples from noised generated ones.",
         min=0,
         show_default="0; sd15-gan 1e-3, edm-imagenet64-gan 3e-3",
+        panel="DMD2",
     )
     gan_classifier_weight: float = option(
         1e-2,
         "Weight of the GAN head's loss in the fake score's update (DMD2: 1e-2).",
         min=0,
+        panel="DMD2",
     )
     real_data: str | None = option(
         None,
@@ -113,18 +139,21 @@ class DistillConfig(Settings):
         "folder, images with captions.jsonl, an ADM/EDM .npz or Parquet files), read by row. "
         "Default: the built-in teachers' own training data.",
         path=True,
+        panel="DMD2",
     )
     denoising_steps: str | None = option(
         None,
         "A few-step generator's steps, comma-separated and decreasing: timesteps for SD teachers "
         "(DMD2: 999,749,499,249), sigmas for the others (e.g. 80,2,0.5,0.1). Trained with "
         "backward simulation. Default: one step at the top noise level.",
+        panel="DMD2",
     )
     conditioning_timestep: int | None = option(
         None,
         "SD teachers: the timestep a one-step generator is run at on pure noise (DMD2's SDXL "
         "one-step: 399; default 999). Same as --denoising-steps T.",
         min=0,
+        panel="DMD2",
     )
     init_from: str | None = option(
         None,
@@ -132,6 +161,7 @@ class DistillConfig(Settings):
         "included) and, from a checkpoint, its fake score; optimisers and step start afresh "
         "(DMD2's two-stage recipes).",
         path=True,
+        panel="Checkpoints and logging",
     )
     # LoRA (training/lora.py; docs/RECIPES.md for the defaults' sources)
     lora_rank: int | None = option(
@@ -140,77 +170,129 @@ class DistillConfig(Settings):
         "transformer) instead of all its weights (Stable Diffusion teachers; DMD2's SDXL LoRA: "
         "64). Default: full fine-tuning.",
         min=1,
+        panel="LoRA",
     )
     lora_alpha: float | None = option(
         None,
         "LoRA alpha: the adapters are scaled by alpha / rank (DMD2's SDXL LoRA: 8 with rank 64). "
         "Default: the rank (scale 1).",
         above=0,
+        panel="LoRA",
     )
     lora_targets: str = option(
         DEFAULT_LORA_TARGETS,
         "Comma-separated module-name suffixes of the network that get adapters (default: "
         "DMD2's SDXL LoRA list; modules a network lacks are skipped).",
+        panel="LoRA",
     )
     fake_lora_rank: int | None = option(
         None,
         "Train the fake score as LoRA adapters of this rank on the teacher's network (same "
         "alpha and targets; the GAN head stays fully trained). Default: full fine-tuning.",
         min=1,
+        panel="LoRA",
     )
-    sigma_levels: int = option(1000, "Noise levels of the DM loss's grid.", min=1, cli=False)
+    sigma_levels: int = option(
+        1000, "Noise levels of the DM loss's grid.", min=1, cli=False, panel="Losses"
+    )
     min_step_frac: float = option(
-        0.02, "Lowest noise-level index of the DM loss, as a fraction of the grid.", min=0, max=1
+        0.02,
+        "Lowest noise-level index of the DM loss, as a fraction of the grid.",
+        min=0,
+        max=1,
+        panel="Losses",
     )
     max_step_frac: float = option(
-        0.98, "Highest noise-level index of the DM loss, as a fraction of the grid.", min=0, max=1
+        0.98,
+        "Highest noise-level index of the DM loss, as a fraction of the grid.",
+        min=0,
+        max=1,
+        panel="Losses",
     )
-    ema_decay: float = option(0.999, "EMA decay of the generator (0: no EMA).", min=0, below=1)
-    mixed_precision: str = option("no", "Mixed precision (Accelerate).", choices=MIXED_PRECISION)
-    checkpoint_every: int = option(500, "Checkpoint (and sample plot) every N steps.", min=1)
-    keep_checkpoints: int = option(0, "Keep only the newest N checkpoints (0: all).", min=0)
-    log_every: int = option(50, "Log losses every N steps.", min=1)
+    ema_decay: float = option(
+        0.999, "EMA decay of the generator (0: no EMA).", min=0, below=1, panel="Training"
+    )
+    mixed_precision: str = option(
+        "no",
+        "Mixed precision (Accelerate).",
+        choices=MIXED_PRECISION,
+        panel="Device, precision and speed",
+    )
+    checkpoint_every: int = option(
+        500, "Checkpoint (and sample plot) every N steps.", min=1, panel="Checkpoints and logging"
+    )
+    keep_checkpoints: int = option(
+        0, "Keep only the newest N checkpoints (0: all).", min=0, panel="Checkpoints and logging"
+    )
+    log_every: int = option(50, "Log losses every N steps.", min=1, panel="Checkpoints and logging")
     eval_every: int = option(
-        0, "Score the EMA generator every N steps into log.jsonl (0: off).", min=0
+        0,
+        "Score the EMA generator every N steps into log.jsonl (0: off).",
+        min=0,
+        panel="Evaluation",
     )
-    eval_samples: int = option(1000, "Samples per evaluation during training.", min=1)
+    eval_samples: int = option(
+        1000, "Samples per evaluation during training.", min=1, panel="Evaluation"
+    )
     plot_samples: int = option(
-        2000, "Samples in the plot written at each checkpoint (0: none).", min=0
+        2000,
+        "Samples in the plot written at each checkpoint (0: none).",
+        min=0,
+        panel="Checkpoints and logging",
     )
-    seed: int = option(0, "Random seed.", min=0)
-    resume: str | None = option(None, "Continue a run: 'latest' or a checkpoint folder.")
-    cpu: bool = option(False, "Train on the CPU even if a GPU is present.")
+    seed: int = option(0, "Random seed.", min=0, panel="Training")
+    resume: str | None = option(
+        None, "Continue a run: 'latest' or a checkpoint folder.", panel="Checkpoints and logging"
+    )
+    cpu: bool = option(
+        False, "Train on the CPU even if a GPU is present.", panel="Device, precision and speed"
+    )
     skip_nonfinite: bool = option(
         False,
         "Skip updates whose loss or gradient is NaN/inf (counted in log.jsonl) instead of "
         "stopping the run.",
+        panel="Training",
     )
     skip_bad_records: bool = option(
         False,
         "A prompt, real sample or pair that can no longer be read (a file changed or was "
         "damaged under the run) is replaced by the next readable row and counted in log.jsonl "
         "(bad_records), instead of stopping the run at its last checkpoint.",
+        panel="Inputs",
     )
     grad_checkpointing: bool = option(
         False,
         "Recompute activations in the backward pass of the generator and fake score (less "
         "memory, ~30% slower).",
+        panel="Device, precision and speed",
     )
     fsdp: bool = option(
         False,
         "Shard the generator and the fake score over the launch's processes with torch FSDP2 "
         "(per repeated block, then the whole network); the teacher stays whole on each.",
+        panel="Device, precision and speed",
     )
     optimizer: str = option(
-        "adamw", "Optimiser; adamw8bit (bitsandbytes, CUDA) saves memory.", choices=OPTIMIZERS
+        "adamw",
+        "Optimiser; adamw8bit (bitsandbytes, CUDA) saves memory.",
+        choices=OPTIMIZERS,
+        panel="Training",
     )
     # speed levers (dmdctl.training.speed; measured by benchmarks/sd_step.py)
-    sdpa_backend: str = option("auto", "Attention kernel of the UNets.", choices=SDPA_BACKENDS)
-    channels_last: bool = option(False, "Convolutions in channels-last memory layout.")
+    sdpa_backend: str = option(
+        "auto",
+        "Attention kernel of the UNets.",
+        choices=SDPA_BACKENDS,
+        panel="Device, precision and speed",
+    )
+    channels_last: bool = option(
+        False, "Convolutions in channels-last memory layout.", panel="Device, precision and speed"
+    )
     compile: bool = option(
         False,
         "torch.compile each repeated block of the networks (regional compilation: compiles once "
         "per block type; the first steps are slower).",
+        panel="Device, precision and speed",
     )
     # text-to-image (Stable Diffusion) teachers
     prompts: str | None = prompts_option()
@@ -221,6 +303,7 @@ class DistillConfig(Settings):
         "encoders (off), or once into a table in the run folder (on); auto caches a table of "
         "at most 1 GiB (a few thousand prompts) and encodes larger sets in the step.",
         choices=("auto", "on", "off"),
+        panel="Inputs",
     )
     real_guidance: float | None = option(
         None,
@@ -228,11 +311,13 @@ class DistillConfig(Settings):
         "unconditional branch; the fake score has none).",
         min=1,
         show_default="sd15 1.75, sd15-dmd 3.0",
+        panel="Losses",
     )
     allow_guidance_mismatch: bool = option(
         False,
         "Train on pairs made with another CFG scale than the real score's (refused by default: "
         "the two losses would pull toward different distributions).",
+        panel="Inputs",
     )
     no_t5: bool = no_t5_option()
     offline: bool = offline_option()
@@ -396,6 +481,7 @@ guidance), edm-imagenet64 and edm-imagenet64-gan DMD2's without and with the GAN
 DMD's. Flags and --config override them.
 
 Example: [bold]dmdctl distill --teacher-path runs/teacher/teacher.safetensors --pairs runs/pairs --out runs/dmd[/bold]
+
 DMD2 on digits, 4 steps (the demo's run): [bold]dmdctl distill --teacher digits --reg-weight 0 --gan-weight 3e-3 --fake-updates 3 --steps 200 --batch-size 64 --lr 1e-4 --fake-lr 1e-4 --warmup 20 --denoising-steps 80,2,0.8,0.35[/bold]
 
 LoRA (SD teachers): [bold]--lora-rank 64 --lora-alpha 8[/bold] trains adapters only (DMD2's SDXL

@@ -25,86 +25,115 @@ class EvalFidConfig(Settings):
     """Settings of ``eval-fid``: what is scored (one of a generator, a teacher's sampler, a
     folder of images, two statistics files, or a reference to make), how, and against what."""
 
-    generator: str | None = option(None, GENERATOR_HELP, path=True)
+    generator: str | None = option(None, GENERATOR_HELP, path=True, panel="Inputs")
     teacher: str | None = teacher_option()
     teacher_path: str | None = teacher_path_option()
     steps: int = option(
-        18, "Heun steps when scoring the teacher's sampler (1 = one Euler step).", min=1
+        18,
+        "Heun steps when scoring the teacher's sampler (1 = one Euler step).",
+        min=1,
+        panel="Sampling",
     )
-    num_samples: int = option(10000, "Samples to score.", min=2)
-    seed: int = option(EVAL_SEED_START, "First seed of the scored samples.", min=0)
-    batch_size: int = option(1000, "Generation batch size.", min=1)
+    num_samples: int = option(10000, "Samples to score.", min=2, panel="Sampling")
+    seed: int = option(
+        EVAL_SEED_START, "First seed of the scored samples.", min=0, panel="Sampling"
+    )
+    batch_size: int = option(1000, "Generation batch size.", min=1, panel="Sampling")
     images: str | None = option(
-        None, "Score a folder of images (searched recursively) instead of a generator.", path=True
+        None,
+        "Score a folder of images (searched recursively) instead of a generator.",
+        path=True,
+        panel="Inputs",
     )
     make_ref: str | None = option(
         None,
         "Make reference statistics of a folder of images or an ADM-style npz (arr_0, NHWC "
         "uint8); needs -o.",
         path=True,
+        panel="Inputs",
     )
     stats: str | None = option(
-        None, "Statistics npz to compare with --ref (no features are computed).", path=True
+        None,
+        "Statistics npz to compare with --ref (no features are computed).",
+        path=True,
+        panel="Inputs",
     )
     ref: str | None = option(
         None,
         "Reference statistics npz (mu, sigma); default: the teacher's built-in reference.",
         path=True,
+        panel="Evaluation",
     )
     out: str | None = option(
         None,
         "Write the statistics (mu, sigma, KID features) of what was scored here.",
         path=True,
         flags=("--out", "-o"),
+        panel="Output",
     )
     features: str = option(
         "auto",
         "auto (a built-in teacher's own features; Inception for images), native, or inception.",
         choices=FEATURES,
+        panel="Evaluation",
     )
     protocol: str = option(
         "edm",
         "How images reach Inception: edm (EDM/ADM, TF1 bilinear) or clean (COCO-30k: crop, "
         "LANCZOS 256, clean-fid resize).",
         choices=PROTOCOLS,
+        panel="Evaluation",
     )
     inception_weights: str | None = option(
         None,
         "torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: looked for in "
         "$TORCH_HOME/hub/checkpoints/).",
         path=True,
+        panel="Evaluation",
     )
     inception_sha256: str | None = option(
         None,
         "Accept Inception weights with this sha256 instead of the official file's (results are "
         "then not comparable).",
+        panel="Evaluation",
     )
-    inception_batch: int = option(64, "Images per Inception forward pass.", min=1)
+    inception_batch: int = option(
+        64, "Images per Inception forward pass.", min=1, panel="Evaluation"
+    )
     offline: bool = option(
-        False, "Never download (eval-fid never does: Inception weights must be local)."
+        False,
+        "Never download (eval-fid never does: Inception weights must be local).",
+        panel="Inputs",
     )
     kid: bool = option(
         True,
         "Also report KID (± std over subsets) when the reference holds features (built-in "
         "teachers' training data, or --ref made by --make-ref).",
+        panel="Evaluation",
     )
-    kid_subsets: int = option(100, "KID: number of random subsets.", min=1)
-    kid_subset_size: int = option(1000, "KID: subset size (capped at the smaller set).", min=2)
+    kid_subsets: int = option(100, "KID: number of random subsets.", min=1, panel="Evaluation")
+    kid_subset_size: int = option(
+        1000, "KID: subset size (capped at the smaller set).", min=2, panel="Evaluation"
+    )
     kid_max_features: int = option(
-        10000, "KID: features kept per side (uniform reservoir sample).", min=2
+        10000, "KID: features kept per side (uniform reservoir sample).", min=2, panel="Evaluation"
     )
     precision_recall: bool = option(
         False,
         "Also report precision, recall (k-NN manifolds), density and coverage against the "
         "reference's features (any feature set; --ref files made by --make-ref).",
         flags=("--precision-recall/--no-precision-recall",),
+        panel="Evaluation",
     )
-    pr_k: int = option(3, "Precision/recall: k of the k-nearest-neighbour balls.", min=1)
+    pr_k: int = option(
+        3, "Precision/recall: k of the k-nearest-neighbour balls.", min=1, panel="Evaluation"
+    )
     bootstrap: int = option(
         0,
         "Rounds of a bootstrap over samples for 95% intervals of KID and precision/recall (0: "
         "none; else at least 10).",
         min=0,
+        panel="Evaluation",
     )
     # text-to-image generators: their images for a prompts file, scored in one command
     prompts: str | None = option(
@@ -113,18 +142,25 @@ class EvalFidConfig(Settings):
         "prompt i mod the count, seed --seed+i; as `sample --prompts`), score them against --ref "
         "(COCO-style: --protocol clean) and, with --clip-model, their CLIP score.",
         path=True,
+        panel="Inputs",
     )
     clip_model: str | None = option(
         None,
         "With --prompts: also the CLIP score, with this transformers CLIPModel folder or hub id.",
+        panel="Evaluation",
     )
     clip_prefix: str = option(
-        "", 'With --clip-model: text put before every prompt (GigaGAN/DMD2: "A photo depicts ").'
+        "",
+        'With --clip-model: text put before every prompt (GigaGAN/DMD2: "A photo depicts ").',
+        panel="Evaluation",
     )
     grid: str | None = option(
-        None, "Also save a PNG grid of the first 100 scored samples here.", path=True
+        None,
+        "Also save a PNG grid of the first 100 scored samples here.",
+        path=True,
+        panel="Output",
     )
-    json: str | None = option(None, "Write the result as JSON here.", path=True)
+    json: str | None = option(None, "Write the result as JSON here.", path=True, panel="Output")
     device: str = device_option()
 
     def check(self) -> None:

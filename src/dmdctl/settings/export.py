@@ -24,14 +24,16 @@ class ExportConfig(Settings):
         "Output file (--format diffusers / lora: an empty or new folder).",
         path=True,
         flags=("--out", "-o"),
+        panel="Output",
     )
-    ema: bool = option(True, "Export the EMA weights.")
+    ema: bool = option(True, "Export the EMA weights.", panel="Inputs")
     format: str = option(
         "safetensors",
         "safetensors (one file), diffusers (Stable Diffusion: a pipeline folder), or lora (a "
         "--lora-rank run: a folder with pytorch_lora_weights.safetensors for "
         "pipe.load_lora_weights).",
         choices=FORMATS,
+        panel="Output",
     )
     # --format diffusers: the teacher pipeline to take the VAE/text encoder from
     teacher_path: str | None = option(
@@ -40,6 +42,7 @@ class ExportConfig(Settings):
         "encoder and tokenizer from (by default the one the generator records); also the base "
         "weights of a LoRA run's checkpoint.",
         path=True,
+        panel="Inputs",
     )
     offline: bool = offline_option()
 

@@ -28,19 +28,26 @@ class MakePairsConfig(Settings):
 
     teacher: str | None = teacher_option()
     teacher_path: str | None = teacher_path_option()
-    out: str = option("runs/pairs", "Output folder for shards and manifest.json.", path=True)
-    num_pairs: int = option(4096, "Number of noise→sample pairs.", min=1)
-    seed: int = option(0, "First seed; pair i uses seed+i.", min=0)
+    out: str = option(
+        "runs/pairs", "Output folder for shards and manifest.json.", path=True, panel="Output"
+    )
+    num_pairs: int = option(4096, "Number of noise→sample pairs.", min=1, panel="Sampling")
+    seed: int = option(0, "First seed; pair i uses seed+i.", min=0, panel="Sampling")
     steps: int = option(
         0,
         "Sampler steps: Heun steps N (NFE = 2N-1) for image and toy teachers, scheduler steps "
         "for Stable Diffusion; 0: the teacher's own (18 Heun steps; 50 for Stable Diffusion).",
         min=0,
+        panel="Sampling",
     )
-    rho: float = option(7.0, "Karras schedule exponent of the Heun sampler.", above=0, cli=False)
-    shard_size: int = option(1024, "Pairs per shard (the unit of resume).", min=1)
-    batch_size: int = option(1024, "Sampler batch size.", min=1)
-    dtype: str = option("float32", "Storage dtype of the targets.", choices=STORAGE_DTYPES)
+    rho: float = option(
+        7.0, "Karras schedule exponent of the Heun sampler.", above=0, cli=False, panel="Sampling"
+    )
+    shard_size: int = option(1024, "Pairs per shard (the unit of resume).", min=1, panel="Output")
+    batch_size: int = option(1024, "Sampler batch size.", min=1, panel="Sampling")
+    dtype: str = option(
+        "float32", "Storage dtype of the targets.", choices=STORAGE_DTYPES, panel="Output"
+    )
     device: str = device_option()
     prompts: str | None = prompts_option()
     prompt_column: str | None = prompt_column_option()
@@ -51,6 +58,7 @@ class MakePairsConfig(Settings):
         "DMD2's SDXL pair sampler; flow-euler: SD3's FlowMatchEulerDiscreteScheduler). The "
         "teacher's pairs recipe sets it when not given.",
         choices=SCHEDULERS,
+        panel="Sampling",
     )
     # None: no guidance, unless the teacher's pairs recipe (preset layer) sets it
     guidance: float | None = option(
@@ -59,9 +67,10 @@ class MakePairsConfig(Settings):
         "paper's, equal to its real score's guidance).",
         min=1,
         show_default="sd15 3.0, sd15-dmd 3.0, sdxl 8.0, sd3 7.0",
+        panel="Sampling",
     )
     save_images: bool = option(
-        False, "Text-to-image teachers: also store the decoded images (uint8)."
+        False, "Text-to-image teachers: also store the decoded images (uint8).", panel="Output"
     )
     no_t5: bool = no_t5_option()
     offline: bool = offline_option()

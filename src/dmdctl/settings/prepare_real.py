@@ -30,22 +30,34 @@ class PrepareRealConfig(Settings):
     teacher: str | None = teacher_option()
     teacher_path: str | None = teacher_path_option()
     out: str = option(
-        "runs/real", "Output folder: the store (shards and manifest.json).", path=True
+        "runs/real",
+        "Output folder: the store (shards and manifest.json).",
+        path=True,
+        panel="Output",
     )
-    shard_size: int = option(4096, "Source records per shard (the unit of resume).", min=1)
-    batch_size: int = option(16, "Images per VAE encode batch (latent teachers).", min=1)
+    shard_size: int = option(
+        4096, "Source records per shard (the unit of resume).", min=1, panel="Output"
+    )
+    batch_size: int = option(
+        16,
+        "Images per VAE encode batch (latent teachers).",
+        min=1,
+        panel="Device, precision and speed",
+    )
     device: str = device_option()
     image_column: str = option(
-        "image", "Parquet sources: the image column (struct with bytes, or binary)."
+        "image", "Parquet sources: the image column (struct with bytes, or binary).", panel="Inputs"
     )
     caption_column: str | None = option(
         None,
         "Parquet sources: the caption column (default: the first of caption, text, prompt "
         "that the files have).",
+        panel="Inputs",
     )
     skip_bad_records: bool = option(
         False,
         "Skip images that fail to decode (each listed in the manifest) instead of stopping.",
+        panel="Inputs",
     )
     offline: bool = offline_option()
 

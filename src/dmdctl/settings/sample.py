@@ -23,26 +23,34 @@ DEFAULT_NUM = 2000  # samples when --num is not given (text-to-image: one per pr
 class SampleConfig(Settings):
     """Settings of ``sample``: the source, how many samples from which seeds, and where."""
 
-    generator: str | None = option(None, GENERATOR_HELP, path=True)
+    generator: str | None = option(None, GENERATOR_HELP, path=True, panel="Inputs")
     teacher: str | None = teacher_option()
     teacher_path: str | None = teacher_path_option()
-    steps: int = option(18, "Heun steps when sampling the teacher.", min=1)
+    steps: int = option(18, "Heun steps when sampling the teacher.", min=1, panel="Sampling")
     # None: DEFAULT_NUM, or for text-to-image one image per prompt (4 for a single --prompt)
     num: int | None = option(
         None,
         "Number of samples.",
         min=1,
         show_default=f"{DEFAULT_NUM}; text-to-image: one per prompt of --prompts, 4 for --prompt",
+        panel="Sampling",
     )
-    seed: int = option(0, "First seed; sample i uses seed+i.", min=0)
-    batch_size: int = option(1000, "Batch size.", min=1)
-    out: str = option("samples", "Output folder (samples.safetensors, samples.png).", path=True)
-    plot: bool = option(True, "Write a PNG of the samples.")
+    seed: int = option(0, "First seed; sample i uses seed+i.", min=0, panel="Sampling")
+    batch_size: int = option(1000, "Batch size.", min=1, panel="Sampling")
+    out: str = option(
+        "samples", "Output folder (samples.safetensors, samples.png).", path=True, panel="Output"
+    )
+    plot: bool = option(True, "Write a PNG of the samples.", panel="Output")
     class_label: int | None = option(
-        None, "Sample only this class (class-conditional teachers).", flags=("--class",)
+        None,
+        "Sample only this class (class-conditional teachers).",
+        flags=("--class",),
+        panel="Sampling",
     )
     device: str = device_option()
-    prompt: str | None = option(None, "Text-to-image generators: one prompt for every image.")
+    prompt: str | None = option(
+        None, "Text-to-image generators: one prompt for every image.", panel="Inputs"
+    )
     prompts: str | None = prompts_option()
     offline: bool = offline_option()
 
