@@ -26,8 +26,9 @@ def test_flow_denoiser_is_exact_in_sigma_space():
     """x_sigma = x_t / (1 - t), sigma = t / (1 - t): D(x_sigma, sigma) = x_t - t v(x_t, t); at
     sigma = inf the input is x_1 itself; the fake score's weight makes the loss the velocity
     MSE; the training grid is the shifted i / levels; steps are given as t values."""
-    from dmdctl.core.denoiser import FlowDenoiser, StepGenerator, flow_shift
+    from dmdctl.core.denoiser import FlowDenoiser, StepGenerator
     from dmdctl.core.losses import edm_denoising_loss
+    from dmdctl.core.sampling import flow_shift
 
     d = FlowDenoiser(Linear(), shift=3.0, levels=10)
     x_t = torch.randn(3, 2)
