@@ -98,7 +98,7 @@ def test_fid_and_clip_score_of_a_text_to_image_generator_in_one_command(
 
     import dmdctl.metrics.evaluate as evaluation
     from cli_helpers import ok, run
-    from dmdctl.core.generator import save_generator
+    from dmdctl.generators import save_generator
     from dmdctl.metrics.inception import InceptionFeatures
     from dmdctl.teachers import resolve_teacher
 

@@ -59,7 +59,7 @@ def test_flow_denoiser_is_exact_in_sigma_space():
 def test_toy2d_flow_from_train_teacher_to_sample(tmp_path):
     """train-teacher toy2d-flow, make-pairs (Heun on the flow ODE), distill (generator at t = 1)
     and sample through the CLI; a few-step flow generator too."""
-    from dmdctl.core.generator import load_generator
+    from dmdctl.generators import load_generator
     from dmdctl.teachers import load_teacher
 
     ok(run("train-teacher", "toy2d-flow", "--out", tmp_path / "t", "--steps", 200))
@@ -87,7 +87,7 @@ def test_toy2d_flow_from_train_teacher_to_sample(tmp_path):
 
 @pytest.mark.slow  # ~70 s: a full teacher (8000 steps) and a full distillation (2000 steps)
 def test_toy2d_flow_distils_to_a_one_step_generator_that_covers_every_mode(tmp_path):
-    from dmdctl.core.generator import load_generator
+    from dmdctl.generators import load_generator
     from dmdctl.teachers import load_teacher
 
     ok(run("train-teacher", "toy2d-flow", "--out", tmp_path / "t"))

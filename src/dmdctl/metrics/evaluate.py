@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from dmdctl.config import write_config
-from dmdctl.core.generator import generate, source_from
 from dmdctl.core.sampling import class_labels
 from dmdctl.errors import UserError
 from dmdctl.files import sha256_file
+from dmdctl.generators import generate, source_from
 from dmdctl.metrics.fid import (
     FeatureStats,
     frechet_distance,
