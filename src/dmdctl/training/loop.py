@@ -87,7 +87,8 @@ def plot_samples(trainer: DMDTrainer, path: Path) -> Path | None:
 def evaluate_generator(trainer: DMDTrainer) -> dict:
     """FID (and the kind's quality metrics) of the current EMA generator, for FID-vs-step curves."""
     from dmdctl.generators import Source
-    from dmdctl.metrics.evaluate import EvalFidConfig, evaluate
+    from dmdctl.metrics.evaluate import evaluate
+    from dmdctl.settings.eval_fid import EvalFidConfig
 
     t = trainer.teacher
     g = trainer.ema_generator()
