@@ -23,7 +23,7 @@ os.environ.setdefault("DMDCTL_QUIET", "1")
 import torch  # noqa: E402
 
 from dmdctl.commands.make_pairs import make_pairs  # noqa: E402
-from dmdctl.core.generator import teacher_source  # noqa: E402
+from dmdctl.generators import teacher_source  # noqa: E402
 from dmdctl.metrics.evaluate import evaluate  # noqa: E402
 from dmdctl.metrics.quality import score_floor  # noqa: E402
 from dmdctl.settings.distill import DistillConfig  # noqa: E402

@@ -49,7 +49,7 @@ def parse_batches(items: list[str] | None, default: dict[str, int]) -> dict[str,
 
 def measure(name: str, batch: int, steps: int, repeats: int, device, folder: Path) -> list:
     from dmdctl.core.denoiser import OneStepGenerator
-    from dmdctl.core.generator import Source, teacher_source
+    from dmdctl.generators import Source, teacher_source
     from dmdctl.core.sampling import heun_nfe
     from dmdctl.teachers import resolve_teacher
 

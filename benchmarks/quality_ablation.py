@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 from dmdctl.commands.make_pairs import make_pairs  # noqa: E402
 from dmdctl.commands.train_teacher import train_teacher  # noqa: E402
-from dmdctl.core.generator import load_generator, teacher_source  # noqa: E402
+from dmdctl.generators import load_generator, teacher_source  # noqa: E402
 from dmdctl.metrics.evaluate import evaluate  # noqa: E402
 from dmdctl.metrics.intervals import compare_intervals, hull  # noqa: E402
 from dmdctl.metrics.quality import score_features, score_floor, training_reference  # noqa: E402

@@ -6,9 +6,9 @@ from safetensors.torch import load_file
 
 import dmdctl.training.loop as dd
 from cli_helpers import distill_config
-from dmdctl.core.generator import load_generator
 from dmdctl.core.sampling import seeded_noise
 from dmdctl.errors import UserError
+from dmdctl.generators import load_generator
 from dmdctl.teachers import load_teacher
 from dmdctl.training.loop import distill
 

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from cli_helpers import distill_config, ok, one_line_error, run
 from dmdctl.core.denoiser import StepGenerator
 from dmdctl.core.gan import GANHead, tap
-from dmdctl.core.generator import generate, load_generator
 from dmdctl.core.sampling import seeded_noise_draws
 from dmdctl.errors import UserError
+from dmdctl.generators import generate, load_generator
 from dmdctl.settings.distill import DistillConfig
 from dmdctl.teachers import load_teacher
 from dmdctl.training.loop import distill

@@ -450,7 +450,7 @@ def test_cifar_shaped_dmd2_with_gan_and_backward_simulation_survives_sigkill(tmp
     import numpy as np
 
     from cli_helpers import PROCESS_ENV
-    from dmdctl.core.generator import load_generator
+    from dmdctl.generators import load_generator
     from dmdctl.training import checkpoint as ck
 
     pkl, _ = edm_pickle(tmp_path, CIFAR_SHAPED, name="edm-cifar10-like.pkl")

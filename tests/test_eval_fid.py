@@ -96,17 +96,17 @@ def test_fid_and_clip_score_of_a_text_to_image_generator_in_one_command(
     a reference made from images of other seeds, both routes give the same FID."""
     import torch.nn.functional as F
 
-    import dmdctl.metrics.evaluate as evaluation
     from cli_helpers import ok, run
-    from dmdctl.core.generator import save_generator
+    from dmdctl.generators import save_generator
+    from dmdctl.metrics import collect
     from dmdctl.metrics.inception import InceptionFeatures
     from dmdctl.teachers import resolve_teacher
 
     # 6 images cannot give an Inception FID (2,049 are needed), and a random Inception maps
     # every image to about the same point: the wiring is what is tested, so the features here
     # are the network's input pooled to 2,048 numbers (tests/test_inception.py tests Inception)
-    monkeypatch.setattr(evaluation, "_check_sample_count", lambda *a: None)
-    monkeypatch.setattr(evaluation, "COMPARABLE_SAMPLES", 0)
+    monkeypatch.setattr(collect, "check_sample_count", lambda *a: None)
+    monkeypatch.setattr(collect, "COMPARABLE_SAMPLES", 0)
     monkeypatch.setattr(
         InceptionFeatures,
         "_run",

@@ -2,14 +2,15 @@
 run's generator back."""
 
 import json
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from cli_helpers import distill_config
 from dmdctl.commands.export import export
-from dmdctl.core.generator import load_generator
 from dmdctl.core.sampling import seeded_noise
+from dmdctl.generators import load_generator
 from dmdctl.settings.export import ExportConfig
 from dmdctl.training.loop import distill
 
@@ -39,3 +40,25 @@ def test_export_loads_with_safetensors_alone_and_reproduces_the_generator(
         )
     )
     assert not torch.equal(load_generator(raw)(z), exported(z))
+
+
+def test_model_cards_name_the_teacher_the_run_used():
+    """A run from a local pipeline folder names that folder (as its generator file records it),
+    not a preset; a run that named a preset names the pipeline and the preset."""
+    from dmdctl.teachers.sd.generate import lora_model_card, model_card
+    from dmdctl.training.lora import LoraSpec
+
+    folder = "/data/pipelines/my-sdxl"
+    spec = LoraSpec(4, 8.0, ("to_q", "to_k"))
+    for train_config, expect in [
+        ({"teacher": None, "teacher_path": "./my-sdxl"}, f"`{folder}` ("),
+        ({"teacher": "sd", "teacher_path": "./my-sdxl"}, f"`{folder}` ("),
+        ({"teacher": "sdxl", "teacher_path": "./my-sdxl"}, f"`{folder}` (dmdctl preset `sdxl`)"),
+    ]:
+        full = model_card(folder, "ab" * 32, train_config, Path("out"), [999], "sdxl")
+        assert f"Distilled from {expect}" in full.replace("\n", " "), full
+        lora = lora_model_card(
+            folder, "ab" * 32, train_config, "out", [999], spec, {"arch": "sdxl"}
+        )
+        assert f"on the UNet of {expect}" in lora.replace("\n", " "), lora
+        assert "Distilled from `sdxl`" not in full

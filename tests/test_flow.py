@@ -26,8 +26,9 @@ def test_flow_denoiser_is_exact_in_sigma_space():
     """x_sigma = x_t / (1 - t), sigma = t / (1 - t): D(x_sigma, sigma) = x_t - t v(x_t, t); at
     sigma = inf the input is x_1 itself; the fake score's weight makes the loss the velocity
     MSE; the training grid is the shifted i / levels; steps are given as t values."""
-    from dmdctl.core.denoiser import FlowDenoiser, StepGenerator, flow_shift
+    from dmdctl.core.denoiser import FlowDenoiser, StepGenerator
     from dmdctl.core.losses import edm_denoising_loss
+    from dmdctl.core.sampling import flow_shift
 
     d = FlowDenoiser(Linear(), shift=3.0, levels=10)
     x_t = torch.randn(3, 2)
@@ -58,7 +59,7 @@ def test_flow_denoiser_is_exact_in_sigma_space():
 def test_toy2d_flow_from_train_teacher_to_sample(tmp_path):
     """train-teacher toy2d-flow, make-pairs (Heun on the flow ODE), distill (generator at t = 1)
     and sample through the CLI; a few-step flow generator too."""
-    from dmdctl.core.generator import load_generator
+    from dmdctl.generators import load_generator
     from dmdctl.teachers import load_teacher
 
     ok(run("train-teacher", "toy2d-flow", "--out", tmp_path / "t", "--steps", 200))
@@ -86,7 +87,7 @@ def test_toy2d_flow_from_train_teacher_to_sample(tmp_path):
 
 @pytest.mark.slow  # ~70 s: a full teacher (8000 steps) and a full distillation (2000 steps)
 def test_toy2d_flow_distils_to_a_one_step_generator_that_covers_every_mode(tmp_path):
-    from dmdctl.core.generator import load_generator
+    from dmdctl.generators import load_generator
     from dmdctl.teachers import load_teacher
 
     ok(run("train-teacher", "toy2d-flow", "--out", tmp_path / "t"))

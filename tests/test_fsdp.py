@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from cli_helpers import PROCESS_ENV
 from dmdctl.commands.export import export
-from dmdctl.core.generator import load_generator
+from dmdctl.generators import load_generator
 from dmdctl.settings.export import ExportConfig
 
 LAUNCHED = Path(__file__).with_name("test_multiprocess.py")  # runs a list of dmdctl commands

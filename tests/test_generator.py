@@ -1,4 +1,4 @@
-"""Generator files and sample sources (dmdctl.core.generator): the file format other tools read,
+"""Generator files and sample sources (dmdctl.generators): the file format other tools read,
 one seed giving one sample whatever the batch, and the mix-ups refused with one line."""
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 from safetensors import safe_open
 
 from dmdctl.core.denoiser import OneStepGenerator
-from dmdctl.core.generator import generate, load_generator, save_generator, teacher_source
 from dmdctl.errors import UserError
+from dmdctl.generators import generate, load_generator, save_generator, teacher_source
 from dmdctl.teachers import load_teacher
 
 

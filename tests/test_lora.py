@@ -35,7 +35,7 @@ def test_lora_run_trains_adapters_only_resumes_exactly_and_exports(sd_pipe, prom
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
     import dmdctl.training.loop as dd
-    from dmdctl.core.generator import load_generator
+    from dmdctl.generators import load_generator
     from dmdctl.teachers import resolve_teacher
     from dmdctl.teachers.sd.generate import text_to_image
 
@@ -229,7 +229,7 @@ def test_bf16_lora_file_merges_into_the_teachers_own_weights(sd_pipe, prompts_fi
     LoRA loaded (stock diffusers), as a checkpoint's export does."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    from dmdctl.core.generator import load_generator
+    from dmdctl.generators import load_generator
     from dmdctl.teachers.sd.generate import text_to_image
 
     run_dir = tmp_path / "run"

@@ -171,7 +171,7 @@ def test_sd_end_to_end_export_runs_in_stock_diffusers(sd_pipe, prompts_file, tmp
     reproduces `dmdctl sample` for the same noise."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    from dmdctl.core.generator import load_generator
+    from dmdctl.generators import load_generator
     from dmdctl.teachers.sd.generate import text_to_image
 
     pairs, run_dir = tmp_path / "pairs", tmp_path / "run"
@@ -380,8 +380,8 @@ def test_sd_gan_on_a_real_store_and_a_4_step_export(sd_pipe, prompts_file, tmp_p
     the same seeds."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    from dmdctl.core.generator import load_generator
     from dmdctl.data.real import open_real_store
+    from dmdctl.generators import load_generator
     from dmdctl.teachers import resolve_teacher
     from dmdctl.teachers.sd.generate import text_to_image
 

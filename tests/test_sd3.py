@@ -155,7 +155,7 @@ def test_sd3_distills_and_exports_to_stock_diffusers(
     in StableDiffusion3Pipeline."""
     from diffusers import StableDiffusion3Pipeline
 
-    from dmdctl.core.generator import load_generator
+    from dmdctl.generators import load_generator
     from dmdctl.teachers.sd.generate import step_scheduler, text_to_image
 
     run_dir = tmp_path / "run"
@@ -240,7 +240,7 @@ def test_no_t5_is_recorded_and_followed_by_sample_and_export(
     from diffusers import StableDiffusion3Pipeline
     from safetensors.torch import load_file
 
-    from dmdctl.core.generator import load_generator
+    from dmdctl.generators import load_generator
     from dmdctl.teachers.sd.generate import text_to_image
 
     run_dir = tmp_path / "run"
@@ -304,7 +304,7 @@ def test_an_sd35_style_transformer_distils_and_exports(prompts_file, tmp_path):
     medium) on a tiny pipeline: a one-step run exports and reproduces `dmdctl sample`."""
     from diffusers import StableDiffusion3Pipeline
 
-    from dmdctl.core.generator import load_generator
+    from dmdctl.generators import load_generator
     from dmdctl.teachers.sd.generate import text_to_image
     from dmdctl.teachers.sd.testing import build_sd3_pipeline
 

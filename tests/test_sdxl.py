@@ -140,7 +140,7 @@ def test_sdxl_dmd2_4_step_gan_run_exports_to_stock_diffusers(xl_pipe, prompts_fi
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    from dmdctl.core.generator import load_generator
+    from dmdctl.generators import load_generator
     from dmdctl.teachers.sd.generate import text_to_image
 
     real = real_store(captioned_images(tmp_path / "real"), xl_pipe)
@@ -229,7 +229,7 @@ def test_sdxl_lora_run_exports_adapters_and_a_merged_pipeline(xl_pipe, prompts_f
     import tomllib
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
 
-    from dmdctl.core.generator import load_generator
+    from dmdctl.generators import load_generator
     from dmdctl.teachers.sd.generate import text_to_image
 
     run_dir = tmp_path / "run"

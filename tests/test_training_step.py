@@ -204,8 +204,8 @@ def test_a_few_hundred_toy2d_steps_beat_the_one_step_teacher(toy_teacher, heun_p
     samples within 3 std of a mode than the teacher's own one-step sample, which collapses onto
     the data mean (0.02). Measured on this CPU for seeds 0/1/2: 0.21/0.24/0.09 after 400 steps;
     with the real and fake scores swapped: 0.002/0.0005/0.0005 (~8 s a run)."""
-    from dmdctl.core.generator import load_generator
     from dmdctl.core.sampling import seeded_noise
+    from dmdctl.generators import load_generator
     from dmdctl.teachers import load_teacher
     from dmdctl.training.loop import distill
 

@@ -1,7 +1,8 @@
-"""File helpers shared by every command: hashes and atomic writes."""
+"""File helpers shared by every command: hashes, atomic writes, the reason a write failed."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -15,6 +16,17 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def describe_os_error(e: BaseException) -> str:
+    """A short reason for a failed write, with a hint when the disk is full."""
+    if isinstance(e, OSError):
+        reason = e.strerror or str(e)
+        if e.errno == errno.ENOSPC:
+            reason += " (free some space first)"
+        return reason
+    text = str(e)  # safetensors reports I/O errors as SafetensorError
+    return text + (" (free some space first)" if "No space left" in text else "")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

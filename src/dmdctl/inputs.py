@@ -35,7 +35,7 @@ def check_teacher_path(path: str | None, teacher: str | None = None) -> None:
     """
     if path is None:
         return
-    from dmdctl.teachers.sd.kind import is_sd_name
+    from dmdctl.teachers import is_sd_name
     from dmdctl.teachers.sd.pipeline import is_pipeline_folder, looks_like_hub_id
 
     p = Path(path)

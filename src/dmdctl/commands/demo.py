@@ -21,7 +21,7 @@ from dmdctl.commands.export import export
 from dmdctl.commands.make_pairs import make_pairs
 from dmdctl.commands.train_teacher import train_teacher
 from dmdctl.config import resolve, write_config
-from dmdctl.core.generator import Source, generate, load_generator, teacher_source
+from dmdctl.generators import Source, generate, load_generator, teacher_source
 from dmdctl.metrics.evaluate import evaluate
 from dmdctl.metrics.quality import score_floor
 from dmdctl.settings.demo import DMD2_4STEP_SIGMAS, DMD2_FAKE_UPDATES, DMD2_RUN, DemoConfig

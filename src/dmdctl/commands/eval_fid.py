@@ -29,7 +29,8 @@ def score_prompts(cfg: EvalFidConfig) -> dict:
     from dmdctl.commands.clip_score import clip_score_folder
     from dmdctl.commands.sample import sample
     from dmdctl.errors import require
-    from dmdctl.metrics.evaluate import evaluate, write_json
+    from dmdctl.metrics.collect import write_json
+    from dmdctl.metrics.evaluate import evaluate
     from dmdctl.runtime import launched_processes
     from dmdctl.settings.clip_score import ClipScoreConfig
     from dmdctl.settings.sample import SampleConfig

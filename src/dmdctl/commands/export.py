@@ -1,4 +1,8 @@
-"""``dmdctl export``: the (EMA) generator of a run or checkpoint as one safetensors file."""
+"""``dmdctl export``: the (EMA) generator of a run or checkpoint as one safetensors file, a
+diffusers pipeline folder (``--format diffusers``) or a LoRA run's adapters (``--format lora``).
+
+The generator file format is ``dmdctl/generators.py``; the LoRA adapters ``training/lora.py``;
+what stock diffusers loads (pipelines, LoRA weights, model cards) ``teachers/sd/generate.py``."""
 
 from __future__ import annotations
 
@@ -7,10 +11,17 @@ import shutil
 from pathlib import Path
 
 from dmdctl.commands import show
-from dmdctl.core.generator import load_generator, save_generator
 from dmdctl.errors import UserError
+from dmdctl.generators import (
+    LORA_META_KEY,
+    generator_file_of,
+    generator_metadata,
+    load_generator,
+    read_adapters,
+    save_generator,
+)
 from dmdctl.settings.export import ExportConfig
-from dmdctl.teachers import GENERATOR_FORMAT, get_kind, read_metadata
+from dmdctl.teachers import get_kind
 from dmdctl.training import lora
 from dmdctl.training.checkpoint import (
     find_checkpoint,
@@ -26,26 +37,6 @@ def _checkpoint_of(source: Path) -> Path | None:
     if list_checkpoints(source / "checkpoints"):
         return find_checkpoint(source, "latest")
     return None
-
-
-def generator_file_of(source: Path, ema: bool) -> Path | None:
-    """The generator file an export reads: ``source`` itself, or a run folder's EMA generator
-    (not for a checkpoint folder, which holds its own generator.safetensors, nor for --no-ema,
-    which reads the checkpoint). None: export from a checkpoint."""
-    if source.is_file():
-        return source
-    run_file = source / "generator.safetensors"
-    if ema and run_file.is_file() and not (source / "state.json").is_file():
-        return run_file
-    return None
-
-
-def generator_metadata(path: Path) -> dict:
-    """A generator file's metadata (refused in one line when it is not one)."""
-    meta = read_metadata(path)
-    if meta.get("format") != GENERATOR_FORMAT:
-        raise UserError(f"{path} is not a dmdctl generator file")
-    return meta
 
 
 def _from_checkpoint(source: Path, ema: bool, teacher_path=None, offline=False):
@@ -72,7 +63,7 @@ def export(cfg: ExportConfig) -> dict:
     if cfg.format == "diffusers":
         return _export_diffusers(cfg, source, out)
     if cfg.format == "lora":
-        return lora.export(cfg, source, out)
+        return _export_lora(cfg, source, out)
     if source.is_file():
         generator_metadata(source)
         if source.resolve() != out.resolve():
@@ -113,7 +104,6 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
     """Stable Diffusion generators: a pipeline folder stock diffusers loads (see sd/generate.py)."""
     from dmdctl.teachers.sd.generate import export_diffusers
 
-    train_config = None
     path = generator_file_of(source, cfg.ema)
     if path is not None:
         meta = generator_metadata(path)
@@ -123,12 +113,8 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
                 f"--format diffusers is for Stable Diffusion generators; {path} holds a "
                 f"'{kind_name}' generator (use --format safetensors)"
             )
-        gen = load_generator(path)
-        denoiser, config, sha = gen.fn.denoiser, gen.config, meta["teacher_sha256"]
-        sigmas = gen.fn.sigmas
+        denoiser, config, sha, sigmas, train_config = _file_generator(path, meta)
         what = str(path)
-        if "train_config" in meta:
-            train_config = json.loads(meta["train_config"])
     else:
         ckpt = _checkpoint_of(source)
         if (
@@ -142,9 +128,8 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
         ckpt, state, denoiser = _from_checkpoint(source, cfg.ema, cfg.teacher_path, cfg.offline)
         if lora.is_lora_checkpoint(state):
             denoiser = lora.merged(denoiser)  # a full UNet
-        config, sha, what = state["teacher_config"], state["teacher_sha256"], str(ckpt)
-        train_config = state.get("config")
-        sigmas = state.get("generator_sigmas") or [denoiser.sigma_max]
+        config, sha, sigmas, train_config = _checkpoint_generator(state, denoiser)
+        what = str(ckpt)
     from dmdctl.teachers.sd.generate import PIPELINE_CLASSES, step_scheduler_name, usage_call
 
     arch = config.get("arch", "sd")
@@ -161,6 +146,83 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
         "scheduler": f"{scheduler} ({steps}, t={','.join(f'{t:g}' for t in timesteps)})",
         "usage": f"{PIPELINE_CLASSES[arch]}.from_pretrained('{folder}')"
         f"(prompt, {usage_call(timesteps, arch)})",
+    }
+
+
+def _file_generator(path: Path, meta: dict):
+    """(denoiser, teacher config, teacher sha256, step sigmas, training config) of a generator
+    file."""
+    gen = load_generator(path)
+    train_config = json.loads(meta["train_config"]) if "train_config" in meta else None
+    return gen.fn.denoiser, gen.config, meta["teacher_sha256"], gen.fn.sigmas, train_config
+
+
+def _checkpoint_generator(state: dict, denoiser):
+    """(teacher config, teacher sha256, step sigmas, training config) of a checkpoint."""
+    sigmas = state.get("generator_sigmas") or [denoiser.sigma_max]
+    return state["teacher_config"], state["teacher_sha256"], sigmas, state.get("config")
+
+
+def _no_adapters(what) -> UserError:
+    return UserError(
+        f"--format lora: {what} holds no LoRA adapters (a run without --lora-rank); "
+        "export it with --format diffusers or safetensors"
+    )
+
+
+def _export_lora(cfg: ExportConfig, source: Path, out: Path) -> dict:
+    """The adapters of a LoRA run's generator (its EMA generator file, or a checkpoint) as
+    ``pytorch_lora_weights.safetensors`` + README.md (for ``pipe.load_lora_weights``)."""
+    from dmdctl.teachers.sd.generate import (
+        PIPELINE_CLASSES,
+        lora_model_card,
+        step_scheduler_name,
+        usage_call,
+        write_diffusers_lora,
+    )
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not an empty folder; choose another --out")
+    path = generator_file_of(source, cfg.ema)
+    if path is not None:
+        meta = generator_metadata(path)
+        if LORA_META_KEY not in meta:
+            raise _no_adapters(path)
+        spec = lora.LoraSpec.from_meta(json.loads(meta[LORA_META_KEY]))
+        adapters = read_adapters(path)
+        denoiser, config, sha, sigmas, train_config = _file_generator(path, meta)
+        what = str(path)
+    else:
+        ckpt = _checkpoint_of(source)
+        if ckpt is None:
+            raise UserError(f"{source} holds no checkpoint (no state.json, no checkpoints/step-*)")
+        state, load = load_checkpoint(ckpt)
+        if not lora.is_lora_checkpoint(state):
+            raise _no_adapters(ckpt)
+        spec = lora.LoraSpec.from_meta(state["lora"]["generator"])
+        weights = load("ema" if cfg.ema else "generator")
+        denoiser = lora.checkpoint_network(state, weights, base=False)
+        adapters = lora.adapter_state(denoiser)
+        config, sha, sigmas, train_config = _checkpoint_generator(state, denoiser)
+        what = str(ckpt)
+    timesteps = denoiser.step_values(list(sigmas))
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    pipeline, arch = str(config.get("pipeline", "")), config.get("arch", "sd")
+    card = lora_model_card(pipeline, sha, train_config, out, timesteps, spec, config)
+    write_diffusers_lora(adapters, spec, tmp, card, arch)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    scheduler = step_scheduler_name(arch, timesteps)
+    return {
+        "out": str(out),
+        "from": what,
+        "format": "lora",
+        "lora": f"rank {spec.rank}, alpha {spec.alpha:g}, {len(adapters)} tensors",
+        "usage": f"{PIPELINE_CLASSES[arch]}.from_pretrained('{pipeline}'); scheduler {scheduler}; "
+        f"pipe.load_lora_weights('{out}'); pipe(prompt, {usage_call(timesteps, arch)})",
     }
 
 

@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 from dmdctl.commands import show
 from dmdctl.config import write_config
-from dmdctl.core.generator import generate, source_from
 from dmdctl.errors import UserError, require
+from dmdctl.generators import generate, source_from
 from dmdctl.runtime import is_main_launch_process, pick_device
 from dmdctl.settings.sample import DEFAULT_NUM, SampleConfig
 from dmdctl.ui import progress

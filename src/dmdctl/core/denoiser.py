@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from dmdctl.core.sampling import dmd_sigma_grid, flow_shift, seeded_noise_draws
+
 
 def edm_scalings(sigma: torch.Tensor, sigma_data: float):
     """EDM preconditioning (Karras et al. 2022, Table 1): c_skip, c_out, c_in, c_noise."""
@@ -101,8 +103,6 @@ class Denoiser(nn.Module):
         return fn()
 
     def training_sigmas(self, levels: int) -> torch.Tensor:
-        from dmdctl.core.sampling import dmd_sigma_grid
-
         return dmd_sigma_grid(self.sigma_min, self.sigma_max, levels)
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -135,11 +135,6 @@ class EDMPrecond(Denoiser):
         dtype = x.dtype
         f = self.backbone((c_in * x).to(dtype), c_noise.flatten(), cond)
         return (c_skip * x + c_out * f.to(torch.float32)).to(dtype)
-
-
-def flow_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """The timestep shift of flow-matching schedules (SD3: 3.0): ``s t / (1 + (s - 1) t)``."""
-    return shift * t / (1 + (shift - 1) * t)
 
 
 class FlowDenoiser(Denoiser):
@@ -271,8 +266,6 @@ class StepGenerator(nn.Module):
 
     def sample(self, seeds, cond, shape, device) -> torch.Tensor:
         """Samples for the given seeds (each seed's RNG draws its noise, then each step's)."""
-        from dmdctl.core.sampling import seeded_noise_draws
-
         noise = seeded_noise_draws(seeds, shape, self.num_steps, device)
         return self(noise[0], cond, noise[1:])
 

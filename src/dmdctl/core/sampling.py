@@ -126,11 +126,14 @@ class HeunSampler:
         return heun_sample(self.denoiser, z, self.sigmas, cond)
 
 
+def flow_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The timestep shift of flow-matching schedules (SD3: 3.0): ``s t / (1 + (s - 1) t)``."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
 def flow_times(num_steps: int, shift: float = 1.0) -> torch.Tensor:
     """``num_steps`` decreasing times from 1 (pure noise), uniform before the shift, then 0
     (float64), as diffusers' FlowMatchEulerDiscreteScheduler spaces them."""
-    from dmdctl.core.denoiser import flow_shift
-
     if num_steps < 1:
         raise ValueError("num_steps must be >= 1")
     t = torch.arange(num_steps, 0, -1, dtype=torch.float64) / num_steps

@@ -111,16 +111,11 @@ def store_identity(teacher) -> dict:
     shape = [int(s) for s in teacher.sample_shape]
     if not teacher.codec.latent:
         return {"resolution": shape[-1], "channels": shape[0]}
-    from dmdctl.teachers.sd.pipeline import _weights_file
-
     cfg = teacher.config
-    vae = Path(teacher.folder) / "vae"
-    weights = _weights_file(Path(teacher.folder), "vae").resolve()
+    config, weights = (f.resolve() for f in teacher.vae_files())
     st = weights.stat()
     return {
-        "vae_sha256": _vae_sha256(
-            (vae / "config.json").resolve(), weights, (st.st_size, st.st_mtime_ns)
-        ),
+        "vae_sha256": _vae_sha256(config, weights, (st.st_size, st.st_mtime_ns)),
         "resolution": int(cfg["resolution"]),
         "scaling_factor": float(cfg["scaling_factor"]),
         "shift_factor": float(cfg.get("shift_factor") or 0.0),

@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 
 from dmdctl.errors import UserError
-from dmdctl.files import atomic_write_bytes, sha256_file
+from dmdctl.files import atomic_write_bytes, describe_os_error, sha256_file
 
 MANIFEST = "manifest.json"
 PROGRESS = ".progress"
@@ -32,8 +32,6 @@ PROGRESS = ".progress"
 def write_failed(
     path: Path, e: BaseException, again: str = "run the same command again"
 ) -> UserError:
-    from dmdctl.training.checkpoint import describe_os_error
-
     return UserError(
         f"could not write {path}: {describe_os_error(e)}; {again} to continue after the last "
         "complete shard"

@@ -8,7 +8,6 @@ file alone is enough to rebuild the network.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,10 +15,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 from torch import nn
 
-from dmdctl.core.codec import IdentityCodec
 from dmdctl.errors import UserError
 from dmdctl.files import atomic_save_safetensors, sha256_file
-from dmdctl.teachers.base import TeacherKind
+from dmdctl.teachers.base import Teacher, TeacherKind
 from dmdctl.teachers.digits import Digits
 from dmdctl.teachers.edm.kind import EDM
 from dmdctl.teachers.sd.kind import StableDiffusion
@@ -90,6 +88,11 @@ def _local_pipeline_arch(source: str) -> str | None:
         return None
 
 
+def is_sd_name(name: str | None) -> bool:
+    """Whether ``--teacher`` names the Stable Diffusion kind or one of its presets."""
+    return name is not None and get_kind(name).name == StableDiffusion.name
+
+
 def preset_config(name: str) -> tuple[TeacherKind, dict]:
     kind = get_kind(name)
     table = presets()
@@ -102,62 +105,6 @@ def preset_source(name: str) -> SourceCheckpoint | None:
     gives no length or it has none (the value is then ours)."""
     _, cfg = preset_config(name)
     return cfg.get("source") or cfg.get("recipe", {}).get("source")
-
-
-class OfKind:
-    """Something made of a teacher kind and its network config (a teacher, a generator): the
-    shape of one sample and the number of classes follow from the two."""
-
-    kind: TeacherKind
-    config: dict
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return tuple(self.kind.sample_shape(self.config))
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.kind.num_classes(self.config))
-
-
-@dataclass
-class Teacher(OfKind):
-    """A loaded teacher: its denoiser and everything the commands need to know about it."""
-
-    kind: TeacherKind
-    config: dict
-    denoiser: nn.Module
-    path: Path | None = None
-    sha256: str = ""
-
-    @property
-    def text_conditioned(self) -> bool:
-        """Text-to-image teachers take prompt embeddings; the others class labels (or nothing)."""
-        return self.kind.text_to_image
-
-    @property
-    def name(self) -> str:
-        return self.kind.name
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.denoiser.sigma_min)
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.denoiser.sigma_max)
-
-    @property
-    def codec(self):
-        return IdentityCodec()
-
-    def identity(self) -> dict:
-        return {
-            "kind": self.name,
-            "path": str(self.path) if self.path else None,
-            "sha256": self.sha256,
-            "config": self.config,
-        }
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -180,9 +127,7 @@ def load_state(path: Path, expected_format: str) -> tuple[dict, dict[str, torch.
             f"{path} is not {what.get(expected_format, expected_format)} file "
             f"(its metadata says format={fmt!r})"
         )
-    from dmdctl.training.lora import without_adapters  # a LoRA generator's adapter tensors
-
-    return meta, without_adapters(load_file(str(path)))
+    return meta, load_file(str(path))
 
 
 def save_network(
@@ -202,7 +147,13 @@ def save_network(
 
 def load_network(path: Path, fmt: str) -> tuple[dict, TeacherKind, dict, nn.Module]:
     """(metadata, kind, config, denoiser with the file's weights) of a file from :func:`save_network`."""
-    meta, state = load_state(path, fmt)
+    return build_network(path, *load_state(path, fmt))
+
+
+def build_network(
+    path: Path, meta: dict, state: dict[str, torch.Tensor]
+) -> tuple[dict, TeacherKind, dict, nn.Module]:
+    """(metadata, kind, config, denoiser with ``state``) of a file's metadata and weights."""
     kind = get_kind(meta["kind"])
     config = json.loads(meta["config"])
     denoiser = kind.build(config)
@@ -259,7 +210,8 @@ def resolve_teacher(
         from dmdctl.teachers.sd.teacher import load_sd_teacher
 
         preset = teacher if teacher is not None and teacher != StableDiffusion.name else None
-        return load_sd_teacher(str(teacher_path), offline, preset, no_t5)
+        kind = KINDS[StableDiffusion.name]
+        return load_sd_teacher(str(teacher_path), kind, offline, preset, no_t5)
     if teacher_path is None:
         if teacher is None:
             raise UserError(

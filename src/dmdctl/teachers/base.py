@@ -1,11 +1,14 @@
-"""What a teacher kind provides to the commands."""
+"""What a teacher kind provides to the commands, and a loaded teacher."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from dmdctl.core.codec import IdentityCodec
 
 
 class TeacherKind:
@@ -83,3 +86,59 @@ class TeacherKind:
     ) -> Path:
         """One PNG with a panel per (title, samples); ``labels`` are the samples' classes."""
         raise NotImplementedError
+
+
+class OfKind:
+    """Something made of a teacher kind and its network config (a teacher, a generator): the
+    shape of one sample and the number of classes follow from the two."""
+
+    kind: TeacherKind
+    config: dict
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.kind.sample_shape(self.config))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.kind.num_classes(self.config))
+
+
+@dataclass
+class Teacher(OfKind):
+    """A loaded teacher: its denoiser and everything the commands need to know about it."""
+
+    kind: TeacherKind
+    config: dict
+    denoiser: nn.Module
+    path: Path | None = None
+    sha256: str = ""
+
+    @property
+    def text_conditioned(self) -> bool:
+        """Text-to-image teachers take prompt embeddings; the others class labels (or nothing)."""
+        return self.kind.text_to_image
+
+    @property
+    def name(self) -> str:
+        return self.kind.name
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.denoiser.sigma_min)
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.denoiser.sigma_max)
+
+    @property
+    def codec(self):
+        return IdentityCodec()
+
+    def identity(self) -> dict:
+        return {
+            "kind": self.name,
+            "path": str(self.path) if self.path else None,
+            "sha256": self.sha256,
+            "config": self.config,
+        }

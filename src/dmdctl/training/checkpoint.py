@@ -11,7 +11,6 @@ Also here: the resume checks (config differences, trimming a log to the checkpoi
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -23,20 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dmdctl.errors import UserError
-from dmdctl.files import atomic_write_bytes
+from dmdctl.files import atomic_write_bytes, describe_os_error
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def describe_os_error(e: BaseException) -> str:
-    """A short reason for a failed write, with a hint when the disk is full."""
-    if isinstance(e, OSError):
-        reason = e.strerror or str(e)
-        if e.errno == errno.ENOSPC:
-            reason += " (free some space first)"
-        return reason
-    text = str(e)  # safetensors reports I/O errors as SafetensorError
-    return text + (" (free some space first)" if "No space left" in text else "")
 
 
 def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -18,9 +18,10 @@ from accelerate.utils import InitProcessGroupKwargs
 from safetensors import SafetensorError
 
 from dmdctl.config import write_config
-from dmdctl.core.generator import save_generator
 from dmdctl.core.lpips_loss import RANDOM_BACKBONE_NOTE
 from dmdctl.errors import DataError, UserError
+from dmdctl.files import describe_os_error
+from dmdctl.generators import save_generator
 from dmdctl.inputs import resolve_input_paths
 from dmdctl.runtime import (
     PROCESS_GROUP_TIMEOUT,
@@ -38,7 +39,6 @@ from dmdctl.teachers.source import run_length_line
 from dmdctl.training.checkpoint import (
     append_line,
     config_differences,
-    describe_os_error,
     find_checkpoint,
     list_checkpoints,
     read_checkpoint_state,
@@ -86,8 +86,9 @@ def plot_samples(trainer: DMDTrainer, path: Path) -> Path | None:
 
 def evaluate_generator(trainer: DMDTrainer) -> dict:
     """FID (and the kind's quality metrics) of the current EMA generator, for FID-vs-step curves."""
-    from dmdctl.core.generator import Source
-    from dmdctl.metrics.evaluate import EvalFidConfig, evaluate
+    from dmdctl.generators import Source
+    from dmdctl.metrics.evaluate import evaluate
+    from dmdctl.settings.eval_fid import EvalFidConfig
 
     t = trainer.teacher
     g = trainer.ema_generator()

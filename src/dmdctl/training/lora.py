@@ -7,9 +7,10 @@ precision); only the adapters train, and only they go to the optimiser, the EMA 
 checkpoints (the base is rebuilt from the teacher on resume).
 
 A generator file of a LoRA run holds the merged UNet (what ``sample``, ``eval-fid`` and
-``export --format diffusers`` read, unchanged) and, under :data:`ADAPTER_PREFIX`, the adapter
-tensors in peft's layout with the LoRA config in the metadata (what ``export --format lora``
-writes for ``pipe.load_lora_weights``).
+``export --format diffusers`` read, unchanged) and, under ``generators.ADAPTER_PREFIX``, the
+adapter tensors in peft's layout with the LoRA config in the metadata (the file format:
+``dmdctl/generators.py``; ``export --format lora`` writes them for ``pipe.load_lora_weights``:
+``commands/export.py``, ``teachers/sd/generate.py``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,7 @@ import torch
 from torch import nn
 
 from dmdctl.errors import UserError
-
-# generator files: the adapter tensors' keys start with this (the loaders drop them)
-ADAPTER_PREFIX = "lora_adapter."
-META_KEY = "lora"  # generator-file metadata: {"rank", "alpha", "targets"} as JSON
+from dmdctl.generators import ADAPTER_PREFIX, LORA_META_KEY
 
 
 @dataclass(frozen=True)
@@ -183,46 +181,10 @@ class GeneratorFileState(nn.Module):
 
 
 def file_metadata(spec: LoraSpec) -> dict[str, str]:
-    return {META_KEY: json.dumps(spec.as_meta())}
+    return {LORA_META_KEY: json.dumps(spec.as_meta())}
 
 
-def without_adapters(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A generator file's network weights (its adapter tensors left out)."""
-    return {k: v for k, v in state.items() if not k.startswith(ADAPTER_PREFIX)}
-
-
-def write_diffusers_lora(
-    adapters: dict[str, torch.Tensor], spec: LoraSpec, out, card: str, arch: str = "sd"
-) -> None:
-    """``out/pytorch_lora_weights.safetensors`` (diffusers' own writer for the teacher's pipeline
-    class, with the LoRA config as its metadata so ``load_lora_weights`` applies alpha/rank) and
-    a README.md."""
-    import inspect
-
-    import diffusers
-
-    from dmdctl.teachers.sd.generate import NETWORK_PARTS, PIPELINE_CLASSES
-
-    pipeline_cls = getattr(diffusers, PIPELINE_CLASSES[arch])
-    part = NETWORK_PARTS[arch]  # what the adapters are on
-    if (
-        f"{part}_lora_adapter_metadata"
-        not in inspect.signature(pipeline_cls.save_lora_weights).parameters
-    ):  # without it the file would not carry alpha (diffusers would assume = rank)
-        raise UserError(
-            "--format lora needs a newer diffusers (save_lora_weights with "
-            "unet_lora_adapter_metadata): pip install -U diffusers"
-        )
-    meta = spec.peft_config().to_dict()
-    pipeline_cls.save_lora_weights(
-        str(out),
-        **{f"{part}_lora_layers": adapters, f"{part}_lora_adapter_metadata": meta},
-        safe_serialization=True,
-    )
-    (out / "README.md").write_text(card)
-
-
-# --- networks of a LoRA checkpoint, and `export --format lora` ---------------------------------
+# --- the network of a LoRA checkpoint ----------------------------------------------------------
 def is_lora_checkpoint(state: dict) -> bool:
     return bool((state.get("lora") or {}).get("generator"))
 
@@ -261,136 +223,3 @@ def checkpoint_network(
     except RuntimeError as e:
         raise UserError(f"the checkpoint's adapters do not fit its LoRA settings ({e})") from None
     return denoiser.eval().requires_grad_(False)
-
-
-def model_card(
-    pipeline: str, teacher_sha256: str, train_config: dict | None, out, timesteps, spec, config
-) -> str:
-    from dmdctl.teachers.sd.generate import (
-        PIPELINE_CLASSES,
-        describe_steps,
-        no_t5_text,
-        step_scheduler_name,
-        usage_call,
-    )
-
-    arch = config.get("arch", "sd")
-    cls = PIPELINE_CLASSES[arch]
-    scheduler = step_scheduler_name(arch, timesteps)
-    net = "transformer" if arch == "sd3" else "UNet"
-    cfg = json.dumps(train_config or {}, indent=2, sort_keys=True)
-    k = len(timesteps)
-    tag = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "stable-diffusion-3"}
-    return f"""---
-library_name: diffusers
-base_model: {pipeline}
-tags: [lora, {tag[arch]}, distillation, dmd, {"one-step" if k == 1 else "few-step"}]
----
-
-# LoRA for a {"one" if k == 1 else str(k)}-step generator distilled with dmdctl (DMD)
-
-LoRA adapters (rank {spec.rank}, alpha {spec.alpha:g}) on the {net} of `{pipeline}` (pipeline
-identity sha256 `{teacher_sha256}`), trained with Distribution Matching Distillation (Yin et al.,
-CVPR 2024; DMD2, NeurIPS 2024). With them the {net} maps pure noise to an image
-{describe_steps(arch, timesteps, scheduler)}.
-
-## Usage
-
-```python
-import torch
-from diffusers import {scheduler}, {cls}
-
-pipe = {cls}.from_pretrained("{pipeline}",{no_t5_text(config)} torch_dtype=torch.float16).to("cuda")
-pipe.scheduler = {scheduler}.from_config(pipe.scheduler.config{", shift=1.0" if scheduler == "FlowMatchLCMScheduler" else ""})
-pipe.load_lora_weights("{out}")
-image = pipe("a photo of a cat", {usage_call(list(timesteps), arch)}).images[0]
-```
-
-Use `guidance_scale=0`: guidance was distilled into the generator. `dmdctl sample` with this
-run's generator file gives the same images for the same seeds
-(`generator=torch.Generator().manual_seed(seed)`, one prompt per call).
-
-Target modules: {", ".join(spec.targets)}.
-
-## Training configuration
-
-```json
-{cfg}
-```
-"""
-
-
-def export(cfg, source, out) -> dict:
-    """``dmdctl export --format lora``: the adapters of a LoRA run's generator (its EMA
-    generator file, or a checkpoint) as ``pytorch_lora_weights.safetensors`` + README.md."""
-    import shutil
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    from dmdctl.commands.export import _checkpoint_of, generator_file_of, generator_metadata
-    from dmdctl.core.generator import load_generator
-    from dmdctl.training.checkpoint import load_checkpoint
-
-    source, out = Path(source), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out} exists and is not an empty folder; choose another --out")
-    train_config = None
-    path = generator_file_of(source, cfg.ema)
-    if path is not None:
-        meta = generator_metadata(path)
-        if META_KEY not in meta:
-            raise UserError(
-                f"--format lora: {path} holds no LoRA adapters (a run without --lora-rank); "
-                "export it with --format diffusers or safetensors"
-            )
-        spec = LoraSpec.from_meta(json.loads(meta[META_KEY]))
-        with safe_open(str(path), framework="pt") as f:
-            adapters = {
-                k[len(ADAPTER_PREFIX) :]: f.get_tensor(k)
-                for k in f.keys()
-                if k.startswith(ADAPTER_PREFIX)
-            }
-        gen = load_generator(path)
-        denoiser, config, sha = gen.fn.denoiser, gen.config, meta["teacher_sha256"]
-        sigmas = gen.fn.sigmas
-        train_config = json.loads(meta["train_config"]) if "train_config" in meta else None
-        what = str(path)
-    else:
-        ckpt = _checkpoint_of(source)
-        if ckpt is None:
-            raise UserError(f"{source} holds no checkpoint (no state.json, no checkpoints/step-*)")
-        state, load = load_checkpoint(ckpt)
-        if not is_lora_checkpoint(state):
-            raise UserError(
-                f"--format lora: {ckpt} holds no LoRA adapters (a run without --lora-rank); "
-                "export it with --format diffusers or safetensors"
-            )
-        spec = LoraSpec.from_meta(state["lora"]["generator"])
-        denoiser = checkpoint_network(state, load("ema" if cfg.ema else "generator"), base=False)
-        adapters = adapter_state(denoiser)
-        config, sha = state["teacher_config"], state["teacher_sha256"]
-        sigmas = state.get("generator_sigmas") or [denoiser.sigma_max]
-        train_config = state.get("config")
-        what = str(ckpt)
-    timesteps = denoiser.step_values(list(sigmas))
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    pipeline, arch = str(config.get("pipeline", "")), config.get("arch", "sd")
-    card = model_card(pipeline, sha, train_config, out, timesteps, spec, config)
-    write_diffusers_lora(adapters, spec, tmp, card, arch)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    from dmdctl.teachers.sd.generate import PIPELINE_CLASSES, step_scheduler_name, usage_call
-
-    scheduler = step_scheduler_name(arch, timesteps)
-    return {
-        "out": str(out),
-        "from": what,
-        "format": "lora",
-        "lora": f"rank {spec.rank}, alpha {spec.alpha:g}, {len(adapters)} tensors",
-        "usage": f"{PIPELINE_CLASSES[arch]}.from_pretrained('{pipeline}'); scheduler {scheduler}; "
-        f"pipe.load_lora_weights('{out}'); pipe(prompt, {usage_call(timesteps, arch)})",
-    }

@@ -86,25 +86,51 @@ class DMDTrainer:
     skipped_fake_updates: int = 0
 
     def __init__(self, cfg: DistillConfig, accelerator: Accelerator | None = None):
+        """Every check before anything is built or written, then the networks, in this order
+        (each step's order inside is kept: the weights and RNG draws follow it bit for bit)."""
         self.cfg = cfg
         if accelerator is None:
             _forget_other_precision(cfg.mixed_precision)
             accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
         self.acc = accelerator
-        acc = self.acc
+        # frozen networks run with their *weights* in the compute dtype (fp32 master weights stay
+        # with G and the fake); their schedule buffers stay fp32 (freeze_in_dtype)
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        self._load_teacher()  # checks: the teacher, its LoRA targets, batch sizes
+        self._open_sources()  # checks: steps, pairs, prompts, real data, their shards' sha256
+        self._load_lpips()
+        generator = self._build_generator(compute)  # with LoRA, sharding, its EMA
+        fake = self._build_fake(compute)  # with LoRA
+        # prompts: encoded in the step, or a small table computed once (the first write)
+        self._setup_conditions(self.acc, compute)
+        grid = self._freeze_teacher(compute)  # the real score; the DM loss's noise levels
+        self._layout_and_shard_fake(generator, fake)
+        head = self._build_gan_head(fake)
+        opts = self._make_optimisers(generator, fake, head)
+        self._prepare({"generator": generator, "fake": fake, "head": head}, opts)
+        self.ema_shadow_to(self.device)
+        self.grid = grid.float().to(self.device)
+        self.levels = len(grid)
+        self.lo, self.hi = dm_index_range(self.levels, cfg.min_step_frac, cfg.max_step_frac)
+        self.step = 0
+        self.out = Path(cfg.out)
+        self.initialised_from = self.init_from(cfg.init_from) if cfg.init_from else None
+
+    def _load_teacher(self) -> None:
+        """The teacher; --lora-rank / --fake-lora-rank (training/lora.py) refused here for
+        non-UNet teachers; the batch sizes split over the processes."""
+        cfg = self.cfg
         self.teacher = resolve_teacher(
             cfg.teacher,
             Path(cfg.teacher_path) if cfg.teacher_path else None,
             cfg.offline,
             cfg.no_t5,
         )
-        t = self.teacher
-        # --lora-rank / --fake-lora-rank (training/lora.py): refused here for non-UNet teachers
         self.lora, self.fake_lora = lora.specs(cfg)
         for spec in (self.lora, self.fake_lora):
             if spec is not None:
-                lora.check(t.denoiser, spec)
-        world = acc.num_processes
+                lora.check(self.teacher.denoiser, spec)
+        world = self.acc.num_processes
         require(
             cfg.batch_size % world == 0,
             f"--batch-size {cfg.batch_size} is not divisible by the {world} processes",
@@ -113,9 +139,12 @@ class DMDTrainer:
             cfg.pair_batch_size % world == 0,
             f"--pair-batch-size {cfg.pair_batch_size} is not divisible by the {world} processes",
         )
-        # every check comes before anything is built or written: the generator's steps, the
-        # sources a step draws from (opened by every process on its own, read by row), and
-        # their shards' sha256 (shared out between the processes)
+
+    def _open_sources(self) -> None:
+        """Every check comes before anything is built or written: the generator's steps, the
+        sources a step draws from (opened by every process on its own, read by row), and their
+        shards' sha256 (shared out between the processes)."""
+        cfg, t = self.cfg, self.teacher
         self.sigmas = generator_sigmas(cfg, t)
         self.guard = RowGuard(cfg.skip_bad_records)  # rows that turn bad inside the run
         self.pairs = None
@@ -134,105 +163,124 @@ class DMDTrainer:
                 functools.partial(self.real_data.verify, [k])
                 for k in range(self.real_data.num_shards)
             ]
-        check_together(acc, checks)
+        check_together(self.acc, checks)
+
+    def _load_lpips(self) -> None:
+        """--reg-loss lpips: refused for non-image teachers, loaded otherwise."""
+        cfg = self.cfg
         self.lpips = None
         if cfg.reg_weight > 0 and cfg.reg_loss == "lpips":
-            if len(t.sample_shape) != 3:
+            if len(self.teacher.sample_shape) != 3:
                 raise UserError(
                     "--reg-loss lpips needs image teachers; use l2 or pseudo-huber for this teacher"
                 )
             from dmdctl.core.lpips_loss import ImageLPIPS
 
             self.lpips = ImageLPIPS(cfg.lpips_net, cfg.lpips_random_backbone, cfg.lpips_size)
-            self.lpips.to(acc.device)
+            self.lpips.to(self.acc.device)
 
+    def _build_generator(self, compute: torch.dtype | None) -> StepGenerator:
+        """The generator, a copy of the teacher (LoRA: only the adapters train, the base frozen
+        in the compute dtype); --fsdp: sharded over the launch (training/sharding.py), its EMA
+        made from the sharded parameters."""
+        cfg, t, acc = self.cfg, self.teacher, self.acc
         self.device = acc.device
         self.sigma_data = float(t.denoiser.sigma_data)
         # the fake score's loss: the teacher's own training loss (EDM weighting, SD's eps-MSE)
         self.loss_weight = t.denoiser.loss_weight
-        # frozen networks run with their *weights* in the compute dtype (fp32 master weights stay
-        # with G and the fake); their schedule buffers stay fp32 (freeze_in_dtype)
-        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         generator = StepGenerator(
             copy.deepcopy(t.denoiser).requires_grad_(True).train(), self.sigmas
         )
-        # LoRA: only the adapters train (their names; the base frozen, in the compute dtype)
         self.gen_names = self.fake_names = None
         if self.lora:
             self.gen_names = lora.add_lora(generator.denoiser, self.lora, cfg.seed, compute)
         if cfg.grad_checkpointing:
             enable_checkpointing(generator.denoiser)
-        # --fsdp: the trained networks sharded over the launch (training/sharding.py); their
-        # optimisers and the EMA are made from the sharded parameters
         self.mesh = sharding.mesh(acc.device) if cfg.fsdp else None
         if self.mesh is not None:
             sharding.shard(generator.denoiser.to(acc.device), self.mesh)
         self.ema = EMA(self.trained_state(generator.denoiser), cfg.ema_decay)
-        adamw = optimizer_factory(cfg, acc.device)
-        opt_g = adamw(trainable(generator), cfg.lr)
+        return generator
+
+    def _build_fake(self, compute: torch.dtype | None) -> torch.nn.Module | None:
+        """The fake score, another copy of the teacher (its own LoRA adapters); None when the
+        run has no DM loss."""
+        cfg = self.cfg
         self.use_fake = cfg.dm_weight > 0 and not cfg.real_only
-        fake = None
-        if self.use_fake:
-            fake = copy.deepcopy(t.denoiser).requires_grad_(True).train()
-            if self.fake_lora:
-                self.fake_names = lora.add_lora(fake, self.fake_lora, cfg.seed + 1, compute)
-            if cfg.grad_checkpointing:
-                enable_checkpointing(fake)
-        # prompts: encoded in the step, or a small table computed once (the first write)
-        self._setup_conditions(acc, compute)
-        # the DM loss's noise levels, read before anything is cast: schedules stay fp32
-        grid = t.denoiser.training_sigmas(cfg.sigma_levels)
+        if not self.use_fake:
+            return None
+        fake = copy.deepcopy(self.teacher.denoiser).requires_grad_(True).train()
+        if self.fake_lora:
+            self.fake_names = lora.add_lora(fake, self.fake_lora, cfg.seed + 1, compute)
+        if cfg.grad_checkpointing:
+            enable_checkpointing(fake)
+        return fake
+
+    def _freeze_teacher(self, compute: torch.dtype | None) -> torch.Tensor:
+        """The real score: the teacher frozen in the compute dtype (with CFG for text teachers).
+        Returns the DM loss's noise levels, read before anything is cast (schedules stay fp32)."""
+        t = self.teacher
+        grid = t.denoiser.training_sigmas(self.cfg.sigma_levels)
         self.real = freeze_in_dtype(t.denoiser, self.device, compute)
         if t.text_conditioned and self.guidance != 1.0:
             self.real = GuidedDenoiser(self.real, self.guidance, self.uncond).to(self.device)
         if self.lpips is not None and t.codec.latent:
             freeze_in_dtype(t.codec.vae, self.device, compute)  # LPIPS sees decoded images
-        # --channels-last / --compile: on the three networks, before DDP wraps them
+        return grid
+
+    def _layout_and_shard_fake(self, generator: StepGenerator, fake) -> None:
+        """--channels-last / --compile on the three networks, before DDP wraps them; then the
+        fake score's shards (--fsdp)."""
         apply_layout_and_compile(
-            [generator.denoiser, t.denoiser, *([fake] if fake is not None else [])],
-            cfg.channels_last,
-            cfg.compile,
+            [generator.denoiser, self.teacher.denoiser, *([fake] if fake is not None else [])],
+            self.cfg.channels_last,
+            self.cfg.compile,
         )
         if self.mesh is not None and fake is not None:
             sharding.shard(fake.to(self.device), self.mesh)
-        # DMD2's GAN: a head on the fake score's bottleneck, trained by the fake's optimiser
-        self.head = None
-        if self.use_gan:
-            if self.mesh is None:  # (a sharded module is already there; .to() would replace
-                fake.to(self.device)  # its DTensor parameters behind FSDP's back)
-            try:
-                shape = feature_shape(
-                    fake, t.sample_shape, t.sigma_max, self._cond(self._probe_cond())
-                )
-            except ValueError as e:
-                raise UserError(f"--gan-weight: {e}") from None
-            with torch.random.fork_rng(devices=[]):  # its initial weights follow --seed
-                torch.manual_seed(cfg.seed)
-                head = GANHead(shape).to(self.device)
-            if self.mesh is not None:
-                sharding.shard(head, self.mesh)
-                sharding.reshard(fake)  # after the probe's forward pass
-        # what Accelerate prepares, in this order: the networks (not when sharded: prepare would
-        # wrap them in DDP) and their optimisers (mixed precision, accumulation bookkeeping)
+
+    def _build_gan_head(self, fake) -> GANHead | None:
+        """DMD2's GAN: a head on the fake score's bottleneck (sized by one probe pass), trained
+        by the fake's optimiser; its initial weights follow --seed."""
+        if not self.use_gan:
+            return None
+        t = self.teacher
+        if self.mesh is None:  # (a sharded module is already there; .to() would replace
+            fake.to(self.device)  # its DTensor parameters behind FSDP's back)
+        try:
+            shape = feature_shape(fake, t.sample_shape, t.sigma_max, self._cond(self._probe_cond()))
+        except ValueError as e:
+            raise UserError(f"--gan-weight: {e}") from None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            head = GANHead(shape).to(self.device)
+        if self.mesh is not None:
+            sharding.shard(head, self.mesh)
+            sharding.reshard(fake)  # after the probe's forward pass
+        return head
+
+    def _make_optimisers(self, generator: StepGenerator, fake, head) -> dict:
+        """AdamW of the generator's trainable parameters, and of the fake score's with the GAN
+        head's (none without a fake score). Made from the sharded parameters under --fsdp."""
+        cfg = self.cfg
+        adamw = optimizer_factory(cfg, self.acc.device)
+        opt_g = adamw(trainable(generator), cfg.lr)
         opt_f = None
         if self.use_fake:
             fake_params = trainable(fake) + (list(head.parameters()) if self.use_gan else [])
             opt_f = adamw(fake_params, cfg.fake_lr)
-        nets = {"generator": generator, "fake": fake, "head": head if self.use_gan else None}
-        opts = {"opt_g": opt_g, "opt_f": opt_f}
+        return {"opt_g": opt_g, "opt_f": opt_f}
+
+    def _prepare(self, nets: dict, opts: dict) -> None:
+        """What Accelerate prepares, in this order: the networks (not when sharded: prepare
+        would wrap them in DDP) and their optimisers (mixed precision, accumulation
+        bookkeeping); each becomes an attribute of the trainer."""
         parts = {**opts} if self.mesh is not None else {**nets, **opts}
         names = [n for n, v in parts.items() if v is not None]
-        prepared = acc.prepare(*(parts[n] for n in names))
+        prepared = self.acc.prepare(*(parts[n] for n in names))
         prepared = prepared if isinstance(prepared, tuple) else (prepared,)
         for name, value in {**nets, **opts, **dict(zip(names, prepared, strict=True))}.items():
             setattr(self, name, value)
-        self.ema_shadow_to(self.device)
-        self.grid = grid.float().to(self.device)
-        self.levels = len(grid)
-        self.lo, self.hi = dm_index_range(self.levels, cfg.min_step_frac, cfg.max_step_frac)
-        self.step = 0
-        self.out = Path(cfg.out)
-        self.initialised_from = self.init_from(cfg.init_from) if cfg.init_from else None
 
     def _probe_cond(self):
         """One sample's condition index (for the probe that sizes the GAN head)."""
@@ -745,7 +793,8 @@ class DMDTrainer:
         """--init-from: weights of another run (generator, EMA, fake score and GAN head when it
         has them and this run uses them), with fresh optimisers at step 0 (DMD2's second
         stage). A generator file gives the generator and its EMA."""
-        from dmdctl.teachers import GENERATOR_FORMAT, load_state, read_metadata
+        from dmdctl.generators import load_generator_state
+        from dmdctl.teachers import GENERATOR_FORMAT, read_metadata
 
         path = Path(where)
         if not path.exists():
@@ -755,7 +804,7 @@ class DMDTrainer:
             if path.is_file():
                 if read_metadata(path).get("format") != GENERATOR_FORMAT:
                     raise UserError(f"--init-from {path} is not a dmdctl generator file")
-                meta, weights = load_state(path, GENERATOR_FORMAT)
+                meta, weights = load_generator_state(path)
                 sha = meta.get("teacher_sha256")
                 parts = {"generator": weights, "ema": weights}
             else:

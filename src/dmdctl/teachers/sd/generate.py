@@ -145,6 +145,19 @@ def describe_steps(arch: str, steps: list, scheduler: str) -> str:
     )
 
 
+def teacher_named(pipeline: str, train_config: dict | None) -> str:
+    """The teacher a run really used, for a model card: its pipeline as the generator file's
+    teacher config records it (a hub id, or a local folder's resolved path) and, when the run
+    named a preset (``--teacher sdxl``), that preset."""
+    from dmdctl.teachers.sd.kind import StableDiffusion
+
+    preset = (train_config or {}).get("teacher")
+    named = f"`{pipeline}`"
+    if preset and preset != StableDiffusion.name and preset in StableDiffusion().presets():
+        named += f" (dmdctl preset `{preset}`)"
+    return named
+
+
 def model_card(
     source: str,
     teacher_sha256: str,
@@ -168,9 +181,10 @@ tags: [{tag[arch]}, distillation, dmd, {"one-step" if k == 1 else "few-step"}]
 
 # {"One" if k == 1 else str(k)}-step text-to-image generator distilled with dmdctl (DMD)
 
-Distilled from `{source}` (pipeline identity sha256 `{teacher_sha256}`) with Distribution
-Matching Distillation (Yin et al., CVPR 2024; DMD2, NeurIPS 2024). The network maps pure noise to
-an image in **{what}**, {describe_steps(arch, steps, scheduler)}.
+Distilled from {teacher_named(source, train_config)} (pipeline identity sha256
+`{teacher_sha256}`) with Distribution Matching Distillation (Yin et al., CVPR 2024; DMD2,
+NeurIPS 2024). The network maps pure noise to an image in **{what}**,
+{describe_steps(arch, steps, scheduler)}.
 
 ## Usage
 
@@ -253,3 +267,82 @@ def export_diffusers(
         out.rmdir()
     tmp.rename(out)
     return out
+
+
+def lora_model_card(
+    pipeline: str, teacher_sha256: str, train_config: dict | None, out, timesteps, spec, config
+) -> str:
+    """The README.md of ``export --format lora`` (``spec``: the run's ``training.lora.LoraSpec``)."""
+    arch = config.get("arch", "sd")
+    cls = PIPELINE_CLASSES[arch]
+    scheduler = step_scheduler_name(arch, timesteps)
+    net = "transformer" if arch == "sd3" else "UNet"
+    cfg = json.dumps(train_config or {}, indent=2, sort_keys=True)
+    k = len(timesteps)
+    tag = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "stable-diffusion-3"}
+    return f"""---
+library_name: diffusers
+base_model: {pipeline}
+tags: [lora, {tag[arch]}, distillation, dmd, {"one-step" if k == 1 else "few-step"}]
+---
+
+# LoRA for a {"one" if k == 1 else str(k)}-step generator distilled with dmdctl (DMD)
+
+LoRA adapters (rank {spec.rank}, alpha {spec.alpha:g}) on the {net} of
+{teacher_named(pipeline, train_config)} (pipeline identity sha256 `{teacher_sha256}`), trained
+with Distribution Matching Distillation (Yin et al., CVPR 2024; DMD2, NeurIPS 2024). With them
+the {net} maps pure noise to an image {describe_steps(arch, timesteps, scheduler)}.
+
+## Usage
+
+```python
+import torch
+from diffusers import {scheduler}, {cls}
+
+pipe = {cls}.from_pretrained("{pipeline}",{no_t5_text(config)} torch_dtype=torch.float16).to("cuda")
+pipe.scheduler = {scheduler}.from_config(pipe.scheduler.config{", shift=1.0" if scheduler == "FlowMatchLCMScheduler" else ""})
+pipe.load_lora_weights("{out}")
+image = pipe("a photo of a cat", {usage_call(list(timesteps), arch)}).images[0]
+```
+
+Use `guidance_scale=0`: guidance was distilled into the generator. `dmdctl sample` with this
+run's generator file gives the same images for the same seeds
+(`generator=torch.Generator().manual_seed(seed)`, one prompt per call).
+
+Target modules: {", ".join(spec.targets)}.
+
+## Training configuration
+
+```json
+{cfg}
+```
+"""
+
+
+def write_diffusers_lora(
+    adapters: dict[str, torch.Tensor], spec, out: Path, card: str, arch: str = "sd"
+) -> None:
+    """``out/pytorch_lora_weights.safetensors`` (diffusers' own writer for the teacher's pipeline
+    class, with the LoRA config (``spec``: a ``training.lora.LoraSpec``) as its metadata so
+    ``load_lora_weights`` applies alpha/rank) and a README.md."""
+    import inspect
+
+    import diffusers
+
+    pipeline_cls = getattr(diffusers, PIPELINE_CLASSES[arch])
+    part = NETWORK_PARTS[arch]  # what the adapters are on
+    if (
+        f"{part}_lora_adapter_metadata"
+        not in inspect.signature(pipeline_cls.save_lora_weights).parameters
+    ):  # without it the file would not carry alpha (diffusers would assume = rank)
+        raise UserError(
+            "--format lora needs a newer diffusers (save_lora_weights with "
+            "unet_lora_adapter_metadata): pip install -U diffusers"
+        )
+    meta = spec.peft_config().to_dict()
+    pipeline_cls.save_lora_weights(
+        str(out),
+        **{f"{part}_lora_layers": adapters, f"{part}_lora_adapter_metadata": meta},
+        safe_serialization=True,
+    )
+    (out / "README.md").write_text(card)

@@ -195,9 +195,3 @@ class StableDiffusion(TeacherKind):
         from dmdctl.plots import image_grid_panels
 
         return image_grid_panels(panels, path, None, per_row=8, scale=1)
-
-
-def is_sd_name(name: str | None) -> bool:
-    from dmdctl.teachers import get_kind
-
-    return name is not None and get_kind(name).name == StableDiffusion.name

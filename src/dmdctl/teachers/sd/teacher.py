@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmdctl.teachers import KINDS, Teacher
+from dmdctl.teachers.base import Teacher
 from dmdctl.teachers.sd.kind import StableDiffusion
 
 
@@ -33,21 +33,32 @@ class SDTeacher(Teacher):
 
         return load_text_encoder(self.folder, self.config)
 
+    def vae_files(self) -> tuple[Path, Path]:
+        """(config.json, weights) of the pipeline's VAE: what a real-data store's latents depend
+        on (data/real_store.py reads them through this, without importing the teachers)."""
+        from dmdctl.teachers.sd.pipeline import _weights_file
+
+        return self.folder / "vae" / "config.json", _weights_file(Path(self.folder), "vae")
+
     def identity(self) -> dict:
         return dict(super().identity(), path=self.source)
 
 
 def load_sd_teacher(
-    source: str, offline: bool = False, preset: str | None = None, no_t5: bool = False
+    source: str,
+    kind: StableDiffusion,
+    offline: bool = False,
+    preset: str | None = None,
+    no_t5: bool = False,
 ) -> SDTeacher:
-    """A pipeline folder or hub id as a teacher (frozen UNet wrapped as a denoiser); a
-    ``preset`` (sd15, sdxl, ...) must be written for the pipeline's architecture."""
+    """A pipeline folder or hub id as a teacher (frozen UNet wrapped as a denoiser) of ``kind``
+    (the registry's Stable Diffusion kind); a ``preset`` (sd15, sdxl, ...) must be written for
+    the pipeline's architecture."""
     from dmdctl.errors import UserError
     from dmdctl.teachers.sd import pipeline as sdp
 
     folder = sdp.resolve_pipeline_folder(str(source), offline)
     arch = sdp.pipeline_arch(folder)
-    kind = KINDS[StableDiffusion.name]
     if preset is not None and kind.preset_arch(preset) != arch:
         fits = [n for n in kind.presets() if kind.preset_arch(n) == arch]
         raise UserError(
@@ -61,6 +72,4 @@ def load_sd_teacher(
     sha = sdp.pipeline_identity(folder)
     denoiser = sdp.build_denoiser(config, sdp.load_unet(folder))
     denoiser.eval().requires_grad_(False)
-    return SDTeacher(
-        KINDS[StableDiffusion.name], config, denoiser, None, sha, folder=folder, source=str(source)
-    )
+    return SDTeacher(kind, config, denoiser, None, sha, folder=folder, source=str(source))

@@ -1,9 +1,17 @@
-"""Generator files and the sources of samples (a one-step generator or the teacher's sampler).
+"""The generator file format, and the sources of samples (a generator or the teacher's sampler).
 
 A generator file is a safetensors state dict of the generator's denoiser with metadata
 ``format = dmdctl.generator``, the teacher ``kind``, its ``config`` (JSON), ``sigma_max`` (the
 first step's noise level) and, for a few-step generator, ``denoising_sigmas`` (JSON list of its
 steps' levels): loadable with ``safetensors.torch.load_file`` alone, and by every dmdctl command.
+
+A LoRA run's file holds the merged network and, besides, the adapter tensors (keys under
+:data:`ADAPTER_PREFIX`, peft's layout) with the LoRA config in the metadata under
+:data:`LORA_META_KEY` (what ``export --format lora`` writes out); the loaders leave the adapter
+tensors out. The adapters themselves are made and trained in ``training/lora.py``.
+
+This module sits above the teachers (a file names its teacher kind) and below training, metrics
+and the commands, which all read or write generator files.
 """
 
 from __future__ import annotations
@@ -20,13 +28,60 @@ from dmdctl.core.sampling import class_labels, heun_nfe, seeded_noise_draws, tea
 from dmdctl.errors import UserError
 from dmdctl.teachers import (
     GENERATOR_FORMAT,
-    OfKind,
-    Teacher,
-    load_network,
+    build_network,
+    load_state,
+    read_metadata,
     resolve_teacher,
     save_network,
 )
-from dmdctl.teachers.base import TeacherKind
+from dmdctl.teachers.base import OfKind, Teacher, TeacherKind
+
+# a LoRA run's generator file: the adapter tensors' keys start with this (the loaders drop them)
+ADAPTER_PREFIX = "lora_adapter."
+LORA_META_KEY = "lora"  # its metadata: {"rank", "alpha", "targets"} as JSON
+
+
+def without_adapters(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A generator file's network weights (its adapter tensors left out)."""
+    return {k: v for k, v in state.items() if not k.startswith(ADAPTER_PREFIX)}
+
+
+def read_adapters(path: Path) -> dict[str, torch.Tensor]:
+    """A LoRA run's adapter tensors in a generator file (keys relative to the network)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {
+            k[len(ADAPTER_PREFIX) :]: f.get_tensor(k)
+            for k in f.keys()
+            if k.startswith(ADAPTER_PREFIX)
+        }
+
+
+def generator_metadata(path: Path) -> dict:
+    """A generator file's metadata (refused in one line when it is not one)."""
+    meta = read_metadata(path)
+    if meta.get("format") != GENERATOR_FORMAT:
+        raise UserError(f"{path} is not a dmdctl generator file")
+    return meta
+
+
+def load_generator_state(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, the network's weights) of a generator file, its adapter tensors left out."""
+    meta, state = load_state(path, GENERATOR_FORMAT)
+    return meta, without_adapters(state)
+
+
+def generator_file_of(source: Path, ema: bool) -> Path | None:
+    """The generator file an export reads: ``source`` itself, or a run folder's EMA generator
+    (not for a checkpoint folder, which holds its own generator.safetensors, nor for --no-ema,
+    which reads the checkpoint). None: read the checkpoint."""
+    if source.is_file():
+        return source
+    run_file = source / "generator.safetensors"
+    if ema and run_file.is_file() and not (source / "state.json").is_file():
+        return run_file
+    return None
 
 
 def save_generator(
@@ -99,7 +154,7 @@ def load_generator(path: Path) -> Source:
                 "(`dmdctl export RUN -o gen.safetensors`)"
             )
         path = candidate
-    meta, kind, config, denoiser = load_network(path, GENERATOR_FORMAT)
+    meta, kind, config, denoiser = build_network(path, *load_generator_state(path))
     sigmas = json.loads(meta.get("denoising_sigmas") or "null") or [float(meta["sigma_max"])]
     gen = StepGenerator(denoiser, sigmas).eval().requires_grad_(False)
     steps = f", {len(sigmas)} steps" if len(sigmas) > 1 else ""
