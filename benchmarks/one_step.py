@@ -49,8 +49,8 @@ def parse_batches(items: list[str] | None, default: dict[str, int]) -> dict[str,
 
 def measure(name: str, batch: int, steps: int, repeats: int, device, folder: Path) -> list:
     from dmdctl.core.denoiser import OneStepGenerator
-    from dmdctl.generators import Source, teacher_source
     from dmdctl.core.sampling import heun_nfe
+    from dmdctl.generators import Source, teacher_source
     from dmdctl.teachers import resolve_teacher
 
     teacher = resolve_teacher(name, teacher_file(name, folder))
