@@ -21,7 +21,9 @@ both text encoders) and times the training step only, with ``--recipe sdxl`` (DM
 recipe: 5 fake-score updates, the GAN on random captioned images) or ``sdxl-1step``; the sampling
 and make-pairs rows are SD1.5's (StableDiffusionPipeline) and are skipped for SDXL shapes.
 ``--size sd3-medium`` (with ``--recipe sd3``) builds SD3 medium's 2B transformer, CLIP encoders
-and VAE (T5 left out: a step never runs it; its cached tokens are zeros of the same shape).
+and VAE, without T5 (as --no-t5: its tokens are zeros of the same shape). Its few prompts are
+cached (--prompt-cache auto), so no text encoder runs in the timed step; ``--prompt-cache off``
+times the step of a run on a large prompt set, which encodes its prompts in the step.
 ``--lora-ranks 0 64`` measures full fine-tuning and a rank-64 LoRA generator side by side:
 
     python -m benchmarks.sd_step --size sdxl --recipe sdxl --batch-sizes 1 2 4 \
@@ -129,6 +131,7 @@ def recipe_config(
         warmup=0,
         lpips_random_backbone=True,  # no download here; the random VGG costs what the real one does
         cpu=torch.device(args.device).type == "cpu",
+        prompt_cache=args.prompt_cache,
         **lever_settings(lever),
     )
     if args.fake_updates:
@@ -278,6 +281,7 @@ def train_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
                 "gan": cfg.gan_weight > 0,
                 "generator_steps": len(trainer.sigmas),
                 "precision": args.precision,
+                "prompts": trainer.text_mode.split(", ", 1)[-1] if trainer.text_mode else "-",
                 "step_s": med,
                 "steps_per_s": 1 / med,
                 "images_per_s": batch / med,
@@ -491,6 +495,12 @@ def main() -> None:
         help="generator LoRA ranks to measure side by side (0: full fine-tuning)",
     )
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
+    ap.add_argument(
+        "--prompt-cache",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="off: the step encodes its prompts (what a run on a large prompt set does)",
+    )
     ap.add_argument(
         "--checkpointing",
         nargs="+",
