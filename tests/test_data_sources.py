@@ -177,3 +177,60 @@ def test_a_run_made_from_a_relative_teacher_path_works_from_any_folder(
     assert (elsewhere / "exported" / "model_index.json").is_file()
     config = (work / "run" / "config.toml").read_text()
     assert f'teacher_path = "{(work / "my-sd").resolve()}"' in config
+
+
+def test_each_source_conditions_its_own_samples(sd_pipe, prompts_file, sources, tmp_path):
+    """Wiring: in a step, the generator's own samples are conditioned on rows of --prompts, the
+    pairs on rows of the pairs' prompts file (a different file here), and the GAN's real samples
+    on their store's captions, each encoded as the teacher's encoder encodes those texts."""
+    from dmdctl.data.prompts import PromptFile
+    from dmdctl.settings.distill import DistillConfig
+    from dmdctl.teachers import resolve_teacher
+    from dmdctl.training.trainer import DMDTrainer
+
+    other = tmp_path / "other-prompts.txt"  # the generator's prompts: not the pairs' file
+    other.write_text("\n".join(["a green bird", "two cups of tea", "snow on a roof"]) + "\n")
+    cfg = DistillConfig(
+        teacher_path=str(sd_pipe), prompts=str(other), prompt_cache="off",
+        pairs=str(sources / "pairs"), reg_weight=0.25, pair_batch_size=2,
+        real_data=str(sources / "store"), gan_weight=0.01, real_guidance=1.75, batch_size=2,
+        fake_updates=1, plot_samples=0, cpu=True, mixed_precision="no", out=str(tmp_path / "r"),
+    )  # fmt: skip
+    cfg.validate()
+    tr = DMDTrainer(cfg)
+    encode = resolve_teacher(None, sd_pipe).text_encoder()
+    seen: dict = {}
+
+    def spy(obj, name, record):
+        real = getattr(obj, name)
+
+        def wrapped(*args, **kwargs):
+            out = real(*args, **kwargs)
+            record(args, out)
+            return out
+
+        setattr(obj, name, wrapped)
+
+    spy(tr.pairs, "rows", lambda a, out: seen.setdefault("pair_rows", out[2]))
+    spy(tr.real_data, "rows", lambda a, out: seen.setdefault("captions", out[1]))
+    spy(tr.gen_table.source, "texts", lambda a, out: seen.setdefault("gen_texts", out))
+    gen_forward = tr.generator.forward
+    tr.generator.forward = lambda z, c=None, **kw: (
+        seen.setdefault("gen_cond", c),
+        gen_forward(z, c, **kw),
+    )[1]
+    fake_forward = tr.fake.forward
+    tr.fake.forward = lambda x, s, c=None: (
+        seen.setdefault("fake_cond", c) if x.shape[0] == 4 else None,
+        fake_forward(x, s, c),
+    )[1]
+    tr.train_step()
+    pair_texts = PromptFile(sources / "pairs" / "prompts.txt").texts(seen["pair_rows"].tolist())
+    gen_cond = seen["gen_cond"]
+    assert gen_cond.shape[0] == 4  # 2 generator samples, then 2 pairs
+    assert set(seen["gen_texts"]) <= set(other.read_text().split("\n"))
+    torch.testing.assert_close(gen_cond[:2], encode(seen["gen_texts"]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(gen_cond[2:], encode(pair_texts), rtol=0, atol=1e-6)
+    assert isinstance(seen["captions"], list) and len(seen["captions"]) == 2
+    real_cond = seen["fake_cond"][2:]  # the head's batch: generated samples, then real ones
+    torch.testing.assert_close(real_cond, encode(seen["captions"]), rtol=0, atol=1e-6)
