@@ -167,44 +167,6 @@ class Digits(TeacherKind):
         with torch.no_grad():
             return net.features(x.float().cpu().clamp(-1, 1))
 
-    def reference_stats(self, config: dict):
-        """Statistics of the held-out split: images neither the teacher nor the classifier saw.
-
-        The classifier fits its training images closely, so training images sit apart from unseen
-        ones in its feature space; scoring against unseen images keeps memorised training images
-        from looking better than new digits, and ``noise_floor`` measures the training images
-        themselves against this reference.
-        """
-        from dmdctl.metrics.fid import FeatureStats
-
-        _, _, xt, _ = digits_split(config["holdout"], config["split_seed"])
-        stats = FeatureStats(64)
-        stats.update(self.features(xt))
-        return (
-            stats.mu,
-            stats.sigma,
-            f"digits held-out split ({len(xt)} images), classifier features",
-        )
-
-    def noise_floor(self, config: dict, num_samples: int = 1000) -> dict:
-        """FID of real training images (as many as a model row scores) against the reference."""
-        from dmdctl.metrics.fid import FeatureStats, frechet_distance
-
-        x, y, _, _ = digits_split(config["holdout"], config["split_seed"])
-        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:num_samples]
-        mu, sigma, desc = self.reference_stats(config)
-        stats = FeatureStats(64)
-        stats.update(self.features(x[idx]))
-        return {
-            "fid": frechet_distance(stats.mu, stats.sigma, mu, sigma),
-            "num_samples": len(idx),
-            "reference": {"builtin": desc},
-            "features": self.feature_name(),
-            "source": f"{len(idx)} training images",
-            "nfe": "-",
-            **self.quality_metrics(config, x[idx], y[idx]),
-        }
-
     def quality_metrics(
         self, config: dict, samples: torch.Tensor, labels: torch.Tensor | None = None
     ) -> dict:
