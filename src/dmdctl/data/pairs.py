@@ -31,9 +31,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from dmdctl.data import shards
 from dmdctl.data.shards import ShardWriter
 from dmdctl.errors import DataError, UserError
-from dmdctl.files import sha256_file
 
 MANIFEST = "manifest.json"
 PROGRESS = ".progress"
@@ -54,20 +54,7 @@ def shard_index(entry: dict) -> int:
 
 
 def read_manifest(folder: Path) -> dict | None:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(
-            f"{path} is not valid JSON ({e}); delete the folder and make the pairs again"
-        ) from None
-    except OSError as e:
-        raise UserError(f"{path} is unreadable ({e.strerror or e})") from None
-    if not isinstance(data, dict) or data.get("format") != PAIRS_FORMAT:
-        raise UserError(f"{path} is not a dmdctl pairs manifest")
-    return data
+    return shards.read_manifest(folder, PAIRS_FORMAT, "pairs")
 
 
 class PairWriter(ShardWriter):
@@ -114,18 +101,7 @@ class PairWriter(ShardWriter):
 
 
 def verify_shard(folder: Path, entry: dict) -> Path:
-    path = Path(folder) / entry["file"]
-    if not path.is_file():
-        raise UserError(
-            f"pairs shard {path} is listed in the manifest but missing; run the same "
-            "`dmdctl make-pairs` command again to remake it"
-        )
-    if sha256_file(path) != entry["sha256"]:
-        raise UserError(
-            f"pairs shard {path} is corrupt or truncated (sha256 differs from the manifest); "
-            "run the same `dmdctl make-pairs` command again to remake it"
-        )
-    return path
+    return shards.verify_shard(folder, entry, "pairs", "`dmdctl make-pairs` command")
 
 
 SAFETENSORS_NUMPY = {
