@@ -131,11 +131,10 @@ class PromptFile:
         cr[cr] = a[np.minimum(ends[cr] - 1, len(a) - 1)] == 13
         lens = lens - cr
         try:
-            text = block.decode("utf-8")
+            block.decode("utf-8")  # every row is text
         except UnicodeDecodeError as e:
             n = line_no + block.count(b"\n", 0, e.start) + 1
             raise UserError(f"{self.path}:{n} is not UTF-8 text") from None
-        del text
         keep = lens > 0
         # short lines may be blank (spaces only): checked one by one, they are few
         for i in np.flatnonzero(keep & (lens <= 16)):
