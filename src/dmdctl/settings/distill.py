@@ -307,10 +307,26 @@ class DistillConfig(Settings):
     )
     real_guidance: float | None = option(
         None,
-        "Text-to-image teachers: CFG scale of the real score (the empty prompt is the "
-        "unconditional branch; the fake score has none).",
+        "Guidance scale of the real score (the fake score has none). Text-to-image teachers: "
+        "CFG, the empty prompt being the unconditional branch. EDM2 teachers: "
+        "D_g + w (D - D_g) with the guiding net of --guide-net.",
         min=1,
-        show_default="sd15 1.75, sd15-dmd 3.0",
+        show_default="sd15 1.75, sd15-dmd 3.0, edm2-img512-s-autog 2.1",
+        panel="Losses",
+    )
+    guide_net: str | None = option(
+        None,
+        "EDM2 teachers: the guiding network of the real score, a converted EDM2 teacher file: "
+        "an unconditional net gives classifier-free guidance, a smaller or less-trained "
+        "conditional one autoguidance (the published settings: docs/EDM.md).",
+        path=True,
+        panel="Losses",
+    )
+    guide_mode: str = option(
+        "auto",
+        "EDM2 teachers: how --guide-net guides: cfg (an unconditional net, given no labels), "
+        "autoguidance (a conditional net, given the labels), or auto (by the net's classes).",
+        choices=("auto", "cfg", "autoguidance"),
         panel="Losses",
     )
     allow_guidance_mismatch: bool = option(
@@ -443,6 +459,14 @@ class DistillConfig(Settings):
         require(
             self.real_data is None or Path(self.real_data).exists(),
             f"--real-data {self.real_data}: no such file or folder",
+        )
+        require(
+            self.guide_net is None or Path(self.guide_net).is_file(),
+            f"--guide-net {self.guide_net}: no such file (pass a teacher file from convert-edm)",
+        )
+        require(
+            self.guide_mode == "auto" or self.guide_net is not None,
+            f"--guide-mode {self.guide_mode} needs --guide-net FILE (the guiding network)",
         )
         check_out_folder(Path(self.out))
         check_report_to(self.report_to)

@@ -20,11 +20,14 @@ from dmdctl.files import atomic_save_safetensors, sha256_file
 from dmdctl.teachers.base import Teacher, TeacherKind
 from dmdctl.teachers.digits import Digits
 from dmdctl.teachers.edm.kind import EDM
+from dmdctl.teachers.edm2.kind import EDM2
 from dmdctl.teachers.sd.kind import StableDiffusion
 from dmdctl.teachers.source import SourceCheckpoint
 from dmdctl.teachers.toy2d import Toy2D
 
-KINDS: dict[str, TeacherKind] = {k.name: k for k in (Toy2D(), Digits(), StableDiffusion(), EDM())}
+KINDS: dict[str, TeacherKind] = {
+    k.name: k for k in (Toy2D(), Digits(), StableDiffusion(), EDM(), EDM2())
+}
 
 TEACHER_FORMAT = "dmdctl.teacher"
 GENERATOR_FORMAT = "dmdctl.generator"

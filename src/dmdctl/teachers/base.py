@@ -54,6 +54,11 @@ class TeacherKind:
     def num_classes(self, config: dict) -> int:
         return 0
 
+    def codec_for(self, config: dict):
+        """The codec between the space this kind's networks denoise and images (the identity
+        for pixel and point teachers; latent teachers return a VAE codec)."""
+        return IdentityCodec()
+
     def default_path(self) -> Path | None:
         return None
 
@@ -133,7 +138,7 @@ class Teacher(OfKind):
 
     @property
     def codec(self):
-        return IdentityCodec()
+        return self.kind.codec_for(self.config)
 
     def identity(self) -> dict:
         return {

@@ -147,6 +147,7 @@ class DMDTrainer:
         cfg, t = self.cfg, self.teacher
         self.sigmas = generator_sigmas(cfg, t)
         self.guard = RowGuard(cfg.skip_bad_records)  # rows that turn bad inside the run
+        self._open_guide()
         self.pairs = None
         if cfg.reg_weight > 0:
             self.pairs = open_pairs(Path(cfg.pairs), t, limit=cfg.num_pairs or None)
@@ -188,9 +189,7 @@ class DMDTrainer:
         self.sigma_data = float(t.denoiser.sigma_data)
         # the fake score's loss: the teacher's own training loss (EDM weighting, SD's eps-MSE)
         self.loss_weight = t.denoiser.loss_weight
-        generator = StepGenerator(
-            copy.deepcopy(t.denoiser).requires_grad_(True).train(), self.sigmas
-        )
+        generator = StepGenerator(training_copy(t.denoiser), self.sigmas)
         self.gen_names = self.fake_names = None
         if self.lora:
             self.gen_names = lora.add_lora(generator.denoiser, self.lora, cfg.seed, compute)
@@ -209,7 +208,7 @@ class DMDTrainer:
         self.use_fake = cfg.dm_weight > 0 and not cfg.real_only
         if not self.use_fake:
             return None
-        fake = copy.deepcopy(self.teacher.denoiser).requires_grad_(True).train()
+        fake = training_copy(self.teacher.denoiser)
         if self.fake_lora:
             self.fake_names = lora.add_lora(fake, self.fake_lora, cfg.seed + 1, compute)
         if cfg.grad_checkpointing:
@@ -224,6 +223,12 @@ class DMDTrainer:
         self.real = freeze_in_dtype(t.denoiser, self.device, compute)
         if t.text_conditioned and self.guidance != 1.0:
             self.real = GuidedDenoiser(self.real, self.guidance, self.uncond).to(self.device)
+        if self.guide is not None and self.guidance != 1.0:
+            # EDM2: D_g + w (D - D_g), the guiding net frozen like the teacher
+            from dmdctl.teachers.edm2.kind import GuidedEDM2
+
+            guide = freeze_in_dtype(self.guide.denoiser, self.device, compute)
+            self.real = GuidedEDM2(self.real, guide, self.guidance, self.guide_conditional)
         if self.lpips is not None and t.codec.latent:
             freeze_in_dtype(t.codec.vae, self.device, compute)  # LPIPS sees decoded images
         return grid
@@ -305,6 +310,29 @@ class DMDTrainer:
         i = self.acc.process_index
         return x[i * n : (i + 1) * n].to(device or self.device, non_blocking=True)
 
+    def _open_guide(self) -> None:
+        """EDM2 teachers: the real score's guiding net (--guide-net) and scale (--real-guidance),
+        checked against the teacher (the same space; classes as --guide-mode says)."""
+        cfg, t = self.cfg, self.teacher
+        self.guide, self.guide_conditional = None, False
+        guided_kind = t.kind.name == "edm2"
+        if cfg.guide_net is None:
+            w = float(cfg.real_guidance) if cfg.real_guidance is not None else 1.0
+            require(
+                not guided_kind or w == 1.0,
+                f"--real-guidance {w:g} guides an EDM2 teacher's real score with a second "
+                "network: pass --guide-net FILE (a converted EDM2 net: unconditional for "
+                "classifier-free guidance, a smaller or less-trained one for autoguidance; "
+                "docs/EDM.md lists the published pairs), or --real-guidance 1",
+            )
+            return
+        require(guided_kind, f"--guide-net is for EDM2 teachers, not '{t.name}'")
+        from dmdctl.teachers import load_teacher
+        from dmdctl.teachers.edm2.kind import guide_mode
+
+        self.guide = load_teacher(Path(cfg.guide_net), expected="edm2")
+        self.guide_conditional = guide_mode(t.config, self.guide.config, cfg.guide_mode, cfg.guide_net)
+
     def _open_prompt_sources(self) -> None:
         """Text-to-image teachers: index the prompts (--prompts, or the pairs' own); every check
         on them and on guidance comes here, before anything is written."""
@@ -314,6 +342,8 @@ class DMDTrainer:
         self.guidance = 1.0
         if not t.text_conditioned:
             require(cfg.prompts is None, f"--prompts is for text-to-image teachers, not '{t.name}'")
+            if self.guide is not None and cfg.real_guidance is not None:
+                self.guidance = float(cfg.real_guidance)
             return
         from dmdctl.data.prompts import PromptFile, pairs_prompt_source
 
@@ -531,6 +561,7 @@ class DMDTrainer:
         skipped = self._gate(self.opt_g, gnorm)
         self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
+        after_optimizer_step(self.unwrapped_generator.denoiser)
         self.ema.update(self.trained_state(self.unwrapped_generator.denoiser))
         logs["loss_g"] = loss_g.detach()
         logs["grad_norm_g"] = torch.as_tensor(gnorm).detach()
@@ -570,6 +601,7 @@ class DMDTrainer:
                     logs["skipped_fake"] = logs.get("skipped_fake", 0) + skipped_f
                 self.opt_f.step()
                 self.opt_f.zero_grad(set_to_none=True)
+                after_optimizer_step(acc.unwrap_model(self.fake))
             logs["loss_fake"] = loss_f.detach()
             logs["grad_norm_fake"] = torch.as_tensor(gnorm_f).detach()
         self.step += 1
@@ -654,6 +686,7 @@ class DMDTrainer:
             "ema_updates": self.ema.num_updates,
             "gan": self.use_gan,
             "generator_sigmas": self.sigmas,
+            "guide_sha256": self.guide.sha256 if self.guide is not None else None,
             "lora": {
                 "generator": self.lora.as_meta() if self.lora else None,
                 "fake": self.fake_lora.as_meta() if self.fake_lora else None,
@@ -867,6 +900,24 @@ def generator_sigmas(cfg: DistillConfig, teacher) -> list[float]:
             else f"--denoising-steps {cfg.denoising_steps}"
         )
         raise UserError(f"{given}: {e}") from None
+
+
+def training_copy(denoiser: torch.nn.Module) -> torch.nn.Module:
+    """A trainable copy of the teacher's denoiser (the generator, the fake score), prepared as
+    its kind trains it (EDM2: the log-variance head frozen, the weights force-normalised)."""
+    net = copy.deepcopy(denoiser).requires_grad_(True).train()
+    fn = getattr(net, "prepare_training", None)
+    if callable(fn):
+        fn()
+    return net
+
+
+def after_optimizer_step(denoiser: torch.nn.Module) -> None:
+    """What a network's kind does after each optimiser step (EDM2: forced weight
+    normalisation); nothing for the others."""
+    fn = getattr(denoiser, "after_optimizer_step", None)
+    if callable(fn):
+        fn()
 
 
 def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -41,8 +41,9 @@ from dmdctl.teachers.edm.networks import MODEL_KWARGS, EDMBackbone
 PERSISTENCE_GLOBAL = ("torch_utils.persistence", "_reconstruct_persistent_obj")
 # preconditioners of NVIDIA's training/networks.py; only EDMPrecond is supported
 PRECONDITIONERS = ("EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond")
-# every class a published EDM network pickle holds (training/networks.py, loss.py, augment.py)
-KNOWN_CLASSES = frozenset(
+# every class a published EDM network pickle holds (NVlabs/edm: training/networks.py, loss.py,
+# augment.py)
+EDM_CLASSES = frozenset(
     {
         *PRECONDITIONERS,
         "SongUNet",
@@ -59,8 +60,25 @@ KNOWN_CLASSES = frozenset(
         "AugmentPipe",
     }
 )
+# every class a published EDM2 pickle holds (NVlabs/edm2: training/networks_edm2.py, the loss of
+# training/training_loop.py, the encoders of training/encoders.py)
+EDM2_CLASSES = frozenset(
+    {
+        "Precond",
+        "UNet",
+        "Block",
+        "MPConv",
+        "MPFourier",
+        "EDM2Loss",
+        "StandardRGBEncoder",
+        "StabilityVAEEncoder",
+    }
+)
+FAMILIES = {"EDM": EDM_CLASSES, "EDM2": EDM2_CLASSES}
+KNOWN_CLASSES = EDM_CLASSES | EDM2_CLASSES
 TORCH_CONTAINERS = ("ModuleDict", "ModuleList", "Sequential", "ParameterDict", "ParameterList")
-NUMPY_KINDS = "biuf"  # bool, int, unsigned, float: the only numpy scalars accepted
+NUMPY_KINDS = "biuf"  # bool, int, unsigned, float: the only numpy values accepted
+MAX_ARRAY_BYTES = 1 << 20  # numpy arrays in these pickles are a few numbers (EDM2's VAE scaling)
 
 
 class UnsafePickleError(UserError):
@@ -120,8 +138,8 @@ def _persistent_record(meta) -> PersistentRecord:
     short = name.rsplit(".", 1)[-1]
     if short not in KNOWN_CLASSES:
         raise UnsafePickleError(
-            f"the pickle holds an object of class {name!r}, which is not part of an EDM network "
-            "(its embedded source was not run)"
+            f"the pickle holds an object of class {name!r}, which is not part of an EDM or EDM2 "
+            "network (its embedded source was not run)"
         )
     state = meta.get("state")
     if not isinstance(state, dict):
@@ -198,6 +216,53 @@ def _numpy_scalar(dtype, data=None):
     return np.frombuffer(data, dtype=dtype.dtype)[0].item()
 
 
+class _NDArrayType:
+    """Stands in for ``numpy.ndarray`` as the class argument of ``_reconstruct``."""
+
+
+class NDArrayRecord:
+    """A numeric numpy array of a pickle (EDM2 stores its VAE scaling as float32 arrays).
+
+    Pickle protocols 2-4 build it as ``_reconstruct(ndarray, (0,), b'b')`` and fill it through
+    ``__setstate__((version, shape, dtype, fortran_order, raw bytes))``; only numeric dtypes and
+    small arrays are accepted, and the bytes are copied into a fresh array.
+    """
+
+    array: np.ndarray | None = None
+
+    def __setstate__(self, state) -> None:
+        if not isinstance(state, tuple) or len(state) != 5:
+            raise UnsafePickleError("a malformed numpy array")
+        _, shape, dtype, fortran, data = state
+        self.array = _array_from(data, dtype, shape, "F" if fortran else "C")
+
+
+def _array_from(data, dtype, shape, order) -> np.ndarray:
+    if not isinstance(dtype, _DType) or not isinstance(data, (bytes, bytearray)):
+        raise UnsafePickleError("a malformed numpy array")
+    shape = _int_tuple(shape, "numpy array shape")
+    if any(d < 0 for d in shape) or order not in ("C", "F"):
+        raise UnsafePickleError("a malformed numpy array")
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if len(data) > MAX_ARRAY_BYTES or len(data) != n * dtype.dtype.itemsize:
+        raise UnsafePickleError("a numpy array whose data does not fit its shape")
+    return np.frombuffer(bytes(data), dtype=dtype.dtype).reshape(shape, order=order).copy()
+
+
+def _ndarray_reconstruct(cls, shape=None, typecode=None):
+    """``numpy.core.multiarray._reconstruct``: an empty array record, filled by BUILD."""
+    if cls is not _NDArrayType:
+        raise UnsafePickleError("the pickle reconstructs a numpy object that is not an array")
+    return NDArrayRecord()
+
+
+def _ndarray_frombuffer(buf, dtype, shape, order="C") -> NDArrayRecord:
+    """``numpy.core.numeric._frombuffer`` (pickle protocol 5, data in band)."""
+    rec = NDArrayRecord()
+    rec.array = _array_from(buf, dtype, shape, order)
+    return rec
+
+
 def _reconstructor(cls, base, state=None):
     """``copyreg._reconstructor`` (protocol 0/1 objects): only for our record classes."""
     if isinstance(cls, type) and issubclass(cls, (ContainerRecord, PlainDict)):
@@ -223,14 +288,33 @@ ALLOWED = {
     ("numpy", "dtype"): _DType,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy", "ndarray"): _NDArrayType,
+    ("numpy.core.multiarray", "_reconstruct"): _ndarray_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _ndarray_reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _ndarray_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _ndarray_frombuffer,
     **{("torch.nn.modules.container", n): cls for n, cls in _CONTAINERS.items()},
 }
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals in :data:`ALLOWED`, each to a data-building function of ours."""
+    """Resolves only the globals in :data:`ALLOWED`, each to a data-building function of ours.
+
+    ``classes``: the class names of the persistence records read (which family the file is).
+    """
+
+    def __init__(self, f):
+        super().__init__(f)
+        self.classes: set[str] = set()
+
+    def _record(self, meta) -> PersistentRecord:
+        rec = _persistent_record(meta)
+        self.classes.add(rec.class_name)
+        return rec
 
     def find_class(self, module: str, name: str):
+        if (module, name) == PERSISTENCE_GLOBAL:
+            return self._record
         fn = ALLOWED.get((module, name))
         if fn is None:
             raise UnsafePickleError(
@@ -243,8 +327,19 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError("the pickle uses persistent ids (is it a torch.save file?)")
 
 
-def read_pickle(path: Path):
-    """Unpickle ``path`` with :class:`RestrictedUnpickler` (plain data and tensors only)."""
+def read_pickle(path: Path, family: str | None = None):
+    """Unpickle ``path`` with :class:`RestrictedUnpickler` (plain data and tensors only).
+
+    ``family`` ("EDM" or "EDM2"): every persistence record must be a class of that family's
+    checkpoints, so a file mixing the two formats is refused too.
+    """
+    return read_checkpoint_pickle(path, family)[0]
+
+
+def read_checkpoint_pickle(path: Path, family: str | None = "any"):
+    """(data, family) of a checkpoint pickle read once: ``family`` "EDM" / "EDM2" checks every
+    record against that format's classes, "any" takes the format the records belong to
+    (refusing a file that mixes them), None checks only the allow-list."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"file not found: {path}")
@@ -252,7 +347,14 @@ def read_pickle(path: Path):
         raise UserError(f"{path} is a folder; pass the EDM .pkl file")
     try:
         with open(path, "rb") as f:
-            return RestrictedUnpickler(f).load()
+            unpickler = RestrictedUnpickler(f)
+            data = unpickler.load()
+        if family == "any":
+            fits = [n for n, known in FAMILIES.items() if unpickler.classes <= known]
+            family = family_of(data) if family_of(data) in fits else (fits or ["EDM"])[0]
+        if family is not None:
+            _check_family(unpickler.classes, family)
+        return data, family
     except UserError as e:
         raise UnsafePickleError(f"refusing to load {path}: {e}") from None
     except OSError as e:
@@ -262,6 +364,26 @@ def read_pickle(path: Path):
     except Exception as e:  # noqa: BLE001 - pickle raises many types on malformed input
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{path} is not a readable EDM pickle ({msg})") from None
+
+
+def _check_family(classes: set[str], family: str) -> None:
+    other = sorted(classes - FAMILIES[family])
+    if other:
+        raise UnsafePickleError(
+            f"an {family} checkpoint holds no {other[0]} object (a class of another format)"
+        )
+
+
+def family_of(data) -> str | None:
+    """"EDM2" for a pickle whose ``ema`` network is EDM2's ``Precond``, "EDM" for EDM's
+    preconditioners, None otherwise."""
+    net = data.get("ema") if isinstance(data, dict) else None
+    if isinstance(net, PersistentRecord):
+        if net.class_name == "Precond":
+            return "EDM2"
+        if net.class_name in PRECONDITIONERS:
+            return "EDM"
+    return None
 
 
 def state_dict_of(record, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -295,6 +417,8 @@ def _plain(v):
         return v
     if isinstance(v, float):
         return v
+    if isinstance(v, NDArrayRecord) and v.array is not None:
+        return _plain(v.array.tolist())
     raise UnsafePickleError(f"an init argument of type {type(v).__name__}")
 
 
@@ -309,7 +433,11 @@ class EDMCheckpoint:
 
 def read_edm_checkpoint(path: Path, entry: str = "ema") -> EDMCheckpoint:
     """The network under ``entry`` of an EDM pickle, as a dmdctl ``edm`` teacher config + state."""
-    data = read_pickle(path)
+    return edm_checkpoint_of(read_pickle(path, "EDM"), path, entry)
+
+
+def edm_checkpoint_of(data, path: Path, entry: str = "ema") -> EDMCheckpoint:
+    """:func:`read_edm_checkpoint` of an already unpickled file."""
     if not isinstance(data, dict) or entry not in data:
         keys = ", ".join(sorted(map(str, data))) if isinstance(data, dict) else type(data).__name__
         raise UserError(f"{path} has no '{entry}' network (it holds: {keys}); is it an EDM pickle?")
