@@ -117,7 +117,19 @@ class Source(OfKind):
             self.fn.to(device)
         else:
             self.fn.denoiser.to(device)
+        if self.decodes:
+            self.codec.vae.to(device)
         return self
+
+    @property
+    def codec(self):
+        return self.kind.codec_for(self.config)
+
+    @property
+    def decodes(self) -> bool:
+        """Whether samples come out as images decoded from the network's latents (EDM2's
+        ImageNet-512; text-to-image kinds decode through their own pipelines)."""
+        return bool(getattr(self.codec, "latent", False)) and not self.kind.text_to_image
 
     @property
     def draws(self) -> int:
@@ -126,9 +138,13 @@ class Source(OfKind):
 
     @torch.no_grad()
     def __call__(self, z: torch.Tensor, cond=None, noise=None) -> torch.Tensor:
+        """Samples for noise ``z``: images in [-1, 1] for a latent kind (decoded), else what
+        the network makes."""
         if noise is not None and len(noise):
-            return self.fn(z, cond, noise)
-        return self.fn(z, cond)
+            x = self.fn(z, cond, noise)
+        else:
+            x = self.fn(z, cond)
+        return self.codec.decode(x) if self.decodes else x
 
 
 def teacher_source(teacher: Teacher, steps: int) -> Source:

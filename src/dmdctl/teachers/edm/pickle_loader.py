@@ -349,9 +349,9 @@ def read_checkpoint_pickle(path: Path, family: str | None = "any"):
         with open(path, "rb") as f:
             unpickler = RestrictedUnpickler(f)
             data = unpickler.load()
-        if family == "any":
+        if family == "any":  # the format of its ema network, else the one its records fit
             fits = [n for n, known in FAMILIES.items() if unpickler.classes <= known]
-            family = family_of(data) if family_of(data) in fits else (fits or ["EDM"])[0]
+            family = family_of(data) or (fits or ["EDM"])[0]
         if family is not None:
             _check_family(unpickler.classes, family)
         return data, family

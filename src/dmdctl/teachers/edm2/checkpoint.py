@@ -27,7 +27,7 @@ from dmdctl.teachers.edm.pickle_loader import (
     read_pickle,
     state_dict_of,
 )
-from dmdctl.teachers.edm2.networks import UNET_KWARGS
+from dmdctl.teachers.edm2.networks import GAIN_KEYS, UNET_KWARGS
 
 PRECOND_KWARGS = ("img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_data",
                   "logvar_channels")  # fmt: skip
@@ -138,7 +138,12 @@ def edm2_checkpoint_of(data, path: Path, entry: str = "ema") -> EDMCheckpoint:
         "sigma_max": 80.0,
         "encoder": encoder_config(data.get("encoder"), path, img_channels),
     }
-    state = {k: v.float() for k, v in state_dict_of(net).items()}
+    raw = state_dict_of(net)
+    # float32 (the published files hold float16); the 0-d gains as dmdctl's 1-element vectors
+    state = {
+        k: v.float().reshape(1) if v.ndim == 0 and k.endswith(GAIN_KEYS) else v.float()
+        for k, v in raw.items()
+    }
     info = {
         "source": path.name,
         "source_class": "Precond/UNet",
@@ -146,7 +151,7 @@ def edm2_checkpoint_of(data, path: Path, entry: str = "ema") -> EDMCheckpoint:
         "source_module_src_sha256": net.module_src_sha256,
         "trained_dropout": trained_dropout,
         "trained_use_fp16": use_fp16,
-        "source_dtype": str(next(iter(state_dict_of(net).values())).dtype).replace("torch.", ""),
+        "source_dtype": str(next(iter(raw.values())).dtype).replace("torch.", "") if raw else "",
     }
     return EDMCheckpoint(config, state, info)
 

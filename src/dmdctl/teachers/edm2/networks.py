@@ -47,6 +47,9 @@ UNET_KWARGS = (
     "attn_resolutions", "label_balance", "concat_balance", "resample_filter",
     "channels_per_head", "dropout", "res_balance", "attn_balance", "clip_act",
 )  # fmt: skip
+# the learned gains, 0-d tensors in NVIDIA's checkpoints, are 1-element vectors here: FSDP2
+# cannot shard 0-d parameters (convert-edm reshapes them, and nothing else)
+GAIN_KEYS = ("emb_gain", "out_gain")
 MP_SILU_SCALE = 0.596  # E[silu(x)^2]^0.5 for x ~ N(0, 1), the paper's constant
 
 
@@ -193,7 +196,7 @@ class Block(nn.Module):
         self.res_balance = float(res_balance)
         self.attn_balance = float(attn_balance)
         self.clip_act = clip_act
-        self.emb_gain = nn.Parameter(torch.zeros([]))
+        self.emb_gain = nn.Parameter(torch.zeros([1]))  # NVIDIA's is 0-d (GAIN_KEYS)
         res_in = out_channels if flavor == "enc" else in_channels
         self.conv_res0 = MPConv(res_in, out_channels, (3, 3))
         self.emb_linear = MPConv(emb_channels, out_channels, ())
@@ -267,7 +270,7 @@ class UNet(nn.Module):
         self.label_dim = int(label_dim)
         self.label_balance = float(label_balance)
         self.concat_balance = float(concat_balance)
-        self.out_gain = nn.Parameter(torch.zeros([]))
+        self.out_gain = nn.Parameter(torch.zeros([1]))  # NVIDIA's is 0-d (GAIN_KEYS)
 
         self.emb_fourier = MPFourier(cnoise)
         self.emb_noise = MPConv(cnoise, cemb, ())
@@ -390,9 +393,10 @@ class EDM2Backbone(nn.Module):
         return self.logvar_linear(self.logvar_fourier(c_noise.float().flatten())).flatten()
 
     def force_weight_norm_(self) -> None:
-        """EDM2's forced weight normalisation of every MPConv weight (training only)."""
+        """EDM2's forced weight normalisation of every trained MPConv weight (a frozen one, as
+        the unused log-variance head in distillation, is left as it is)."""
         for m in self.modules():
-            if isinstance(m, MPConv):
+            if isinstance(m, MPConv) and m.weight.requires_grad:
                 m.force_norm_()
 
     def uncertainty_parameters(self) -> list[nn.Parameter]:
