@@ -745,3 +745,37 @@ def test_latent_teacher_whose_vae_is_not_available_offline(tmp_path, hf_offline,
     one_line_error(run("sample", "--teacher-path", teacher, "--steps", 1, "--num", 1,
                        "--out", tmp_path / "s", "--device", "cpu"),
                    "could not load the EDM2 teacher's VAE")  # fmt: skip
+
+
+def test_sampling_the_teacher_with_edm2s_guidance(tmp_path):
+    """`sample --teacher-path T --guide-net G --guidance w`: EDM2's guided Heun sampler, equal
+    to Heun on D_g + w (D - D_g) computed here; bad combinations refused in one line."""
+    from dmdctl.core.sampling import heun_sample, karras_sigmas, seeded_noise
+
+    teacher, _ = converted(tmp_path, TINY, 0, "teacher")
+    uncond, _ = converted(tmp_path, dict(TINY, label_dim=0), 1, "uncond")
+    common = ["--num", 2, "--class", 4, "--steps", 3, "--device", "cpu"]
+    ok(run("sample", "--teacher-path", teacher, "--guide-net", uncond, "--guidance", 1.8,
+           "--out", tmp_path / "g", *common))  # fmt: skip
+    ok(run("sample", "--teacher-path", teacher, "--out", tmp_path / "plain", *common))
+    got = load_file(str(tmp_path / "g" / "samples.safetensors"))["samples"]
+    plain = load_file(str(tmp_path / "plain" / "samples.safetensors"))["samples"]
+    d, g = load_teacher(teacher).denoiser, load_teacher(uncond).denoiser
+
+    def guided(x, s, c):
+        ref = g(x, s, None)
+        return ref + 1.8 * (d(x, s, c) - ref)
+
+    z = seeded_noise([0, 1], (3, 16, 16))
+    want = heun_sample(guided, z, karras_sigmas(3), torch.tensor([4, 4]))
+    # float32 rounding (lerp vs the sum above) grows through the random net's Heun steps
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+    assert (got - plain).abs().max() > 0.1
+    one_line_error(run("sample", "--teacher-path", teacher, "--guidance", 2, "--out",
+                       tmp_path / "x", *common), "needs --guide-net")  # fmt: skip
+    one_line_error(run("sample", "--generator", teacher, "--guide-net", uncond, "--out",
+                       tmp_path / "x", *common), "guides the teacher's sampler")  # fmt: skip
+    one_line_error(run("sample", "--teacher-path", teacher, "--guide-net", teacher,
+                       "--guide-mode", "cfg", "--guidance", 2, "--out", tmp_path / "x", *common),
+                   "unconditional guiding net")  # fmt: skip
+    assert not (tmp_path / "x").exists()

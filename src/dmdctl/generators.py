@@ -203,8 +203,17 @@ def generate(
 
 
 def source_from(cfg) -> object:
-    """The source of samples named by a config with generator/teacher/teacher_path/steps."""
+    """The source of samples named by a config with generator/teacher/teacher_path/steps (and,
+    for EDM2 teachers, guide_net/guide_mode/guidance: the guided sampler EDM2 publishes)."""
     if cfg.generator:
         return load_generator(Path(cfg.generator))
     teacher = resolve_teacher(cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None)
-    return teacher_source(teacher, cfg.steps)
+    guide = getattr(cfg, "guide_net", None)
+    if guide is None:
+        return teacher_source(teacher, cfg.steps)
+    from dmdctl.teachers.edm2.kind import guided_teacher
+
+    scale = float(cfg.guidance)
+    source = teacher_source(guided_teacher(teacher, guide, scale, cfg.guide_mode), cfg.steps)
+    source.description += f", guidance {scale:g} by {Path(guide).name}"
+    return source

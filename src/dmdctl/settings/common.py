@@ -37,6 +37,25 @@ def teacher_path_option() -> Any:
     return option(None, TEACHER_PATH_HELP, path=True, panel="Inputs")
 
 
+GUIDE_NET_HELP = (
+    "EDM2 teachers: sample the teacher guided by this second network (a converted EDM2 "
+    "teacher file), D_g + w (D - D_g) with w = --guidance: an unconditional net gives "
+    "classifier-free guidance, a smaller or less-trained conditional one autoguidance."
+)
+GUIDE_MODE_HELP = (
+    "EDM2 teachers: cfg (the guiding net is unconditional and gets no labels), autoguidance "
+    "(it is conditional and gets the labels), or auto (by its classes)."
+)
+
+
+def guide_net_option(help: str = GUIDE_NET_HELP, panel: str = "Sampling") -> Any:
+    return option(None, help, path=True, panel=panel)
+
+
+def guide_mode_option(help: str = GUIDE_MODE_HELP, panel: str = "Sampling") -> Any:
+    return option("auto", help, choices=("auto", "cfg", "autoguidance"), panel=panel)
+
+
 def prompts_option() -> Any:
     return option(None, PROMPTS_HELP, path=True, panel="Inputs")
 

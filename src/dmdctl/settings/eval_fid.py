@@ -4,6 +4,7 @@ sampler or a folder of images against reference statistics."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from dmdctl.config import Settings
 from dmdctl.errors import require
@@ -11,6 +12,8 @@ from dmdctl.options import option
 from dmdctl.settings.common import (
     GENERATOR_HELP,
     device_option,
+    guide_mode_option,
+    guide_net_option,
     teacher_option,
     teacher_path_option,
 )
@@ -31,6 +34,15 @@ class EvalFidConfig(Settings):
     steps: int = option(
         18,
         "Heun steps when scoring the teacher's sampler (1 = one Euler step).",
+        min=1,
+        panel="Sampling",
+    )
+    guide_net: str | None = guide_net_option()
+    guide_mode: str = guide_mode_option()
+    guidance: float = option(
+        1.0,
+        "EDM2 teachers: the guidance scale w with --guide-net (1: the teacher alone; EDM2's "
+        "published settings: docs/EDM.md).",
         min=1,
         panel="Sampling",
     )
@@ -164,6 +176,18 @@ class EvalFidConfig(Settings):
     device: str = device_option()
 
     def check(self) -> None:
+        require(
+            self.guide_net is None or self.generator is None,
+            "--guide-net guides the teacher's sampler: pass --teacher-path, not --generator",
+        )
+        require(
+            self.guidance == 1.0 or self.guide_net is not None,
+            f"--guidance {self.guidance:g} needs --guide-net FILE (the guiding EDM2 network)",
+        )
+        require(
+            self.guide_net is None or Path(self.guide_net).is_file(),
+            f"--guide-net {self.guide_net}: no such file (pass a teacher file from convert-edm)",
+        )
         require(
             self.bootstrap == 0 or self.bootstrap >= 10,
             f"--bootstrap must be 0 (no intervals) or at least 10 rounds, got {self.bootstrap}",

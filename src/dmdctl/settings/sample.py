@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from dmdctl.config import Settings
 from dmdctl.errors import require
@@ -10,6 +11,8 @@ from dmdctl.options import option
 from dmdctl.settings.common import (
     GENERATOR_HELP,
     device_option,
+    guide_mode_option,
+    guide_net_option,
     offline_option,
     prompts_option,
     teacher_option,
@@ -27,6 +30,15 @@ class SampleConfig(Settings):
     teacher: str | None = teacher_option()
     teacher_path: str | None = teacher_path_option()
     steps: int = option(18, "Heun steps when sampling the teacher.", min=1, panel="Sampling")
+    guide_net: str | None = guide_net_option()
+    guide_mode: str = guide_mode_option()
+    guidance: float = option(
+        1.0,
+        "EDM2 teachers: the guidance scale w with --guide-net (1: the teacher alone; EDM2's "
+        "published settings: docs/EDM.md).",
+        min=1,
+        panel="Sampling",
+    )
     # None: DEFAULT_NUM, or for text-to-image one image per prompt (4 for a single --prompt)
     num: int | None = option(
         None,
@@ -55,6 +67,18 @@ class SampleConfig(Settings):
     offline: bool = offline_option()
 
     def check(self) -> None:
+        require(
+            self.guide_net is None or self.generator is None,
+            "--guide-net guides the teacher's sampler: pass --teacher-path, not --generator",
+        )
+        require(
+            self.guidance == 1.0 or self.guide_net is not None,
+            f"--guidance {self.guidance:g} needs --guide-net FILE (the guiding EDM2 network)",
+        )
+        require(
+            self.guide_net is None or Path(self.guide_net).is_file(),
+            f"--guide-net {self.guide_net}: no such file (pass a teacher file from convert-edm)",
+        )
         require(
             self.generator is not None or self.teacher_path is not None or self.teacher is not None,
             "nothing to sample from: pass --generator FILE, or --teacher-path FILE with --steps N",
