@@ -33,6 +33,8 @@ D = f"distill {T} --pairs runs/pairs --out {{out}} --steps 4 --batch-size 16 --p
 RUN = D.replace("{out}", "runs/run")
 PR = "--teacher digits --out {out} --shard-size 16"
 PR_SD = "--teacher-path runs/sd --out {out}"
+# an EDM2 run on the tiny random teacher of runs/edm2
+E2 = "distill --teacher-path runs/edm2/teacher.safetensors --out {out} --steps 2 --batch-size 2 --reg-weight 0 --plot-samples 0 --cpu"
 # a text-to-image run on the tiny SD pipeline (runs/sd) with a prompts file
 DSD = "distill --teacher-path runs/sd --prompts runs/prompts.txt --out {out} --steps 2 --batch-size 2 --cpu"
 
@@ -525,6 +527,55 @@ CASES = [
         f"eval-fid {T} --steps 2 --precision-recall --pr-k 0",
         "--pr-k must be positive, got 0",
     ),
+    # --- EDM2 teachers (runs/edm2: tiny random nets, and pickles in EDM2's record format) ---
+    Case(
+        "e2-guidance-without-guide",
+        "an EDM2 real score guided without a guiding network",
+        f"{E2} --real-guidance 2",
+        "--real-guidance 2 guides an EDM2 teacher's real score with a second network",
+    ),
+    Case(
+        "e2-cfg-with-conditional-guide",
+        "--guide-mode cfg with a conditional guiding net",
+        f"{E2} --real-guidance 2 --guide-net runs/edm2/small.safetensors --guide-mode cfg",
+        "--guide-mode cfg needs an unconditional guiding net",
+    ),
+    Case(
+        "e2-guide-for-other-kind",
+        "--guide-net on a teacher that is not EDM2",
+        f"{D} --guide-net runs/edm2/uncond.safetensors --real-guidance 2",
+        "--guide-net is for EDM2 teachers, not 'toy2d'",
+    ),
+    Case(
+        "e2-guide-other-space",
+        "a guiding net of another resolution",
+        f"{E2} --real-guidance 2 --guide-net runs/edm2/big.safetensors",
+        "its img_resolution is 32, the teacher's 16",
+    ),
+    Case(
+        "e2-sample-guidance-without-guide",
+        "sampling an EDM2 teacher with --guidance but no guiding net",
+        "sample --teacher-path runs/edm2/teacher.safetensors --guidance 2 --out {out}",
+        "--guidance 2 needs --guide-net FILE",
+    ),
+    Case(
+        "e2-pickle-mixed-formats",
+        "an EDM2 pickle that also holds an EDM network class",
+        "convert-edm runs/edm2/mixed.pkl -o {out}/t.safetensors",
+        "an EDM2 checkpoint holds no DhariwalUNet object",
+    ),
+    Case(
+        "e2-pickle-object-array",
+        "a numpy array of Python objects (here calling os.system) in an EDM2 pickle",
+        "convert-edm runs/edm2/object-array.pkl -o {out}/t.safetensors",
+        "a numpy value of non-numeric dtype object",
+    ),
+    Case(
+        "e2-vae-folder-without-vae",
+        "--vae names a folder that holds no VAE",
+        "convert-edm runs/edm2/latent.pkl --vae runs/teacher -o {out}/t.safetensors",
+        "runs/teacher holds no VAE",
+    ),
 ]
 
 
@@ -588,12 +639,38 @@ def build_env(root: Path, teacher: str | None = None, pairs: str | None = None) 
     )
     distill(DistillConfig(**args))
     build_real_sources(runs / "real")
+    build_edm2(runs / "edm2")
     (runs / "prompts.txt").write_text("a red dog\nthe blue sky\n")
     (runs / "prompts-bad.jsonl").write_text('{"caption": "a"}\n\n{"image": "x.png"}\n')
     (runs / "garbage.safetensors").write_bytes(b"not a safetensors file")
     (runs / "afile.txt").write_text("just a file\n")
     (runs / "bad.toml").write_text("steps = [\n")
     (runs / "unknown.toml").write_text("num_pairz = 3\n")
+
+
+def build_edm2(folder: Path) -> None:
+    """Tiny random EDM2 teachers (16 px, 10 classes; an unconditional, a smaller and a 32 px
+    one) and pickles in EDM2's record format: a latent network, and two bad files."""
+    import numpy as np
+
+    from dmdctl.teachers import KINDS, save_teacher
+    from test_edm import Persistent, RunsShell
+    from test_edm2 import LATENT, TINY, encoder_record, random_net, tiny, write_edm2_pickle
+
+    folder.mkdir(parents=True)
+    kind = KINDS["edm2"]
+    nets = {"teacher": TINY, "uncond": dict(TINY, label_dim=0), "small": tiny(model_channels=8),
+            "big": dict(TINY, img_resolution=32)}  # fmt: skip
+    for seed, (name, config) in enumerate(nets.items()):
+        den = kind.build(config)
+        den.backbone.load_state_dict(random_net(config, seed).state_dict())
+        save_teacher(den, kind, config, folder / f"{name}.safetensors")
+    write_edm2_pickle(folder / "latent.pkl", random_net(LATENT), LATENT)
+    rogue = {"x": Persistent("DhariwalUNet", {"_init_args": (), "_init_kwargs": {}})}
+    write_edm2_pickle(folder / "mixed.pkl", random_net(), TINY, extra=rogue)
+    evil = np.array([RunsShell(folder / "pwned")], dtype=object)
+    write_edm2_pickle(folder / "object-array.pkl", random_net(), TINY,
+                      encoder=encoder_record(LATENT, scale=evil))  # fmt: skip
 
 
 def build_real_sources(real: Path) -> None:

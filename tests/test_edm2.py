@@ -332,8 +332,8 @@ def test_full_size_networks():
             assert key in sd, (name, key)
         assert "unet.enc.32x32_block0.attn_qkv.weight" not in sd  # attention at 16 and 8 only
         assert sd["unet.enc.64x64_conv.weight"].shape[1] == cfg["img_channels"] + 1
-    assert counts["edm2-img512-s"] == counts["edm2-img512-s-autog"]
-    assert counts["edm2-img512-xxl-autog"] > 5 * counts["edm2-img512-s"]
+    assert counts["edm2-img512-s-guid"] == counts["edm2-img512-s-autog"]
+    assert counts["edm2-img512-xxl-autog"] > 5 * counts["edm2-img512-s-autog"]
 
 
 # --- conversion -------------------------------------------------------------------------------

@@ -48,6 +48,10 @@ RECIPE_PRESETS = [
     "edm-imagenet64",
     "edm-imagenet64-gan",
     "edm-cifar10",
+    "edm2-img512-s-autog",
+    "edm2-img512-xxl-autog",
+    "edm2-img512-s-guid",
+    "edm2-img64-s-autog",
 ]
 
 

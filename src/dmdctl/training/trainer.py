@@ -318,12 +318,15 @@ class DMDTrainer:
         guided_kind = t.kind.name == "edm2"
         if cfg.guide_net is None:
             w = float(cfg.real_guidance) if cfg.real_guidance is not None else 1.0
+            recipe = t.kind.presets().get(str(cfg.teacher), {}).get("recipe", {})
+            which = recipe.get("guiding_checkpoint")
+            which = f"this preset's: {which} converted" if which else "docs/EDM.md lists EDM2's"
             require(
                 not guided_kind or w == 1.0,
                 f"--real-guidance {w:g} guides an EDM2 teacher's real score with a second "
-                "network: pass --guide-net FILE (a converted EDM2 net: unconditional for "
-                "classifier-free guidance, a smaller or less-trained one for autoguidance; "
-                "docs/EDM.md lists the published pairs), or --real-guidance 1",
+                "network: pass --guide-net FILE (a converted EDM2 net, unconditional for "
+                f"classifier-free guidance or smaller/less trained for autoguidance; {which}), "
+                "or --real-guidance 1",
             )
             return
         require(guided_kind, f"--guide-net is for EDM2 teachers, not '{t.name}'")

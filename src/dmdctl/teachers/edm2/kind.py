@@ -84,18 +84,14 @@ SAMPLING = {
     "edm2-img512-s-autog-fid": ("edm2-img512-s-2147483-0.070.pkl", "edm2-img512-xs-0134217-0.125.pkl", 2.10, "FID 1.34"),  # noqa: E501
     "edm2-img512-xxl-autog-fid": ("edm2-img512-xxl-0939524-0.075.pkl", "edm2-img512-m-0268435-0.155.pkl", 2.05, "FID 1.25"),  # noqa: E501
     "edm2-img512-s-guid-fid": ("edm2-img512-s-2147483-0.025.pkl", "edm2-img512-xs-uncond-2147483-0.025.pkl", 1.40, "FID 2.23"),  # noqa: E501
-    "edm2-img512-s-fid": ("edm2-img512-s-2147483-0.130.pkl", None, 1.0, "FID 2.56"),
     "edm2-img64-s-autog-fid": ("edm2-img64-s-1073741-0.045.pkl", "edm2-img64-xs-0134217-0.110.pkl", 1.70, "FID 1.01"),  # noqa: E501
-    "edm2-img64-s-fid": ("edm2-img64-s-1073741-0.075.pkl", None, 1.0, "FID 1.58"),
 }  # fmt: skip
 
 # preset -> (network size, latent?, EDM2 sampling setting its teacher and real score follow)
 PRESETS = {
-    "edm2-img512-s": ("s", True, "edm2-img512-s-fid"),
     "edm2-img512-s-autog": ("s", True, "edm2-img512-s-autog-fid"),
-    "edm2-img512-s-guid": ("s", True, "edm2-img512-s-guid-fid"),
     "edm2-img512-xxl-autog": ("xxl", True, "edm2-img512-xxl-autog-fid"),
-    "edm2-img64-s": ("s", False, "edm2-img64-s-fid"),
+    "edm2-img512-s-guid": ("s", True, "edm2-img512-s-guid-fid"),
     "edm2-img64-s-autog": ("s", False, "edm2-img64-s-autog-fid"),
 }
 
