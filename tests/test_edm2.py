@@ -779,3 +779,30 @@ def test_sampling_the_teacher_with_edm2s_guidance(tmp_path):
                        "--guide-mode", "cfg", "--guidance", 2, "--out", tmp_path / "x", *common),
                    "unconditional guiding net")  # fmt: skip
     assert not (tmp_path / "x").exists()
+
+
+def test_latent_gan_reads_real_images_encoded_by_the_teachers_vae(tmp_path, tiny_vae):
+    """prepare-real encodes images with the EDM2 codec (the VAE on [0, 1] images, scale and
+    bias) into a latent store; a GAN run on the latent teacher reads it."""
+    from cli_helpers import real_store
+    from dmdctl.data.real import load_real_data
+    from dmdctl.teachers.edm2.encoders import StabilityVAECodec
+
+    pkl, _ = edm2_pickle(tmp_path, LATENT)
+    teacher = tmp_path / "t.safetensors"
+    ok(run("convert-edm", pkl, "-o", teacher, "--vae", tiny_vae))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "real.npz", images, rng.integers(0, 10, 4))
+    store = real_store(tmp_path / "real.npz", teacher)
+    t = load_teacher(teacher)
+    rows, labels = load_real_data(str(store), t).rows(torch.arange(4))
+    assert rows.shape == (4, 4, 16, 16)
+    codec = StabilityVAECodec(t.config["encoder"])
+    with torch.no_grad():
+        want = codec.encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    torch.testing.assert_close(rows.float(), want, atol=2e-3, rtol=2e-3)  # stored as float16
+    ok(run("distill", "--teacher-path", teacher, "--real-data", store, "--gan-weight", 3e-3,
+           "--reg-weight", 0, "--steps", 1, "--batch-size", 2, "--plot-samples", 0, "--cpu",
+           "--out", tmp_path / "run"))  # fmt: skip
+    assert (tmp_path / "run" / "generator.safetensors").is_file()

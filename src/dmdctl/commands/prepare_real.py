@@ -19,6 +19,7 @@ from dmdctl.commands import report
 from dmdctl.data.real_store import (
     RealWriter,
     image_mode,
+    image_resolution,
     open_source,
     store_identity,
     store_kind,
@@ -51,7 +52,7 @@ def prepare_real(cfg: PrepareRealConfig) -> dict:
     source = open_source(cfg.source, teacher, cfg.image_column, cfg.caption_column)
     shape = [int(s) for s in teacher.sample_shape]
     mode = image_mode(3 if teacher.codec.latent else shape[0])
-    size = int(teacher.config["resolution"]) if teacher.codec.latent else shape[-1]
+    size = image_resolution(teacher) if teacher.codec.latent else shape[-1]
     kind, dtype = store_kind(teacher)
     conditioning = teacher_conditioning(teacher)
     settings = {

@@ -112,16 +112,30 @@ def store_identity(teacher) -> dict:
     if not teacher.codec.latent:
         return {"resolution": shape[-1], "channels": shape[0]}
     cfg = teacher.config
-    config, weights = (f.resolve() for f in teacher.vae_files())
+    own = getattr(teacher.codec, "identity", None)
+    files = teacher.vae_files() if hasattr(teacher, "vae_files") else teacher.codec.vae_files()
+    config, weights = (f.resolve() for f in files)
     st = weights.stat()
+    vae_sha = _vae_sha256(config, weights, (st.st_size, st.st_mtime_ns))
+    if callable(own):  # a codec that names its own latent mapping (EDM2's scale and bias)
+        return {"vae_sha256": vae_sha, "resolution": image_resolution(teacher), **own()}
     return {
-        "vae_sha256": _vae_sha256(config, weights, (st.st_size, st.st_mtime_ns)),
+        "vae_sha256": vae_sha,
         "resolution": int(cfg["resolution"]),
         "scaling_factor": float(cfg["scaling_factor"]),
         "shift_factor": float(cfg.get("shift_factor") or 0.0),
         "latents_mean": cfg.get("latents_mean"),
         "latents_std": cfg.get("latents_std"),
     }
+
+
+def image_resolution(teacher) -> int:
+    """The side of the images a latent teacher's VAE encodes (its config's ``resolution``, or
+    what the codec says for the teacher's latent side)."""
+    fn = getattr(teacher.codec, "image_resolution", None)
+    if callable(fn):
+        return int(fn(int(teacher.sample_shape[-1])))
+    return int(teacher.config["resolution"])
 
 
 def store_kind(teacher) -> tuple[str, str]:
@@ -540,6 +554,9 @@ def open_source(path_arg: str, teacher, image_column: str, caption_column: str |
         )
     if isinstance(src, NpzSource):
         want = (shape[1], shape[2], shape[0])
+        if teacher.codec.latent:  # RGB images the VAE encodes to the teacher's latents
+            side = image_resolution(teacher)
+            want = (side, side, 3)
         if src.shape[1:] != want:
             raise UserError(
                 f"{shown}: arr_0 holds images of {list(src.shape[1:])} [H, W, C], but this "

@@ -61,8 +61,9 @@ def load_vae(source: str, offline: bool = False):
     local = Path(path).is_dir() or offline or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true")
     try:
         vae = AutoencoderKL.from_pretrained(
-            path, subfolder=sub, local_files_only=local, torch_dtype=torch.float32
-        )
+            path, subfolder=sub, local_files_only=local, torch_dtype=torch.float32,
+            use_safetensors=True,  # never a pickled .bin
+        )  # fmt: skip
     except (OSError, ValueError, EnvironmentError) as e:
         raise UserError(
             f"could not load the EDM2 teacher's VAE {source!r} ({str(e).splitlines()[0]}); "
@@ -91,6 +92,35 @@ class StabilityVAECodec:
 
     def _device(self):
         return next(self.vae.parameters()).device
+
+    def image_resolution(self, latent_resolution: int) -> int:
+        """The images' side for latents of this side (the VAE halves it per level)."""
+        return int(latent_resolution) * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def vae_files(self) -> tuple[Path, Path]:
+        """(config.json, weights) of the VAE: a local folder's, or the hub cache's copy (what
+        a real-data store's latents depend on)."""
+        self.vae  # loaded (for a hub id: in the cache)
+        path, sub = vae_folder(self.source)
+        if Path(path).is_dir():
+            folder = Path(path) / (sub or "")
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise UserError(f"{folder} has no .safetensors weights")
+            return folder / "config.json", files[0]
+        from huggingface_hub import try_to_load_from_cache
+
+        found = [
+            try_to_load_from_cache(path, name)
+            for name in ("config.json", "diffusion_pytorch_model.safetensors")
+        ]
+        if not all(isinstance(f, str) for f in found):
+            raise UserError(f"the VAE {self.source} is not in the local hub cache")
+        return Path(found[0]), Path(found[1])
+
+    def identity(self) -> dict:
+        """What latents made by this codec depend on, besides the VAE's files."""
+        return {"edm2_scale": self.scale.flatten().tolist(), "edm2_bias": self.bias.flatten().tolist()}
 
     def to_raw(self, z: torch.Tensor) -> torch.Tensor:
         """The network's latents as the VAE's own (``(z - bias) / scale``)."""
