@@ -56,12 +56,13 @@ MP_SILU_SCALE = 0.596  # E[silu(x)^2]^0.5 for x ~ N(0, 1), the paper's constant
 def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
     """``x`` divided by its RMS over ``dim`` (all but the first by default), plus ``eps``.
 
-    The norm is taken in float32; dividing by ``eps + ||x|| / sqrt(n)`` gives unit magnitude
+    The norm is taken in float32 (float64 for float64 input); dividing by ``eps + ||x|| / sqrt(n)`` gives unit magnitude
     per element (n = the number of elements the norm runs over).
     """
     if dim is None:
         dim = list(range(1, x.ndim))
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    acc = torch.promote_types(x.dtype, torch.float32)  # float32 (float64 stays float64)
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=acc)
     norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / max(x.numel(), 1)))
     return x / norm.to(x.dtype)
 
@@ -158,11 +159,13 @@ class MPConv(nn.Module):
     @torch.no_grad()
     def force_norm_(self) -> None:
         """EDM2's forced weight normalisation: store the normalised weight (each process's
-        own rows when the weight is sharded over its output channels)."""
+        own rows when the weight is sharded over its output channels). The norms are taken in
+        float64, so that a shard's rows come out bit for bit as the whole tensor's do (float32
+        reductions over tensors of other shapes may round differently)."""
         w = self.weight
         local = w.to_local() if hasattr(w, "to_local") else w
         if local.numel():
-            local.copy_(normalize(local.float()).to(local.dtype))
+            local.copy_(normalize(local.double()).to(local.dtype))
 
 
 class Block(nn.Module):
