@@ -527,6 +527,12 @@ CASES = [
         f"eval-fid {T} --steps 2 --precision-recall --pr-k 0",
         "--pr-k must be positive, got 0",
     ),
+    Case(
+        "ef-dinov2-without-network",
+        "FD-DINOv2 without a local DINOv2 network",
+        f"eval-fid {T} --steps 2 --features dinov2",
+        "--features dinov2 and --dinov2 DIR go together",
+    ),
     # --- EDM2 teachers (runs/edm2: tiny random nets, and pickles in EDM2's record format) ---
     Case(
         "e2-guidance-without-guide",

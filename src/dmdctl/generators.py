@@ -202,6 +202,22 @@ def generate(
     return torch.cat(out), labels
 
 
+def guided_teacher(teacher: Teacher, guide_path, scale: float, mode: str = "auto") -> Teacher:
+    """An EDM2 teacher whose denoiser is guided by the teacher file ``guide_path`` at ``scale``,
+    ``D_g + w (D - D_g)``: what EDM2's sampler runs (``sample`` / ``eval-fid`` of the teacher)."""
+    from dataclasses import replace
+
+    from dmdctl.teachers import load_teacher
+    from dmdctl.teachers.edm2.kind import GuidedEDM2, guide_mode
+
+    if teacher.kind.name != "edm2":
+        raise UserError(f"--guide-net is for EDM2 teachers, not '{teacher.name}'")
+    guide = load_teacher(Path(guide_path), expected="edm2")
+    conditional = guide_mode(teacher.config, guide.config, mode, guide_path)
+    den = GuidedEDM2(teacher.denoiser, guide.denoiser, scale, conditional).eval()
+    return replace(teacher, denoiser=den)
+
+
 def source_from(cfg) -> object:
     """The source of samples named by a config with generator/teacher/teacher_path/steps (and,
     for EDM2 teachers, guide_net/guide_mode/guidance: the guided sampler EDM2 publishes)."""
@@ -211,8 +227,6 @@ def source_from(cfg) -> object:
     guide = getattr(cfg, "guide_net", None)
     if guide is None:
         return teacher_source(teacher, cfg.steps)
-    from dmdctl.teachers.edm2.kind import guided_teacher
-
     scale = float(cfg.guidance)
     source = teacher_source(guided_teacher(teacher, guide, scale, cfg.guide_mode), cfg.steps)
     source.description += f", guidance {scale:g} by {Path(guide).name}"

@@ -44,6 +44,15 @@ class Extractor:
     protocol: dict
     inception: object = None  # InceptionFeatures, for uint8 images
     weights: dict | None = None
+    dinov2: object = None  # DinoV2Features (--features dinov2), for uint8 images
+
+    @property
+    def metric(self) -> str:
+        """The result's key and name of the distance: FD-DINOv2 with DINOv2 features."""
+        return "fd_dinov2" if self.dinov2 is not None else "fid"
+
+    def from_uint8(self, images):
+        return (self.inception or self.dinov2).from_uint8(images)
 
 
 def inception_extractor(cfg, device, procs: Processes) -> Extractor:
@@ -59,6 +68,17 @@ def inception_extractor(cfg, device, procs: Processes) -> Extractor:
             "these FIDs are not comparable to published numbers",
         )
     return Extractor(ext, ext.feature_name(), ext.dim, ext.protocol.record(), ext, ext.weights)
+
+
+def image_extractor(cfg, device, procs: Processes) -> Extractor:
+    """The features images are scored with: Inception-v3 (FID), or with --features dinov2 the
+    local DINOv2 network (FD-DINOv2)."""
+    if cfg.features != "dinov2":
+        return inception_extractor(cfg, device, procs)
+    from dmdctl.metrics.dinov2 import PROTOCOL, DinoV2Features
+
+    model = DinoV2Features(cfg.dinov2, device, cfg.inception_batch)
+    return Extractor(model, model.name, model.dim, dict(PROTOCOL), weights=model.weights, dinov2=model)
 
 
 def native_extractor(kind) -> Extractor:
@@ -139,6 +159,8 @@ def versions(extra: tuple[str, ...] = ()) -> dict:
 
 def version_pkgs(ext: Extractor | None, procs: Processes) -> tuple[str, ...]:
     pkgs: tuple[str, ...] = ()
+    if ext is not None and ext.dinov2 is not None:
+        pkgs += ("transformers",)
     if ext is not None and ext.inception is not None:
         pkgs += ("torch-fidelity",)
         if ext.protocol["name"] == "clean":

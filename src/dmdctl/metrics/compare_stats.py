@@ -46,8 +46,10 @@ def compare_stats(cfg: EvalFidConfig) -> dict:
         protocol = get_protocol(protocol_name).record()
     else:
         protocol = {"name": protocol_name or unknown}
+    features = str(meta_a.get("features") or meta_b.get("features") or "")
+    metric = "fd_dinov2" if features.startswith("dinov2") else "fid"
     result = {
-        "fid": frechet_distance(mu1, sigma1, mu2, sigma2),
+        metric: frechet_distance(mu1, sigma1, mu2, sigma2),
         "num_samples": n,
         "reference": reference,
         "stats": {"path": str(a), "sha256": sha256_file(a)},

@@ -54,6 +54,8 @@ def result_rows(result: dict) -> list[tuple[str, object]]:
     rows: list[tuple[str, object]] = []
     if "fid" in result:
         rows.append(("FID", result["fid"]))
+    if "fd_dinov2" in result:
+        rows.append(("FD-DINOv2", result["fd_dinov2"]))
     if result.get("kid") is not None:
         rows.append(("KID", f"{result['kid']:.5g} ± {result['kid_std']:.2g}"))
     if "kid_interval" in result:

@@ -31,7 +31,11 @@ def score_source(cfg: EvalFidConfig, source, procs: Processes, show_progress: bo
             "G --prompts captions.txt --out imgs`, then `dmdctl eval-fid --images imgs/images "
             "--features inception --protocol clean --ref REF.npz` (the COCO-30k protocol)"
         )
-    use_inception = cfg.features == "inception" or (cfg.features == "auto" and not kind.builtin)
+    use_dino = cfg.features == "dinov2"
+    use_inception = use_dino or cfg.features == "inception" or (
+        cfg.features == "auto" and not kind.builtin
+    )  # image features: Inception, or DINOv2 (FD-DINOv2)
+    ext = None
     if use_inception:
         from dmdctl.metrics.inception import FEATURE_DIM
 
@@ -40,7 +44,9 @@ def score_source(cfg: EvalFidConfig, source, procs: Processes, show_progress: bo
                 f"Inception features need images; {kind.name} samples have shape "
                 f"{source.sample_shape} (use --features native)"
             )
-        collect.check_sample_count(cfg.num_samples, FEATURE_DIM, "samples")
+        if use_dino:
+            ext = collect.image_extractor(cfg, collect.device_of(cfg, procs), procs)
+        collect.check_sample_count(cfg.num_samples, ext.dim if ext else FEATURE_DIM, "samples")
     want_kid = cfg.kid or cfg.precision_recall
     builtin_ref = None
     if cfg.ref:
@@ -49,11 +55,14 @@ def score_source(cfg: EvalFidConfig, source, procs: Processes, show_progress: bo
         expected = (
             (cfg.protocol, FEATURE_NAME) if use_inception else ("native", kind.feature_name())
         )
+        if ext is not None:
+            expected = (ext.protocol["name"], collect.features_id(ext.name))
         mu_ref, sigma_ref, reference, ref_feats = collect.load_reference(cfg, *expected, want_kid)
     elif use_inception:
         raise UserError(
-            "Inception features need reference statistics: pass --ref STATS.npz "
-            "(e.g. EDM's fid-refs/imagenet-64x64.npz, or one made with --make-ref)"
+            f"{'DINOv2' if use_dino else 'Inception'} features need reference statistics: pass "
+            "--ref STATS.npz (e.g. EDM's fid-refs/imagenet-64x64.npz, or one made with "
+            "--make-ref" + (" --features dinov2)" if use_dino else ")")
         )
     else:
         from dmdctl.metrics.quality import training_reference
@@ -77,11 +86,12 @@ def score_source(cfg: EvalFidConfig, source, procs: Processes, show_progress: bo
             ref_feats = builtin_ref.features
         collect.need_features(cfg, ref_feats, f"the built-in reference of '{kind.name}'")
     device = collect.device_of(cfg, procs)
-    ext = (
-        collect.inception_extractor(cfg, device, procs)
-        if use_inception
-        else collect.native_extractor(kind)
-    )
+    if ext is None:
+        ext = (
+            collect.inception_extractor(cfg, device, procs)
+            if use_inception
+            else collect.native_extractor(kind)
+        )
     keep_features = want_kid and (ref_feats is not None or cfg.out is not None)
 
     source.to(device)
@@ -111,13 +121,14 @@ def score_source(cfg: EvalFidConfig, source, procs: Processes, show_progress: bo
             f"reference has {mu_ref.shape[0]}-d statistics but features are {stats.dim}-d"
         )
     collect.check_sample_count(stats.n, stats.dim, "samples")
+    name = "FD-DINOv2" if ext.metric == "fd_dinov2" else "FID"
     if use_inception and stats.n < collect.COMPARABLE_SAMPLES:
         collect.warn(
             procs,
-            f"FID on {stats.n} samples is not comparable to 50k-sample FIDs (FID is biased upwards at small N)",
+            f"{name} on {stats.n} samples is not comparable to 50k-sample {name}s ({name} is biased upwards at small N)",
         )
     result = {
-        "fid": frechet_distance(stats.mu, stats.sigma, mu_ref, sigma_ref),
+        ext.metric: frechet_distance(stats.mu, stats.sigma, mu_ref, sigma_ref),
         "num_samples": stats.n,
         "reference": reference,
         "features": ext.name,
@@ -132,7 +143,7 @@ def score_source(cfg: EvalFidConfig, source, procs: Processes, show_progress: bo
             collect.kid_result(cfg, feats, ref_feats, standardise=builtin_ref is not None)
         )
     if ext.weights:
-        result["inception_weights"] = ext.weights
+        result["dinov2_weights" if ext.dinov2 is not None else "inception_weights"] = ext.weights
     if procs.world > 1:
         result["num_processes"] = procs.world
     result["versions"] = collect.versions(collect.version_pkgs(ext, procs))

@@ -19,7 +19,7 @@ from dmdctl.settings.common import (
 )
 
 EVAL_SEED_START = 1_000_000  # far from make-pairs' default seeds: never score the training noise
-FEATURES = ("auto", "native", "inception")
+FEATURES = ("auto", "native", "inception", "dinov2")
 PROTOCOLS = ("edm", "clean")
 
 
@@ -85,7 +85,8 @@ class EvalFidConfig(Settings):
     )
     features: str = option(
         "auto",
-        "auto (a built-in teacher's own features; Inception for images), native, or inception.",
+        "auto (a built-in teacher's own features; Inception for images), native, inception, or "
+        "dinov2 (FD-DINOv2, EDM2's second metric; needs --dinov2 DIR).",
         choices=FEATURES,
         panel="Evaluation",
     )
@@ -107,6 +108,13 @@ class EvalFidConfig(Settings):
         None,
         "Accept Inception weights with this sha256 instead of the official file's (results are "
         "then not comparable).",
+        panel="Evaluation",
+    )
+    dinov2: str | None = option(
+        None,
+        "--features dinov2: a local transformers Dinov2Model folder (e.g. a copy of "
+        "facebook/dinov2-large, the ViT-L/14 of EDM2's FD-DINOv2); never downloaded.",
+        path=True,
         panel="Evaluation",
     )
     inception_batch: int = option(
@@ -187,6 +195,19 @@ class EvalFidConfig(Settings):
         require(
             self.guide_net is None or Path(self.guide_net).is_file(),
             f"--guide-net {self.guide_net}: no such file (pass a teacher file from convert-edm)",
+        )
+        require(
+            (self.features == "dinov2") == (self.dinov2 is not None),
+            "--features dinov2 and --dinov2 DIR go together (FD-DINOv2 with a local DINOv2 "
+            "network; dmdctl never downloads one)",
+        )
+        require(
+            self.dinov2 is None or Path(self.dinov2).is_dir(),
+            f"--dinov2 {self.dinov2}: no such folder (a local Dinov2Model folder)",
+        )
+        require(
+            self.features != "dinov2" or self.prompts is None,
+            "--features dinov2 is for class-conditional samples and image folders, not --prompts",
         )
         require(
             self.bootstrap == 0 or self.bootstrap >= 10,

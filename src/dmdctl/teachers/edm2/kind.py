@@ -191,21 +191,6 @@ def guide_mode(teacher_config: dict, guide_config: dict, mode: str, path) -> boo
     return mode == "autoguidance"
 
 
-def guided_teacher(teacher, guide_path, scale: float, mode: str = "auto"):
-    """``teacher`` (an edm2 teacher) with its denoiser guided by the teacher file ``guide_path``
-    at ``scale``: what EDM2's sampler runs (``sample`` / ``eval-fid`` of the teacher)."""
-    from dataclasses import replace
-
-    from dmdctl.teachers import load_teacher
-
-    if teacher.kind.name != "edm2":
-        raise UserError(f"--guide-net is for EDM2 teachers, not '{teacher.name}'")
-    guide = load_teacher(Path(guide_path), expected="edm2")
-    conditional = guide_mode(teacher.config, guide.config, mode, guide_path)
-    den = GuidedEDM2(teacher.denoiser, guide.denoiser, scale, conditional).eval()
-    return replace(teacher, denoiser=den)
-
-
 # No DMD2 or EDM2 run gives a distillation length for these teachers: no preset sets `steps`.
 SOURCES: dict[str, SourceCheckpoint] = {}
 
