@@ -67,12 +67,7 @@ def test_fd_dinov2_of_a_generator_against_a_reference_made_with_dinov2(tmp_path,
     assert "fid" not in res and math.isfinite(res["fd_dinov2"]) and res["fd_dinov2"] > 0
     assert res["protocol"]["name"] == "dinov2" and res["dinov2_weights"]["path"] == tiny_dinov2
     # an image folder scored against the same reference: the same distance for the same images
-    from PIL import Image
-
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i, im in enumerate(np.load(tmp_path / "real.npz")["arr_0"]):
-        Image.fromarray(im).save(folder / f"{i:03d}.png")
+    folder = _images(tmp_path)
     ok(run("eval-fid", "--images", folder, "--ref", tmp_path / "ref.npz", "--json",
            tmp_path / "i.json", *dino))  # fmt: skip
     assert json.loads((tmp_path / "i.json").read_text())["fd_dinov2"] == pytest.approx(0, abs=1e-6)
@@ -92,3 +87,45 @@ def test_dinov2_bad_inputs(tmp_path, tiny_dinov2):
     one_line_error(run(*base, "--features", "dinov2", "--dinov2", tmp_path / "empty"),
                    "not a transformers model folder")  # fmt: skip
     assert not (tmp_path / "r.npz").exists()
+
+
+def test_edm2_reference_pickle_is_read_as_data(tmp_path, tiny_dinov2):
+    """EDM2's published references are pickles (dict(num_images, fid=dict(mu, sigma),
+    fd_dinov2=...)): eval-fid reads the entry of its metric through the restricted unpickler,
+    and refuses one that holds anything else."""
+    import pickle
+
+    from dmdctl.metrics.fid import frechet_distance
+    from test_edm import RunsShell
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "real.npz", rng.integers(0, 256, (20, 16, 16, 3), dtype=np.uint8))
+    a = rng.normal(size=(16, 16))
+    stats = {"num_images": 50000, "fd_dinov2": {"mu": rng.normal(size=16), "sigma": a @ a.T / 16},
+             "fid": {"mu": np.zeros(2048), "sigma": np.eye(2048)}}  # fmt: skip
+    (tmp_path / "img512.pkl").write_bytes(pickle.dumps(stats, protocol=4))
+    dino = ["--features", "dinov2", "--dinov2", tiny_dinov2, "--device", "cpu"]
+    ok(run("eval-fid", "--make-ref", tmp_path / "real.npz", "-o", tmp_path / "own.npz", *dino))
+    folder = _images(tmp_path)
+    ok(run("eval-fid", "--images", folder, "--ref", tmp_path / "img512.pkl", "--json",
+           tmp_path / "r.json", *dino))  # fmt: skip
+    res = json.loads((tmp_path / "r.json").read_text())
+    own = np.load(tmp_path / "own.npz")
+    want = frechet_distance(own["mu"], own["sigma"], stats["fd_dinov2"]["mu"], stats["fd_dinov2"]["sigma"])
+    assert res["fd_dinov2"] == pytest.approx(want, rel=1e-6)
+    assert res["reference"]["entry"] == "fd_dinov2" and res["reference"]["num_samples"] == 50000
+    marker = tmp_path / "pwned"
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"fd_dinov2": RunsShell(marker)}))
+    one_line_error(run("eval-fid", "--images", folder, "--ref", tmp_path / "evil.pkl", *dino),
+                   "refusing")  # fmt: skip
+    assert not marker.exists()
+
+
+def _images(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir(exist_ok=True)
+    for i, im in enumerate(np.load(tmp_path / "real.npz")["arr_0"]):
+        Image.fromarray(im).save(folder / f"{i:03d}.png")
+    return folder

@@ -109,8 +109,11 @@ def features_id(name: str) -> str:
 
 
 def load_reference(cfg, protocol: str, features: str, want_kid: bool):
-    """(mu, sigma, record, KID features or None) of ``--ref``, checked against this run."""
+    """(mu, sigma, record, KID features or None) of ``--ref``, checked against this run; an
+    EDM2 reference pickle (``img512.pkl``) gives its ``fid`` or ``fd_dinov2`` entry."""
     path = Path(cfg.ref)
+    if path.suffix.lower() == ".pkl":
+        return _edm2_reference(cfg, path, protocol, features)
     mu, sigma = load_stats_npz(path)
     meta = load_stats_extra(path, STATS_META)
     check_meta(meta, protocol, features, path)
@@ -121,6 +124,26 @@ def load_reference(cfg, protocol: str, features: str, want_kid: bool):
     feats = load_stats_extra(path, ("kid_features",)).get("kid_features") if want else None
     need_features(cfg, feats, path)
     return mu, sigma, record, feats
+
+
+def _edm2_reference(cfg, path: Path, protocol: str, features: str):
+    from dmdctl.teachers.edm2.checkpoint import edm2_reference
+
+    metric = "fd_dinov2" if features.startswith("dinov2") else "fid"
+    if metric == "fid" and protocol != "edm":
+        raise UserError(
+            f"{path} is an EDM2 reference, made with NVIDIA's Inception detector as EDM's: "
+            "score with --protocol edm"
+        )
+    if not path.is_file():
+        raise UserError(f"reference statistics not found: {path}")
+    mu, sigma, n = edm2_reference(path, metric)
+    record = {"path": str(path), "sha256": sha256_file(path), "entry": metric,
+              "format": "EDM2 reference statistics pickle, read as data"}  # fmt: skip
+    if n is not None:
+        record["num_samples"] = n
+    need_features(cfg, None, path)
+    return mu, sigma, record, None
 
 
 def need_features(cfg, feats, path) -> None:

@@ -24,6 +24,7 @@ from the top-level ``init_kwargs`` and the tensors are loaded into it with ``str
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import io
 import math
@@ -74,11 +75,14 @@ EDM2_CLASSES = frozenset(
         "StabilityVAEEncoder",
     }
 )
-FAMILIES = {"EDM": EDM_CLASSES, "EDM2": EDM2_CLASSES}
+# a statistics file (EDM2's dataset-refs/*.pkl) holds dicts and arrays, no objects at all
+FAMILIES = {"EDM": EDM_CLASSES, "EDM2": EDM2_CLASSES, "statistics": frozenset()}
 KNOWN_CLASSES = EDM_CLASSES | EDM2_CLASSES
 TORCH_CONTAINERS = ("ModuleDict", "ModuleList", "Sequential", "ParameterDict", "ParameterList")
 NUMPY_KINDS = "biuf"  # bool, int, unsigned, float: the only numpy values accepted
 MAX_ARRAY_BYTES = 1 << 20  # numpy arrays in these pickles are a few numbers (EDM2's VAE scaling)
+# EDM2's reference statistics (dataset-refs/img512.pkl): a 2048x2048 float64 covariance
+MAX_REFERENCE_ARRAY_BYTES = 64 << 20
 
 
 class UnsafePickleError(UserError):
@@ -230,36 +234,39 @@ class NDArrayRecord:
 
     array: np.ndarray | None = None
 
+    def __init__(self, cap: int = MAX_ARRAY_BYTES):
+        self.cap = cap
+
     def __setstate__(self, state) -> None:
         if not isinstance(state, tuple) or len(state) != 5:
             raise UnsafePickleError("a malformed numpy array")
         _, shape, dtype, fortran, data = state
-        self.array = _array_from(data, dtype, shape, "F" if fortran else "C")
+        self.array = _array_from(data, dtype, shape, "F" if fortran else "C", self.cap)
 
 
-def _array_from(data, dtype, shape, order) -> np.ndarray:
+def _array_from(data, dtype, shape, order, cap: int = MAX_ARRAY_BYTES) -> np.ndarray:
     if not isinstance(dtype, _DType) or not isinstance(data, (bytes, bytearray)):
         raise UnsafePickleError("a malformed numpy array")
     shape = _int_tuple(shape, "numpy array shape")
     if any(d < 0 for d in shape) or order not in ("C", "F"):
         raise UnsafePickleError("a malformed numpy array")
     n = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if len(data) > MAX_ARRAY_BYTES or len(data) != n * dtype.dtype.itemsize:
+    if len(data) > cap or len(data) != n * dtype.dtype.itemsize:
         raise UnsafePickleError("a numpy array whose data does not fit its shape")
     return np.frombuffer(bytes(data), dtype=dtype.dtype).reshape(shape, order=order).copy()
 
 
-def _ndarray_reconstruct(cls, shape=None, typecode=None):
+def _ndarray_reconstruct(cls, shape=None, typecode=None, cap: int = MAX_ARRAY_BYTES):
     """``numpy.core.multiarray._reconstruct``: an empty array record, filled by BUILD."""
     if cls is not _NDArrayType:
         raise UnsafePickleError("the pickle reconstructs a numpy object that is not an array")
-    return NDArrayRecord()
+    return NDArrayRecord(cap)
 
 
-def _ndarray_frombuffer(buf, dtype, shape, order="C") -> NDArrayRecord:
+def _ndarray_frombuffer(buf, dtype, shape, order="C", cap: int = MAX_ARRAY_BYTES):
     """``numpy.core.numeric._frombuffer`` (pickle protocol 5, data in band)."""
-    rec = NDArrayRecord()
-    rec.array = _array_from(buf, dtype, shape, order)
+    rec = NDArrayRecord(cap)
+    rec.array = _array_from(buf, dtype, shape, order, cap)
     return rec
 
 
@@ -303,9 +310,10 @@ class RestrictedUnpickler(pickle.Unpickler):
     ``classes``: the class names of the persistence records read (which family the file is).
     """
 
-    def __init__(self, f):
+    def __init__(self, f, max_array_bytes: int = MAX_ARRAY_BYTES):
         super().__init__(f)
         self.classes: set[str] = set()
+        self.cap = int(max_array_bytes)
 
     def _record(self, meta) -> PersistentRecord:
         rec = _persistent_record(meta)
@@ -316,6 +324,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         if (module, name) == PERSISTENCE_GLOBAL:
             return self._record
         fn = ALLOWED.get((module, name))
+        if fn in (_ndarray_reconstruct, _ndarray_frombuffer):  # with this file's size cap
+            return functools.partial(fn, cap=self.cap)
         if fn is None:
             raise UnsafePickleError(
                 f"the pickle refers to {module}.{name}, which is not on dmdctl's allow-list "
@@ -336,10 +346,13 @@ def read_pickle(path: Path, family: str | None = None):
     return read_checkpoint_pickle(path, family)[0]
 
 
-def read_checkpoint_pickle(path: Path, family: str | None = "any"):
+def read_checkpoint_pickle(
+    path: Path, family: str | None = "any", max_array_bytes: int = MAX_ARRAY_BYTES
+):
     """(data, family) of a checkpoint pickle read once: ``family`` "EDM" / "EDM2" checks every
     record against that format's classes, "any" takes the format the records belong to
-    (refusing a file that mixes them), None checks only the allow-list."""
+    (refusing a file that mixes them), None checks only the allow-list; "statistics" allows no
+    record at all (EDM2's reference statistics)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"file not found: {path}")
@@ -347,7 +360,7 @@ def read_checkpoint_pickle(path: Path, family: str | None = "any"):
         raise UserError(f"{path} is a folder; pass the EDM .pkl file")
     try:
         with open(path, "rb") as f:
-            unpickler = RestrictedUnpickler(f)
+            unpickler = RestrictedUnpickler(f, max_array_bytes)
             data = unpickler.load()
         if family == "any":  # the format of its ema network, else the one its records fit
             fits = [n for n, known in FAMILIES.items() if unpickler.classes <= known]
@@ -369,9 +382,16 @@ def read_checkpoint_pickle(path: Path, family: str | None = "any"):
 def _check_family(classes: set[str], family: str) -> None:
     other = sorted(classes - FAMILIES[family])
     if other:
+        what = "a statistics file" if family == "statistics" else f"an {family} checkpoint"
         raise UnsafePickleError(
-            f"an {family} checkpoint holds no {other[0]} object (a class of another format)"
+            f"{what} holds no {other[0]} object (a class of another format)"
         )
+
+
+def read_statistics_pickle(path: Path):
+    """EDM2's reference statistics (``dataset-refs/img512.pkl``): dicts of numeric arrays,
+    read with the same restricted unpickler (no object of any class; arrays up to 64 MiB)."""
+    return read_checkpoint_pickle(path, "statistics", MAX_REFERENCE_ARRAY_BYTES)[0]
 
 
 def family_of(data) -> str | None:

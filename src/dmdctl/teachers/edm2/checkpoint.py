@@ -19,12 +19,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+
 from dmdctl.errors import UserError
 from dmdctl.teachers.edm.pickle_loader import (
     EDMCheckpoint,
+    NDArrayRecord,
     PersistentRecord,
     _plain,
     read_pickle,
+    read_statistics_pickle,
     state_dict_of,
 )
 from dmdctl.teachers.edm2.networks import GAIN_KEYS, UNET_KWARGS
@@ -159,3 +163,27 @@ def edm2_checkpoint_of(data, path: Path, entry: str = "ema") -> EDMCheckpoint:
 def read_edm2_checkpoint(path: Path, entry: str = "ema") -> EDMCheckpoint:
     """An EDM2 pickle's network as an ``edm2`` teacher config + state (nothing in it runs)."""
     return edm2_checkpoint_of(read_pickle(path, "EDM2"), path, entry)
+
+
+def edm2_reference(path: Path, metric: str) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """(mu, sigma, number of images) of one metric ("fid" or "fd_dinov2") of an EDM2 reference
+    statistics pickle (``dict(num_images=N, fid=dict(mu, sigma), fd_dinov2=dict(mu, sigma))``,
+    NVlabs/edm2 calculate_metrics.py), read as data."""
+    path = Path(path)
+    data = read_statistics_pickle(path)
+    if not isinstance(data, dict) or metric not in data:
+        keys = ", ".join(sorted(map(str, data))) if isinstance(data, dict) else type(data).__name__
+        raise UserError(f"{path} holds no '{metric}' statistics (it holds: {keys})")
+    entry = data[metric]
+    arrays = {}
+    for key in ("mu", "sigma"):
+        v = entry.get(key) if isinstance(entry, dict) else None
+        if not isinstance(v, NDArrayRecord) or v.array is None:
+            raise UserError(f"{path}: '{metric}' has no '{key}' array")
+        arrays[key] = v.array.astype(np.float64)
+    mu, sigma = arrays["mu"], arrays["sigma"]
+    d = mu.shape[0] if mu.ndim == 1 else -1
+    if d < 1 or sigma.shape != (d, d) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"{path}: '{metric}' has no finite 1-d mu with a matching square sigma")
+    n = data.get("num_images")
+    return mu, sigma, int(n) if isinstance(n, int) else None
