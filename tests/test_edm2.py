@@ -317,8 +317,7 @@ def test_x0_and_logvar_equal_a_reference_computed_from_the_equations(config):
 
 
 def test_full_size_networks():
-    """The published sizes build (on the meta device) with NVIDIA's parameter names; the counts
-    are ours (docs/EDM.md lists them)."""
+    """The published sizes build (on the meta device) with NVIDIA's parameter names and counts."""
     counts = {}
     for name, cfg in KIND.presets().items():
         with torch.device("meta"):
@@ -332,8 +331,10 @@ def test_full_size_networks():
             assert key in sd, (name, key)
         assert "unet.enc.32x32_block0.attn_qkv.weight" not in sd  # attention at 16 and 8 only
         assert sd["unet.enc.64x64_conv.weight"].shape[1] == cfg["img_channels"] + 1
-    assert counts["edm2-img512-s-guid"] == counts["edm2-img512-s-autog"]
-    assert counts["edm2-img512-xxl-autog"] > 5 * counts["edm2-img512-s-autog"]
+    # the counts NVIDIA's own Precond gives for these arguments (checked once, outside the
+    # repository, with NVlabs/edm2's code on the meta device; docs/EDM.md)
+    assert counts == {"edm2-img512-s-autog": 280_212_837, "edm2-img512-s-guid": 280_212_837,
+                      "edm2-img512-xxl-autog": 1_523_164_773, "edm2-img64-s-autog": 280_209_381}  # fmt: skip
 
 
 # --- conversion -------------------------------------------------------------------------------

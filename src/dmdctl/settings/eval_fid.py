@@ -72,7 +72,8 @@ class EvalFidConfig(Settings):
     )
     ref: str | None = option(
         None,
-        "Reference statistics npz (mu, sigma); default: the teacher's built-in reference.",
+        "Reference statistics npz (mu, sigma), or an EDM2 reference pickle (img512.pkl, read "
+        "as data: its fid or fd_dinov2 entry); default: the teacher's built-in reference.",
         path=True,
         panel="Evaluation",
     )

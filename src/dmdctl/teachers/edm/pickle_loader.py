@@ -1,4 +1,4 @@
-"""Read NVlabs EDM network pickles as data, without running any code they contain.
+"""Read NVlabs EDM and EDM2 network pickles as data, without running any code they contain.
 
 An EDM ``.pkl`` stores each network object as a call to
 ``torch_utils.persistence._reconstruct_persistent_obj(meta)``, where ``meta`` holds the Python
@@ -14,7 +14,12 @@ that builds plain data:
 * tensors are rebuilt from storages, and each storage (pickled as
   ``torch.storage._load_from_bytes(blob)``, a ``torch.save`` blob) is read with
   ``torch.load(weights_only=True)``;
-* numpy scalars (EDM stores e.g. ``skip_scale = np.sqrt(0.5)``) become Python numbers.
+* numpy scalars (EDM stores e.g. ``skip_scale = np.sqrt(0.5)``) become Python numbers, and
+  numeric numpy arrays (EDM2's VAE ``scale`` / ``bias``; its reference statistics) become
+  :class:`NDArrayRecord` s, their bytes checked against shape and dtype and size-capped.
+
+Each file must hold the classes of one format (EDM's, EDM2's: :data:`FAMILIES`); a file mixing
+them, or a statistics file holding any object, is refused.
 
 Any other global (``os.system``, ``builtins.eval``, an unknown class …) stops the load with a
 :class:`~dmdctl.errors.UserError` before anything is called. Our own network is then built
