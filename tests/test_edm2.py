@@ -837,3 +837,27 @@ def test_fsdp_equals_ddp_with_forced_weight_norm_on_shards(tmp_path):
     w = _checkpoint_network(fsdp / "checkpoints" / "step-0000004", "generator")
     rows = w["unet.enc.16x16_block0.conv_res0.weight"].flatten(1).square().mean(1).sqrt()
     torch.testing.assert_close(rows, torch.ones_like(rows), atol=2e-4, rtol=0)
+
+
+def test_bf16_autocast_and_gradient_checkpointing():
+    net = random_net(TINY)
+    den = KIND.build(TINY)
+    den.backbone.load_state_dict(net.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x, sigma, labels = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([0.3, 5.0]), torch.tensor([1, 2])
+    with torch.no_grad():
+        ref = den.eval()(x, sigma, labels)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = den(x, sigma, labels)
+    assert torch.isfinite(low).all() and (low.float() - ref).norm() / ref.norm() < 0.05
+
+    def grads():
+        den.zero_grad()
+        den.train()(x, sigma, labels).square().mean().backward()
+        return [p.grad.clone() for p in den.parameters() if p.grad is not None]
+
+    plain = grads()
+    den.backbone.enable_gradient_checkpointing()
+    assert den.backbone.unet.grad_checkpointing
+    for a, b in zip(grads(), plain, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
