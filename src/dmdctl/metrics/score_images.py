@@ -20,6 +20,8 @@ def score_images(cfg: EvalFidConfig, procs: Processes, show_progress: bool) -> d
     from dmdctl.metrics.inception import FEATURE_DIM
 
     images = ImageInput(cfg.make_ref or cfg.images)
+    if cfg.features != "dinov2":  # before the weights are looked for
+        collect.check_sample_count(images.count, FEATURE_DIM, "images")
     device = collect.device_of(cfg, procs)
     # Inception (FID), or with --features dinov2 the local DINOv2 network (FD-DINOv2)
     ext = collect.image_extractor(cfg, device, procs)
