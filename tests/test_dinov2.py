@@ -35,7 +35,9 @@ def test_features_are_edm2s_protocol(tiny_dinov2):
 
     ext = DinoV2Features(tiny_dinov2, "cpu", batch=3)
     model = Dinov2Model.from_pretrained(tiny_dinov2).eval()
-    imgs = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    imgs = torch.randint(
+        0, 256, (5, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     x = F.interpolate(imgs.float(), size=(224, 224), mode="bicubic", antialias=True) / 255
     x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
         [0.229, 0.224, 0.225]
@@ -80,8 +82,12 @@ def test_fd_dinov2_of_a_generator_against_a_reference_made_with_dinov2(tmp_path,
 
 def test_dinov2_bad_inputs(tmp_path, tiny_dinov2):
     base = ["eval-fid", "--make-ref", tmp_path / "x.npz", "-o", tmp_path / "r.npz"]
-    one_line_error(run(*base, "--features", "dinov2"), "--features dinov2 and --dinov2 DIR go together")
-    one_line_error(run(*base, "--features", "dinov2", "--dinov2", tmp_path / "none"), "no such folder")
+    one_line_error(
+        run(*base, "--features", "dinov2"), "--features dinov2 and --dinov2 DIR go together"
+    )
+    one_line_error(
+        run(*base, "--features", "dinov2", "--dinov2", tmp_path / "none"), "no such folder"
+    )
     (tmp_path / "empty").mkdir()
     np.savez(tmp_path / "x.npz", np.zeros((20, 16, 16, 3), dtype=np.uint8))
     one_line_error(run(*base, "--features", "dinov2", "--dinov2", tmp_path / "empty"),
@@ -111,7 +117,9 @@ def test_edm2_reference_pickle_is_read_as_data(tmp_path, tiny_dinov2):
            tmp_path / "r.json", *dino))  # fmt: skip
     res = json.loads((tmp_path / "r.json").read_text())
     own = np.load(tmp_path / "own.npz")
-    want = frechet_distance(own["mu"], own["sigma"], stats["fd_dinov2"]["mu"], stats["fd_dinov2"]["sigma"])
+    want = frechet_distance(
+        own["mu"], own["sigma"], stats["fd_dinov2"]["mu"], stats["fd_dinov2"]["sigma"]
+    )
     assert res["fd_dinov2"] == pytest.approx(want, rel=1e-6)
     assert res["reference"]["entry"] == "fd_dinov2" and res["reference"]["num_samples"] == 50000
     marker = tmp_path / "pwned"

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from cli_helpers import ok, one_line_error, run
 from dmdctl.errors import UserError
 from dmdctl.teachers import KINDS, load_teacher
-from dmdctl.teachers.edm2.networks import EDM2Backbone, MPConv
+from dmdctl.teachers.edm2.networks import EDM2Backbone
 from test_edm import MODULE_SRC, Persistent, RunsShell, persistence_module
 
 KIND = KINDS["edm2"]
@@ -54,7 +54,9 @@ TINY = {
     "encoder": {"class": "StandardRGBEncoder"},
 }
 SCALE = [0.5 / s for s in (4.17, 4.62, 3.71, 3.28)]
-BIAS = [-m * 0.5 / s for m, s in zip((5.81, 3.25, 0.12, -2.15), (4.17, 4.62, 3.71, 3.28), strict=True)]
+BIAS = [
+    -m * 0.5 / s for m, s in zip((5.81, 3.25, 0.12, -2.15), (4.17, 4.62, 3.71, 3.28), strict=True)
+]
 LATENT = dict(
     TINY,
     img_channels=4,
@@ -73,7 +75,7 @@ def random_net(config: dict = TINY, seed: int = 0) -> EDM2Backbone:
     torch.manual_seed(seed)
     net = EDM2Backbone(config).eval()
     with torch.no_grad():
-        for name, p in net.named_parameters():
+        for p in net.parameters():
             p.copy_(torch.randn_like(p) if p.ndim > 1 else 0.3 + 0.5 * torch.rand_like(p))
             p.copy_(p.half().float())
         for b in net.buffers():
@@ -151,10 +153,15 @@ def write_edm2_pickle(path: Path, net, config: dict, extra=None, kwargs=None, ma
     with dnnlib_module() as easy, persistence_module(marker) as mod:
         data = easy(
             ema=nvidia_layout(net) if isinstance(net, EDM2Backbone) else net,
-            loss_fn=Persistent("EDM2Loss", dict(P_mean=-0.4, P_std=1.0, sigma_data=0.5,
-                                                _init_args=(), _init_kwargs={})),  # fmt: skip
-            dataset_kwargs=easy(class_name="training.dataset.ImageFolderDataset",
-                                path="datasets/img512-sd.zip", use_labels=True),  # fmt: skip
+            loss_fn=Persistent(
+                "EDM2Loss",
+                dict(P_mean=-0.4, P_std=1.0, sigma_data=0.5, _init_args=(), _init_kwargs={}),
+            ),  # fmt: skip
+            dataset_kwargs=easy(
+                class_name="training.dataset.ImageFolderDataset",
+                path="datasets/img512-sd.zip",
+                use_labels=True,
+            ),  # fmt: skip
             encoder=encoder_record(config) if encoder == "default" else encoder,
             **(extra or {}),
         )
@@ -214,13 +221,20 @@ def reference_x0(state: dict, config: dict, x, sigma, onehot):
         return torch.cat([a * k * (1 - t) / math.sqrt(na), b * k * t / math.sqrt(nb)], 1)
 
     def fourier(v, prefix):
-        arg = v.double()[:, None] * state[prefix + "freqs"].double() + state[prefix + "phases"].double()
+        arg = (
+            v.double()[:, None] * state[prefix + "freqs"].double()
+            + state[prefix + "phases"].double()
+        )
         return math.sqrt(2) * torch.cos(arg)
 
     emb = fourier(c_noise, "unet.emb_fourier.") @ weight("unet.emb_noise.weight").T
     if config["label_dim"]:
         lab = onehot if onehot is not None else torch.zeros(1, config["label_dim"])
-        emb = mix(emb, (lab.double() * math.sqrt(config["label_dim"])) @ weight("unet.emb_label.weight").T, 0.5)
+        emb = mix(
+            emb,
+            (lab.double() * math.sqrt(config["label_dim"])) @ weight("unet.emb_label.weight").T,
+            0.5,
+        )
     emb = silu(emb)
 
     def block(h, p, flavor, mode, heads):
@@ -241,7 +255,9 @@ def reference_x0(state: dict, config: dict, x, sigma, onehot):
         h = mix(h, y, 0.3)
         if heads:
             n, ch, hh, ww = h.shape
-            qkv = unit(conv(h, p + "attn_qkv.weight").reshape(n, heads, ch // heads, 3, hh * ww), [2])
+            qkv = unit(
+                conv(h, p + "attn_qkv.weight").reshape(n, heads, ch // heads, 3, hh * ww), [2]
+            )
             q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
             a = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(ch // heads)).softmax(-1)
             o = torch.einsum("nhqk,nhck->nhcq", a, v).reshape(n, ch, hh, ww)
@@ -259,7 +275,13 @@ def reference_x0(state: dict, config: dict, x, sigma, onehot):
             h = block(h, f"unet.enc.{res}x{res}_down.", "enc", "down", 0)
         skips.append(h)
         for i in range(mk["num_blocks"]):
-            h = block(h, f"unet.enc.{res}x{res}_block{i}.", "enc", "keep", heads_of(ch) if res in attn else 0)
+            h = block(
+                h,
+                f"unet.enc.{res}x{res}_block{i}.",
+                "enc",
+                "keep",
+                heads_of(ch) if res in attn else 0,
+            )
             skips.append(h)
     for level in reversed(range(len(cblock))):
         res, ch = res0 >> level, cblock[level]
@@ -270,7 +292,13 @@ def reference_x0(state: dict, config: dict, x, sigma, onehot):
             h = block(h, f"unet.dec.{res}x{res}_up.", "dec", "up", 0)
         for i in range(mk["num_blocks"] + 1):
             h = cat(h, skips.pop())
-            h = block(h, f"unet.dec.{res}x{res}_block{i}.", "dec", "keep", heads_of(ch) if res in attn else 0)
+            h = block(
+                h,
+                f"unet.dec.{res}x{res}_block{i}.",
+                "dec",
+                "keep",
+                heads_of(ch) if res in attn else 0,
+            )
     w = weight("unet.out_conv.weight", state["unet.out_gain"].double())
     f = F.conv2d(h, w, padding=1)
     return (c_skip.double() * x.double() + c_out.double() * f).float()
@@ -324,7 +352,10 @@ def test_full_size_networks():
             net = EDM2Backbone(cfg)
         counts[name] = sum(p.numel() for p in net.parameters())
         sd = net.state_dict()
-        assert sd["unet.emb_label.weight"].shape == (cfg["model_kwargs"]["model_channels"] * 4, 1000)
+        assert sd["unet.emb_label.weight"].shape == (
+            cfg["model_kwargs"]["model_channels"] * 4,
+            1000,
+        )
         for key in ("unet.enc.64x64_conv.weight", "unet.enc.16x16_block2.attn_qkv.weight",
                     "unet.dec.8x8_in0.attn_proj.weight", "unet.out_conv.weight",
                     "logvar_linear.weight", "unet.emb_fourier.freqs"):  # fmt: skip
@@ -372,7 +403,10 @@ def test_latent_conversion_records_the_encoder_and_the_vae(tmp_path, tiny_vae):
     np.testing.assert_allclose(enc["bias"], BIAS, rtol=1e-5)
     # without --vae the pickle's VAE is recorded (a hub id, not fetched by convert-edm)
     ok(run("convert-edm", pkl, "-o", tmp_path / "hub.safetensors"))
-    assert load_teacher(tmp_path / "hub.safetensors").config["encoder"]["vae"] == "stabilityai/sd-vae-ft-mse"
+    assert (
+        load_teacher(tmp_path / "hub.safetensors").config["encoder"]["vae"]
+        == "stabilityai/sd-vae-ft-mse"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -418,7 +452,11 @@ class FakeArray:
     def __reduce__(self):
         from numpy._core.multiarray import _reconstruct
 
-        return _reconstruct, (np.ndarray, (0,), b"b"), (1, (4,), np.dtype("float32"), False, b"\0" * 3)
+        return (
+            _reconstruct,
+            (np.ndarray, (0,), b"b"),
+            (1, (4,), np.dtype("float32"), False, b"\0" * 3),
+        )
 
 
 def _bad_cases(tmp_path: Path, marker: Path) -> dict:
@@ -432,21 +470,28 @@ def _bad_cases(tmp_path: Path, marker: Path) -> dict:
             dict(encoder=encoder_record(LATENT, scale=np.array([RunsShell(marker)], dtype=object))),
             "non-numeric dtype",
         ),
-        "array bytes that do not fit": (dict(encoder=encoder_record(LATENT, scale=FakeArray())),
-                                        "does not fit its shape"),  # fmt: skip
+        "array bytes that do not fit": (
+            dict(encoder=encoder_record(LATENT, scale=FakeArray())),
+            "does not fit its shape",
+        ),  # fmt: skip
         "an EDM class in an EDM2 file": (dict(extra=with_edm), "holds no DhariwalUNet"),
         "a class of neither format": (
-            dict(extra={"x": Persistent("Exploit", {"_init_kwargs": {}})}), "class 'Exploit'",
+            dict(extra={"x": Persistent("Exploit", {"_init_kwargs": {}})}),
+            "class 'Exploit'",
         ),
         "no log-variance head": (dict(net=no_logvar), "no MPConv 'logvar_linear'"),
         "weights that do not fit the kwargs": (
-            dict(kwargs=dict(precond_kwargs(TINY), model_channels=24)), "do not match",
+            dict(kwargs=dict(precond_kwargs(TINY), model_channels=24)),
+            "do not match",
         ),
         "an unknown network argument": (
-            dict(kwargs=dict(precond_kwargs(TINY), warp_speed=9)), "unknown EDM2 network argument",
+            dict(kwargs=dict(precond_kwargs(TINY), warp_speed=9)),
+            "unknown EDM2 network argument",
         ),
-        "the VAE encoder on a pixel network": (dict(encoder=encoder_record(LATENT)),
-                                               "with the VAE encoder"),  # fmt: skip
+        "the VAE encoder on a pixel network": (
+            dict(encoder=encoder_record(LATENT)),
+            "with the VAE encoder",
+        ),  # fmt: skip
     }
 
 
@@ -489,9 +534,15 @@ def test_guided_denoiser_mixes_the_two_branches_with_the_scale():
     main, cond_guide = KIND.build(TINY).eval(), KIND.build(TINY).eval()
     uncond = KIND.build(dict(TINY, label_dim=0)).eval()
     for den, seed in ((main, 0), (cond_guide, 1), (uncond, 2)):
-        den.backbone.load_state_dict(random_net(dict(TINY, label_dim=den.backbone.label_dim), seed).state_dict())
+        den.backbone.load_state_dict(
+            random_net(dict(TINY, label_dim=den.backbone.label_dim), seed).state_dict()
+        )
     g = torch.Generator().manual_seed(0)
-    x, sigma, labels = torch.randn(4, 3, 16, 16, generator=g), torch.tensor([0.1, 1, 5, 40.0]), torch.tensor([1, 2, 3, 4])
+    x, sigma, labels = (
+        torch.randn(4, 3, 16, 16, generator=g),
+        torch.tensor([0.1, 1, 5, 40.0]),
+        torch.tensor([1, 2, 3, 4]),
+    )
     with torch.no_grad():
         d = main(x, sigma, labels)
         for guide, given in ((uncond, None), (cond_guide, labels)):
@@ -558,8 +609,14 @@ def test_guidance_refusals(tmp_path):
     out = tmp_path / "run"
     cases = [
         (["--real-guidance", 2], "pass --guide-net FILE"),
-        (["--guide-net", small, "--guide-mode", "cfg", "--real-guidance", 2], "unconditional guiding net"),
-        (["--guide-net", uncond, "--guide-mode", "autoguidance", "--real-guidance", 2], "with the teacher's 10 classes"),
+        (
+            ["--guide-net", small, "--guide-mode", "cfg", "--real-guidance", 2],
+            "unconditional guiding net",
+        ),
+        (
+            ["--guide-net", uncond, "--guide-mode", "autoguidance", "--real-guidance", 2],
+            "with the teacher's 10 classes",
+        ),
         (["--guide-net", big, "--real-guidance", 2], "img_resolution"),
         (["--guide-mode", "cfg"], "needs --guide-net"),
         (["--guide-net", tmp_path / "missing.safetensors"], "no such file"),
@@ -612,7 +669,10 @@ def test_one_step_cfg_run_trains_resumes_exactly_exports_and_samples(tmp_path):
 
 def _checkpoint_network(path: Path, name: str) -> dict:
     """A checkpoint's network weights under their module names (no ``backbone.`` prefix)."""
-    return {k.removeprefix("backbone."): v for k, v in load_file(str(path / f"{name}.safetensors")).items()}
+    return {
+        k.removeprefix("backbone."): v
+        for k, v in load_file(str(path / f"{name}.safetensors")).items()
+    }
 
 
 def test_forced_weight_normalisation_after_each_optimiser_step(tmp_path):
@@ -629,7 +689,9 @@ def test_forced_weight_normalisation_after_each_optimiser_step(tmp_path):
         return w.flatten(1).square().mean(1).sqrt()
 
     start = load_file(str(teacher))
-    assert (rms_rows(start["backbone.unet.enc.16x16_block0.conv_res0.weight"]) - 1).abs().max() > 0.1
+    assert (
+        rms_rows(start["backbone.unet.enc.16x16_block0.conv_res0.weight"]) - 1
+    ).abs().max() > 0.1
     for name in ("generator", "fake"):
         state = _checkpoint_network(out / "checkpoints" / "step-0000002", name)
         mp = [k.removeprefix("unet.") for k in state if k.endswith(".weight")]
@@ -844,7 +906,11 @@ def test_bf16_autocast_and_gradient_checkpointing():
     den = KIND.build(TINY)
     den.backbone.load_state_dict(net.state_dict())
     g = torch.Generator().manual_seed(0)
-    x, sigma, labels = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([0.3, 5.0]), torch.tensor([1, 2])
+    x, sigma, labels = (
+        torch.randn(2, 3, 16, 16, generator=g),
+        torch.tensor([0.3, 5.0]),
+        torch.tensor([1, 2]),
+    )
     with torch.no_grad():
         ref = den.eval()(x, sigma, labels)
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -78,7 +78,9 @@ def image_extractor(cfg, device, procs: Processes) -> Extractor:
     from dmdctl.metrics.dinov2 import PROTOCOL, DinoV2Features
 
     model = DinoV2Features(cfg.dinov2, device, cfg.inception_batch)
-    return Extractor(model, model.name, model.dim, dict(PROTOCOL), weights=model.weights, dinov2=model)
+    return Extractor(
+        model, model.name, model.dim, dict(PROTOCOL), weights=model.weights, dinov2=model
+    )
 
 
 def native_extractor(kind) -> Extractor:

@@ -77,7 +77,9 @@ class DinoV2Features:
         if isinstance(images, torch.Tensor):
             images = list(images)
         else:
-            images = [torch.from_numpy(np.array(a, dtype=np.uint8)).permute(2, 0, 1) for a in images]
+            images = [
+                torch.from_numpy(np.array(a, dtype=np.uint8)).permute(2, 0, 1) for a in images
+            ]
         out = []
         mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)

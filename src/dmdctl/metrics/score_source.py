@@ -32,8 +32,8 @@ def score_source(cfg: EvalFidConfig, source, procs: Processes, show_progress: bo
             "--features inception --protocol clean --ref REF.npz` (the COCO-30k protocol)"
         )
     use_dino = cfg.features == "dinov2"
-    use_inception = use_dino or cfg.features == "inception" or (
-        cfg.features == "auto" and not kind.builtin
+    use_inception = (
+        use_dino or cfg.features == "inception" or (cfg.features == "auto" and not kind.builtin)
     )  # image features: Inception, or DINOv2 (FD-DINOv2)
     ext = None
     if use_inception:

@@ -334,7 +334,9 @@ class DMDTrainer:
         from dmdctl.teachers.edm2.kind import guide_mode
 
         self.guide = load_teacher(Path(cfg.guide_net), expected="edm2")
-        self.guide_conditional = guide_mode(t.config, self.guide.config, cfg.guide_mode, cfg.guide_net)
+        self.guide_conditional = guide_mode(
+            t.config, self.guide.config, cfg.guide_mode, cfg.guide_net
+        )
 
     def _open_prompt_sources(self) -> None:
         """Text-to-image teachers: index the prompts (--prompts, or the pairs' own); every check

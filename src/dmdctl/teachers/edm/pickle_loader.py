@@ -388,9 +388,7 @@ def _check_family(classes: set[str], family: str) -> None:
     other = sorted(classes - FAMILIES[family])
     if other:
         what = "a statistics file" if family == "statistics" else f"an {family} checkpoint"
-        raise UnsafePickleError(
-            f"{what} holds no {other[0]} object (a class of another format)"
-        )
+        raise UnsafePickleError(f"{what} holds no {other[0]} object (a class of another format)")
 
 
 def read_statistics_pickle(path: Path):
@@ -400,7 +398,7 @@ def read_statistics_pickle(path: Path):
 
 
 def family_of(data) -> str | None:
-    """"EDM2" for a pickle whose ``ema`` network is EDM2's ``Precond``, "EDM" for EDM's
+    """ "EDM2" for a pickle whose ``ema`` network is EDM2's ``Precond``, "EDM" for EDM's
     preconditioners, None otherwise."""
     net = data.get("ema") if isinstance(data, dict) else None
     if isinstance(net, PersistentRecord):

@@ -64,7 +64,7 @@ def load_vae(source: str, offline: bool = False):
             path, subfolder=sub, local_files_only=local, torch_dtype=torch.float32,
             use_safetensors=True,  # never a pickled .bin
         )  # fmt: skip
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         raise UserError(
             f"could not load the EDM2 teacher's VAE {source!r} ({str(e).splitlines()[0]}); "
             "convert the pickle with --vae DIR to use a local copy"
@@ -100,7 +100,7 @@ class StabilityVAECodec:
     def vae_files(self) -> tuple[Path, Path]:
         """(config.json, weights) of the VAE: a local folder's, or the hub cache's copy (what
         a real-data store's latents depend on)."""
-        self.vae  # loaded (for a hub id: in the cache)
+        _ = self.vae  # loaded (for a hub id: now in the cache)
         path, sub = vae_folder(self.source)
         if Path(path).is_dir():
             folder = Path(path) / (sub or "")
@@ -120,7 +120,10 @@ class StabilityVAECodec:
 
     def identity(self) -> dict:
         """What latents made by this codec depend on, besides the VAE's files."""
-        return {"edm2_scale": self.scale.flatten().tolist(), "edm2_bias": self.bias.flatten().tolist()}
+        return {
+            "edm2_scale": self.scale.flatten().tolist(),
+            "edm2_bias": self.bias.flatten().tolist(),
+        }
 
     def to_raw(self, z: torch.Tensor) -> torch.Tensor:
         """The network's latents as the VAE's own (``(z - bias) / scale``)."""

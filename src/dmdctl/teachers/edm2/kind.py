@@ -40,8 +40,10 @@ def network_config(size: str, latent: bool) -> dict:
             "vae": "stabilityai/sd-vae-ft-mse",
             # encoders.py defaults: scale = 0.5 / raw_std, bias = -raw_mean * scale
             "scale": [0.5 / s for s in (4.17, 4.62, 3.71, 3.28)],
-            "bias": [-m * 0.5 / s for m, s in zip((5.81, 3.25, 0.12, -2.15),
-                                                   (4.17, 4.62, 3.71, 3.28), strict=True)],
+            "bias": [
+                -m * 0.5 / s
+                for m, s in zip((5.81, 3.25, 0.12, -2.15), (4.17, 4.62, 3.71, 3.28), strict=True)
+            ],
         }  # fmt: skip
         if latent
         else {"class": "StandardRGBEncoder"}
