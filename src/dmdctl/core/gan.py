@@ -111,6 +111,40 @@ def frozen(*modules: nn.Module):
             p.requires_grad_(w)
 
 
+class _Reached(Exception):
+    """Raised by :func:`bottleneck_features`' hook to end a forward pass at the bottleneck."""
+
+
+def bottleneck_features(denoiser: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond):
+    """``denoiser``'s bottleneck features of ``x``, without running the rest of the network.
+
+    The forward pass ends where the bottleneck returns: what comes after it (a UNet's decoder,
+    a transformer's later blocks) never runs, forward or backward. Where only the features are
+    needed (the head's real examples, the generator's GAN loss) this skips most of a pass: on
+    the digits UNet the decoder is about two thirds of the forward (benchmarks/train_step.py
+    times the step with and without). Gradients flow from the features to ``x`` and to the
+    weights before the bottleneck as in a full pass. Not for networks sharded with FSDP, whose
+    hooks expect every forward they enter to finish.
+    """
+    seen: list[torch.Tensor] = []
+    index = getattr(denoiser, "bottleneck_output", 0)
+
+    def hook(_m, _inputs, output):
+        seen.append(output[index] if isinstance(output, tuple) else output)
+        raise _Reached
+
+    handle = denoiser.bottleneck().register_forward_hook(hook)
+    try:
+        denoiser(x, sigma, cond)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError("the bottleneck module did not run")
+    return seen[-1]
+
+
 def feature_shape(denoiser: nn.Module, sample_shape, sigma: float, cond) -> tuple[int, ...]:
     """The bottleneck's output shape (without the batch), from one sample through ``denoiser``."""
     x = torch.zeros(1, *sample_shape, device=next(denoiser.parameters()).device)
