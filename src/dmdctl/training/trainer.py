@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
-from dmdctl.core.denoiser import StepGenerator, freeze_in_dtype
+from dmdctl.core.denoiser import FlowDenoiser, StepGenerator, freeze_in_dtype
 from dmdctl.core.ema import EMA
 from dmdctl.core.gan import (
     GANHead,
@@ -125,7 +125,14 @@ class DMDTrainer:
             Path(cfg.teacher_path) if cfg.teacher_path else None,
             cfg.offline,
             cfg.no_t5,
+            cfg.video_size,
         )
+        if cfg.flow_shift is not None:
+            require(
+                isinstance(self.teacher.denoiser, FlowDenoiser),
+                "--flow-shift is for flow-matching teachers (SD3, Wan, toy2d-flow)",
+            )
+            self.teacher.denoiser.set_shift(cfg.flow_shift)
         self.lora, self.fake_lora = lora.specs(cfg)
         for spec in (self.lora, self.fake_lora):
             if spec is not None:

@@ -1,0 +1,130 @@
+"""Wan 2.1 text-to-video teachers: a tiny random WanPipeline (written to disk) held to stock
+diffusers at every step (prompt encoding, the VAE's normalisation, x0 and the scheduler's step,
+pairs, guidance), distilled for real (one and three steps, resumed, exported, sampled as
+videos), with bad inputs refused in one line."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import SD_PROMPTS as PROMPTS
+from cli_helpers import ok, one_line_error, run
+
+VIDEO = "5x32x32"  # 5 frames (2 latent frames) of 32x32 (4x4 latents, 2x2 tokens a frame)
+SIZE = dict(num_frames=5, height=32, width=32)
+
+
+@pytest.fixture(scope="module")
+def wan_pipe(tmp_path_factory) -> Path:
+    from dmdctl.teachers.wan.testing import build_wan_pipeline
+
+    return build_wan_pipeline(tmp_path_factory.mktemp("wan") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def stock(wan_pipe):
+    from diffusers import WanPipeline
+
+    return WanPipeline.from_pretrained(wan_pipe)
+
+
+@pytest.fixture(autouse=True)
+def offline(hf_offline):
+    """Every test here runs with HF_HUB_OFFLINE=1."""
+
+
+def teacher_of(folder, **kw):
+    from dmdctl.teachers import resolve_teacher
+
+    return resolve_teacher(kw.pop("teacher", None), folder, video_size=VIDEO, **kw)
+
+
+def test_a_wan_folder_is_a_wan_teacher_with_5d_latents(wan_pipe):
+    """A WanPipeline folder given alone is the wan kind, its latents [16, F, H/8, W/8] with
+    F = (frames - 1) / 4 + 1; the recipe of a bare folder is the wan-t2v-1.3b preset's."""
+    from dmdctl.config import resolve
+    from dmdctl.settings.distill import DistillConfig
+
+    t = teacher_of(wan_pipe)
+    assert t.name == "wan" and t.text_conditioned
+    assert t.sample_shape == (16, 2, 4, 4)
+    assert t.config["shift"] == 3.0 and t.config["arch"] == "wan"
+    assert teacher_of(wan_pipe, teacher="wan-t2v-1.3b").sha256 == t.sha256
+    cfg = resolve(DistillConfig, teacher_path=str(wan_pipe), prompts="p.txt", out="o", cpu=True)
+    assert (cfg.denoising_steps, cfg.flow_shift, cfg.real_guidance) == ("1,0.757,0.522", 8.0, 3.5)
+
+
+def test_prompts_are_encoded_as_the_wan_pipeline_encodes_them(wan_pipe, stock):
+    """UMT5's last hidden state over 512 tokens, zero after each prompt's own tokens (the
+    pipeline's padding); the unconditional branch is Wan's negative prompt, encoded."""
+    from dmdctl.teachers.wan.pipeline import NEGATIVE_PROMPT
+
+    enc = teacher_of(wan_pipe).text_encoder()
+    prompts = PROMPTS[:3] + ["  a   red\n dog &amp; a cat  "]  # cleaned as prompt_clean does
+    ours = enc(prompts)
+    assert ours.shape == (4, 512, 32)
+    with torch.no_grad():
+        emb, neg = stock.encode_prompt(prompts, negative_prompt=[NEGATIVE_PROMPT] * 4,
+                                       max_sequence_length=512, device="cpu")  # fmt: skip
+    torch.testing.assert_close(ours, emb, rtol=0, atol=1e-5)
+    torch.testing.assert_close(enc.uncond(), neg[:1], rtol=0, atol=1e-5)
+    lengths = (ours.abs().sum(-1) > 0).sum(1)
+    assert lengths.tolist() == (emb.abs().sum(-1) > 0).sum(1).tolist() and lengths.max() < 512
+
+
+def test_the_vae_codec_is_the_pipelines_normalisation(wan_pipe, stock):
+    """decode(z) is WanPipeline's own latents -> video (z * std + mean through AutoencoderKLWan),
+    and encode inverts the normalisation: a video's latents come back as the VAE's mean / std."""
+    t = teacher_of(wan_pipe)
+    z = torch.randn(2, *t.sample_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        video = t.codec.decode(z)
+        mean = torch.tensor(stock.vae.config.latents_mean).view(1, 16, 1, 1, 1)
+        std = torch.tensor(stock.vae.config.latents_std).view(1, 16, 1, 1, 1)
+        want = stock.vae.decode(z / (1.0 / std) + mean).sample
+    assert video.shape == (2, 3, 5, 32, 32)
+    torch.testing.assert_close(video, want, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        back = t.codec.encode(video)
+        raw = stock.vae.encode(video).latent_dist.mean
+    torch.testing.assert_close(back, (raw - mean) / std, rtol=1e-5, atol=1e-5)
+
+
+def test_x0_is_the_transformers_flow_step_and_one_step_is_the_euler_step(wan_pipe, stock):
+    """D(x_sigma, sigma) with x_sigma = x_t / (1 - t) is x_t - t v(x_t, 1000 t) for the
+    transformer called as WanPipeline calls it, on 5-D latents; at t = 1 the input is the noise
+    and D is FlowMatchEulerDiscreteScheduler's one step; the DM grid is the scheduler's shifted
+    training times (shift 3, or --flow-shift's)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    t = teacher_of(wan_pipe)
+    d = t.denoiser
+    assert type(d).__name__ == "WanDenoiser" and d.sigma_max == math.inf
+    cond = t.text_encoder()(PROMPTS[:2])
+    g = torch.Generator().manual_seed(0)
+    for tt in (0.3, 0.757, 0.98):
+        x_t = torch.randn(2, *t.sample_shape, generator=g)
+        with torch.no_grad():
+            v = stock.transformer(hidden_states=x_t, encoder_hidden_states=cond,
+                                  timestep=torch.full((2,), 1000 * tt)).sample  # fmt: skip
+            sigma = tt / (1 - tt)
+            got = d(x_t * (1 + sigma), torch.full((2,), sigma), cond)
+        torch.testing.assert_close(got, x_t - tt * v, rtol=1e-5, atol=1e-5)
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    sched.set_timesteps(1)
+    z = torch.randn(2, *t.sample_shape, generator=g)
+    with torch.no_grad():
+        v = stock.transformer(hidden_states=z, encoder_hidden_states=cond,
+                              timestep=sched.timesteps.expand(2)).sample  # fmt: skip
+        want = sched.step(v, sched.timesteps[0], z).prev_sample
+        got = d(z * d.input_scale_at(math.inf), math.inf, cond)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for shift in (3.0, 8.0):
+        d.set_shift(shift)
+        grid = d.training_sigmas(1000)
+        train = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        torch.testing.assert_close(grid / (1 + grid), train.sigmas.flip(0)[:-1].float(),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
