@@ -128,3 +128,60 @@ def test_x0_is_the_transformers_flow_step_and_one_step_is_the_euler_step(wan_pip
         train = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
         torch.testing.assert_close(grid / (1 + grid), train.sigmas.flip(0)[:-1].float(),
                                    rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_pairs_are_the_wan_pipelines_own_latents(wan_pipe, stock, prompts_file, tmp_path):
+    """make-pairs on a Wan folder (its recipe: the pipeline's UniPC scheduler, CFG 3.5 with Wan's
+    negative prompt) stores what WanPipeline computes for the same noise; --save-images keeps
+    the decoded videos."""
+    from safetensors.torch import load_file
+
+    from dmdctl.teachers.wan.pipeline import NEGATIVE_PROMPT
+
+    out = tmp_path / "pairs"
+    ok(run("make-pairs", "--teacher-path", wan_pipe, "--prompts", prompts_file, "--video-size",
+           VIDEO, "--num-pairs", 3, "--steps", 4, "--out", out, "--device", "cpu",
+           "--save-images"))  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    s = manifest["sampler"]
+    assert (s["name"], s["guidance"], s["nfe"]) == ("unipc", 3.5, 8)
+    assert manifest["sample_shape"] == [16, 2, 4, 4]
+    shard = load_file(str(out / manifest["shards"][0]["file"]))
+    assert shard["image"].shape == (3, 3, 5, 32, 32)
+    for i in (0, 2):
+        ref = stock(PROMPTS[i], negative_prompt=NEGATIVE_PROMPT, num_inference_steps=4,
+                    guidance_scale=3.5, latents=shard["noise"][i : i + 1], output_type="latent",
+                    **SIZE).frames[0]  # fmt: skip
+        torch.testing.assert_close(shard["target"][i], ref, rtol=1e-4, atol=1e-4)
+    # pairs of another video size do not fit a run at this one
+    one_line_error(
+        run("distill", "--teacher-path", wan_pipe, "--prompts", prompts_file, "--pairs", out,
+            "--reg-weight", 1, "--video-size", "9x32x32", "--out", tmp_path / "x", "--cpu"),
+        "samples of shape (16, 2, 4, 4)",
+    )  # fmt: skip
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_real_scores_guidance_is_the_wan_pipelines_cfg(wan_pipe, stock):
+    """The guided real score (Wan's negative prompt as the unconditional branch) equals
+    x_t - t v for WanPipeline's CFG-combined velocity with its negative embeddings."""
+    from dmdctl.teachers.sd.denoiser import GuidedDenoiser
+    from dmdctl.teachers.wan.pipeline import NEGATIVE_PROMPT
+
+    t = teacher_of(wan_pipe)
+    enc = t.text_encoder()
+    real = GuidedDenoiser(t.denoiser, 3.5, enc.uncond())
+    with torch.no_grad():
+        emb, neg = stock.encode_prompt(PROMPTS[:2], negative_prompt=[NEGATIVE_PROMPT] * 2,
+                                       max_sequence_length=512, device="cpu")  # fmt: skip
+    tt = 0.6
+    x_t = torch.randn(2, *t.sample_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        v = stock.transformer(hidden_states=torch.cat([x_t, x_t]),
+                              encoder_hidden_states=torch.cat([neg, emb]),
+                              timestep=torch.full((4,), 1000 * tt)).sample  # fmt: skip
+        u, c = v.chunk(2)
+        want = x_t - tt * (u + 3.5 * (c - u))
+        sigma = tt / (1 - tt)
+        got = real(x_t * (1 + sigma), torch.full((2,), sigma), enc(PROMPTS[:2]))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
