@@ -185,3 +185,143 @@ def test_the_real_scores_guidance_is_the_wan_pipelines_cfg(wan_pipe, stock):
         sigma = tt / (1 - tt)
         got = real(x_t * (1 + sigma), torch.full((2,), sigma), enc(PROMPTS[:2]))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def renoising_noise(monkeypatch, seed: int, shape, steps: int):
+    """FlowMatchLCMScheduler's noise draws, replaced by draws 2..K of ``seed``'s own RNG (what
+    `dmdctl sample` renoises with): WanPipeline does not hand its generator to the scheduler."""
+    import diffusers.schedulers.scheduling_flow_match_lcm as lcm
+
+    from dmdctl.core.sampling import seeded_noise_draws
+
+    draws = list(seeded_noise_draws([seed], tuple(shape), steps + 1, "cpu")[1:])
+
+    def next_draw(shape_, generator=None, device=None, dtype=None, **_):
+        return draws.pop(0).to(dtype=dtype).reshape(shape_)
+
+    monkeypatch.setattr(lcm, "randn_tensor", next_draw)
+
+
+@pytest.mark.parametrize("variant", ["dmd-1step", "dmd2-3step-lora"])
+def test_wan_distills_samples_videos_and_exports_to_stock_diffusers(
+    variant, wan_pipe, prompts_file, tmp_path, monkeypatch
+):
+    """DMD (one step at t = 1, l2 regression on pairs) and DMD2 (the wan-t2v-1.3b recipe's 3
+    steps with --flow-shift 8, a LoRA generator) on a tiny Wan pipeline; `sample` writes an mp4
+    and a PNG strip per video; the exported WanPipeline folder (and the LoRA on the teacher)
+    reproduce `dmdctl sample` in stock diffusers."""
+    import functools
+
+    import imageio.v3 as iio
+    import numpy as np
+    from diffusers import WanPipeline
+    from PIL import Image
+
+    from dmdctl.generators import load_generator
+    from dmdctl.teachers.wan.generate import step_scheduler_name, text_to_video
+
+    run_dir = tmp_path / "run"
+    common = ("--teacher-path", wan_pipe, "--video-size", VIDEO, "--prompts", prompts_file,
+              "--batch-size", 2, "--fake-updates", 1, "--plot-samples", 2, "--steps", 2,
+              "--lr", 1e-3, "--fake-lr", 1e-3, "--cpu", "--out", run_dir)  # fmt: skip
+    if variant == "dmd-1step":
+        pairs = tmp_path / "pairs"
+        ok(run("make-pairs", "--teacher-path", wan_pipe, "--video-size", VIDEO, "--prompts",
+               prompts_file, "--num-pairs", 4, "--steps", 2, "--out", pairs, "--device", "cpu"))  # fmt: skip
+        ok(run("distill", *common, "--pairs", pairs, "--reg-loss", "l2", "--reg-weight", 0.25,
+               "--pair-batch-size", 2, "--denoising-steps", "1"))  # fmt: skip
+        steps = [1.0]
+    else:
+        ok(run("distill", "--teacher", "wan-t2v-1.3b", *common, "--lora-rank", 4,
+               "--mixed-precision", "no"))  # fmt: skip
+        steps = [1.0, 0.757, 0.522]
+    logged = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert logged and all(np.isfinite(row["loss_dm"]) for row in logged)
+    if variant == "dmd-1step":
+        assert all(row["loss_reg"] > 0 for row in logged)
+    assert (run_dir / "samples" / "step-0000002.png").is_file()
+    gen = load_generator(run_dir / "generator.safetensors")
+    assert gen.nfe == len(steps) and gen.config["arch"] == "wan" and gen.sample_shape[1] == 2
+    ours = text_to_video(gen.fn, wan_pipe, gen.config, PROMPTS[:2], [5, 6], "cpu")
+    assert ours.shape == (2, 3, 5, 32, 32)
+    samples = tmp_path / "samples"
+    ok(run("sample", "--generator", run_dir / "generator.safetensors", "--prompts", prompts_file,
+           "--num", 2, "--out", samples, "--seed", 5, "--device", "cpu"))  # fmt: skip
+    index = [json.loads(x) for x in (samples / "videos.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in index] == [5, 6] and index[1]["prompt"] == PROMPTS[1]
+    for i, row in enumerate(index):
+        strip = np.asarray(Image.open(samples / row["strip"])).astype(np.float64) / 255
+        want = ours[i].permute(2, 1, 3, 0).reshape(32, 5 * 32, 3).numpy()  # frames side by side
+        assert np.abs(strip - want).max() <= 0.5 / 255 + 1e-6
+        frames = iio.imread(samples / row["file"])  # decoded back from the H.264 file
+        assert frames.shape == (5, 32, 32, 3)
+    ok(run("export", run_dir, "--format", "diffusers", "-o", tmp_path / "full"))
+    pipes = [WanPipeline.from_pretrained(tmp_path / "full")]
+    assert type(pipes[0].scheduler).__name__ == step_scheduler_name(steps)
+    if variant != "dmd-1step":
+        ok(run("export", run_dir, "--format", "lora", "-o", tmp_path / "lora"))
+        with_lora = WanPipeline.from_pretrained(wan_pipe)
+        with_lora.scheduler = pipes[0].scheduler
+        with_lora.load_lora_weights(tmp_path / "lora")
+        pipes.append(with_lora)
+    for pipe in pipes:
+        if len(steps) > 1:  # as the model card says: the generator's times as the sigmas
+            set_timesteps = pipe.scheduler.set_timesteps
+            pipe.scheduler.set_timesteps = functools.partial(set_timesteps, sigmas=steps)
+        for i, prompt in enumerate(PROMPTS[:2]):
+            if len(steps) > 1:
+                renoising_noise(monkeypatch, 5 + i, gen.sample_shape, len(steps))
+            theirs = pipe(prompt, guidance_scale=1.0, output_type="pt", num_inference_steps=len(steps),
+                          generator=torch.Generator().manual_seed(5 + i), **SIZE).frames[0]  # fmt: skip
+            # WanPipeline's frames are [F, 3, H, W]
+            torch.testing.assert_close(theirs.permute(1, 0, 2, 3), ours[i], rtol=0, atol=2e-5)
+
+
+def captioned_videos(folder: Path, n: int = 4, frames: int = 7, size=(40, 48)) -> Path:
+    """``n`` short mp4 clips (frames x H x W, larger than the teacher's) with captions.jsonl."""
+    import imageio
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        base = rng.integers(0, 255, (1, *size, 3))
+        clip = np.clip(base + 8 * np.arange(frames)[:, None, None, None], 0, 255).astype(np.uint8)
+        imageio.mimwrite(str(folder / f"v{i}.mp4"), list(clip), fps=16, macro_block_size=8)
+        rows.append({"file": f"v{i}.mp4", "caption": PROMPTS[i % len(PROMPTS)]})
+    (folder / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_prepare_real_encodes_videos_as_the_pipelines_vae_latents(wan_pipe, tmp_path):
+    """prepare-real on a folder of captioned mp4 clips stores, per clip, the first 5 frames
+    centre-cropped and resized to 32x32, encoded by the VAE and normalised (fp16); a clip with
+    too few frames is refused in one line."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    from dmdctl.data.real import load_real_data
+    from dmdctl.data.real_store import prepare_frame, to_unit_range
+
+    src = captioned_videos(tmp_path / "videos")
+    store = tmp_path / "store"
+    ok(run("prepare-real", src, "--teacher-path", wan_pipe, "--video-size", VIDEO,
+           "--device", "cpu", "--out", store))  # fmt: skip
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["sample_shape"] == [16, 2, 4, 4] and manifest["rows"] == 4
+    t = teacher_of(wan_pipe)
+    real = load_real_data(str(store), t)
+    x, captions = real.rows(torch.tensor([1]))
+    from PIL import Image
+
+    frames = [prepare_frame(Image.fromarray(f), 32, 32) for f in iio.imread(src / "v1.mp4")[:5]]
+    with torch.no_grad():
+        want = t.codec.encode(to_unit_range(np.stack(frames)[None]))
+    torch.testing.assert_close(x.float(), want, rtol=0, atol=2e-2)  # fp16 storage
+    assert captions == [PROMPTS[1]]
+    one_line_error(
+        run("prepare-real", src, "--teacher-path", wan_pipe, "--video-size", "9x32x32",
+            "--device", "cpu", "--out", tmp_path / "short"),
+        "v0.mp4", "has 7 frames; the teacher's videos have 9",
+    )  # fmt: skip

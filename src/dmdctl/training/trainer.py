@@ -258,9 +258,15 @@ class DMDTrainer:
             shape = feature_shape(fake, t.sample_shape, t.sigma_max, self._cond(self._probe_cond()))
         except ValueError as e:
             raise UserError(f"--gan-weight: {e}") from None
+        # how a transformer's tokens lie (a video's: frames, rows, columns); None: a square
+        token_grid = getattr(t.denoiser, "token_grid", None)
+        grid = token_grid(t.sample_shape) if token_grid is not None else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
-            head = GANHead(shape).to(self.device)
+            try:
+                head = GANHead(shape, grid).to(self.device)
+            except ValueError as e:
+                raise UserError(f"--gan-weight: {e}") from None
         if self.mesh is not None:
             sharding.shard(head, self.mesh)
             sharding.reshard(fake)  # after the probe's forward pass
