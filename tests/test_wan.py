@@ -438,3 +438,22 @@ def test_fsdp_units_of_a_wan_transformer_are_its_blocks(wan_pipe):
 
     net = teacher_of(wan_pipe).denoiser.network
     assert shard_units(net) == list(net.blocks) and len(net.blocks) == 2
+
+
+def test_the_gan_head_scores_each_latent_frame_of_the_tokens_as_a_map(wan_pipe):
+    """On a video's tokens [N, F*H*W, C] (the transformer's patch order: frame, row, column)
+    the head's logit is the mean over frames of the same head on each frame's [C, H, W] map;
+    the grid comes from the transformer's patching of the sample shape."""
+    from dmdctl.core.gan import GANHead
+
+    t = teacher_of(wan_pipe)
+    grid = t.denoiser.token_grid(t.sample_shape)
+    assert grid == (2, 2, 2)
+    torch.manual_seed(0)
+    head = GANHead((8, 16), grid)
+    tokens = torch.randn(3, 8, 16)
+    maps = tokens.transpose(1, 2).reshape(3, 16, *grid)  # [N, C, F, H, W]
+    per_frame = torch.stack([head.net(maps[:, :, f]).flatten(1).mean(1) for f in range(2)], 1)
+    torch.testing.assert_close(head(tokens), per_frame.mean(1))
+    with pytest.raises(ValueError, match="do not lie on a 2x2x3 grid"):
+        GANHead((8, 16), (2, 2, 3))
