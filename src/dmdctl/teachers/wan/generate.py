@@ -84,7 +84,13 @@ def save_video_grid(panels, path: Path) -> Path:
 
 @torch.no_grad()
 def text_to_video_batches(
-    generator: nn.Module, folder: Path, config: dict, prompts, seeds: list[int], device, batch_size=1
+    generator: nn.Module,
+    folder: Path,
+    config: dict,
+    prompts,
+    seeds: list[int],
+    device,
+    batch_size=1,
 ):
     """Videos ``[n, 3, frames, H, W]`` in [0, 1], float32, one batch at a time; prompt i
     (``prompts[i]``) with noise seed i."""
@@ -243,7 +249,9 @@ def export_diffusers(
 
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    card = model_card(str(config["pipeline"]), teacher_sha256, train_config, out, steps, config, name)
+    card = model_card(
+        str(config["pipeline"]), teacher_sha256, train_config, out, steps, config, name
+    )
     (tmp / "README.md").write_text(card)
     if out.exists():
         out.rmdir()
