@@ -457,3 +457,23 @@ def test_the_gan_head_scores_each_latent_frame_of_the_tokens_as_a_map(wan_pipe):
     torch.testing.assert_close(head(tokens), per_frame.mean(1))
     with pytest.raises(ValueError, match="do not lie on a 2x2x3 grid"):
         GANHead((8, 16), (2, 2, 3))
+
+
+def test_without_imageio_sample_and_prepare_real_refuse_in_one_line(
+    wan_pipe, prompts_file, tmp_path, monkeypatch
+):
+    """mp4 needs the video extra: without imageio-ffmpeg both commands say so and write nothing."""
+    import sys
+
+    from dmdctl.generators import save_generator
+
+    t = teacher_of(wan_pipe)
+    gen = save_generator(t.denoiser, "wan", t.config, t.sha256, tmp_path / "g.safetensors")
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if not installed
+    for argv in (("sample", "--generator", gen, "--prompts", prompts_file, "--out",
+                  tmp_path / "s", "--device", "cpu"),
+                 ("prepare-real", tmp_path, "--teacher-path", wan_pipe, "--video-size", VIDEO,
+                  "--device", "cpu", "--out", tmp_path / "s")):  # fmt: skip
+        (tmp_path / "captions.jsonl").write_text('{"file": "g.safetensors", "caption": "a"}\n')
+        one_line_error(run(*argv), "pip install 'dmdctl[video]'")
+        assert not (tmp_path / "s").exists()

@@ -55,6 +55,9 @@ def prepare_real(cfg: PrepareRealConfig) -> dict:
     shape = [int(s) for s in teacher.sample_shape]
     mode = image_mode(3 if teacher.codec.latent else shape[0])
     if teacher.kind.video:  # videos: their first frames at the teacher's size
+        from dmdctl.teachers.wan.generate import check_mp4_writer
+
+        check_mp4_writer()  # clips are read with imageio's ffmpeg plugin
         size = tuple(int(teacher.config[k]) for k in ("num_frames", "height", "width"))
     else:
         size = int(teacher.config["resolution"]) if teacher.codec.latent else shape[-1]

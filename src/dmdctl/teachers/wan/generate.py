@@ -25,15 +25,15 @@ STRIP_FRAMES = 8  # frames in a PNG strip (evenly spaced, first and last include
 
 
 def check_mp4_writer() -> None:
-    """``sample`` writes mp4 files with imageio's ffmpeg plugin: refused before anything is
-    written when it is missing."""
+    """``sample`` writes mp4 files (and ``prepare-real`` reads clips) with imageio's ffmpeg
+    plugin: refused before anything is written when it is missing."""
     try:
         import imageio  # noqa: F401
         import imageio_ffmpeg  # noqa: F401
     except ImportError:
         raise UserError(
-            "video teachers' samples are written as mp4 with imageio and imageio-ffmpeg, which "
-            "are not installed: pip install 'dmdctl[video]'"
+            "video teachers' videos are written and read as mp4 with imageio and "
+            "imageio-ffmpeg, which are not installed: pip install 'dmdctl[video]'"
         ) from None
 
 
