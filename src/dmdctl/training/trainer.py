@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
-from dmdctl.core.denoiser import StepGenerator, freeze_in_dtype
+from dmdctl.core.denoiser import FlowDenoiser, StepGenerator, freeze_in_dtype
 from dmdctl.core.ema import EMA
 from dmdctl.core.gan import (
     GANHead,
@@ -126,7 +126,14 @@ class DMDTrainer:
             Path(cfg.teacher_path) if cfg.teacher_path else None,
             cfg.offline,
             cfg.no_t5,
+            cfg.video_size,
         )
+        if cfg.flow_shift is not None:
+            require(
+                isinstance(self.teacher.denoiser, FlowDenoiser),
+                "--flow-shift is for flow-matching teachers (SD3, Wan, toy2d-flow)",
+            )
+            self.teacher.denoiser.set_shift(cfg.flow_shift)
         self.lora, self.fake_lora = lora.specs(cfg)
         for spec in (self.lora, self.fake_lora):
             if spec is not None:
@@ -252,9 +259,15 @@ class DMDTrainer:
             shape = feature_shape(fake, t.sample_shape, t.sigma_max, self._cond(self._probe_cond()))
         except ValueError as e:
             raise UserError(f"--gan-weight: {e}") from None
+        # how a transformer's tokens lie (a video's: frames, rows, columns); None: a square
+        token_grid = getattr(t.denoiser, "token_grid", None)
+        grid = token_grid(t.sample_shape) if token_grid is not None else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
-            head = GANHead(shape).to(self.device)
+            try:
+                head = GANHead(shape, grid).to(self.device)
+            except ValueError as e:
+                raise UserError(f"--gan-weight: {e}") from None
         if self.mesh is not None:
             sharding.shard(head, self.mesh)
             sharding.reshard(fake)  # after the probe's forward pass
