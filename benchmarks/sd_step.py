@@ -182,9 +182,7 @@ def real_store(where: Path, folder: Path, n: int) -> Path:
     if not (store / "manifest.json").is_file():
         images = real_images(where, folder, n)
         prepare_real(
-            PrepareRealConfig(
-                source=str(images), teacher_path=str(folder), out=str(store)
-            )
+            PrepareRealConfig(source=str(images), teacher_path=str(folder), out=str(store))
         )
     return store
 

@@ -162,3 +162,25 @@ def test_wan_step_benchmark_runs_at_tiny_size(hf_offline):
     (row,) = rows
     assert row["latent"] == [16, 2, 4, 4] and row["generator_steps"] == 3
     assert row["fake_updates"] == 5 and row["finite"] and row["step_s"] > 0
+
+
+@pytest.mark.slow
+def test_digits_curves_scores_each_checkpoint_and_diagnoses_the_head(bench_root, tmp_path):
+    """The quality-against-budget benchmark at tiny size: a DMD2 run stopped at each scoring
+    step, scored with intervals, its GAN head diagnosed per noise band, and the PNG written."""
+    from benchmarks import digits_curves
+
+    args = ["--runs", "dmd2", "--steps", "2", "--every", "1", "--samples", "200",
+            "--bootstrap", "5", "--out", str(tmp_path / "c"), "--plot", str(tmp_path / "c.png"),
+            "--set", "batch_size=8"]  # fmt: skip
+    body = digits_curves.main(args)
+    assert "| dmd2 | 0 | 1 |" in body and "| dmd2 | 0 | 2 |" in body
+    assert "| teacher 35 NFE |" in body
+    # four noise bands of head accuracy, each a fraction
+    row = next(line for line in body.splitlines() if line.startswith("| dmd2 | 0 | 2 |"))
+    assert len(re.findall(r"\b[01]\.\d\d\b", row.split("|")[-2])) == 4
+    assert (tmp_path / "c.png").stat().st_size > 0
+    assert sorted(p.name for p in (tmp_path / "c" / "seed0" / "dmd2" / "checkpoints").iterdir()) == [
+        "step-0000001",
+        "step-0000002",
+    ]
