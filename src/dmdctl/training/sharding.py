@@ -4,8 +4,8 @@ dmdctl calls ``torch.distributed.fsdp.fully_shard`` itself instead of asking Acc
 FSDP: Accelerate 1.15 runs an FSDP config as plain DDP when the processes are on the CPU, so
 only this way is the sharded path the same code on a CPU (gloo) and on GPUs (nccl), and tested.
 Each repeated block (diffusers UNet down/mid/up blocks, the EDM networks' encoder/decoder
-blocks, an SD3 transformer's joint blocks) is one FSDP unit, then the whole network; a small
-network (toy2d's MLP) is one unit. The frozen real score and the VAE are not trained and stay
+blocks, an SD3 transformer's joint blocks, FLUX's double- and single-stream blocks) is one FSDP
+unit, then the whole network; a small network (toy2d's MLP) is one unit. The frozen real score and the VAE are not trained and stay
 whole on every process; the trained networks are not given to ``accelerator.prepare`` (it would
 wrap them in DDP), only their optimisers are.
 
@@ -63,9 +63,9 @@ def shard_units(net: nn.Module) -> list[nn.Module]:
     if blocks:
         return blocks
     for m in net.modules():
-        tb = getattr(m, "transformer_blocks", None)  # SD3's MMDiT (diffusers)
+        tb = getattr(m, "transformer_blocks", None)  # SD3's MMDiT, FLUX's (diffusers)
         if isinstance(tb, nn.ModuleList) and len(tb):
-            return list(tb)
+            return [*tb, *getattr(m, "single_transformer_blocks", [])]
     return []
 
 
