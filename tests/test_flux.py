@@ -61,10 +61,14 @@ def stock_velocity(pipe, x_t, t, emb, pooled, guidance):
 def test_prompts_are_encoded_as_the_flux_pipeline_encodes_them(flux_pipe, stock):
     """T5's tokens (512, FluxPipeline's default length) and CLIP's pooled output, packed as one
     condition; the unconditional branch (two-pass CFG, true_cfg_scale) is the encoded ""."""
+    from dmdctl.data.prompts import embedding_bytes
+    from dmdctl.teachers import resolve_teacher
     from dmdctl.teachers.sd.denoiser import unpack_sdxl_condition
     from dmdctl.teachers.sd.pipeline import load_text_encoder, sd_config
 
     config = sd_config(flux_pipe, str(flux_pipe))
+    # what --prompt-cache auto sizes a prompt table by: 512 T5 tokens + the pooled row, fp32
+    assert embedding_bytes(resolve_teacher(None, flux_pipe)) == 513 * 48 * 4
     assert (config["arch"], config["resolution"], config["latent_channels"]) == ("flux", SIDE, 4)
     assert config["guidance_embeds"] and config["guidance"] == 3.5
     enc = load_text_encoder(flux_pipe)
@@ -306,7 +310,7 @@ def test_flux_presets_and_refusals(flux_pipe, tmp_path, prompts_file):
     assert (bare.lr, bare.fake_updates, bare.gan_weight, bare.steps) == (1e-5, 4, 0.03, 1000)
     sd3 = build_sd3_pipeline(tmp_path / "sd3")
     cases = [
-        (("--teacher", "sdxl", "--teacher-path", flux_pipe), "is an FLUX.1 pipeline"),
+        (("--teacher", "sdxl", "--teacher-path", flux_pipe), "is a FLUX.1 pipeline"),
         (("--teacher", "flux-dev", "--teacher-path", sd3), "is an SD3 pipeline"),
         (("--teacher-path", flux_pipe, "--no-t5"), "--no-t5 is for SD3 teachers"),
         (("--teacher-path", flux_pipe, "--denoising-steps", "999,499"), "t values in (0, 1]"),
@@ -372,10 +376,9 @@ def test_flux_run_killed_with_sigkill_resumes_exactly(flux_pipe, prompts_file, t
 
     from safetensors.torch import load_file
 
+    import dmdctl.training.checkpoint as ck
     from cli_helpers import PROCESS_ENV
     from test_preemption import comparable, last_logged_step, log, wait_until
-
-    import dmdctl.training.checkpoint as ck
 
     real = real_store(captioned_images(tmp_path / "real", (20, 20)), flux_pipe)
     args = run_flags(flux_pipe, prompts_file, real)

@@ -157,14 +157,11 @@ class FluxDenoiser(FlowDenoiser):
         return kwargs
 
 
-def flux_config(folder: Path, source: str) -> dict:
-    """The teacher config of a FluxPipeline folder: what rebuilds the denoiser without it."""
+def flux_config(folder: Path, source: str, tcfg: dict, sched: dict, vae_cfg: dict) -> dict:
+    """The teacher config of a FluxPipeline folder (what rebuilds the denoiser without it), from
+    its transformer, scheduler and VAE configs."""
     from dmdctl.errors import UserError
-    from dmdctl.teachers.sd.pipeline import _read_json, scheduler_config
 
-    tcfg = _read_json(folder / "transformer" / "config.json")
-    sched = scheduler_config(folder)
-    vae_cfg = _read_json(folder / "vae" / "config.json")
     vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
     resolution = int(vae_cfg.get("sample_size") or 1024)
     side = resolution // vae_scale

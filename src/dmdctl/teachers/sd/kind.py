@@ -36,8 +36,8 @@ SOURCES = {
     # each iteration one update of either network, the generator's every 5th
     # (student_update_freq): 1,000 generator and 4,000 fake-score updates; no published FID
     "flux-dev": SourceCheckpoint(
-        "NVIDIA FastGen's FLUX.1-dev DMD2 config (max_iter 5,000 = 1,000 generator and 4,000 "
-        "fake-score updates; no checkpoint or FID published)",
+        "NVIDIA FastGen's FLUX.1-dev DMD2 config: max_iter 5,000 = 1,000 generator and 4,000 "
+        "fake-score updates, no checkpoint or FID published",
         4_000,
         4,
     ),

@@ -39,6 +39,14 @@ SD3_MAX_SEQUENCE_LENGTH = 256  # T5 tokens: StableDiffusion3Pipeline's default
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHTED = ("unet", "vae", "text_encoder")
 ARCH_NAMES = {"sd": "SD1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX.1"}
+
+
+def a_pipeline(arch: str) -> str:
+    """An architecture's pipeline with its article, for messages ("an SD3 pipeline")."""
+    name = ARCH_NAMES[arch]
+    return f"{'a' if name.startswith('FLUX') else 'an'} {name} pipeline"
+
+
 # the diffusers class of each architecture's transformer (the UNet architectures have none)
 TRANSFORMERS = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 # files a pipeline needs (weights as safetensors only), for hub downloads
@@ -378,7 +386,13 @@ def sd_config(folder: Path, source: str, no_t5: bool = False) -> dict:
     if arch == "flux":
         from dmdctl.teachers.sd.flux import flux_config
 
-        return flux_config(Path(folder), source)
+        return flux_config(
+            Path(folder),
+            source,
+            _read_json(Path(folder) / "transformer" / "config.json"),
+            scheduler_config(folder),
+            _read_json(Path(folder) / "vae" / "config.json"),
+        )
     unet_cfg = {k: v for k, v in _read_json(folder / "unet" / "config.json").items()}
     sched = scheduler_config(folder)
     vae_cfg = _read_json(folder / "vae" / "config.json")
