@@ -115,6 +115,15 @@ def test_x0_guidance_input_shift_and_one_step_are_the_flux_pipelines(flux_pipe, 
     with torch.no_grad():
         other = x_t - t * stock_velocity(stock, x_t, t, emb, pooled, 3.5)
     assert (other - got).abs().max() > 1e-3
+    # the GAN head's block at FLUX.1-dev's depth: the 28th of 57, single-stream block 9
+    from diffusers import FluxTransformer2DModel
+
+    from dmdctl.teachers.sd.flux import FluxDenoiser
+    from dmdctl.teachers.sd.testing import flux_transformer_config
+
+    with torch.device("meta"):
+        dev = FluxTransformer2DModel(**flux_transformer_config("flux-dev"))
+    assert FluxDenoiser(dev, 3.0, 768).bottleneck() is dev.single_transformer_blocks[9]
     # mu: the pipeline's, for 64 packed tokens; the DM grid: the shifted training times
     sched = FlowMatchEulerDiscreteScheduler.from_config(stock.scheduler.config)
     c = sched.config
