@@ -37,6 +37,8 @@ PR_SD = "--teacher-path runs/sd --out {out}"
 DSD = "distill --teacher-path runs/sd --prompts runs/prompts.txt --out {out} --steps 2 --batch-size 2 --cpu"
 # the same on the tiny FLUX.1 pipeline (runs/flux)
 DFLUX = DSD.replace("runs/sd", "runs/flux")
+# the same on the tiny Wan text-to-video pipeline (runs/wan)
+DWAN = "distill --teacher-path runs/wan --prompts runs/prompts.txt --out {out} --steps 2 --batch-size 2 --cpu"
 
 
 @dataclass
@@ -552,6 +554,56 @@ CASES = [
         f"eval-fid {T} --steps 2 --precision-recall --pr-k 0",
         "--pr-k must be positive, got 0",
     ),
+    # --- video teachers (Wan) ---
+    Case(
+        "wan-frames-not-4k1",
+        "a frame count the video VAE cannot compress (not 4k + 1)",
+        f"{DWAN} --video-size 6x32x32",
+        "6 frames is not 4k + 1",
+    ),
+    Case(
+        "wan-side-not-16",
+        "a video side that is not a multiple of the VAE's 8x times the 2x2 patch",
+        f"{DWAN} --video-size 5x30x32",
+        "30x32 pixels must be multiples of 16x16",
+    ),
+    Case(
+        "wan-size-malformed",
+        "--video-size without three numbers",
+        f"{DWAN} --video-size 5x32",
+        "is not FRAMESxHEIGHTxWIDTH",
+    ),
+    Case(
+        "mp-wan-frames",
+        "make-pairs at a frame count the VAE cannot compress",
+        "make-pairs --teacher-path runs/wan --prompts runs/prompts.txt --video-size 8x32x32 "
+        "--out {out} --num-pairs 2 --device cpu",
+        "8 frames is not 4k + 1",
+    ),
+    Case(
+        "video-size-image-teacher",
+        "--video-size for an image teacher",
+        f"{DSD} --video-size 5x32x32",
+        "--video-size is for video teachers (Wan)",
+    ),
+    Case(
+        "flow-shift-eps-teacher",
+        "--flow-shift for a teacher that is not flow matching",
+        f"{DSD} --flow-shift 8",
+        "--flow-shift is for flow-matching teachers",
+    ),
+    Case(
+        "wan-folder-sd-preset",
+        "a Wan pipeline folder with an SD preset",
+        f"{DWAN.replace('distill', 'distill --teacher sd15')} --video-size 5x32x32",
+        "is a Wan text-to-video pipeline, but --teacher sd15 is a Stable Diffusion teacher",
+    ),
+    Case(
+        "wan-lpips",
+        "LPIPS regression for a video teacher",
+        f"{DWAN} --video-size 5x32x32 --pairs runs/wan-pairs --reg-weight 1 --reg-loss lpips",
+        "--reg-loss lpips needs image teachers",
+    ),
 ]
 
 
@@ -637,6 +689,26 @@ def build_real_sources(real: Path) -> None:
 
     build_pipeline(real.parent / "sd")
     build_flux_pipeline(real.parent / "flux")
+    from dmdctl.teachers.wan.testing import build_wan_pipeline
+
+    build_wan_pipeline(real.parent / "wan")
+    from dmdctl.commands.make_pairs import make_pairs
+    from dmdctl.settings.make_pairs import MakePairsConfig
+
+    (real.parent / "wan-prompts.txt").write_text("a red dog\n")
+    make_pairs(
+        MakePairsConfig(
+            teacher_path=str(real.parent / "wan"),
+            prompts=str(real.parent / "wan-prompts.txt"),
+            video_size="5x32x32",
+            scheduler="unipc",
+            guidance=3.5,
+            out=str(real.parent / "wan-pairs"),
+            num_pairs=2,
+            steps=1,
+            device="cpu",
+        )
+    )
     real.mkdir(parents=True)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)

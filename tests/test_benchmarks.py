@@ -148,3 +148,27 @@ def test_data_scale_every_part_at_tiny_sizes(bench_root, tmp_path, capsys):
         assert re.search(rf"\| make-pairs, 64 pairs \| {n} \| - \|", body), body
     assert "| distill, --prompt-cache on | 50 |" in body and "vs off" in body
     assert set(numbers["make_pairs"]) == {"50", "200"}
+
+
+def test_digits_step_benchmark_compares_the_same_step(bench_root, capsys):
+    """The digits step benchmark times the step before the bottleneck-ended passes against the
+    shipped one, after checking that both compute the same losses."""
+    from benchmarks import digits_step
+
+    body = digits_step.main(["--runs", "dmd2", "--repeats", "1", "--batch-size", "8",
+                             "--clock", "cpu"])  # fmt: skip
+    assert "| dmd2 | previous |" in body and "+ bf16" in body
+    assert re.search(r"max relative difference \d\.\de-\d\d", body)
+    assert len(re.findall(r"\*\*\d+\.\d\dx\*\*", body)) == 4
+
+
+def test_wan_step_benchmark_runs_at_tiny_size(hf_offline):
+    """The prepared Wan 2.1 1.3B step benchmark (run at real shapes on a GPU) works end to end
+    at tiny size: the wan-t2v-1.3b recipe's 3 flow steps and 5 fake updates on 5-D latents."""
+    from benchmarks import wan_step
+
+    rows = wan_step.main(["--size", "tiny", "--video-size", "5x32x32", "--device", "cpu",
+                          "--precision", "no", "--steps", "1", "--warmup", "1"])  # fmt: skip
+    (row,) = rows
+    assert row["latent"] == [16, 2, 4, 4] and row["generator_steps"] == 3
+    assert row["fake_updates"] == 5 and row["finite"] and row["step_s"] > 0

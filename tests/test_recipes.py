@@ -18,7 +18,7 @@ def documented(cell: int = 1) -> dict[str, dict[str, str]]:
     the source cell)."""
     out, section = {}, None
     for line in DOC.read_text().splitlines():
-        m = re.match(r"^## `([\w-]+)`", line)
+        m = re.match(r"^## `([\w.-]+)`", line)
         if m:
             section = out.setdefault(m.group(1), {})
             continue
@@ -46,6 +46,7 @@ RECIPE_PRESETS = [
     "sdxl-1step",
     "sd3",
     "flux-dev",
+    "wan-t2v-1.3b",
     "edm-imagenet64",
     "edm-imagenet64-gan",
     "edm-cifar10",

@@ -17,6 +17,7 @@ from dmdctl.settings.common import (
     report_to_option,
     teacher_option,
     teacher_path_option,
+    video_size_option,
 )
 
 # DMD2's SDXL LoRA generator's target modules (main/sd_unified_model.py)
@@ -321,6 +322,16 @@ class DistillConfig(Settings):
         panel="Inputs",
     )
     no_t5: bool = no_t5_option()
+    video_size: str | None = video_size_option()
+    flow_shift: float | None = option(
+        None,
+        "Flow-matching teachers: the time shift s of the DM loss's and the fake score's noise "
+        "levels (t -> s t / (1 + (s - 1) t) on the 1000 training times). Default: the "
+        "teacher scheduler's (SD3 3.0, Wan 2.1 3.0).",
+        above=0,
+        show_default="wan-t2v-1.3b 8.0",
+        panel="Losses",
+    )
     offline: bool = offline_option()
     report_to: str = report_to_option()
 

@@ -530,6 +530,7 @@ SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler-trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "unipc": ("UniPCMultistepScheduler", {}),  # Wan's own (flow mode, from its config)
 }
 
 
