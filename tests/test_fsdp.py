@@ -175,7 +175,7 @@ def test_fsdp_text_to_image_teachers_match_ddp(arch, prompts_file, tmp_path):
            str(prompts_file), "--steps", "2", "--batch-size", "2", "--fake-updates", "1",
            "--plot-samples", "0", "--checkpoint-every", "2", "--mixed-precision", "no",
            "--lr", "1e-4", "--fake-lr", "1e-4", "--cpu"]  # fmt: skip
-    if arch != "sd3":  # the recipe's GAN, on captioned images
+    if arch in ("sdxl", "flux-dev"):  # the recipe's GAN, on captioned images
         run += ["--real-data", str(real_store(captioned_images(tmp_path / "real"), pipe))]
     if arch == "wan":
         run += ["--video-size", "5x32x32"]
