@@ -35,6 +35,8 @@ PR = "--teacher digits --out {out} --shard-size 16"
 PR_SD = "--teacher-path runs/sd --out {out}"
 # a text-to-image run on the tiny SD pipeline (runs/sd) with a prompts file
 DSD = "distill --teacher-path runs/sd --prompts runs/prompts.txt --out {out} --steps 2 --batch-size 2 --cpu"
+# the same on the tiny FLUX.1 pipeline (runs/flux)
+DFLUX = DSD.replace("runs/sd", "runs/flux")
 # the same on the tiny Wan text-to-video pipeline (runs/wan)
 DWAN = "distill --teacher-path runs/wan --prompts runs/prompts.txt --out {out} --steps 2 --batch-size 2 --cpu"
 
@@ -433,6 +435,31 @@ CASES = [
         DSD.replace("runs/prompts.txt", "runs/prompts-bad.jsonl"),
         "runs/prompts-bad.jsonl:3 has no 'caption', 'prompt' or 'text' string field",
     ),
+    Case(
+        "dflux-as-sdxl",
+        "a FLUX.1 pipeline given with another architecture's preset",
+        f"{DFLUX} --teacher sdxl",
+        "runs/flux is a FLUX.1 pipeline, but --teacher sdxl is a recipe for SDXL; use --teacher "
+        "flux-dev (or --teacher sd) with this pipeline",
+    ),
+    Case(
+        "dflux-preset-on-sd",
+        "the flux-dev preset on an SD1.x pipeline",
+        f"{DSD} --teacher flux-dev",
+        "runs/sd is an SD1.x/2.x pipeline, but --teacher flux-dev is a recipe for FLUX.1",
+    ),
+    Case(
+        "dflux-no-t5",
+        "--no-t5 on a FLUX.1 pipeline (T5 is its only token encoder)",
+        f"{DFLUX} --no-t5",
+        "--no-t5 is for SD3 teachers (their third text encoder is T5)",
+    ),
+    Case(
+        "dflux-sd-timesteps",
+        "SD's integer timesteps as a FLUX generator's steps",
+        f"{DFLUX} --denoising-steps 999,499",
+        "flow-matching steps are t values in (0, 1], got 999",
+    ),
     # --- prepare-real ---
     Case(
         "pr-missing-source",
@@ -649,8 +676,8 @@ def build_env(root: Path, teacher: str | None = None, pairs: str | None = None) 
 
 
 def build_real_sources(real: Path) -> None:
-    """Good and bad sources for prepare-real, a tiny SD pipeline (runs/sd) and a store made
-    from runs/real/digits.npz for the digits teacher (runs/real/store)."""
+    """Good and bad sources for prepare-real, tiny SD and FLUX.1 pipelines (runs/sd, runs/flux)
+    and a store made from runs/real/digits.npz for the digits teacher (runs/real/store)."""
     import json
 
     import numpy as np
@@ -658,9 +685,10 @@ def build_real_sources(real: Path) -> None:
 
     from dmdctl.commands.prepare_real import prepare_real
     from dmdctl.settings.prepare_real import PrepareRealConfig
-    from dmdctl.teachers.sd.testing import build_pipeline
+    from dmdctl.teachers.sd.testing import build_flux_pipeline, build_pipeline
 
     build_pipeline(real.parent / "sd")
+    build_flux_pipeline(real.parent / "flux")
     from dmdctl.teachers.wan.testing import build_wan_pipeline
 
     build_wan_pipeline(real.parent / "wan")

@@ -62,29 +62,39 @@ def test_missing_package_skips_the_row(bench_root, monkeypatch):
     assert "skipped: needs no_such_package_dmdctl (not installed)" in body
 
 
-@pytest.mark.parametrize("size, recipe", [("tiny-xl", "sdxl"), ("tiny-sd3", "sd3")])
-def test_sdxl_and_sd3_step_benchmark_runs_at_tiny_size(
+@pytest.mark.parametrize(
+    "size, recipe", [("tiny-xl", "sdxl"), ("tiny-sd3", "sd3"), ("tiny-flux", "flux-dev")]
+)
+def test_sdxl_sd3_and_flux_step_benchmark_runs_at_tiny_size(
     size, recipe, bench_root, monkeypatch, capsys, hf_offline
 ):
-    """The prepared SDXL- and SD3-shaped step benchmark (run at real shapes on a GPU) works end
-    to end at tiny sizes: DMD2's SDXL recipe (5 fake updates, GAN, 4 steps), the sd3 recipe (5
-    fake updates, 4 flow steps), full and LoRA side by side."""
+    """The prepared SDXL-, SD3- and FLUX.1-dev-shaped step benchmark (for real shapes on a GPU)
+    works end to end at tiny sizes: DMD2's SDXL recipe (5 fake updates, GAN, 4 steps), the sd3
+    recipe (5 fake updates, 4 flow steps), the flux-dev recipe (4 fake updates, GAN, 4 flow
+    steps, with checkpointing, and LoRA on the fake score too), full and LoRA side by side."""
     import sys
 
     from benchmarks import sd_step
 
+    flux = recipe == "flux-dev"
+    ckpt = ["on"] if flux else ["off"]
     argv = ["sd_step", "--size", size, "--recipe", recipe, "--device", "cpu",
-            "--batch-sizes", "2", "--checkpointing", "off", "--steps", "1", "--warmup", "1",
+            "--batch-sizes", "2", "--checkpointing", *ckpt, "--steps", "1", "--warmup", "1",
             "--precision", "no", "--lora-ranks", "0", "4", "--prompt-cache", "off"]  # fmt: skip
+    if flux:
+        argv += ["--fake-lora-rank", "4"]
     monkeypatch.setattr(sys, "argv", argv)
     sd_step.main()
     out = capsys.readouterr().out
     assert "encoded in each step" in out  # the step of a large prompt set, encoders in it
+    fakes = 4 if flux else 5
     for what in ("full", "LoRA 4"):  # full fine-tuning and LoRA side by side
-        row = re.search(rf"\| base \| {what} \| off \| 2 \| 5 \| (\d+\.\d+) \|", out)
-        assert row and float(row.group(1)) > 0, out
+        what += ", fake LoRA 4" if flux else ""
+        for c in ckpt:
+            row = re.search(rf"\| base \| {what} \| {c} \| 2 \| {fakes} \| (\d+\.\d+) \|", out)
+            assert row and float(row.group(1)) > 0, out
     assert '"generator_steps": 4' in out
-    assert f'"gan": {"true" if recipe == "sdxl" else "false"}' in out
+    assert f'"gan": {"true" if recipe != "sd3" else "false"}' in out
     monkeypatch.setattr(sys, "argv", ["sd_step", "--size", size, "--recipe", "sd15"])
     with pytest.raises(SystemExit):
         sd_step.main()

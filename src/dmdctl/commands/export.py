@@ -159,7 +159,7 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
         "format": "diffusers",
         "scheduler": f"{scheduler} ({steps}, t={','.join(f'{t:g}' for t in timesteps)})",
         "usage": f"{PIPELINE_CLASSES[arch]}.from_pretrained('{folder}')"
-        f"(prompt, {usage_call(timesteps, arch)})",
+        f"(prompt, {usage_call(timesteps, arch, config)})",
     }
 
 
@@ -251,7 +251,7 @@ def _export_lora(cfg: ExportConfig, source: Path, out: Path) -> dict:
         "format": "lora",
         "lora": f"rank {spec.rank}, alpha {spec.alpha:g}, {len(adapters)} tensors",
         "usage": f"{PIPELINE_CLASSES[arch]}.from_pretrained('{pipeline}'); scheduler {scheduler}; "
-        f"pipe.load_lora_weights('{out}'); pipe(prompt, {usage_call(timesteps, arch)})",
+        f"pipe.load_lora_weights('{out}'); pipe(prompt, {usage_call(timesteps, arch, config)})",
     }
 
 

@@ -167,7 +167,7 @@ class DistillConfig(Settings):
     # LoRA (training/lora.py; docs/RECIPES.md for the defaults' sources)
     lora_rank: int | None = option(
         None,
-        "Train LoRA adapters of this rank on the generator's network (UNet, or SD3's "
+        "Train LoRA adapters of this rank on the generator's network (UNet, or SD3's or FLUX's "
         "transformer) instead of all its weights (Stable Diffusion teachers; DMD2's SDXL LoRA: "
         "64). Default: full fine-tuning.",
         min=1,
@@ -309,9 +309,10 @@ class DistillConfig(Settings):
     real_guidance: float | None = option(
         None,
         "Text-to-image teachers: CFG scale of the real score (the empty prompt is the "
-        "unconditional branch; the fake score has none).",
+        "unconditional branch; the fake score has none). FLUX.1-dev: the transformer's guidance "
+        "input, given to the real score, the generator and the fake score alike (one pass).",
         min=1,
-        show_default="sd15 1.75, sd15-dmd 3.0",
+        show_default="sd15 1.75, sd15-dmd 3.0, flux-dev 3.5",
         panel="Losses",
     )
     allow_guidance_mismatch: bool = option(

@@ -44,6 +44,7 @@ from dmdctl.errors import UserError, require
 from dmdctl.settings.distill import DistillConfig
 from dmdctl.teachers import resolve_teacher
 from dmdctl.teachers.sd.denoiser import GuidedDenoiser
+from dmdctl.teachers.sd.flux import embed_guidance
 from dmdctl.training import lora, sharding
 from dmdctl.training.checkpoint import (
     find_checkpoint,
@@ -356,6 +357,9 @@ class DMDTrainer:
                 f"different distributions. Make pairs with --guidance {self.guidance}, pass "
                 f"--real-guidance {made}, or --allow-guidance-mismatch to train anyway",
             )
+        # FLUX.1-dev: the guidance value is an input of the transformer, for the real score, the
+        # generator and the fake score alike, not a second (unconditional) pass
+        self.guidance = embed_guidance(t, self.guidance)
         require(
             cfg.eval_every == 0,
             "--eval-every is not available for text-to-image teachers; sample images with "
