@@ -115,9 +115,15 @@ def sync(device: torch.device) -> None:
 
 
 def interleaved(
-    runs: dict[str, Callable[[], object]], repeats: int, device: torch.device, warmup: int = 1
+    runs: dict[str, Callable[[], object]],
+    repeats: int,
+    device: torch.device,
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
-    """Seconds of each run, ``repeats`` times, interleaved (the order flips every round)."""
+    """Seconds of each run, ``repeats`` times, interleaved (the order flips every round).
+    ``clock``: wall time, or ``time.process_time`` (CPU seconds: on a machine shared with other
+    work, the time a one-thread run computed, not the time it waited for a core)."""
     names = list(runs)
     for _ in range(warmup):
         for name in names:
@@ -127,10 +133,10 @@ def interleaved(
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             runs[name]()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return times
 
 

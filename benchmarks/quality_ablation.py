@@ -315,13 +315,16 @@ def main(argv=None) -> str:
     ap.add_argument("--out", type=Path, default=Path("runs/quality_ablation"),
                     help="runs and per-seed results (a finished seed is not run again)")  # fmt: skip
     ap.add_argument("--record", action="store_true", help="append the tables to BENCHMARKS.md")
+    ap.add_argument("--distill-steps", type=int, default=None,
+                    help="steps of every distillation run (default: the demo's)")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # tests: tiny sizes
     args = ap.parse_args(argv)
     args.samples = {k: int(v) for k, v in (s.split("=") for s in args.samples)}
     torch.set_num_threads(max(1, args.threads))
     quick = dict(teacher_steps=30, num_pairs=16, distill_steps=2, batch_size=16, warmup=1)
+    longer = {"distill_steps": args.distill_steps} if args.distill_steps else {}
     args.settings = {
-        name: dict(DEMO_DEFAULTS[kind_of(name)], **(quick if args.quick else {}))
+        name: dict(DEMO_DEFAULTS[kind_of(name)], **longer, **(quick if args.quick else {}))
         for name in args.teachers
     }
     bodies = []

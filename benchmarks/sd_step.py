@@ -28,6 +28,26 @@ times the step of a run on a large prompt set, which encodes its prompts in the 
 
     python -m benchmarks.sd_step --size sdxl --recipe sdxl --batch-sizes 1 2 4 \
         --checkpointing off on --lora-ranks 0 64 --json sdxl.json
+
+``--size flux-dev`` (with ``--recipe flux-dev``: 4 flow steps with backward simulation, 4 fake
+updates, the GAN at 0.03 on random captioned images, the guidance input 3.5) builds FLUX.1-dev's
+11.9B-parameter transformer (19 double- and 38 single-stream blocks, width 3072), CLIP ViT-L and
+VAE at 1024 px (4096 image tokens, 512 T5 tokens); T5-XXL is a one-layer encoder of its width
+(the step on cached prompts never runs it; ``--prompt-cache off`` then under-counts T5's cost).
+The transformer is written in bf16 (24 GB of disk) and loaded in fp32 (48 GB of host memory per
+copy). Full fine-tuning of FLUX.1-dev does not fit one GPU (the generator's and the fake score's
+fp32 weights, gradients and AdamW moments are 16 bytes a parameter each, about 380 GB); on one
+GPU measure LoRA on both networks (``--lora-ranks 64 --fake-lora-rank 64``), or a slice of the
+model's depth with ``--flux-blocks D S`` (D double- and S single-stream blocks at the real
+width), full and LoRA, to read the per-block cost:
+
+    python -m benchmarks.sd_step --size flux-dev --recipe flux-dev --batch-sizes 1 \
+        --checkpointing off on --lora-ranks 64 --fake-lora-rank 64 --json flux.json
+    python -m benchmarks.sd_step --size flux-dev --recipe flux-dev --flux-blocks 2 4 \
+        --batch-sizes 1 --checkpointing off on --lora-ranks 0 64 --json flux-slice.json
+
+None of the FLUX.1-dev-sized rows has been run: this machine has no GPU. ``--size tiny-flux``
+runs the same code at tiny size on a CPU (tests/test_benchmarks.py).
 """
 
 from __future__ import annotations
@@ -136,6 +156,8 @@ def recipe_config(
     )
     if args.fake_updates:
         values["fake_updates"] = args.fake_updates
+    if args.fake_lora_rank:  # LoRA adapters on the fake score too (FLUX.1-dev on one GPU)
+        values["fake_lora_rank"] = args.fake_lora_rank
     if lora_rank:  # LoRA adapters on the generator (the recipe's alpha, or alpha = rank)
         values["lora_rank"] = lora_rank
     else:
@@ -182,9 +204,7 @@ def real_store(where: Path, folder: Path, n: int) -> Path:
     if not (store / "manifest.json").is_file():
         images = real_images(where, folder, n)
         prepare_real(
-            PrepareRealConfig(
-                source=str(images), teacher_path=str(folder), out=str(store)
-            )
+            PrepareRealConfig(source=str(images), teacher_path=str(folder), out=str(store))
         )
     return store
 
@@ -235,7 +255,8 @@ def train_rows(folder: Path, prompts: Path, args, device) -> list[dict]:
         _forget_other_precision(cfg.mixed_precision)  # an earlier run in this process
         acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
         trainer = None
-        row = {"lever": lever, "grad_checkpointing": ckpt, "batch_per_gpu": batch, "lora": rank}
+        row = {"lever": lever, "grad_checkpointing": ckpt, "batch_per_gpu": batch, "lora": rank,
+               "fake_lora": args.fake_lora_rank}  # fmt: skip
         try:
             trainer = DMDTrainer(cfg, acc)
             t0 = time.perf_counter()
@@ -462,15 +483,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--size",
-        choices=["sd15", "tiny", "sdxl", "tiny-xl", "sd3-medium", "tiny-sd3"],
+        choices=[
+            *("sd15", "tiny", "sdxl", "tiny-xl", "sd3-medium", "tiny-sd3", "flux-dev", "tiny-flux")
+        ],
         default="sd15",
+    )
+    ap.add_argument(
+        "--flux-blocks",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("DOUBLE", "SINGLE"),
+        help="--size flux-dev: this many double- and single-stream blocks instead of 19 and 38",
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8], help="per GPU")
     ap.add_argument(
         "--recipe",
         default="sd15",
-        choices=["sd15", "sd15-gan", "sd15-dmd", "sdxl", "sdxl-1step", "sd3"],
+        choices=["sd15", "sd15-gan", "sd15-dmd", "sdxl", "sdxl-1step", "sd3", "flux-dev"],
         help="the preset whose settings the step uses (docs/RECIPES.md; sd15-gan, sdxl: with "
         "DMD2's GAN, on random captioned images); the SDXL recipes need an SDXL --size",
     )
@@ -493,6 +524,12 @@ def main() -> None:
         type=int,
         default=[0],
         help="generator LoRA ranks to measure side by side (0: full fine-tuning)",
+    )
+    ap.add_argument(
+        "--fake-lora-rank",
+        type=int,
+        default=0,
+        help="LoRA adapters of this rank on the fake score too, in every row (0: full)",
     )
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
     ap.add_argument(
@@ -527,9 +564,15 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--record", action="store_true", help="append the tables to BENCHMARKS.md")
     args = ap.parse_args()
-    from dmdctl.teachers.sd.testing import build_pipeline, build_sd3_pipeline, build_xl_pipeline
+    from dmdctl.teachers.sd.testing import (
+        build_flux_pipeline,
+        build_pipeline,
+        build_sd3_pipeline,
+        build_xl_pipeline,
+    )
 
     arch = {"sdxl": "sdxl", "tiny-xl": "sdxl", "sd3-medium": "sd3", "tiny-sd3": "sd3"}
+    arch.update({"flux-dev": "flux", "tiny-flux": "flux"})
     arch = arch.get(args.size, "sd")
     from dmdctl.teachers import get_kind
 
@@ -540,7 +583,10 @@ def main() -> None:
         args.skip_latency, args.sampling_levers, args.pairs_num = True, [], 0
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        if arch == "sd3":
+        if arch == "flux":
+            size = "flux-dev" if args.size == "flux-dev" else "tiny"
+            folder = build_flux_pipeline(Path(tmp) / "pipe", size=size, blocks=args.flux_blocks)
+        elif arch == "sd3":
             size = "sd3-medium" if args.size == "sd3-medium" else "tiny"
             folder = build_sd3_pipeline(Path(tmp) / "pipe", size=size)
         elif xl:
@@ -570,6 +616,7 @@ def main() -> None:
     ]
     for r in train:
         what = f"LoRA {r['lora']}" if r["lora"] else "full"
+        what += f", fake LoRA {r['fake_lora']}" if r.get("fake_lora") else ""
         lead = (
             f"| {r['lever']} | {what} | {'on' if r['grad_checkpointing'] else 'off'} "
             f"| {r['batch_per_gpu']} |"
@@ -624,9 +671,11 @@ def main() -> None:
         rows = {"train": train, "latency": latency, "sampling": sampling, "pairs": pairs}
         args.json.write_text(json.dumps({"machine": machine(), **rows}, indent=1))
     if args.record:
-        title = {"sdxl": "SDXL-shaped DMD2 step", "sd3": "SD3-medium-shaped DMD step"}.get(
-            arch, "SD1.5-shaped DMD step and sampling latency"
-        )
+        title = {
+            "sdxl": "SDXL-shaped DMD2 step",
+            "sd3": "SD3-medium-shaped DMD step",
+            "flux": "FLUX.1-dev-shaped DMD2 step",
+        }.get(arch, "SD1.5-shaped DMD step and sampling latency")
         append_markdown(title, text, "benchmarks.sd_step")
 
 

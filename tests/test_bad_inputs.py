@@ -37,6 +37,10 @@ PR_SD = "--teacher-path runs/sd --out {out}"
 E2 = "distill --teacher-path runs/edm2/teacher.safetensors --out {out} --steps 2 --batch-size 2 --reg-weight 0 --plot-samples 0 --cpu"
 # a text-to-image run on the tiny SD pipeline (runs/sd) with a prompts file
 DSD = "distill --teacher-path runs/sd --prompts runs/prompts.txt --out {out} --steps 2 --batch-size 2 --cpu"
+# the same on the tiny FLUX.1 pipeline (runs/flux)
+DFLUX = DSD.replace("runs/sd", "runs/flux")
+# the same on the tiny Wan text-to-video pipeline (runs/wan)
+DWAN = "distill --teacher-path runs/wan --prompts runs/prompts.txt --out {out} --steps 2 --batch-size 2 --cpu"
 
 
 @dataclass
@@ -433,6 +437,31 @@ CASES = [
         DSD.replace("runs/prompts.txt", "runs/prompts-bad.jsonl"),
         "runs/prompts-bad.jsonl:3 has no 'caption', 'prompt' or 'text' string field",
     ),
+    Case(
+        "dflux-as-sdxl",
+        "a FLUX.1 pipeline given with another architecture's preset",
+        f"{DFLUX} --teacher sdxl",
+        "runs/flux is a FLUX.1 pipeline, but --teacher sdxl is a recipe for SDXL; use --teacher "
+        "flux-dev (or --teacher sd) with this pipeline",
+    ),
+    Case(
+        "dflux-preset-on-sd",
+        "the flux-dev preset on an SD1.x pipeline",
+        f"{DSD} --teacher flux-dev",
+        "runs/sd is an SD1.x/2.x pipeline, but --teacher flux-dev is a recipe for FLUX.1",
+    ),
+    Case(
+        "dflux-no-t5",
+        "--no-t5 on a FLUX.1 pipeline (T5 is its only token encoder)",
+        f"{DFLUX} --no-t5",
+        "--no-t5 is for SD3 teachers (their third text encoder is T5)",
+    ),
+    Case(
+        "dflux-sd-timesteps",
+        "SD's integer timesteps as a FLUX generator's steps",
+        f"{DFLUX} --denoising-steps 999,499",
+        "flow-matching steps are t values in (0, 1], got 999",
+    ),
     # --- prepare-real ---
     Case(
         "pr-missing-source",
@@ -582,6 +611,56 @@ CASES = [
         "convert-edm runs/edm2/latent.pkl --vae runs/teacher -o {out}/t.safetensors",
         "runs/teacher holds no VAE",
     ),
+    # --- video teachers (Wan) ---
+    Case(
+        "wan-frames-not-4k1",
+        "a frame count the video VAE cannot compress (not 4k + 1)",
+        f"{DWAN} --video-size 6x32x32",
+        "6 frames is not 4k + 1",
+    ),
+    Case(
+        "wan-side-not-16",
+        "a video side that is not a multiple of the VAE's 8x times the 2x2 patch",
+        f"{DWAN} --video-size 5x30x32",
+        "30x32 pixels must be multiples of 16x16",
+    ),
+    Case(
+        "wan-size-malformed",
+        "--video-size without three numbers",
+        f"{DWAN} --video-size 5x32",
+        "is not FRAMESxHEIGHTxWIDTH",
+    ),
+    Case(
+        "mp-wan-frames",
+        "make-pairs at a frame count the VAE cannot compress",
+        "make-pairs --teacher-path runs/wan --prompts runs/prompts.txt --video-size 8x32x32 "
+        "--out {out} --num-pairs 2 --device cpu",
+        "8 frames is not 4k + 1",
+    ),
+    Case(
+        "video-size-image-teacher",
+        "--video-size for an image teacher",
+        f"{DSD} --video-size 5x32x32",
+        "--video-size is for video teachers (Wan)",
+    ),
+    Case(
+        "flow-shift-eps-teacher",
+        "--flow-shift for a teacher that is not flow matching",
+        f"{DSD} --flow-shift 8",
+        "--flow-shift is for flow-matching teachers",
+    ),
+    Case(
+        "wan-folder-sd-preset",
+        "a Wan pipeline folder with an SD preset",
+        f"{DWAN.replace('distill', 'distill --teacher sd15')} --video-size 5x32x32",
+        "is a Wan text-to-video pipeline, but --teacher sd15 is a Stable Diffusion teacher",
+    ),
+    Case(
+        "wan-lpips",
+        "LPIPS regression for a video teacher",
+        f"{DWAN} --video-size 5x32x32 --pairs runs/wan-pairs --reg-weight 1 --reg-loss lpips",
+        "--reg-loss lpips needs image teachers",
+    ),
 ]
 
 
@@ -680,8 +759,8 @@ def build_edm2(folder: Path) -> None:
 
 
 def build_real_sources(real: Path) -> None:
-    """Good and bad sources for prepare-real, a tiny SD pipeline (runs/sd) and a store made
-    from runs/real/digits.npz for the digits teacher (runs/real/store)."""
+    """Good and bad sources for prepare-real, tiny SD and FLUX.1 pipelines (runs/sd, runs/flux)
+    and a store made from runs/real/digits.npz for the digits teacher (runs/real/store)."""
     import json
 
     import numpy as np
@@ -689,9 +768,30 @@ def build_real_sources(real: Path) -> None:
 
     from dmdctl.commands.prepare_real import prepare_real
     from dmdctl.settings.prepare_real import PrepareRealConfig
-    from dmdctl.teachers.sd.testing import build_pipeline
+    from dmdctl.teachers.sd.testing import build_flux_pipeline, build_pipeline
 
     build_pipeline(real.parent / "sd")
+    build_flux_pipeline(real.parent / "flux")
+    from dmdctl.teachers.wan.testing import build_wan_pipeline
+
+    build_wan_pipeline(real.parent / "wan")
+    from dmdctl.commands.make_pairs import make_pairs
+    from dmdctl.settings.make_pairs import MakePairsConfig
+
+    (real.parent / "wan-prompts.txt").write_text("a red dog\n")
+    make_pairs(
+        MakePairsConfig(
+            teacher_path=str(real.parent / "wan"),
+            prompts=str(real.parent / "wan-prompts.txt"),
+            video_size="5x32x32",
+            scheduler="unipc",
+            guidance=3.5,
+            out=str(real.parent / "wan-pairs"),
+            num_pairs=2,
+            steps=1,
+            device="cpu",
+        )
+    )
     real.mkdir(parents=True)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)

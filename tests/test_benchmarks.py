@@ -62,29 +62,39 @@ def test_missing_package_skips_the_row(bench_root, monkeypatch):
     assert "skipped: needs no_such_package_dmdctl (not installed)" in body
 
 
-@pytest.mark.parametrize("size, recipe", [("tiny-xl", "sdxl"), ("tiny-sd3", "sd3")])
-def test_sdxl_and_sd3_step_benchmark_runs_at_tiny_size(
+@pytest.mark.parametrize(
+    "size, recipe", [("tiny-xl", "sdxl"), ("tiny-sd3", "sd3"), ("tiny-flux", "flux-dev")]
+)
+def test_sdxl_sd3_and_flux_step_benchmark_runs_at_tiny_size(
     size, recipe, bench_root, monkeypatch, capsys, hf_offline
 ):
-    """The prepared SDXL- and SD3-shaped step benchmark (run at real shapes on a GPU) works end
-    to end at tiny sizes: DMD2's SDXL recipe (5 fake updates, GAN, 4 steps), the sd3 recipe (5
-    fake updates, 4 flow steps), full and LoRA side by side."""
+    """The prepared SDXL-, SD3- and FLUX.1-dev-shaped step benchmark (for real shapes on a GPU)
+    works end to end at tiny sizes: DMD2's SDXL recipe (5 fake updates, GAN, 4 steps), the sd3
+    recipe (5 fake updates, 4 flow steps), the flux-dev recipe (4 fake updates, GAN, 4 flow
+    steps, with checkpointing, and LoRA on the fake score too), full and LoRA side by side."""
     import sys
 
     from benchmarks import sd_step
 
+    flux = recipe == "flux-dev"
+    ckpt = ["on"] if flux else ["off"]
     argv = ["sd_step", "--size", size, "--recipe", recipe, "--device", "cpu",
-            "--batch-sizes", "2", "--checkpointing", "off", "--steps", "1", "--warmup", "1",
+            "--batch-sizes", "2", "--checkpointing", *ckpt, "--steps", "1", "--warmup", "1",
             "--precision", "no", "--lora-ranks", "0", "4", "--prompt-cache", "off"]  # fmt: skip
+    if flux:
+        argv += ["--fake-lora-rank", "4"]
     monkeypatch.setattr(sys, "argv", argv)
     sd_step.main()
     out = capsys.readouterr().out
     assert "encoded in each step" in out  # the step of a large prompt set, encoders in it
+    fakes = 4 if flux else 5
     for what in ("full", "LoRA 4"):  # full fine-tuning and LoRA side by side
-        row = re.search(rf"\| base \| {what} \| off \| 2 \| 5 \| (\d+\.\d+) \|", out)
-        assert row and float(row.group(1)) > 0, out
+        what += ", fake LoRA 4" if flux else ""
+        for c in ckpt:
+            row = re.search(rf"\| base \| {what} \| {c} \| 2 \| {fakes} \| (\d+\.\d+) \|", out)
+            assert row and float(row.group(1)) > 0, out
     assert '"generator_steps": 4' in out
-    assert f'"gan": {"true" if recipe == "sdxl" else "false"}' in out
+    assert f'"gan": {"true" if recipe != "sd3" else "false"}' in out
     monkeypatch.setattr(sys, "argv", ["sd_step", "--size", size, "--recipe", "sd15"])
     with pytest.raises(SystemExit):
         sd_step.main()
@@ -138,3 +148,49 @@ def test_data_scale_every_part_at_tiny_sizes(bench_root, tmp_path, capsys):
         assert re.search(rf"\| make-pairs, 64 pairs \| {n} \| - \|", body), body
     assert "| distill, --prompt-cache on | 50 |" in body and "vs off" in body
     assert set(numbers["make_pairs"]) == {"50", "200"}
+
+
+def test_digits_step_benchmark_compares_the_same_step(bench_root, capsys):
+    """The digits step benchmark times the step before the bottleneck-ended passes against the
+    shipped one, after checking that both compute the same losses."""
+    from benchmarks import digits_step
+
+    body = digits_step.main(["--runs", "dmd2", "--repeats", "1", "--batch-size", "8",
+                             "--clock", "cpu"])  # fmt: skip
+    assert "| dmd2 | previous |" in body and "+ bf16" in body
+    assert re.search(r"max relative difference \d\.\de-\d\d", body)
+    assert len(re.findall(r"\*\*\d+\.\d\dx\*\*", body)) == 4
+
+
+def test_wan_step_benchmark_runs_at_tiny_size(hf_offline):
+    """The prepared Wan 2.1 1.3B step benchmark (run at real shapes on a GPU) works end to end
+    at tiny size: the wan-t2v-1.3b recipe's 3 flow steps and 5 fake updates on 5-D latents."""
+    from benchmarks import wan_step
+
+    rows = wan_step.main(["--size", "tiny", "--video-size", "5x32x32", "--device", "cpu",
+                          "--precision", "no", "--steps", "1", "--warmup", "1"])  # fmt: skip
+    (row,) = rows
+    assert row["latent"] == [16, 2, 4, 4] and row["generator_steps"] == 3
+    assert row["fake_updates"] == 5 and row["finite"] and row["step_s"] > 0
+
+
+@pytest.mark.slow
+def test_digits_curves_scores_each_checkpoint_and_diagnoses_the_head(bench_root, tmp_path):
+    """The quality-against-budget benchmark at tiny size: a DMD2 run stopped at each scoring
+    step, scored with intervals, its GAN head diagnosed per noise band, and the PNG written."""
+    from benchmarks import digits_curves
+
+    args = ["--runs", "dmd2", "--steps", "2", "--every", "1", "--samples", "200",
+            "--bootstrap", "5", "--out", str(tmp_path / "c"), "--plot", str(tmp_path / "c.png"),
+            "--set", "batch_size=8"]  # fmt: skip
+    body = digits_curves.main(args)
+    assert "| dmd2 | 0 | 1 |" in body and "| dmd2 | 0 | 2 |" in body
+    assert "| teacher 35 NFE |" in body
+    # four noise bands of head accuracy, each a fraction
+    row = next(line for line in body.splitlines() if line.startswith("| dmd2 | 0 | 2 |"))
+    assert len(re.findall(r"\b[01]\.\d\d\b", row.split("|")[-2])) == 4
+    assert (tmp_path / "c.png").stat().st_size > 0
+    assert sorted(p.name for p in (tmp_path / "c" / "seed0" / "dmd2" / "checkpoints").iterdir()) == [
+        "step-0000001",
+        "step-0000002",
+    ]

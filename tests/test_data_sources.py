@@ -220,10 +220,8 @@ def test_each_source_conditions_its_own_samples(sd_pipe, prompts_file, sources, 
         gen_forward(z, c, **kw),
     )[1]
     fake_forward = tr.fake.forward
-    tr.fake.forward = lambda x, s, c=None: (
-        seen.setdefault("fake_cond", c) if x.shape[0] == 4 else None,
-        fake_forward(x, s, c),
-    )[1]
+    fake_conds = []
+    tr.fake.forward = lambda x, s, c=None: (fake_conds.append(c), fake_forward(x, s, c))[1]
     tr.train_step()
     pair_texts = PromptFile(sources / "pairs" / "prompts.txt").texts(seen["pair_rows"].tolist())
     gen_cond = seen["gen_cond"]
@@ -232,5 +230,5 @@ def test_each_source_conditions_its_own_samples(sd_pipe, prompts_file, sources, 
     torch.testing.assert_close(gen_cond[:2], encode(seen["gen_texts"]), rtol=0, atol=1e-6)
     torch.testing.assert_close(gen_cond[2:], encode(pair_texts), rtol=0, atol=1e-6)
     assert isinstance(seen["captions"], list) and len(seen["captions"]) == 2
-    real_cond = seen["fake_cond"][2:]  # the head's batch: generated samples, then real ones
+    real_cond = fake_conds[-1]  # the step's last fake-score pass: the head's real samples
     torch.testing.assert_close(real_cond, encode(seen["captions"]), rtol=0, atol=1e-6)

@@ -104,7 +104,7 @@ def test_gan_step_wiring(toy_teacher, tmp_path):
 
     x = seen["x"]
     assert torch.equal(seen["input"], z * tr.unwrapped_generator.input_scale)
-    assert len(fake_calls) == 3 and len(head_calls) == 2
+    assert len(fake_calls) == 4 and len(head_calls) == 2
     # 1: the DM loss (no gradients); 2: the generator's GAN loss, fake score frozen
     noisy_g, sigma_g, grad_on = fake_calls[1]
     assert grad_on and grads_off[1] and not grads_off[2]
@@ -113,18 +113,21 @@ def test_gan_step_wiring(toy_teacher, tmp_path):
     logit_g, grad_on, frozen = head_calls[0]
     assert grad_on and frozen
     torch.testing.assert_close(logs["loss_gan"], F.softplus(-logit_g).mean())
-    # 3: the fake score's update: generated samples at the denoising loss's levels, then real ones
+    # 3, 4: the fake score's update: generated samples at the denoising loss's levels, then the
+    # real ones at their own (that pass ends at the bottleneck)
     noisy_f, sigma_f, grad_on = fake_calls[2]
-    assert grad_on and torch.equal(sigma_f, torch.cat([tr.grid[fidx], tr.grid[ridx]]))
-    want = torch.cat([x + tr.grid[fidx][:, None] * feps, xr + tr.grid[ridx][:, None] * reps])
-    torch.testing.assert_close(noisy_f, want, rtol=0, atol=1e-6)
+    noisy_real, sigma_real, grad_on_real = fake_calls[3]
+    assert grad_on and grad_on_real and not grads_off[3]
+    assert torch.equal(sigma_f, tr.grid[fidx]) and torch.equal(sigma_real, tr.grid[ridx])
+    torch.testing.assert_close(noisy_f, x + tr.grid[fidx][:, None] * feps, rtol=0, atol=1e-6)
+    torch.testing.assert_close(noisy_real, xr + tr.grid[ridx][:, None] * reps, rtol=0, atol=1e-6)
     logits, grad_on, frozen = head_calls[1]
     assert grad_on and not frozen
     cls = F.softplus(-logits[B:]).mean() + F.softplus(logits[:B]).mean()
     torch.testing.assert_close(logs["loss_cls"], cls)
     # the fake loss is its denoising loss on the generated half plus the weighted head loss
     fs = tr.grid[fidx]
-    pred = gaussian_denoiser(noisy_f[:B], fs, fake_mean, var)
+    pred = gaussian_denoiser(noisy_f, fs, fake_mean, var)
     den = (tr.loss_weight(fs) * ((pred - x) ** 2).mean(1)).mean()
     torch.testing.assert_close(logs["loss_fake"], den + cw * cls, rtol=1e-5, atol=1e-7)
     # the gradient reaching G's samples: the DM term plus gan_weight x the GAN term, the latter
@@ -349,12 +352,12 @@ def test_gan_real_samples_carry_their_own_labels(tmp_path):
     ridx = torch.randint(0, tr.levels, (n,), generator=gen)
     reps = torch.randn(n, *shape, generator=gen)
     tr.train_step()
-    x, cond = calls[-1]  # the fake score's update
-    assert torch.equal(cond, torch.cat([labels, ys[pick]]))
+    (_, cond_fake), (x, cond) = calls[-2:]  # the fake score's update: generated, then real
+    assert torch.equal(cond_fake, labels) and torch.equal(cond, ys[pick])
     want = xs[pick] + tr.grid[ridx].reshape(-1, 1, 1, 1) * reps
-    torch.testing.assert_close(x[n:], want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(x, want, rtol=0, atol=1e-6)
     # the DM loss and the generator's GAN loss see the generator's labels
-    assert all(torch.equal(c, labels) for _, c in calls[:-1])
+    assert len(calls) == 4 and all(torch.equal(c, labels) for _, c in calls[:2])
 
 
 def test_image_folders_are_resized_to_the_teacher(tmp_path):
@@ -386,3 +389,35 @@ def test_gan_head_on_narrow_features_sees_its_input_at_batch_1():
     a = head(torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0)))
     b = head(torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(1)))
     assert a.shape == (1,) and not torch.equal(a, b)
+
+
+def test_bottleneck_features_end_the_pass_at_the_bottleneck():
+    """The head's inputs come from a pass that stops at the bottleneck: the same features and
+    the same gradients as a full pass, and nothing after the bottleneck runs (the digits UNet's
+    decoder: its up blocks and output convolution)."""
+    from dmdctl.core.gan import bottleneck_features
+    from dmdctl.teachers import get_kind
+
+    net = load_teacher(get_kind("digits").default_path()).denoiser.requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1, 8, 8, generator=g)
+    sigma, c = torch.rand(6, generator=g) * 3 + 0.1, torch.arange(6)
+    ran: list[str] = []
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: ran.append(n))
+             for n, m in net.named_modules() if n]  # fmt: skip
+    xa = x.clone().requires_grad_(True)
+    with tap(net.bottleneck()) as full:
+        net(xa, sigma, c)
+    after = ran[ran.index(next(n for n, m in net.named_modules() if m is net.bottleneck())) + 1 :]
+    ran.clear()
+    xb = x.clone().requires_grad_(True)
+    feats = bottleneck_features(net, xb, sigma, c)
+    for h in hooks:
+        h.remove()
+    assert any("up_blocks" in n for n in after) and not set(after) & set(ran)
+    torch.testing.assert_close(feats, full[-1], rtol=1e-5, atol=1e-6)
+    w = torch.randn(feats.shape, generator=g)
+    (ga,) = torch.autograd.grad((full[-1] * w).sum(), xa)
+    (gb,) = torch.autograd.grad((feats * w).sum(), xb)
+    torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
+    assert not net.bottleneck()._forward_hooks  # the hook is gone

@@ -363,7 +363,7 @@ def test_full_size_networks():
         assert "unet.enc.32x32_block0.attn_qkv.weight" not in sd  # attention at 16 and 8 only
         assert sd["unet.enc.64x64_conv.weight"].shape[1] == cfg["img_channels"] + 1
     # the counts NVIDIA's own Precond gives for these arguments (checked once, outside the
-    # repository, with NVlabs/edm2's code on the meta device; docs/EDM.md)
+    # repository, with NVlabs/edm2's code on the meta device; docs/guide/edm.md)
     assert counts == {"edm2-img512-s-autog": 280_212_837, "edm2-img512-s-guid": 280_212_837,
                       "edm2-img512-xxl-autog": 1_523_164_773, "edm2-img64-s-autog": 280_209_381}  # fmt: skip
 
@@ -869,6 +869,16 @@ def test_latent_gan_reads_real_images_encoded_by_the_teachers_vae(tmp_path, tiny
            "--reg-weight", 0, "--steps", 1, "--batch-size", 2, "--plot-samples", 0, "--cpu",
            "--out", tmp_path / "run"))  # fmt: skip
     assert (tmp_path / "run" / "generator.safetensors").is_file()
+    # the store's latents depend on EDM2's scale and bias: a teacher with another scale (same
+    # VAE, same network) refuses it rather than train its GAN head on mis-scaled latents
+    scale = np.float32(1.0) / np.float32([4.17, 4.62, 3.71, 3.28])
+    pkl2 = write_edm2_pickle(tmp_path / "other.pkl", random_net(LATENT), LATENT,
+                             encoder=encoder_record(LATENT, scale=scale))  # fmt: skip
+    ok(run("convert-edm", pkl2, "-o", tmp_path / "other.safetensors", "--vae", tiny_vae))
+    one_line_error(run("distill", "--teacher-path", tmp_path / "other.safetensors", "--real-data",
+                       store, "--gan-weight", 3e-3, "--reg-weight", 0, "--steps", 1, "--cpu",
+                       "--out", tmp_path / "run2"), "was made with another 'edm2_scale'")  # fmt: skip
+    assert not (tmp_path / "run2").exists()
 
 
 @pytest.mark.slow

@@ -153,22 +153,32 @@ def test_fsdp_digits_unet_per_block_matches_ddp(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["sdxl", "sd3"])
+@pytest.mark.parametrize("arch", ["sdxl", "sd3", "flux-dev", "wan"])
 def test_fsdp_text_to_image_teachers_match_ddp(arch, prompts_file, tmp_path):
-    """Tiny SDXL (UNet blocks as units, the GAN head on the mid block, 4 steps) and SD3
-    (transformer_blocks as units, 4 flow steps) pipelines, 2 processes, 2 steps: the --fsdp run's
-    checkpoint has the DDP run's files and keys, its weights within 1e-4 of DDP's (as digits)."""
+    """Tiny SDXL (UNet blocks as units, the GAN head on the mid block, 4 steps), SD3
+    (transformer_blocks as units, 4 flow steps), FLUX.1 (double- and single-stream blocks as
+    units, the GAN head on the middle block, 4 flow steps) and Wan (its _repeated_blocks as units,
+    5-D latents, 3 flow steps) pipelines, 2 processes, 2 steps: the --fsdp run's checkpoint has
+    the DDP run's files and keys, its weights within 1e-4 of DDP's (as digits)."""
     from cli_helpers import captioned_images, real_store
-    from dmdctl.teachers.sd.testing import build_sd3_pipeline, build_xl_pipeline
+    from dmdctl.teachers.sd.testing import (
+        build_flux_pipeline,
+        build_sd3_pipeline,
+        build_xl_pipeline,
+    )
+    from dmdctl.teachers.wan.testing import build_wan_pipeline
 
-    build = build_xl_pipeline if arch == "sdxl" else build_sd3_pipeline
-    pipe = build(tmp_path / "pipe")
-    run = ["distill", "--teacher", arch, "--teacher-path", str(pipe), "--prompts",
+    build = {"sdxl": build_xl_pipeline, "sd3": build_sd3_pipeline, "wan": build_wan_pipeline}
+    pipe = build.get(arch, build_flux_pipeline)(tmp_path / "pipe")
+    teacher = "wan-t2v-1.3b" if arch == "wan" else arch
+    run = ["distill", "--teacher", teacher, "--teacher-path", str(pipe), "--prompts",
            str(prompts_file), "--steps", "2", "--batch-size", "2", "--fake-updates", "1",
            "--plot-samples", "0", "--checkpoint-every", "2", "--mixed-precision", "no",
            "--lr", "1e-4", "--fake-lr", "1e-4", "--cpu"]  # fmt: skip
-    if arch == "sdxl":  # the recipe's GAN, on captioned images
+    if arch in ("sdxl", "flux-dev"):  # the recipe's GAN, on captioned images
         run += ["--real-data", str(real_store(captioned_images(tmp_path / "real"), pipe))]
+    if arch == "wan":
+        run += ["--video-size", "5x32x32"]
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     env_jobs = [[*run, "--out", str(ddp)], [*run, "--out", str(fsdp), "--fsdp"]]
     launch(tmp_path, env_jobs, 600)

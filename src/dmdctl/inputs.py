@@ -31,17 +31,17 @@ def check_out_folder(out: Path, flag: str = "--out") -> None:
 def check_teacher_path(path: str | None, teacher: str | None = None) -> None:
     """--teacher-path must name a readable file (checked before anything is loaded).
 
-    Stable Diffusion teachers are a diffusers pipeline folder or a hub id instead.
+    Stable Diffusion and Wan teachers are a diffusers pipeline folder or a hub id instead.
     """
     if path is None:
         return
-    from dmdctl.teachers import is_sd_name
+    from dmdctl.teachers import is_pipeline_name
     from dmdctl.teachers.sd.pipeline import is_pipeline_folder, looks_like_hub_id
 
     p = Path(path)
-    if is_pipeline_folder(p) or (is_sd_name(teacher) and looks_like_hub_id(str(path))):
+    if is_pipeline_folder(p) or (is_pipeline_name(teacher) and looks_like_hub_id(str(path))):
         return
-    if is_sd_name(teacher):
+    if is_pipeline_name(teacher):
         raise UserError(
             f"--teacher-path {p} is neither a diffusers pipeline folder (with model_index.json) "
             "nor a hub id like stable-diffusion-v1-5/stable-diffusion-v1-5"

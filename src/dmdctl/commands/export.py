@@ -134,10 +134,24 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
 
     arch = config.get("arch", "sd")
     timesteps = denoiser.step_values(list(sigmas))
+    if arch == "wan":  # a video pipeline (teachers/wan/generate.py)
+        from dmdctl.teachers.wan import generate as wan
+
+        export_diffusers = wan.export_diffusers
     folder = export_diffusers(
         denoiser.eval(), config, sha, out, cfg.teacher_path, cfg.offline, train_config, timesteps
     )
     steps = "1 step" if len(timesteps) == 1 else f"{len(timesteps)} steps"
+    if arch == "wan":
+        return {
+            "out": str(folder),
+            "from": what,
+            "format": "diffusers",
+            "scheduler": f"{wan.step_scheduler_name(timesteps)} ({steps}, "
+            f"t={','.join(f'{t:g}' for t in timesteps)})",
+            "usage": f"see {folder / 'README.md'}: WanPipeline.from_pretrained('{folder}')"
+            f"(prompt, {wan.usage_call(timesteps, config)})",
+        }
     scheduler = step_scheduler_name(arch, timesteps)
     return {
         "out": str(folder),
@@ -145,7 +159,7 @@ def _export_diffusers(cfg: ExportConfig, source: Path, out: Path) -> dict:
         "format": "diffusers",
         "scheduler": f"{scheduler} ({steps}, t={','.join(f'{t:g}' for t in timesteps)})",
         "usage": f"{PIPELINE_CLASSES[arch]}.from_pretrained('{folder}')"
-        f"(prompt, {usage_call(timesteps, arch)})",
+        f"(prompt, {usage_call(timesteps, arch, config)})",
     }
 
 
@@ -210,11 +224,26 @@ def _export_lora(cfg: ExportConfig, source: Path, out: Path) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     pipeline, arch = str(config.get("pipeline", "")), config.get("arch", "sd")
-    card = lora_model_card(pipeline, sha, train_config, out, timesteps, spec, config)
-    write_diffusers_lora(adapters, spec, tmp, card, arch)
+    if arch == "wan":  # WanPipeline's LoRA writer (teachers/wan/generate.py)
+        from dmdctl.teachers.wan import generate as wan
+
+        card = wan.lora_model_card(pipeline, sha, train_config, out, timesteps, spec, config)
+        wan.write_diffusers_lora(adapters, spec, tmp, card)
+    else:
+        card = lora_model_card(pipeline, sha, train_config, out, timesteps, spec, config)
+        write_diffusers_lora(adapters, spec, tmp, card, arch)
     if out.exists():
         out.rmdir()
     tmp.rename(out)
+    if arch == "wan":
+        return {
+            "out": str(out),
+            "from": what,
+            "format": "lora",
+            "lora": f"rank {spec.rank}, alpha {spec.alpha:g}, {len(adapters)} tensors",
+            "usage": f"see {out / 'README.md'}: WanPipeline.from_pretrained('{pipeline}'); "
+            f"pipe.load_lora_weights('{out}')",
+        }
     scheduler = step_scheduler_name(arch, timesteps)
     return {
         "out": str(out),
@@ -222,7 +251,7 @@ def _export_lora(cfg: ExportConfig, source: Path, out: Path) -> dict:
         "format": "lora",
         "lora": f"rank {spec.rank}, alpha {spec.alpha:g}, {len(adapters)} tensors",
         "usage": f"{PIPELINE_CLASSES[arch]}.from_pretrained('{pipeline}'); scheduler {scheduler}; "
-        f"pipe.load_lora_weights('{out}'); pipe(prompt, {usage_call(timesteps, arch)})",
+        f"pipe.load_lora_weights('{out}'); pipe(prompt, {usage_call(timesteps, arch, config)})",
     }
 
 

@@ -102,7 +102,11 @@ class PromptPairs:
 def make_pairs(cfg: MakePairsConfig) -> dict:
     cfg.validate()
     teacher = resolve_teacher(
-        cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None, cfg.offline, cfg.no_t5
+        cfg.teacher,
+        Path(cfg.teacher_path) if cfg.teacher_path else None,
+        cfg.offline,
+        cfg.no_t5,
+        cfg.video_size,
     )
     if cfg.steps == 0:
         cfg.steps = teacher.kind.default_steps_for(teacher.config)

@@ -47,12 +47,21 @@ def _encode(teacher, images: np.ndarray, device) -> np.ndarray:
 def prepare_real(cfg: PrepareRealConfig) -> dict:
     cfg.validate()
     teacher = resolve_teacher(
-        cfg.teacher, Path(cfg.teacher_path) if cfg.teacher_path else None, cfg.offline
+        cfg.teacher,
+        Path(cfg.teacher_path) if cfg.teacher_path else None,
+        cfg.offline,
+        video_size=cfg.video_size,
     )
     source = open_source(cfg.source, teacher, cfg.image_column, cfg.caption_column)
     shape = [int(s) for s in teacher.sample_shape]
     mode = image_mode(3 if teacher.codec.latent else shape[0])
-    size = image_resolution(teacher) if teacher.codec.latent else shape[-1]
+    if teacher.kind.video:  # videos: their first frames at the teacher's size
+        from dmdctl.teachers.wan.generate import check_mp4_writer
+
+        check_mp4_writer()  # clips are read with imageio's ffmpeg plugin
+        size = tuple(int(teacher.config[k]) for k in ("num_frames", "height", "width"))
+    else:
+        size = image_resolution(teacher) if teacher.codec.latent else shape[-1]
     kind, dtype = store_kind(teacher)
     conditioning = teacher_conditioning(teacher)
     settings = {

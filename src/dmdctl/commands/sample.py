@@ -31,6 +31,8 @@ def sample(cfg: SampleConfig) -> dict:
             "sampling a text-to-image teacher itself is left to its pipeline; pass --generator",
         )
     source = source_from(cfg)
+    if source.kind.video:
+        return sample_text_to_video(cfg, source)
     if source.kind.text_to_image:
         return sample_text_to_image(cfg, source)
     require(
@@ -158,6 +160,71 @@ def sample_text_to_image(cfg: SampleConfig, source) -> dict:
                 scale=1,
             )
         )
+    return result
+
+
+def sample_text_to_video(cfg: SampleConfig, source) -> dict:
+    """Videos from a Wan generator: per video an mp4 and a PNG strip of its frames, written one
+    batch at a time; ``videos.jsonl`` indexes them with their seeds and prompts."""
+    from dmdctl.data.prompts import PromptFile
+    from dmdctl.teachers.sd.generate import pipeline_folder_for
+    from dmdctl.teachers.wan.generate import (
+        check_mp4_writer,
+        save_video_grid,
+        text_to_video_batches,
+        write_mp4,
+        write_strip,
+    )
+
+    require(
+        (cfg.prompt is None) != (cfg.prompts is None),
+        "a text-to-video generator needs --prompt TEXT or --prompts FILE (one of them)",
+    )
+    require(cfg.class_label is None, "--class is for class-conditional generators")
+    check_mp4_writer()
+    rows = [cfg.prompt] if cfg.prompt is not None else PromptFile(cfg.prompts)
+    num = cfg.num
+    if num is None:  # not given: one video per prompt of a file, 2 for a single --prompt
+        num = len(rows) if cfg.prompts is not None else 2
+    folder = pipeline_folder_for(source.config, cfg.teacher_path, cfg.offline)
+    device = pick_device(cfg.device)
+    seeds = list(range(cfg.seed, cfg.seed + num))
+    prompts = _Cycled(rows)
+    out = Path(cfg.out)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    grid = []
+    index = out / "videos.jsonl"
+    tmp = index.with_name(index.name + ".tmp")
+    with progress(transient=True) as bar, open(tmp, "w", encoding="utf-8") as lines:
+        task = bar.add_task(f"sample {source.description}", total=num, info="")
+        batches = text_to_video_batches(
+            source.fn, folder, source.config, prompts, seeds, device, min(cfg.batch_size, 4)
+        )
+        i = 0
+        for videos in batches:
+            for video in videos:
+                name = f"videos/{i:05d}"
+                write_mp4(video, out / f"{name}.mp4")
+                frames = write_strip(video, out / f"{name}.png")
+                row = {"file": f"{name}.mp4", "strip": f"{name}.png", "strip_frames": frames,
+                       "seed": seeds[i], "prompt": prompts[i]}  # fmt: skip
+                lines.write(json.dumps(row) + "\n")
+                if len(grid) < 8:
+                    grid.append(video)
+                i += 1
+            bar.advance(task, videos.shape[0])
+    tmp.replace(index)
+    write_config(cfg, out)
+    result = {
+        "out": str(out / "videos"),
+        "num": num,
+        "source": source.description,
+        "nfe": source.nfe,
+        "index": str(index),
+    }
+    if cfg.plot:
+        panel = [(source.description, torch.stack(grid) * 2 - 1)]
+        result["plot"] = str(save_video_grid(panel, out / "samples.png"))
     return result
 
 

@@ -167,12 +167,17 @@ class FlowDenoiser(Denoiser):
         super().__init__()
         self.backbone = backbone
         self.time_scale = float(time_scale)
-        self.shift = float(shift)
         self.levels = int(levels)
         self.sigma_data = float(sigma_data)
+        self.set_shift(shift)
+        self.sigma_max = math.inf
+
+    def set_shift(self, shift: float) -> None:
+        """The time shift of the training grid (the DM loss's and the fake score's levels;
+        ``distill --flow-shift`` sets a recipe's instead of the scheduler's)."""
+        self.shift = float(shift)
         t_min = float(flow_shift(torch.tensor(1.0 / self.levels, dtype=torch.float64), self.shift))
         self.sigma_min = t_min / (1 - t_min)
-        self.sigma_max = math.inf
 
     @staticmethod
     def t_of(sigma: torch.Tensor) -> torch.Tensor:

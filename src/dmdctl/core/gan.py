@@ -36,11 +36,13 @@ class GANHead(nn.Module):
     4, one convolution over what is left (to 1x1), then a 1x1 convolution to the logit; on 8x8
     features this is DMD2's SD1.5/ImageNet head, on 32x32 its SDXL head (the layer pattern is
     theirs, the code ours). On vectors: a two-layer MLP. On ``[N, tokens, C]`` (a transformer's
-    image tokens, a square grid of patches in row-major order): the tokens laid back out as a
-    ``[C, side, side]`` map, then the map head.
+    image tokens in row-major order): the tokens laid back out as ``[C, rows, cols]`` maps, then
+    the map head. ``grid`` says how they lie: (rows, cols), by default a square; a video's
+    (frames, rows, cols) gives one map per frame, each scored by the same head, the logits
+    averaged over the frames.
     """
 
-    def __init__(self, feature_shape: tuple[int, ...]):
+    def __init__(self, feature_shape: tuple[int, ...], grid: tuple[int, ...] | None = None):
         super().__init__()
         self.feature_shape = tuple(int(s) for s in feature_shape)
         self.grid = None
@@ -51,11 +53,16 @@ class GANHead(nn.Module):
         shape = self.feature_shape
         if len(shape) == 2:
             n, c = shape
-            side = math.isqrt(n)
-            if side * side != n:
-                raise ValueError(f"{n} image tokens do not form a square grid")
-            self.grid = (side, side)
-            shape = (c, side, side)
+            if grid is None:
+                side = math.isqrt(n)
+                if side * side != n:
+                    raise ValueError(f"{n} image tokens do not form a square grid")
+                grid = (side, side)
+            grid = tuple(int(g) for g in grid)
+            if math.prod(grid) != n or len(grid) not in (2, 3):
+                raise ValueError(f"{n} tokens do not lie on a {'x'.join(map(str, grid))} grid")
+            self.grid = grid
+            shape = (c, *grid[-2:])
         if len(shape) != 3:
             raise ValueError(
                 f"a GAN head reads [C], [C, H, W] or [tokens, C] features, got {shape}"
@@ -71,9 +78,12 @@ class GANHead(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        n = feats.shape[0]
         if self.grid is not None:
-            feats = feats.transpose(1, 2).reshape(feats.shape[0], -1, *self.grid)
-        return self.net(feats.float()).flatten(1).mean(1)
+            feats = feats.transpose(1, 2).reshape(n, -1, *self.grid)
+            if len(self.grid) == 3:  # [N, C, F, H, W] -> one map per frame, [N F, C, H, W]
+                feats = feats.transpose(1, 2).reshape(-1, feats.shape[1], *self.grid[1:])
+        return self.net(feats.float()).reshape(n, -1).mean(1)
 
 
 @contextlib.contextmanager
@@ -109,6 +119,40 @@ def frozen(*modules: nn.Module):
     finally:
         for p, w in zip(params, was, strict=True):
             p.requires_grad_(w)
+
+
+class _Reached(Exception):
+    """Raised by :func:`bottleneck_features`' hook to end a forward pass at the bottleneck."""
+
+
+def bottleneck_features(denoiser: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond):
+    """``denoiser``'s bottleneck features of ``x``, without running the rest of the network.
+
+    The forward pass ends where the bottleneck returns: what comes after it (a UNet's decoder,
+    a transformer's later blocks) never runs, forward or backward. Where only the features are
+    needed (the head's real examples, the generator's GAN loss) this skips most of a pass: on
+    the digits UNet the decoder is about two thirds of the forward (benchmarks/train_step.py
+    times the step with and without). Gradients flow from the features to ``x`` and to the
+    weights before the bottleneck as in a full pass. Not for networks sharded with FSDP, whose
+    hooks expect every forward they enter to finish.
+    """
+    seen: list[torch.Tensor] = []
+    index = getattr(denoiser, "bottleneck_output", 0)
+
+    def hook(_m, _inputs, output):
+        seen.append(output[index] if isinstance(output, tuple) else output)
+        raise _Reached
+
+    handle = denoiser.bottleneck().register_forward_hook(hook)
+    try:
+        denoiser(x, sigma, cond)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError("the bottleneck module did not run")
+    return seen[-1]
 
 
 def feature_shape(denoiser: nn.Module, sample_shape, sigma: float, cond) -> tuple[int, ...]:

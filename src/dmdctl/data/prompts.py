@@ -293,7 +293,8 @@ def text_identity(teacher) -> str:
 
 def embedding_bytes(teacher) -> int:
     """Bytes of one prompt's float32 condition tensor for this teacher: its token count (the
-    CLIP encoders' context, plus SD3's T5 tokens and the pooled row of SDXL/SD3) times width."""
+    CLIP encoders' context, plus SD3's T5 tokens and the pooled row of SDXL/SD3; FLUX: T5's tokens
+    and the pooled row; Wan: UMT5's 512 tokens) times width."""
     cfg = teacher.config
     arch = cfg.get("arch", "sd")
     tokens = 77  # what CLIP's tokenizer pads to, unless the pipeline's tokenizer says otherwise
@@ -303,12 +304,16 @@ def embedding_bytes(teacher) -> int:
         length = json.loads(tok.read_text()).get("model_max_length")
         if isinstance(length, int) and 0 < length < 100_000:
             tokens = length
+    if arch == "flux":
+        return (int(cfg.get("max_sequence_length", 512)) + 1) * int(cfg["joint_attention_dim"]) * 4
     if arch == "sd3":
         return (
             (tokens + int(cfg.get("max_sequence_length", 256)) + 1)
             * int(cfg["joint_attention_dim"])
             * 4
         )
+    if arch == "wan":  # UMT5's tokens only
+        return int(cfg["max_sequence_length"]) * int(cfg["text_dim"]) * 4
     width = int(cfg.get("unet_config", {}).get("cross_attention_dim", 768))
     return (tokens + (1 if arch == "sdxl" else 0)) * width * 4
 

@@ -63,8 +63,9 @@ DECODE_THREADS = 4
 
 # --- what the rows depend on --------------------------------------------------------------------
 def to_unit_range(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``[N, H, W, C]`` -> float32 ``[N, C, H, W]`` in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    """uint8 ``[N, H, W, C]`` -> float32 ``[N, C, H, W]`` in [-1, 1] (videos: ``[N, F, H, W, C]``
+    -> ``[N, C, F, H, W]``)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, 1).float() / 127.5 - 1
 
 
 def prepare_image(im, mode: str, size: int | None = None) -> np.ndarray:
@@ -77,6 +78,38 @@ def prepare_image(im, mode: str, size: int | None = None) -> np.ndarray:
         left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
         im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
     return np.asarray(im)
+
+
+def prepare_frame(im, height: int, width: int) -> np.ndarray:
+    """An RGB video frame centre-cropped to the aspect ``height:width`` and resized (bicubic)."""
+    from PIL import Image
+
+    im = im.convert("RGB")
+    w, h = im.size
+    if w * height > h * width:  # too wide: crop the sides
+        cw, ch = round(h * width / height), h
+    else:
+        cw, ch = w, round(w * height / width)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    im = im.crop((left, top, left + cw, top + ch))
+    if im.size != (width, height):
+        im = im.resize((width, height), Image.BICUBIC)
+    return np.asarray(im)
+
+
+def decode_video(path, size: tuple[int, int, int]) -> np.ndarray:
+    """uint8 ``[F, H, W, 3]``: the first F frames of a video file (imageio's ffmpeg plugin),
+    each as :func:`prepare_frame` makes it. ValueError for a video with fewer frames."""
+    import imageio.v3 as iio
+    from PIL import Image
+
+    frames, height, width = size
+    out = []
+    for frame in iio.imiter(path):
+        out.append(prepare_frame(Image.fromarray(frame), height, width))
+        if len(out) == frames:
+            return np.stack(out)
+    raise ValueError(f"it has {len(out)} frames; the teacher's videos have {frames}")
 
 
 def read_images(files: list[Path], channels: int, size: int | None = None) -> np.ndarray:
@@ -119,10 +152,11 @@ def store_identity(teacher) -> dict:
     vae_sha = _vae_sha256(config, weights, (st.st_size, st.st_mtime_ns))
     if callable(own):  # a codec that names its own latent mapping (EDM2's scale and bias)
         return {"vae_sha256": vae_sha, "resolution": image_resolution(teacher), **own()}
+    video = [cfg.get(k) for k in ("num_frames", "height", "width")]
     return {
         "vae_sha256": vae_sha,
-        "resolution": int(cfg["resolution"]),
-        "scaling_factor": float(cfg["scaling_factor"]),
+        "resolution": int(cfg["resolution"]) if "resolution" in cfg else video,
+        "scaling_factor": float(cfg.get("scaling_factor", 1.0)),
         "shift_factor": float(cfg.get("shift_factor") or 0.0),
         "latents_mean": cfg.get("latents_mean"),
         "latents_std": cfg.get("latents_std"),
@@ -165,6 +199,8 @@ def decode_image(src, mode: str, size: int) -> np.ndarray:
 
     from PIL import Image
 
+    if isinstance(size, tuple):  # a video teacher's (frames, height, width)
+        return decode_video(src, size)
     with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
         a = prepare_image(im, mode, size)
     return a[..., None] if a.ndim == 2 else a
@@ -548,7 +584,13 @@ def open_source(path_arg: str, teacher, image_column: str, caption_column: str |
             f"class-conditional ({teacher.num_classes} classes)"
         )
     shape = tuple(int(s) for s in teacher.sample_shape)
-    if len(shape) != 3:
+    video = len(shape) == 4 and teacher.codec.latent  # latents [C, F, H, W] of a video teacher
+    if video and not isinstance(src, CaptionedFolder):
+        raise UserError(
+            f"SOURCE {shown}: a video teacher's real data is a folder of videos with "
+            f'{CAPTIONS_FILE}, one {{"file": ..., "caption": ...}} per line'
+        )
+    if len(shape) != 3 and not video:
         raise UserError(
             f"prepare-real makes images; the '{teacher.name}' teacher is not an image model"
         )

@@ -78,6 +78,16 @@ def no_t5_option() -> Any:
     return option(False, NO_T5_HELP, panel="Inputs")
 
 
+VIDEO_SIZE_HELP = (
+    "Video teachers (Wan): FRAMESxHEIGHTxWIDTH of the videos (frames 4k+1, sides multiples of "
+    "16); recorded with the run, pairs and real data. Default: WanPipeline's 81x480x832."
+)
+
+
+def video_size_option() -> Any:
+    return option(None, VIDEO_SIZE_HELP, panel="Inputs")
+
+
 def device_option() -> Any:
     return option("auto", DEVICE_HELP, panel=DEVICE_PANEL)
 

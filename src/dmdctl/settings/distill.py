@@ -17,6 +17,7 @@ from dmdctl.settings.common import (
     report_to_option,
     teacher_option,
     teacher_path_option,
+    video_size_option,
 )
 
 # DMD2's SDXL LoRA generator's target modules (main/sd_unified_model.py)
@@ -166,7 +167,7 @@ class DistillConfig(Settings):
     # LoRA (training/lora.py; docs/RECIPES.md for the defaults' sources)
     lora_rank: int | None = option(
         None,
-        "Train LoRA adapters of this rank on the generator's network (UNet, or SD3's "
+        "Train LoRA adapters of this rank on the generator's network (UNet, or SD3's or FLUX's "
         "transformer) instead of all its weights (Stable Diffusion teachers; DMD2's SDXL LoRA: "
         "64). Default: full fine-tuning.",
         min=1,
@@ -308,17 +309,18 @@ class DistillConfig(Settings):
     real_guidance: float | None = option(
         None,
         "Guidance scale of the real score (the fake score has none). Text-to-image teachers: "
-        "CFG, the empty prompt being the unconditional branch. EDM2 teachers: "
-        "D_g + w (D - D_g) with the guiding net of --guide-net.",
+        "CFG, the empty prompt being the unconditional branch. FLUX.1-dev: the transformer's "
+        "guidance input, given to the real score, the generator and the fake score alike (one "
+        "pass). EDM2 teachers: D_g + w (D - D_g) with the guiding net of --guide-net.",
         min=1,
-        show_default="sd15 1.75, sd15-dmd 3.0, edm2-img512-s-autog 2.1",
+        show_default="sd15 1.75, sd15-dmd 3.0, flux-dev 3.5, edm2-img512-s-autog 2.1",
         panel="Losses",
     )
     guide_net: str | None = option(
         None,
         "EDM2 teachers: the guiding network of the real score, a converted EDM2 teacher file: "
         "an unconditional net gives classifier-free guidance, a smaller or less-trained "
-        "conditional one autoguidance (the published settings: docs/EDM.md).",
+        "conditional one autoguidance (the published settings: docs/guide/edm.md).",
         path=True,
         panel="Losses",
     )
@@ -336,6 +338,16 @@ class DistillConfig(Settings):
         panel="Inputs",
     )
     no_t5: bool = no_t5_option()
+    video_size: str | None = video_size_option()
+    flow_shift: float | None = option(
+        None,
+        "Flow-matching teachers: the time shift s of the DM loss's and the fake score's noise "
+        "levels (t -> s t / (1 + (s - 1) t) on the 1000 training times). Default: the "
+        "teacher scheduler's (SD3 3.0, Wan 2.1 3.0).",
+        above=0,
+        show_default="wan-t2v-1.3b 8.0",
+        panel="Losses",
+    )
     offline: bool = offline_option()
     report_to: str = report_to_option()
 

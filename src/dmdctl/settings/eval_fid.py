@@ -42,7 +42,7 @@ class EvalFidConfig(Settings):
     guidance: float = option(
         1.0,
         "EDM2 teachers: the guidance scale w with --guide-net (1: the teacher alone; EDM2's "
-        "published settings: docs/EDM.md).",
+        "published settings: docs/guide/edm.md).",
         min=1,
         panel="Sampling",
     )

@@ -16,10 +16,11 @@ from dmdctl.settings.common import (
     prompts_option,
     teacher_option,
     teacher_path_option,
+    video_size_option,
 )
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
-SCHEDULERS = ("pndm", "ddim", "euler", "euler-trailing", "flow-euler")
+SCHEDULERS = ("pndm", "ddim", "euler", "euler-trailing", "flow-euler", "unipc")
 
 
 @dataclass
@@ -55,7 +56,8 @@ class MakePairsConfig(Settings):
         "pndm",
         "Text-to-image teachers: the sampler (diffusers' scheduler of that name, from the "
         "pipeline's scheduler config; euler-trailing: Euler with trailing timestep spacing, "
-        "DMD2's SDXL pair sampler; flow-euler: SD3's FlowMatchEulerDiscreteScheduler). The "
+        "DMD2's SDXL pair sampler; flow-euler: SD3's and FLUX's FlowMatchEulerDiscreteScheduler; "
+        "unipc: Wan's UniPCMultistepScheduler in flow mode). The "
         "teacher's pairs recipe sets it when not given.",
         choices=SCHEDULERS,
         panel="Sampling",
@@ -64,15 +66,17 @@ class MakePairsConfig(Settings):
     guidance: float | None = option(
         None,
         "Text-to-image teachers: CFG scale (1: none), by default the pairs recipe's (the DMD "
-        "paper's, equal to its real score's guidance).",
+        "paper's, equal to its real score's guidance); FLUX.1-dev: the transformer's guidance "
+        "input (one pass).",
         min=1,
-        show_default="sd15 3.0, sd15-dmd 3.0, sdxl 8.0, sd3 7.0",
+        show_default="sd15 3.0, sd15-dmd 3.0, sdxl 8.0, sd3 7.0, flux-dev 3.5",
         panel="Sampling",
     )
     save_images: bool = option(
         False, "Text-to-image teachers: also store the decoded images (uint8).", panel="Output"
     )
     no_t5: bool = no_t5_option()
+    video_size: str | None = video_size_option()
     offline: bool = offline_option()
 
     @staticmethod

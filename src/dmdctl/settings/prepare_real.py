@@ -13,6 +13,7 @@ from dmdctl.settings.common import (
     offline_option,
     teacher_option,
     teacher_path_option,
+    video_size_option,
 )
 
 
@@ -45,6 +46,7 @@ class PrepareRealConfig(Settings):
         panel="Device, precision and speed",
     )
     device: str = device_option()
+    video_size: str | None = video_size_option()
     image_column: str = option(
         "image", "Parquet sources: the image column (struct with bytes, or binary).", panel="Inputs"
     )

@@ -24,10 +24,13 @@ from dmdctl.teachers.edm2.kind import EDM2
 from dmdctl.teachers.sd.kind import StableDiffusion
 from dmdctl.teachers.source import SourceCheckpoint
 from dmdctl.teachers.toy2d import Toy2D
+from dmdctl.teachers.wan.kind import Wan
 
 KINDS: dict[str, TeacherKind] = {
-    k.name: k for k in (Toy2D(), Digits(), StableDiffusion(), EDM(), EDM2())
+    k.name: k for k in (Toy2D(), Digits(), StableDiffusion(), EDM(), EDM2(), Wan())
 }
+# the kinds whose teachers are diffusers pipeline folders (or hub ids)
+PIPELINE_KINDS = (StableDiffusion.name, Wan.name)
 
 TEACHER_FORMAT = "dmdctl.teacher"
 GENERATOR_FORMAT = "dmdctl.generator"
@@ -64,7 +67,7 @@ def preset_of(teacher: str | None, teacher_path=None) -> tuple[TeacherKind, str]
 
     name = teacher
     if name is None and teacher_path is not None and is_pipeline_folder(Path(teacher_path)):
-        name = StableDiffusion.name  # a diffusers pipeline folder is a Stable Diffusion teacher
+        name = folder_kind(Path(teacher_path))  # a diffusers pipeline folder: SD or Wan
     if name is None:
         return None
     try:
@@ -94,6 +97,18 @@ def _local_pipeline_arch(source: str) -> str | None:
 def is_sd_name(name: str | None) -> bool:
     """Whether ``--teacher`` names the Stable Diffusion kind or one of its presets."""
     return name is not None and get_kind(name).name == StableDiffusion.name
+
+
+def is_pipeline_name(name: str | None) -> bool:
+    """Whether ``--teacher`` names a kind (or preset) whose teachers are diffusers pipelines."""
+    return name is not None and get_kind(name).name in PIPELINE_KINDS
+
+
+def folder_kind(folder: Path) -> str:
+    """The kind of a diffusers pipeline folder: Wan's text-to-video pipelines, else SD."""
+    from dmdctl.teachers.wan.pipeline import is_wan_folder
+
+    return Wan.name if is_wan_folder(folder) else StableDiffusion.name
 
 
 def preset_config(name: str) -> tuple[TeacherKind, dict]:
@@ -196,25 +211,45 @@ def resolve_teacher(
     teacher_path: Path | str | None,
     offline: bool = False,
     no_t5: bool = False,
+    video_size: str | None = None,
 ) -> Teacher:
     """The teacher named by ``--teacher`` / ``--teacher-path`` on any command (``no_t5``: an SD3
-    teacher without its T5 text encoder)."""
+    teacher without its T5 text encoder; ``video_size``: a video teacher's FRAMESxHEIGHTxWIDTH)."""
     from dmdctl.teachers.sd.pipeline import is_pipeline_folder
 
-    sd_named = teacher is not None and get_kind(teacher).name == StableDiffusion.name
-    if sd_named or (teacher_path is not None and is_pipeline_folder(Path(teacher_path))):
-        if teacher is not None and not sd_named:
+    named = get_kind(teacher).name if teacher is not None else None
+    folder = teacher_path is not None and is_pipeline_folder(Path(teacher_path))
+    if named in PIPELINE_KINDS or folder:
+        found = folder_kind(Path(teacher_path)) if folder else named
+        if teacher is not None and named != found:
+            if named not in PIPELINE_KINDS:
+                raise UserError(
+                    f"{teacher_path} is a diffusers pipeline, but --teacher says '{teacher}'"
+                )
+            fits = " / ".join([n for n, (k, _) in presets().items() if k == found] + [found])
+            what = {Wan.name: "Wan text-to-video", StableDiffusion.name: "Stable Diffusion"}
             raise UserError(
-                f"{teacher_path} is a diffusers pipeline, but --teacher says '{teacher}'"
+                f"{teacher_path} is a {what[found]} pipeline, but --teacher {teacher} is a "
+                f"{what[named]} teacher; use --teacher {fits} with this pipeline"
             )
         if teacher_path is None:
             _, cfg = preset_config(teacher)
             teacher_path = cfg["pipeline"]
+        if found == Wan.name:
+            if no_t5:
+                raise UserError("--no-t5 is for SD3 teachers (their third text encoder is T5)")
+            from dmdctl.teachers.wan.kind import load_wan_teacher
+
+            return load_wan_teacher(str(teacher_path), KINDS[Wan.name], offline, video_size)
+        if video_size is not None:
+            raise UserError("--video-size is for video teachers (Wan); this teacher makes images")
         from dmdctl.teachers.sd.teacher import load_sd_teacher
 
         preset = teacher if teacher is not None and teacher != StableDiffusion.name else None
         kind = KINDS[StableDiffusion.name]
         return load_sd_teacher(str(teacher_path), kind, offline, preset, no_t5)
+    if video_size is not None:
+        raise UserError("--video-size is for video teachers (Wan); this teacher makes images")
     if teacher_path is None:
         if teacher is None:
             raise UserError(

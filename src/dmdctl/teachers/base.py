@@ -29,6 +29,8 @@ class TeacherKind:
     # text-to-image kinds: conditioned on prompt embeddings, sampled to PNG files with prompts,
     # scored from those images (eval-fid --images), sampled themselves by their own pipeline
     text_to_image: bool = False
+    # video kinds (Wan): samples are 5-D latents [C, F, H, W]; `sample` writes videos
+    video: bool = False
     # what to tell a user who names the kind without a teacher file (None: train one)
     missing_path_hint: str | None = None
     # train-teacher's defaults for this kind (built-in kinds only)

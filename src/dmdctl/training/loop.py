@@ -121,6 +121,8 @@ RESUME_MUST_MATCH = (
     "fake_lora_rank",
     # SD3 without T5: the cached prompt embeddings and the generator's conditioning differ
     "no_t5",
+    # video teachers: the networks' samples are of this size
+    "video_size",
 )
 
 

@@ -207,7 +207,11 @@ def checkpoint_network(
         cfg = state.get("config", {})
         where = teacher_path or cfg.get("teacher_path")
         teacher = resolve_teacher(
-            cfg.get("teacher"), Path(where) if where else None, offline, cfg.get("no_t5", False)
+            cfg.get("teacher"),
+            Path(where) if where else None,
+            offline,
+            cfg.get("no_t5", False),
+            cfg.get("video_size"),
         )
         if teacher.sha256 != state.get("teacher_sha256"):
             raise UserError(

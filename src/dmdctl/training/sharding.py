@@ -4,10 +4,11 @@ dmdctl calls ``torch.distributed.fsdp.fully_shard`` itself instead of asking Acc
 FSDP: Accelerate 1.15 runs an FSDP config as plain DDP when the processes are on the CPU, so
 only this way is the sharded path the same code on a CPU (gloo) and on GPUs (nccl), and tested.
 Each repeated block (diffusers UNet down/mid/up blocks, the EDM networks' encoder/decoder
-blocks, an SD3 transformer's joint blocks) is one FSDP unit, then the whole network; a small
-network (toy2d's MLP) is one unit. The frozen real score and the VAE are not trained and stay
-whole on every process; the trained networks are not given to ``accelerator.prepare`` (it would
-wrap them in DDP), only their optimisers are.
+blocks, an SD3 transformer's joint blocks, FLUX's double- and single-stream blocks, the blocks a
+diffusers model lists as its ``_repeated_blocks``: Wan's) is one FSDP unit, then the whole
+network; a small network (toy2d's MLP) is one unit. The frozen real score and the VAE are not
+trained and stay whole on every process; the trained networks are not given to
+``accelerator.prepare`` (it would wrap them in DDP), only their optimisers are.
 
 Checkpoints hold *full* tensors, gathered one at a time (``DTensor.full_tensor``) in the order
 of the module's ``state_dict`` and of the optimiser's own ``state_dict``: the files have
@@ -63,9 +64,14 @@ def shard_units(net: nn.Module) -> list[nn.Module]:
     if blocks:
         return blocks
     for m in net.modules():
-        tb = getattr(m, "transformer_blocks", None)  # SD3's MMDiT (diffusers)
+        tb = getattr(m, "transformer_blocks", None)  # SD3's MMDiT, FLUX's (diffusers)
         if isinstance(tb, nn.ModuleList) and len(tb):
-            return list(tb)
+            return [*tb, *getattr(m, "single_transformer_blocks", [])]
+    for m in net.modules():
+        # a diffusers model that names its repeated block classes (Wan's transformer blocks)
+        names = getattr(type(m), "_repeated_blocks", None)
+        if names:
+            return [b for b in m.modules() if type(b).__name__ in names]
     return []
 
 

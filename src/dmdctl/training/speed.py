@@ -51,7 +51,7 @@ def compile_regions(net: nn.Module) -> int:
     regions were compiled (1: the whole network, for networks without repeated blocks)."""
     blocks = repeated_blocks(net)
     for b in blocks or [net]:
-        b.compile(backend=COMPILE_BACKEND)
+        b.compile(backend=COMPILE_BACKEND, dynamic=False)
     return len(blocks) or 1
 
 

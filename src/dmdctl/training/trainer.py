@@ -25,10 +25,11 @@ import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
-from dmdctl.core.denoiser import StepGenerator, freeze_in_dtype
+from dmdctl.core.denoiser import FlowDenoiser, StepGenerator, freeze_in_dtype
 from dmdctl.core.ema import EMA
 from dmdctl.core.gan import (
     GANHead,
+    bottleneck_features,
     bottleneck_tap,
     classifier_gan_loss,
     feature_shape,
@@ -43,6 +44,7 @@ from dmdctl.errors import UserError, require
 from dmdctl.settings.distill import DistillConfig
 from dmdctl.teachers import resolve_teacher
 from dmdctl.teachers.sd.denoiser import GuidedDenoiser
+from dmdctl.teachers.sd.flux import embed_guidance
 from dmdctl.training import lora, sharding
 from dmdctl.training.checkpoint import (
     find_checkpoint,
@@ -125,7 +127,14 @@ class DMDTrainer:
             Path(cfg.teacher_path) if cfg.teacher_path else None,
             cfg.offline,
             cfg.no_t5,
+            cfg.video_size,
         )
+        if cfg.flow_shift is not None:
+            require(
+                isinstance(self.teacher.denoiser, FlowDenoiser),
+                "--flow-shift is for flow-matching teachers (SD3, Wan, toy2d-flow)",
+            )
+            self.teacher.denoiser.set_shift(cfg.flow_shift)
         self.lora, self.fake_lora = lora.specs(cfg)
         for spec in (self.lora, self.fake_lora):
             if spec is not None:
@@ -256,9 +265,15 @@ class DMDTrainer:
             shape = feature_shape(fake, t.sample_shape, t.sigma_max, self._cond(self._probe_cond()))
         except ValueError as e:
             raise UserError(f"--gan-weight: {e}") from None
+        # how a transformer's tokens lie (a video's: frames, rows, columns); None: a square
+        token_grid = getattr(t.denoiser, "token_grid", None)
+        grid = token_grid(t.sample_shape) if token_grid is not None else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
-            head = GANHead(shape).to(self.device)
+            try:
+                head = GANHead(shape, grid).to(self.device)
+            except ValueError as e:
+                raise UserError(f"--gan-weight: {e}") from None
         if self.mesh is not None:
             sharding.shard(head, self.mesh)
             sharding.reshard(fake)  # after the probe's forward pass
@@ -320,7 +335,9 @@ class DMDTrainer:
             w = float(cfg.real_guidance) if cfg.real_guidance is not None else 1.0
             recipe = t.kind.presets().get(str(cfg.teacher), {}).get("recipe", {})
             which = recipe.get("guiding_checkpoint")
-            which = f"this preset's: {which} converted" if which else "docs/EDM.md lists EDM2's"
+            which = (
+                f"this preset's: {which} converted" if which else "docs/guide/edm.md lists EDM2's"
+            )
             require(
                 not guided_kind or w == 1.0,
                 f"--real-guidance {w:g} guides an EDM2 teacher's real score with a second "
@@ -377,6 +394,9 @@ class DMDTrainer:
                 f"different distributions. Make pairs with --guidance {self.guidance}, pass "
                 f"--real-guidance {made}, or --allow-guidance-mismatch to train anyway",
             )
+        # FLUX.1-dev: the guidance value is an input of the transformer, for the real score, the
+        # generator and the fake score alike, not a second (unconditional) pass
+        self.guidance = embed_guidance(t, self.guidance)
         require(
             cfg.eval_every == 0,
             "--eval-every is not available for text-to-image teachers; sample images with "
@@ -545,9 +565,10 @@ class DMDTrainer:
                 # non-saturating GAN loss through the frozen fake score and head (DMD2)
                 sg = self.grid[gan_idx]
                 fake_net, head = acc.unwrap_model(self.fake), acc.unwrap_model(self.head)
-                with bottleneck_tap(fake_net) as feats:
-                    fake_net(x + sg.reshape(-1, *([1] * len(shape))) * gan_eps, sg, c)
-                loss_gan = generator_gan_loss(head(feats[-1]))
+                feats = self._features(
+                    fake_net, x + sg.reshape(-1, *([1] * len(shape))) * gan_eps, sg, c
+                )
+                loss_gan = generator_gan_loss(head(feats))
                 loss_g = loss_g + cfg.gan_weight * loss_gan
                 logs["loss_gan"] = loss_gan.detach()
             if self.pairs is not None:
@@ -650,18 +671,30 @@ class DMDTrainer:
         reps = self._slice(torch.randn(B, *shape, generator=gen))
         sf, sr = self.grid[fidx], self.grid[ridx]
         view = (-1, *([1] * len(shape)))
-        noisy = torch.cat([x_fake + sf.reshape(view) * feps, xr + sr.reshape(view) * reps])
-        cond = torch.cat([c, cr.to(c.dtype)]) if c is not None else None
+        fake = self.acc.unwrap_model(self.fake)
+        with bottleneck_tap(fake) as feats:
+            pred = self.fake(x_fake + sf.reshape(view) * feps, sf, c)
+        loss_den = denoising_error(pred, x_fake, sf, self.sigma_data, self.loss_weight)
+        # the real samples only need the features: their pass ends at the bottleneck
+        real_feats = self._features(
+            fake, xr + sr.reshape(view) * reps, sr, cr.to(c.dtype) if c is not None else None
+        )
         n = x_fake.shape[0]
-        with bottleneck_tap(self.acc.unwrap_model(self.fake)) as feats:
-            pred = self.fake(noisy, torch.cat([sf, sr]), cond)
-        loss_den = denoising_error(pred[:n], x_fake, sf, self.sigma_data, self.loss_weight)
-        logits = self.head(feats[-1])
+        logits = self.head(torch.cat([feats[-1], real_feats]))
         loss_cls = classifier_gan_loss(logits[n:], logits[:n])
         logs["loss_cls"] = loss_cls.detach()
         logs["real_logit"] = logits[n:].detach().float().mean()
         logs["fake_logit"] = logits[:n].detach().float().mean()
         return loss_den + self.cfg.gan_classifier_weight * loss_cls
+
+    def _features(self, net: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond):
+        """The GAN head's input: ``net``'s bottleneck features of ``x``, the pass ended there
+        (a sharded network runs whole: FSDP's hooks expect each forward they enter to end)."""
+        if self.mesh is None:
+            return bottleneck_features(net, x, sigma, cond)
+        with bottleneck_tap(net) as feats:
+            net(x, sigma, cond)
+        return feats[-1]
 
     def _real_rows(self, B: int, gen: torch.Generator):
         """This process's share of B real samples drawn with the step's generator: rows of a

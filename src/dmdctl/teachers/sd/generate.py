@@ -6,8 +6,10 @@ generator, at each next timestep the x0 estimate renoised with fresh noise (draw
 per-seed RNG, in the same order); then the VAE decoder, ``(x / 2 + 0.5).clamp(0, 1)``. The export
 swaps the teacher pipeline's UNet for the distilled one and its scheduler for ``LCMScheduler``,
 which run with the generator's timesteps does exactly these steps (its boundary-condition
-scalings differ from pure x0 by ~1e-8 at t >= 249). SD3 (flow matching) exports run with
-``FlowMatchEulerDiscreteScheduler`` (one step) or ``FlowMatchLCMScheduler`` (a few steps).
+scalings differ from pure x0 by ~1e-8 at t >= 249). SD3 and FLUX.1 (flow matching) exports run
+with ``FlowMatchEulerDiscreteScheduler`` (one step) or ``FlowMatchLCMScheduler`` (a few steps).
+A FLUX.1-dev generator takes the guidance value it was trained with as its input: the exported
+pipeline is called with that ``guidance_scale`` (and the teacher's resolution as height/width).
 """
 
 from __future__ import annotations
@@ -63,11 +65,19 @@ PIPELINE_CLASSES = {
     "sd": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
     "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
 }
 
 
 # the pipeline component that holds the distilled network (and LoRA adapters)
-NETWORK_PARTS = {"sd": "unet", "sdxl": "unet", "sd3": "transformer"}
+NETWORK_PARTS = {"sd": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer"}
+FLOW_ARCHS = ("sd3", "flux")  # flow-matching pipelines: steps are t values
+TAGS = {
+    "sd": "stable-diffusion",
+    "sdxl": "stable-diffusion-xl",
+    "sd3": "stable-diffusion-3",
+    "flux": "flux",
+}
 
 
 def no_t5_kwargs(config: dict) -> dict:
@@ -82,24 +92,58 @@ def no_t5_text(config: dict) -> str:
     return "".join(f" {k}=None," for k in no_t5_kwargs(config))
 
 
-def usage_call(steps: list, arch: str = "sd") -> str:
+def guidance_text(config: dict | None) -> str:
+    """The ``guidance_scale`` an exported pipeline is called with: 0 (guidance was distilled),
+    or a FLUX.1-dev generator's own guidance input (FLUX also gets the teacher's size, since
+    FluxPipeline's default size is not read from the folder)."""
+    config = config or {}
+    if config.get("arch") != "flux":
+        return "guidance_scale=0"
+    side = int(config["resolution"])
+    size = f"height={side}, width={side}"
+    if config.get("guidance_embeds"):
+        return f"guidance_scale={float(config['guidance']):g}, {size}"
+    return size
+
+
+def usage_call(steps: list, arch: str = "sd", config: dict | None = None) -> str:
     """How to run an exported pipeline with the generator's own steps (SD/SDXL: timesteps;
-    SD3: t values, given as the scheduler's sigmas, or one step, FlowMatchEuler's default)."""
-    if arch == "sd3":
+    SD3/FLUX: t values, given as the scheduler's sigmas, or one step, FlowMatchEuler's
+    default); ``config`` is the teacher config the generator file keeps."""
+    guidance = guidance_text(dict(config or {}, arch=arch))
+    if arch in FLOW_ARCHS:
         if list(steps) == [1.0]:
-            return "num_inference_steps=1, guidance_scale=0"
-        return f"sigmas={list(steps)}, guidance_scale=0"
-    return f"timesteps={list(steps)}, guidance_scale=0"
+            return f"num_inference_steps=1, {guidance}"
+        return f"sigmas={list(steps)}, {guidance}"
+    return f"timesteps={list(steps)}, {guidance}"
+
+
+def guidance_note(config: dict | None) -> str:
+    """The model card's sentence on ``guidance_scale``."""
+    config = config or {}
+    if config.get("arch") == "flux" and config.get("guidance_embeds"):
+        return (
+            f"Use `guidance_scale={float(config['guidance']):g}`: FLUX.1-dev takes the guidance "
+            "value as an input of its transformer, and the generator (with the real and fake "
+            "scores) was trained with this value there"
+        )
+    if config.get("arch") == "flux":
+        return "This transformer has no guidance input; the real score used CFG during training"
+    return (
+        "Use `guidance_scale=0`: guidance was distilled into the generator (the real score used "
+        "CFG during training)"
+    )
 
 
 def step_scheduler_name(arch: str, steps: list) -> str:
     """The diffusers scheduler that runs a generator's steps in the stock pipeline.
 
-    SD/SDXL: ``LCMScheduler`` (x0 at each timestep, renoised to the next). SD3, one step at
-    t = 1: the pipeline's own ``FlowMatchEulerDiscreteScheduler`` (one Euler step from t = 1 to 0
-    is x_1 - v); a few steps: ``FlowMatchLCMScheduler`` (without a shift: see below).
+    SD/SDXL: ``LCMScheduler`` (x0 at each timestep, renoised to the next). SD3 and FLUX, one step
+    at t = 1: the pipeline's own ``FlowMatchEulerDiscreteScheduler`` (one Euler step from t = 1
+    to 0 is x_1 - v; a resolution-dependent shift leaves t = 1 at 1); a few steps:
+    ``FlowMatchLCMScheduler`` (without a shift: see below).
     """
-    if arch != "sd3":
+    if arch not in FLOW_ARCHS:
         return "LCMScheduler"
     return "FlowMatchEulerDiscreteScheduler" if list(steps) == [1.0] else "FlowMatchLCMScheduler"
 
@@ -110,9 +154,12 @@ def step_scheduler(arch: str, steps: list, scheduler_config: dict):
 
     sched = dict(scheduler_config)
     name = step_scheduler_name(arch, steps)
-    if arch == "sd3":
+    if arch in FLOW_ARCHS:
         if name == "FlowMatchLCMScheduler":
-            sched["shift"] = 1.0  # the sigmas the call passes are the generator's t exactly
+            # the sigmas the call passes are the generator's t exactly: no shift, fixed or
+            # resolution-dependent (FluxPipeline still passes mu; unused without dynamic shifting)
+            sched["shift"] = 1.0
+            sched["use_dynamic_shifting"] = False
         return getattr(diffusers, name).from_config(sched), name
     k = len(steps)
     n_train = int(sched.get("num_train_timesteps", 1000))
@@ -125,7 +172,7 @@ def step_scheduler(arch: str, steps: list, scheduler_config: dict):
 
 def describe_steps(arch: str, steps: list, scheduler: str) -> str:
     """The model card's sentence on what the scheduler does with the generator's steps."""
-    if arch == "sd3":
+    if arch in FLOW_ARCHS:
         if list(steps) == [1.0]:
             return (
                 f"at t = 1 (pure noise); the scheduler in this folder is `{scheduler}`, whose "
@@ -134,7 +181,7 @@ def describe_steps(arch: str, steps: list, scheduler: str) -> str:
         return (
             f"at times t = {list(steps)}; the scheduler in this folder is `{scheduler}`: the "
             "transformer's velocity v gives x0 = x_t - t v, renoised to the next time. "
-            "StableDiffusion3Pipeline does not pass `generator` to the scheduler, so that "
+            f"{PIPELINE_CLASSES[arch]} does not pass `generator` to the scheduler, so that "
             "renoising noise comes from torch's global RNG (seed it with `torch.manual_seed` "
             "for repeatable images); `dmdctl sample` draws it from each seed's own generator, so "
             "the two give different images for the same seed, from the same distribution"
@@ -167,16 +214,16 @@ def model_card(
     arch: str = "sd",
     scheduler: str = "LCMScheduler",
     load_kwargs: str = "",
+    config: dict | None = None,
 ) -> str:
     cls = PIPELINE_CLASSES[arch]
     cfg = json.dumps(train_config or {}, indent=2, sort_keys=True)
     k = len(steps)
     what = "one network evaluation" if k == 1 else f"{k} network evaluations"
-    tag = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "stable-diffusion-3"}
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
-tags: [{tag[arch]}, distillation, dmd, {"one-step" if k == 1 else "few-step"}]
+tags: [{TAGS[arch]}, distillation, dmd, {"one-step" if k == 1 else "few-step"}]
 ---
 
 # {"One" if k == 1 else str(k)}-step text-to-image generator distilled with dmdctl (DMD)
@@ -193,12 +240,11 @@ import torch
 from diffusers import {cls}
 
 pipe = {cls}.from_pretrained("{out}",{load_kwargs} torch_dtype=torch.float16).to("cuda")
-image = pipe("a photo of a cat", {usage_call(steps, arch)}).images[0]
+image = pipe("a photo of a cat", {usage_call(steps, arch, config)}).images[0]
 ```
 
-Use `guidance_scale=0`: guidance was distilled into the generator (the real score used CFG
-during training). `dmdctl sample --generator ...` gives the same images for the same seeds
-(`generator=torch.Generator().manual_seed(seed)`, one prompt per call).
+{guidance_note(config)}. `dmdctl sample --generator ...` gives the same images for the same
+seeds (`generator=torch.Generator().manual_seed(seed)`, one prompt per call).
 
 ## Training configuration
 
@@ -261,12 +307,20 @@ def export_diffusers(
             arch,
             scheduler_name,
             no_t5_text(config),
+            config,
         )
     )
     if out.exists():
         out.rmdir()
     tmp.rename(out)
     return out
+
+
+def lcm_overrides(scheduler: str, arch: str) -> str:
+    """What the LoRA model card's ``from_config`` call overrides (:func:`step_scheduler`)."""
+    if scheduler != "FlowMatchLCMScheduler":
+        return ""
+    return ", shift=1.0" + (", use_dynamic_shifting=False" if arch == "flux" else "")
 
 
 def lora_model_card(
@@ -276,14 +330,13 @@ def lora_model_card(
     arch = config.get("arch", "sd")
     cls = PIPELINE_CLASSES[arch]
     scheduler = step_scheduler_name(arch, timesteps)
-    net = "transformer" if arch == "sd3" else "UNet"
+    net = "transformer" if arch in FLOW_ARCHS else "UNet"
     cfg = json.dumps(train_config or {}, indent=2, sort_keys=True)
     k = len(timesteps)
-    tag = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "stable-diffusion-3"}
     return f"""---
 library_name: diffusers
 base_model: {pipeline}
-tags: [lora, {tag[arch]}, distillation, dmd, {"one-step" if k == 1 else "few-step"}]
+tags: [lora, {TAGS[arch]}, distillation, dmd, {"one-step" if k == 1 else "few-step"}]
 ---
 
 # LoRA for a {"one" if k == 1 else str(k)}-step generator distilled with dmdctl (DMD)
@@ -300,14 +353,13 @@ import torch
 from diffusers import {scheduler}, {cls}
 
 pipe = {cls}.from_pretrained("{pipeline}",{no_t5_text(config)} torch_dtype=torch.float16).to("cuda")
-pipe.scheduler = {scheduler}.from_config(pipe.scheduler.config{", shift=1.0" if scheduler == "FlowMatchLCMScheduler" else ""})
+pipe.scheduler = {scheduler}.from_config(pipe.scheduler.config{lcm_overrides(scheduler, arch)})
 pipe.load_lora_weights("{out}")
-image = pipe("a photo of a cat", {usage_call(list(timesteps), arch)}).images[0]
+image = pipe("a photo of a cat", {usage_call(list(timesteps), arch, config)}).images[0]
 ```
 
-Use `guidance_scale=0`: guidance was distilled into the generator. `dmdctl sample` with this
-run's generator file gives the same images for the same seeds
-(`generator=torch.Generator().manual_seed(seed)`, one prompt per call).
+{guidance_note(config)}. `dmdctl sample` with this run's generator file gives the same images
+for the same seeds (`generator=torch.Generator().manual_seed(seed)`, one prompt per call).
 
 Target modules: {", ".join(spec.targets)}.
 

@@ -1,6 +1,6 @@
-"""The Stable Diffusion teacher kind (``--teacher sd15`` / ``sdxl`` / ``sd3``, or any SD1.x/2.x-,
-SDXL- or SD3-style pipeline; the architecture is read from the pipeline, presets say which they
-expect).
+"""The Stable Diffusion teacher kind (``--teacher sd15`` / ``sdxl`` / ``sd3`` / ``flux-dev``, or
+any SD1.x/2.x-, SDXL-, SD3- or FLUX.1-style pipeline; the architecture is read from the pipeline,
+presets say which they expect).
 
 Unlike the built-in kinds, the teacher is not a dmdctl file but a diffusers pipeline folder or
 hub id; generator files still hold the UNet's weights with the configs needed to rebuild it.
@@ -32,6 +32,15 @@ SOURCES = {
     "sdxl-lora": SourceCheckpoint("DMD2's SDXL 4-step LoRA checkpoint", 16_000, 5, 19.68),
     # ..._cond399_..._1step_..._noode.sh: checkpoint_model_024000 (after the regression stage)
     "sdxl-1step": SourceCheckpoint("DMD2's SDXL 1-step checkpoint", 24_000, 5, 19.01),
+    # NVIDIA FastGen, fastgen/configs/experiments/Flux/config_dmd2.py: trainer.max_iter 5000,
+    # each iteration one update of either network, the generator's every 5th
+    # (student_update_freq): 1,000 generator and 4,000 fake-score updates; no published FID
+    "flux-dev": SourceCheckpoint(
+        "NVIDIA FastGen's FLUX.1-dev DMD2 config: max_iter 5,000 = 1,000 generator and 4,000 "
+        "fake-score updates, no checkpoint or FID published",
+        4_000,
+        4,
+    ),
 }
 
 
@@ -45,7 +54,9 @@ class StableDiffusion(TeacherKind):
     default_recipe_applies = True
 
     def presets(self) -> dict[str, dict]:
-        """SD1.5, SDXL and SD3 recipes; every value and its source is listed in RECIPES.md."""
+        """SD1.5, SDXL, SD3 and FLUX.1 recipes; every value and its source is listed in
+        RECIPES.md."""
+        from dmdctl.teachers.sd.flux import FLUX_HUB_ID
         from dmdctl.teachers.sd.pipeline import SD3_HUB_ID, SD15_HUB_ID, SDXL_HUB_ID
 
         # what both recipes share: DMD2's optimiser set-up and DM-loss range, no EMA, and our
@@ -172,14 +183,37 @@ class StableDiffusion(TeacherKind):
                 "source": SOURCES["sdxl-1step"],
                 "distill": dict(sdxl, conditioning_timestep=399, steps=SOURCES["sdxl-1step"].steps),
             },
+            # FLUX.1-dev, 4 steps: NVIDIA FastGen's FLUX DMD2 config
+            # (fastgen/configs/experiments/Flux/config_dmd2.py) where dmdctl has the setting:
+            # lr 1e-5 for both networks, the guidance input 3.5 on all three networks, 4 student
+            # steps, 4 fake updates per generator update (student_update_freq 5), 5000
+            # iterations = 1000 generator updates, the GAN at 0.03, bf16; the rest ours
+            "flux-dev": {
+                "pipeline": FLUX_HUB_ID,
+                "arch": "flux",
+                "pairs": {"scheduler": "flow-euler", "steps": 28, "guidance": 3.5},
+                "source": SOURCES["flux-dev"],
+                "distill": dict(
+                    common,
+                    batch_size=16,
+                    reg_weight=0.0,
+                    real_guidance=3.5,
+                    fake_updates=4,
+                    steps=SOURCES["flux-dev"].steps,
+                    denoising_steps="1,0.75,0.5,0.25",
+                    gan_weight=3e-2,
+                    gan_classifier_weight=1e-2,
+                ),
+            },
         }
 
     def preset_arch(self, name: str) -> str:
-        """The pipeline architecture a preset is written for ("sd", "sdxl" or "sd3")."""
+        """The pipeline architecture a preset is written for ("sd", "sdxl", "sd3" or "flux")."""
         return self.presets().get(name, {}).get("arch", "sd")
 
     def default_preset_for(self, config: dict) -> str:
-        return {"sdxl": "sdxl", "sd3": "sd3"}.get(config.get("arch"), self.default_preset)
+        arch = config.get("arch")
+        return {"sdxl": "sdxl", "sd3": "sd3", "flux": "flux-dev"}.get(arch, self.default_preset)
 
     def build(self, config: dict) -> nn.Module:
         from dmdctl.teachers.sd.pipeline import build_denoiser

@@ -2,10 +2,11 @@
 
 A teacher is a pipeline folder (``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``; SDXL adds ``text_encoder_2/`` and ``tokenizer_2/``) given as a
-local path or a Hugging Face hub id. Three architectures are told apart by the folder: SD1.x/2.x
-(``arch = "sd"``), SDXL (``"sdxl"``: a UNet with a ``text_time`` added embedding) and SD3/SD3.5
+local path or a Hugging Face hub id. Four architectures are told apart by the folder: SD1.x/2.x
+(``arch = "sd"``), SDXL (``"sdxl"``: a UNet with a ``text_time`` added embedding), SD3/SD3.5
 (``"sd3"``: a flow-matching ``transformer/``, two CLIP encoders with projections and an optional
-T5 encoder in ``text_encoder_3/``). Only safetensors weights are read. Offline (``--offline`` or
+T5 encoder in ``text_encoder_3/``) and FLUX.1 (``"flux"``: a ``FluxTransformer2DModel``, CLIP's
+pooled embedding and T5's tokens; ``teachers/sd/flux.py``). Only safetensors weights are read. Offline (``--offline`` or
 ``HF_HUB_OFFLINE=1``) nothing touches the network: a hub id must already be in the local cache.
 """
 
@@ -37,7 +38,17 @@ SD3_HUB_ID = "stabilityai/stable-diffusion-3-medium-diffusers"
 SD3_MAX_SEQUENCE_LENGTH = 256  # T5 tokens: StableDiffusion3Pipeline's default
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHTED = ("unet", "vae", "text_encoder")
-ARCH_NAMES = {"sd": "SD1.x/2.x", "sdxl": "SDXL", "sd3": "SD3"}
+ARCH_NAMES = {"sd": "SD1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX.1"}
+
+
+def a_pipeline(arch: str) -> str:
+    """An architecture's pipeline with its article, for messages ("an SD3 pipeline")."""
+    name = ARCH_NAMES[arch]
+    return f"{'a' if name.startswith('FLUX') else 'an'} {name} pipeline"
+
+
+# the diffusers class of each architecture's transformer (the UNet architectures have none)
+TRANSFORMERS = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 # files a pipeline needs (weights as safetensors only), for hub downloads
 ALLOW_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.json", "*/*.txt"]
 IGNORE_PATTERNS = ["*.ckpt", "*.bin", "*.pt", "*.pth", "*.msgpack", "*.onnx", "*fp16*", "*non_ema*"]
@@ -130,17 +141,17 @@ def _read_json(path: Path) -> dict:
 
 
 def pipeline_arch(folder: Path) -> str:
-    """The architecture: "sd3" for a flow-matching transformer pipeline, "sdxl" for a UNet with
-    SDXL's added text-time embedding, else "sd"."""
+    """The architecture: "sd3" or "flux" for a flow-matching transformer pipeline (by the
+    transformer's class), "sdxl" for a UNet with SDXL's added text-time embedding, else "sd"."""
     folder = Path(folder)
     if (folder / "transformer" / "config.json").is_file():
         cls = _read_json(folder / "transformer" / "config.json").get("_class_name", "")
-        if cls != "SD3Transformer2DModel":
+        if cls not in TRANSFORMERS:
             raise UserError(
                 f"{folder} holds a {cls or 'transformer'} pipeline; dmdctl distils SD1.x/2.x, "
-                "SDXL and SD3 pipelines"
+                "SDXL, SD3 and FLUX.1 pipelines"
             )
-        return "sd3"
+        return TRANSFORMERS[cls]
     unet = _read_json(folder / "unet" / "config.json")
     return "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd"
 
@@ -150,6 +161,8 @@ def weighted_components(folder: Path) -> tuple[str, ...]:
     if arch == "sd3":
         t5 = ("text_encoder_3",) if has_t5(folder) else ()
         return ("transformer", "vae", "text_encoder", "text_encoder_2", *t5)
+    if arch == "flux":
+        return ("transformer", "vae", "text_encoder", "text_encoder_2")
     return WEIGHTED + (("text_encoder_2",) if arch == "sdxl" else ())
 
 
@@ -183,13 +196,15 @@ def scheduler_config(folder: Path) -> dict:
 
 
 def load_unet(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The pipeline's denoising network: its UNet, or SD3's transformer."""
+    """The pipeline's denoising network: its UNet, or SD3's or FLUX's transformer."""
     quiet_loaders()
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    import diffusers
 
-    sub, cls = ("unet", UNet2DConditionModel)
-    if pipeline_arch(folder) == "sd3":
-        sub, cls = ("transformer", SD3Transformer2DModel)
+    sub, cls = ("unet", diffusers.UNet2DConditionModel)
+    arch = pipeline_arch(folder)
+    if arch in ("sd3", "flux"):
+        name = next(k for k, v in TRANSFORMERS.items() if v == arch)
+        sub, cls = ("transformer", getattr(diffusers, name))
     _weights_file(folder, sub)
     try:
         return cls.from_pretrained(
@@ -215,7 +230,7 @@ def load_vae(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
 
 def _load_text_model(folder: Path, tokenizer: str, encoder: str, with_projection: bool, t5=False):
     """A tokenizer and a frozen text encoder of the pipeline: CLIP (with or without its
-    projection) or, ``t5``, SD3's T5 encoder."""
+    projection) or, ``t5``, SD3's or FLUX's T5 encoder."""
     quiet_loaders()
     from transformers import (
         AutoTokenizer,
@@ -255,13 +270,18 @@ class PromptEncoder:
     encodes them: SD, the text encoder's last hidden state; SDXL, both encoders' penultimate
     hidden states concatenated and the second one's pooled (projected) embedding; SD3, the two
     CLIP encoders' penultimate hidden states concatenated and zero-padded to T5's width, then T5's
-    tokens after them, and both CLIP pooled embeddings concatenated. The pooled embedding is packed
-    as :func:`~dmdctl.teachers.sd.denoiser.pack_sdxl_condition` describes."""
+    tokens after them, and both CLIP pooled embeddings concatenated; FLUX.1, T5's tokens and CLIP's
+    pooled output (``FluxPipeline.encode_prompt``). The pooled embedding is packed as
+    :func:`~dmdctl.teachers.sd.denoiser.pack_sdxl_condition` describes."""
 
     def __init__(self, folder: Path, arch: str, config: dict | None = None):
         self.arch = arch
         self.config = config or {}
-        self.t5 = None  # SD3's (tokenizer, encoder), when it is used
+        self.t5 = None  # SD3's or FLUX's (tokenizer, encoder), when it is used
+        if arch == "flux":  # CLIP without projection (its pooled output), then T5
+            self.parts = [_load_text_model(folder, "tokenizer", "text_encoder", False)]
+            self.t5 = _load_text_model(folder, "tokenizer_2", "text_encoder_2", False, t5=True)
+            return
         if arch == "sd3":
             self.parts = [
                 _load_text_model(folder, "tokenizer", "text_encoder", True),
@@ -290,6 +310,9 @@ class PromptEncoder:
             chunk = prompts[i : i + batch_size]
             if self.arch == "sd3":
                 out.append(self._sd3(chunk, device))
+                continue
+            if self.arch == "flux":
+                out.append(self._flux(chunk, device))
                 continue
             if self.arch == "sd":
                 tok, enc = self.parts[0]
@@ -320,9 +343,21 @@ class PromptEncoder:
         clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
         return pack_sdxl_condition(torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1))
 
+    def _flux(self, prompts: list[str], device) -> torch.Tensor:
+        from dmdctl.teachers.sd.flux import FLUX_MAX_SEQUENCE_LENGTH
+
+        tok, enc = self.parts[0]
+        pooled = enc(_tokens(tok, prompts, device)).pooler_output.float()
+        tok, enc = self.t5
+        n_t5 = int(self.config.get("max_sequence_length", FLUX_MAX_SEQUENCE_LENGTH))
+        tokens = enc(_tokens(tok, prompts, device, n_t5))[0].float()
+        return pack_sdxl_condition(tokens, pooled)
+
     def uncond(self, device="cpu") -> torch.Tensor:
-        """The unconditional branch of the real score's guidance. SD and SD3: the empty prompt,
-        encoded (SD3's pipeline encodes "" with all three encoders). SDXL: zeros for the token
+        """The unconditional branch of the real score's guidance. SD, SD3 and FLUX: the empty
+        prompt, encoded (SD3's pipeline encodes "" with all three encoders; FLUX's two-pass CFG,
+        ``true_cfg_scale``, takes it as ``negative_prompt=""``; FLUX.1-dev's guidance is an
+        input of its transformer instead, teachers/sd/flux.py). SDXL: zeros for the token
         and the pooled embeddings, as DMD2's SDXL code and diffusers' SDXL pipeline
         (``force_zeros_for_empty_prompt``, true for SDXL base) both build it."""
         empty = self([""], device)
@@ -333,7 +368,7 @@ def load_text_encoder(folder: Path, config: dict | None = None) -> PromptEncoder
     """The prompt encoder of a pipeline folder; ``config`` (the teacher's or a generator's)
     says whether SD3's T5 is used (``--no-t5`` leaves it out)."""
     arch = pipeline_arch(folder)
-    if arch == "sd3" and config is None:
+    if arch in ("sd3", "flux") and config is None:
         config = sd_config(folder, str(folder))
     return PromptEncoder(folder, arch, config)
 
@@ -341,12 +376,23 @@ def load_text_encoder(folder: Path, config: dict | None = None) -> PromptEncoder
 def sd_config(folder: Path, source: str, no_t5: bool = False) -> dict:
     """Everything needed to rebuild the denoiser without the folder (kept in generator files).
     ``no_t5``: an SD3 teacher without its T5 encoder (zeros for T5's tokens)."""
-    if pipeline_arch(folder) == "sd3":
+    arch = pipeline_arch(folder)
+    if arch == "sd3":
         config = sd3_config(folder, source)
         config["t5"] = config["t5"] and not no_t5
         return config
     if no_t5:
         raise UserError("--no-t5 is for SD3 teachers (their third text encoder is T5)")
+    if arch == "flux":
+        from dmdctl.teachers.sd.flux import flux_config
+
+        return flux_config(
+            Path(folder),
+            source,
+            _read_json(Path(folder) / "transformer" / "config.json"),
+            scheduler_config(folder),
+            _read_json(Path(folder) / "vae" / "config.json"),
+        )
     unet_cfg = {k: v for k, v in _read_json(folder / "unet" / "config.json").items()}
     sched = scheduler_config(folder)
     vae_cfg = _read_json(folder / "vae" / "config.json")
@@ -354,7 +400,7 @@ def sd_config(folder: Path, source: str, no_t5: bool = False) -> dict:
     resolution = int(unet_cfg.get("sample_size", 64)) * vae_scale
     config = {
         "pipeline": source,
-        "arch": pipeline_arch(folder),
+        "arch": arch,
         "unet_config": unet_cfg,
         "scheduler_config": sched,
         "prediction_type": sched.get("prediction_type", "epsilon"),
@@ -405,6 +451,10 @@ def sd3_config(folder: Path, source: str) -> dict:
 
 
 def build_denoiser(config: dict, unet: nn.Module | None = None) -> SDDenoiser | SD3Denoiser:
+    if config.get("arch") == "flux":
+        from dmdctl.teachers.sd.flux import build_flux_denoiser
+
+        return build_flux_denoiser(config, unet)
     if config.get("arch") == "sd3":
         if unet is None:
             from diffusers import SD3Transformer2DModel
@@ -480,6 +530,7 @@ SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler-trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "unipc": ("UniPCMultistepScheduler", {}),  # Wan's own (flow mode, from its config)
 }
 
 
@@ -489,7 +540,9 @@ class SchedulerSampler:
     ``z`` is the unscaled noise (the scheduler multiplies it by ``init_noise_sigma``), ``cond`` the
     prompt embeddings; returns the final latent (before the VAE), as the pipeline computes it.
     ``denoiser`` is the teacher's :class:`SDDenoiser`, whose ``unet_output`` feeds the UNet what
-    its architecture needs (SDXL: the pooled embedding and time ids).
+    its architecture needs (SDXL: the pooled embedding and time ids). A guidance-distilled FLUX
+    transformer takes ``guidance`` as its input (one pass, as FluxPipeline runs it), and its
+    times are FluxPipeline's (``linspace(1, 1/steps, steps)``, shifted by the teacher's ``mu``).
     """
 
     def __init__(
@@ -506,14 +559,18 @@ class SchedulerSampler:
         self.steps = steps
         self.guidance = float(guidance)
         self.uncond = uncond
-        self.nfe = steps * (2 if self.guidance != 1.0 else 1)
+        self.cfg = self.guidance  # two-pass classifier-free guidance
+        if getattr(denoiser, "guidance_embeds", False):  # FLUX.1-dev: an input, one pass
+            denoiser.guidance, self.cfg = self.guidance, 1.0
+        self.nfe = steps * (2 if self.cfg != 1.0 else 1)
 
     @torch.no_grad()
     def __call__(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         sched = self.cls.from_config(self.config)  # fresh: PNDM keeps state across steps
-        sched.set_timesteps(self.steps, device=z.device)
+        kwargs = getattr(self.denoiser, "scheduler_kwargs", lambda n: {})(self.steps)
+        sched.set_timesteps(self.steps, device=z.device, **kwargs)
         lat = z.float() * getattr(sched, "init_noise_sigma", 1.0)  # flow: x_1 is the noise
-        guided = self.guidance != 1.0
+        guided = self.cfg != 1.0
         emb = cond
         if guided:
             u = self.uncond.to(cond).expand(cond.shape[0], -1, -1)
@@ -525,6 +582,6 @@ class SchedulerSampler:
             out = self.denoiser.unet_output(inp, t.expand(inp.shape[0]), emb)
             if guided:
                 o_u, o_c = out.chunk(2)
-                out = o_u + self.guidance * (o_c - o_u)
+                out = o_u + self.cfg * (o_c - o_u)
             lat = sched.step(out, t, lat).prev_sample
         return lat

@@ -62,7 +62,7 @@ def load_sd_teacher(
     if preset is not None and kind.preset_arch(preset) != arch:
         fits = [n for n in kind.presets() if kind.preset_arch(n) == arch]
         raise UserError(
-            f"{source} is an {sdp.ARCH_NAMES[arch]} pipeline, but --teacher {preset} is a "
+            f"{source} is {sdp.a_pipeline(arch)}, but --teacher {preset} is a "
             f"recipe for {sdp.ARCH_NAMES[kind.preset_arch(preset)]}; use --teacher "
             f"{' / '.join(fits)} (or --teacher sd) with this pipeline"
         )

@@ -6,7 +6,8 @@ folder is saved with diffusers' ``save_pretrained``, so loading it exercises the
 ``size="sd15"`` gives SD1.5's real network shapes (860M-parameter UNet, 64x64 latents).
 :func:`build_xl_pipeline` writes SDXL-style pipelines (two text encoders, the second with a
 projection; a UNet with the text-time added embedding; Euler scheduler), tiny or at SDXL base's
-real shapes (``xl_unet_config("sdxl")``, a 2.6B-parameter UNet on 128x128 latents).
+real shapes (``xl_unet_config("sdxl")``, a 2.6B-parameter UNet on 128x128 latents);
+:func:`build_sd3_pipeline` and :func:`build_flux_pipeline` write SD3 and FLUX.1 pipelines.
 """
 
 from __future__ import annotations
@@ -418,6 +419,135 @@ def build_sd3_pipeline(
         tokenizer_2=toks[1],
         text_encoder_3=enc3 if t5 else None,
         tokenizer_3=tok3 if t5 else None,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def flux_transformer_config(size: str = "tiny", blocks: tuple[int, int] | None = None) -> dict:
+    """A FLUX.1 transformer config: tiny (one double- and one single-stream block), or
+    FLUX.1-dev's own shapes (``"flux-dev"``: 19 double- and 38 single-stream blocks of width 3072,
+    12B parameters). ``blocks`` = (double, single) overrides the depth (a slice of the real
+    model for measuring per-block cost)."""
+    if size == "tiny":
+        cfg = dict(
+            patch_size=1,
+            in_channels=16,  # 4 latent channels x a 2x2 patch
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=48,  # = T5's width
+            pooled_projection_dim=16,  # = CLIP's width (its pooled output, no projection)
+            guidance_embeds=True,
+            axes_dims_rope=(2, 2, 4),  # sums to attention_head_dim
+        )
+    elif size == "flux-dev":
+        cfg = dict(
+            patch_size=1,
+            in_channels=64,
+            num_layers=19,
+            num_single_layers=38,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        )
+    else:
+        raise ValueError(f"unknown size {size!r}")
+    if blocks is not None:
+        cfg.update(num_layers=int(blocks[0]), num_single_layers=int(blocks[1]))
+    return cfg
+
+
+def build_flux_pipeline(
+    folder: Path,
+    seed: int = 0,
+    size: str = "tiny",
+    schnell: bool = False,
+    blocks: tuple[int, int] | None = None,
+) -> Path:
+    """Write a random-weight FLUX.1 pipeline folder: CLIP (its pooled output), T5, a
+    ``FluxTransformer2DModel`` with the guidance input (FLUX.1-dev), a VAE with FLUX's shift and
+    scaling factors and the resolution-dependent ``FlowMatchEulerDiscreteScheduler`` of
+    FLUX.1-dev. ``schnell=True``: FLUX.1-schnell's set-up instead (no guidance input, a fixed
+    shift of 1). Tiny (32 px: 16x16 latents, 64 image tokens), or ``size="flux-dev"`` (for
+    benchmarks) FLUX.1-dev's transformer, CLIP ViT-L and VAE at 1024 px with the transformer
+    made and saved in bf16 (24 GB instead of 48); T5-XXL is then a one-layer encoder of its width, 4096 (a
+    step on cached prompts never runs T5; its tokens have the same shape)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    folder = Path(folder)
+    real = size != "tiny"
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab, merges = write_tokenizer_files(Path(tmp))
+        tok = CLIPTokenizer(str(vocab), str(merges), model_max_length=77 if real else 16)
+        vocab_size = len(json.loads(vocab.read_text()))
+        tok2 = write_t5_tokenizer(Path(tmp) / "t5")
+    torch.manual_seed(seed)
+    ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=vocab_size)
+    text = _configs("sd15" if real else "tiny", "epsilon")["text"]
+    clip = CLIPTextModel(CLIPTextConfig(**text, **ids))
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tok2),
+            d_model=4096 if real else 48,  # = the transformer's joint attention width
+            d_kv=64 if real else 8,
+            d_ff=256 if real else 64,
+            num_layers=1,
+            num_heads=2,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    tcfg = flux_transformer_config(size, blocks)
+    if schnell:
+        tcfg["guidance_embeds"] = False
+    default = torch.get_default_dtype()
+    try:  # at the real size, made in bf16 directly: 24 GB of host memory instead of 48
+        torch.set_default_dtype(torch.bfloat16 if real else default)
+        transformer = FluxTransformer2DModel(**tcfg)
+    finally:
+        torch.set_default_dtype(default)
+    vae_cfg = _configs("sd15" if real else "tiny", "epsilon")["vae"]
+    vae_cfg = dict(
+        vae_cfg,
+        latent_channels=16 if real else 4,
+        sample_size=1024 if real else 32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    vae = AutoencoderKL(**vae_cfg)
+    if schnell:  # FLUX.1-schnell's scheduler: a fixed shift of 1
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    else:  # FLUX.1-dev's: the shift follows the resolution
+        sched = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    pipe = FluxPipeline(
+        scheduler=sched,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=tok,
+        text_encoder_2=t5,
+        tokenizer_2=tok2,
+        transformer=transformer,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
