@@ -55,11 +55,17 @@ DEMO_RUNS: dict[str, dict[str, dict]] = {
         "dmd_no_reg": dict(reg_weight=0.0),
         "dmd_reg_only": dict(dm_weight=0.0),
     },
-    # DMD (v1) against DMD2 with one and four steps; DMD's ablations on digits are in
-    # benchmarks/quality_ablation.py
+    # DMD (v1) against DMD2 one-step (the headline rows); --all-runs adds DMD2 with four steps.
+    # DMD's ablations on digits are in benchmarks/quality_ablation.py
     "digits": {
         "dmd": {},
         "dmd2": dict(DMD2_RUN, fake_updates=DMD2_FAKE_UPDATES["digits"]),
+    },
+}
+# the runs --all-runs adds
+EXTRA_RUNS: dict[str, dict[str, dict]] = {
+    "toy2d": {},
+    "digits": {
         "dmd2_4step": dict(
             DMD2_RUN, fake_updates=DMD2_FAKE_UPDATES["digits"], denoising_steps=DMD2_4STEP_SIGMAS
         ),
@@ -70,8 +76,9 @@ DEMO_RUNS: dict[str, dict[str, dict]] = {
 def run_demo(cfg: DemoConfig) -> dict:
     # a config made in Python may leave the demo's own values out: resolve fills them in
     cfg = resolve(DemoConfig, **asdict(cfg))
-    if cfg.teacher == "toy2d":
-        torch.set_num_threads(1)  # a small MLP: one thread is faster than two on a 2-core machine
+    # small networks (an MLP, an 8x8 UNet): one thread is faster than two on a 2-core machine
+    # (benchmarks/digits_step.py times both)
+    torch.set_num_threads(1)
     out = Path(cfg.out)
     write_config(cfg, out)
     t0 = time.perf_counter()
@@ -115,7 +122,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         fake_updates=cfg.fake_updates,
         warmup=cfg.warmup,
     )
-    runs = DEMO_RUNS[cfg.teacher]
+    runs = dict(DEMO_RUNS[cfg.teacher], **(EXTRA_RUNS[cfg.teacher] if cfg.all_runs else {}))
     for i, (name, overrides) in enumerate(runs.items()):
         info(f"[bold]3/5[/bold] distilling: {name} ({i + 1}/{len(runs)})")
         if overrides.get("reg_weight", base.reg_weight) == 0:  # a run without the regression
