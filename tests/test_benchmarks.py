@@ -190,7 +190,9 @@ def test_digits_curves_scores_each_checkpoint_and_diagnoses_the_head(bench_root,
     row = next(line for line in body.splitlines() if line.startswith("| dmd2 | 0 | 2 |"))
     assert len(re.findall(r"\b[01]\.\d\d\b", row.split("|")[-2])) == 4
     assert (tmp_path / "c.png").stat().st_size > 0
-    assert sorted(p.name for p in (tmp_path / "c" / "seed0" / "dmd2" / "checkpoints").iterdir()) == [
+    assert sorted(
+        p.name for p in (tmp_path / "c" / "seed0" / "dmd2" / "checkpoints").iterdir()
+    ) == [
         "step-0000001",
         "step-0000002",
     ]
