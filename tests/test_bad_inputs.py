@@ -656,6 +656,19 @@ CASES = [
         "is a Wan text-to-video pipeline, but --teacher sd15 is a Stable Diffusion teacher",
     ),
     Case(
+        "eval-fid-video",
+        "eval-fid of a video (Wan) teacher's sampler",
+        "eval-fid --teacher-path runs/wan --num-samples 4 --device cpu",
+        "dmdctl has no video metric",
+    ),
+    Case(
+        "eval-fid-video-prompts",
+        "eval-fid of a video (Wan) generator over prompts (refused before any video is made)",
+        "eval-fid --generator runs/wan-generator.safetensors --prompts runs/prompts.txt "
+        "--ref runs/ref.npz --num-samples 2 --device cpu",
+        "dmdctl has no video metric",
+    ),
+    Case(
         "wan-lpips",
         "LPIPS regression for a video teacher",
         f"{DWAN} --video-size 5x32x32 --pairs runs/wan-pairs --reg-weight 1 --reg-loss lpips",
@@ -791,6 +804,13 @@ def build_real_sources(real: Path) -> None:
             steps=1,
             device="cpu",
         )
+    )
+    from dmdctl.generators import save_generator
+    from dmdctl.teachers import resolve_teacher
+
+    wan = resolve_teacher(None, real.parent / "wan", video_size="5x32x32")  # as a generator
+    save_generator(
+        wan.denoiser, "wan", wan.config, wan.sha256, real.parent / "wan-generator.safetensors"
     )
     real.mkdir(parents=True)
     rng = np.random.default_rng(0)

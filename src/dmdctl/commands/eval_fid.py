@@ -29,8 +29,10 @@ def score_prompts(cfg: EvalFidConfig) -> dict:
     from dmdctl.commands.clip_score import clip_score_folder
     from dmdctl.commands.sample import sample
     from dmdctl.errors import require
+    from dmdctl.generators import source_from
     from dmdctl.metrics.collect import write_json
     from dmdctl.metrics.evaluate import evaluate
+    from dmdctl.metrics.score_source import refuse_video
     from dmdctl.runtime import launched_processes
     from dmdctl.settings.clip_score import ClipScoreConfig
     from dmdctl.settings.sample import SampleConfig
@@ -41,13 +43,14 @@ def score_prompts(cfg: EvalFidConfig) -> dict:
         "`dmdctl sample --prompts` and score them with `eval-fid --images`",
     )
     with tempfile.TemporaryDirectory(prefix="dmdctl-eval-") as tmp:
-        made = sample(
-            SampleConfig(
-                generator=cfg.generator, teacher_path=cfg.teacher_path, prompts=cfg.prompts,
-                num=cfg.num_samples, seed=cfg.seed, batch_size=cfg.batch_size, out=tmp,
-                plot=False, device=cfg.device, offline=cfg.offline,
-            )
+        sample_cfg = SampleConfig(
+            generator=cfg.generator, teacher_path=cfg.teacher_path, prompts=cfg.prompts,
+            num=cfg.num_samples, seed=cfg.seed, batch_size=cfg.batch_size, out=tmp,
+            plot=False, device=cfg.device, offline=cfg.offline,
         )  # fmt: skip
+        source = source_from(sample_cfg)
+        refuse_video(source.kind)  # before any video is made
+        made = sample(sample_cfg, source)
         folder = Path(tmp) / "images"
         scored = replace(cfg, generator=None, teacher_path=None, prompts=None, json=None)
         result = evaluate(replace(scored, images=str(folder)))

@@ -18,7 +18,8 @@ from dmdctl.settings.sample import DEFAULT_NUM, SampleConfig
 from dmdctl.ui import progress
 
 
-def sample(cfg: SampleConfig) -> dict:
+def sample(cfg: SampleConfig, source=None) -> dict:
+    """``source``: the generator or sampler ``cfg`` names, when the caller has loaded it."""
     if not is_main_launch_process():
         # several processes launched (torchrun, accelerate launch): sample does not split its
         # work, so the main one draws every sample alone and the others leave its files alone
@@ -30,7 +31,7 @@ def sample(cfg: SampleConfig) -> dict:
             not get_kind(cfg.teacher).text_to_image,
             "sampling a text-to-image teacher itself is left to its pipeline; pass --generator",
         )
-    source = source_from(cfg)
+    source = source or source_from(cfg)
     if source.kind.video:
         return sample_text_to_video(cfg, source)
     if source.kind.text_to_image:

@@ -22,9 +22,20 @@ from dmdctl.settings.eval_fid import EvalFidConfig
 from dmdctl.ui import progress
 
 
+def refuse_video(kind) -> None:
+    """eval-fid scores images (and built-in kinds' samples); a video kind is refused plainly."""
+    if kind.video:
+        raise UserError(
+            f"{kind.name} samples are videos and dmdctl has no video metric (no FVD): eval-fid "
+            "scores images only; `dmdctl sample --generator G --prompts P --out vids` writes "
+            "the videos (mp4 and PNG strips) to look at"
+        )
+
+
 def score_source(cfg: EvalFidConfig, source, procs: Processes, show_progress: bool) -> dict:
     source = source or source_from(cfg)
     kind, tconfig = source.kind, source.config
+    refuse_video(kind)
     if kind.text_to_image:
         raise UserError(
             "text-to-image generators are scored from their images: `dmdctl sample --generator "
