@@ -14,7 +14,7 @@ from dmdctl.config import write_config
 from dmdctl.errors import UserError, require
 from dmdctl.generators import generate, source_from
 from dmdctl.runtime import is_main_launch_process, pick_device
-from dmdctl.settings.sample import DEFAULT_NUM, SampleConfig
+from dmdctl.settings.sample import DEFAULT_NUM, PROMPT_IMAGES, PROMPT_VIDEOS, SampleConfig
 from dmdctl.ui import progress
 
 
@@ -112,10 +112,10 @@ def sample_text_to_image(cfg: SampleConfig, source) -> dict:
     )
     require(cfg.class_label is None, "--class is for class-conditional generators")
     rows = [cfg.prompt] if cfg.prompt is not None else PromptFile(cfg.prompts)
-    # --num defaults to one image per prompt of a file (4 for a single --prompt)
+    # --num defaults to one image per prompt of a file (PROMPT_IMAGES for a single --prompt)
     num = cfg.num
     if num is None:  # not given
-        num = len(rows) if cfg.prompts is not None else 4
+        num = len(rows) if cfg.prompts is not None else PROMPT_IMAGES
     folder = pipeline_folder_for(source.config, cfg.teacher_path, cfg.offline)
     device = pick_device(cfg.device)
     seeds = list(range(cfg.seed, cfg.seed + num))
@@ -185,8 +185,8 @@ def sample_text_to_video(cfg: SampleConfig, source) -> dict:
     check_mp4_writer()
     rows = [cfg.prompt] if cfg.prompt is not None else PromptFile(cfg.prompts)
     num = cfg.num
-    if num is None:  # not given: one video per prompt of a file, 2 for a single --prompt
-        num = len(rows) if cfg.prompts is not None else 2
+    if num is None:  # not given: one video per prompt of a file, PROMPT_VIDEOS for a --prompt
+        num = len(rows) if cfg.prompts is not None else PROMPT_VIDEOS
     folder = pipeline_folder_for(source.config, cfg.teacher_path, cfg.offline)
     device = pick_device(cfg.device)
     seeds = list(range(cfg.seed, cfg.seed + num))

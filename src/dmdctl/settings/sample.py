@@ -20,6 +20,9 @@ from dmdctl.settings.common import (
 )
 
 DEFAULT_NUM = 2000  # samples when --num is not given (text-to-image: one per prompt)
+# --num not given with a single --prompt: this many images, or videos (a video costs far more)
+PROMPT_IMAGES = 4
+PROMPT_VIDEOS = 2
 
 
 @dataclass
@@ -39,12 +42,14 @@ class SampleConfig(Settings):
         min=1,
         panel="Sampling",
     )
-    # None: DEFAULT_NUM, or for text-to-image one image per prompt (4 for a single --prompt)
+    # None: DEFAULT_NUM, or for text-to-image and video one per prompt of a file (for a single
+    # --prompt: PROMPT_IMAGES images or PROMPT_VIDEOS videos)
     num: int | None = option(
         None,
         "Number of samples.",
         min=1,
-        show_default=f"{DEFAULT_NUM}; text-to-image: one per prompt of --prompts, 4 for --prompt",
+        show_default=f"{DEFAULT_NUM}; text-to-image and video: one per prompt of --prompts; for "
+        f"--prompt {PROMPT_IMAGES} images or {PROMPT_VIDEOS} videos",
         panel="Sampling",
     )
     seed: int = option(0, "First seed; sample i uses seed+i.", min=0, panel="Sampling")
@@ -61,7 +66,9 @@ class SampleConfig(Settings):
     )
     device: str = device_option()
     prompt: str | None = option(
-        None, "Text-to-image generators: one prompt for every image.", panel="Inputs"
+        None,
+        "Text-to-image and video generators: one prompt for every image or video.",
+        panel="Inputs",
     )
     prompts: str | None = prompts_option()
     offline: bool = offline_option()
