@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from dmdctl.errors import require
 from dmdctl.options import option
 
 TEACHER_HELP = "Teacher kind or preset (e.g. toy2d, sd15); checked against the file."
@@ -48,8 +50,35 @@ GUIDE_MODE_HELP = (
 )
 
 
+GUIDANCE_HELP = (
+    "EDM2 teachers: the guidance scale w with --guide-net (1: the teacher alone; EDM2's "
+    "published settings: docs/guide/edm.md)."
+)
+
+
 def guide_net_option(help: str = GUIDE_NET_HELP, panel: str = "Sampling") -> Any:
     return option(None, help, path=True, panel=panel)
+
+
+def guidance_option() -> Any:
+    return option(1.0, GUIDANCE_HELP, min=1, panel="Sampling")
+
+
+def check_guide_net(cfg) -> None:
+    """What sampling the teacher guided by ``--guide-net`` needs (``sample``, ``eval-fid``):
+    the teacher's sampler, a guidance scale only with a guiding net, and its file."""
+    require(
+        cfg.guide_net is None or cfg.generator is None,
+        "--guide-net guides the teacher's sampler: pass --teacher-path, not --generator",
+    )
+    require(
+        cfg.guidance == 1.0 or cfg.guide_net is not None,
+        f"--guidance {cfg.guidance:g} needs --guide-net FILE (the guiding EDM2 network)",
+    )
+    require(
+        cfg.guide_net is None or Path(cfg.guide_net).is_file(),
+        f"--guide-net {cfg.guide_net}: no such file (pass a teacher file from convert-edm)",
+    )
 
 
 def guide_mode_option(help: str = GUIDE_MODE_HELP, panel: str = "Sampling") -> Any:

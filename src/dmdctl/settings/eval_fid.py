@@ -11,7 +11,9 @@ from dmdctl.errors import require
 from dmdctl.options import option
 from dmdctl.settings.common import (
     GENERATOR_HELP,
+    check_guide_net,
     device_option,
+    guidance_option,
     guide_mode_option,
     guide_net_option,
     teacher_option,
@@ -39,13 +41,7 @@ class EvalFidConfig(Settings):
     )
     guide_net: str | None = guide_net_option()
     guide_mode: str = guide_mode_option()
-    guidance: float = option(
-        1.0,
-        "EDM2 teachers: the guidance scale w with --guide-net (1: the teacher alone; EDM2's "
-        "published settings: docs/guide/edm.md).",
-        min=1,
-        panel="Sampling",
-    )
+    guidance: float = guidance_option()
     num_samples: int = option(10000, "Samples to score.", min=2, panel="Sampling")
     seed: int = option(
         EVAL_SEED_START, "First seed of the scored samples.", min=0, panel="Sampling"
@@ -185,18 +181,7 @@ class EvalFidConfig(Settings):
     device: str = device_option()
 
     def check(self) -> None:
-        require(
-            self.guide_net is None or self.generator is None,
-            "--guide-net guides the teacher's sampler: pass --teacher-path, not --generator",
-        )
-        require(
-            self.guidance == 1.0 or self.guide_net is not None,
-            f"--guidance {self.guidance:g} needs --guide-net FILE (the guiding EDM2 network)",
-        )
-        require(
-            self.guide_net is None or Path(self.guide_net).is_file(),
-            f"--guide-net {self.guide_net}: no such file (pass a teacher file from convert-edm)",
-        )
+        check_guide_net(self)
         require(
             (self.features == "dinov2") == (self.dinov2 is not None),
             "--features dinov2 and --dinov2 DIR go together (FD-DINOv2 with a local DINOv2 "

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from dmdctl.config import Settings
 from dmdctl.errors import require
 from dmdctl.options import option
 from dmdctl.settings.common import (
     GENERATOR_HELP,
+    check_guide_net,
     device_option,
+    guidance_option,
     guide_mode_option,
     guide_net_option,
     offline_option,
@@ -35,13 +36,7 @@ class SampleConfig(Settings):
     steps: int = option(18, "Heun steps when sampling the teacher.", min=1, panel="Sampling")
     guide_net: str | None = guide_net_option()
     guide_mode: str = guide_mode_option()
-    guidance: float = option(
-        1.0,
-        "EDM2 teachers: the guidance scale w with --guide-net (1: the teacher alone; EDM2's "
-        "published settings: docs/guide/edm.md).",
-        min=1,
-        panel="Sampling",
-    )
+    guidance: float = guidance_option()
     # None: DEFAULT_NUM, or for text-to-image and video one per prompt of a file (for a single
     # --prompt: PROMPT_IMAGES images or PROMPT_VIDEOS videos)
     num: int | None = option(
@@ -74,18 +69,7 @@ class SampleConfig(Settings):
     offline: bool = offline_option()
 
     def check(self) -> None:
-        require(
-            self.guide_net is None or self.generator is None,
-            "--guide-net guides the teacher's sampler: pass --teacher-path, not --generator",
-        )
-        require(
-            self.guidance == 1.0 or self.guide_net is not None,
-            f"--guidance {self.guidance:g} needs --guide-net FILE (the guiding EDM2 network)",
-        )
-        require(
-            self.guide_net is None or Path(self.guide_net).is_file(),
-            f"--guide-net {self.guide_net}: no such file (pass a teacher file from convert-edm)",
-        )
+        check_guide_net(self)
         require(
             self.generator is not None or self.teacher_path is not None or self.teacher is not None,
             "nothing to sample from: pass --generator FILE, or --teacher-path FILE with --steps N",
