@@ -76,6 +76,24 @@ GAN_RESUMED = SourceCheckpoint(
     "DMD2's ImageNet-64 GAN checkpoint resumed at lr 5e-7", 142_500, 5, 1.28
 )
 
+# DMD2's ImageNet-64 run without GAN (the public script imagenet_lr2e-6_scratch.sh; sources of
+# every value in docs/RECIPES.md): the edm-imagenet64 recipe, and the one the EDM2 presets apply
+DMD2_IMAGENET64 = {
+    "reg_weight": 0.0,
+    "lr": 2e-6,
+    "fake_lr": 2e-6,
+    "batch_size": 280,
+    "fake_updates": 5,
+    "weight_decay": 0.01,
+    "lr_schedule": "constant",
+    "warmup": 14,
+    "grad_clip": 10.0,
+    "min_step_frac": 0.02,
+    "max_step_frac": 0.98,
+    "ema_decay": 0.0,
+    "mixed_precision": "bf16",
+}
+
 # The papers' settings; every FID names its source. "dmdctl" marks our own choices.
 RECIPES = {
     "edm-imagenet64": {
@@ -88,25 +106,9 @@ RECIPES = {
             "1.28 at 1 NFE (DMD2 paper: the no-GAN run resumed with the GAN at lr 5e-7); "
             "2.61 without GAN"
         ),
-        # DMD2's ImageNet-64 run without GAN (the public script imagenet_lr2e-6_scratch.sh);
-        # sources of every value in docs/RECIPES.md
+        # DMD2's ImageNet-64 run without GAN, for as long as its checkpoint trained
         "source": SOURCES["edm-imagenet64"],
-        "distill": {
-            "steps": SOURCES["edm-imagenet64"].steps,
-            "reg_weight": 0.0,
-            "lr": 2e-6,
-            "fake_lr": 2e-6,
-            "batch_size": 280,
-            "fake_updates": 5,
-            "weight_decay": 0.01,
-            "lr_schedule": "constant",
-            "warmup": 14,
-            "grad_clip": 10.0,
-            "min_step_frac": 0.02,
-            "max_step_frac": 0.98,
-            "ema_decay": 0.0,
-            "mixed_precision": "bf16",
-        },
+        "distill": {"steps": SOURCES["edm-imagenet64"].steps, **DMD2_IMAGENET64},
     },
     "edm-cifar10": {
         "checkpoint": "edm-cifar10-32x32-cond-vp.pkl (NVlabs EDM, DDPM++ architecture)",

@@ -23,6 +23,7 @@ from dmdctl.core.codec import IdentityCodec
 from dmdctl.core.denoiser import EDMPrecond, broadcast_sigma
 from dmdctl.errors import UserError
 from dmdctl.teachers.base import TeacherKind
+from dmdctl.teachers.edm.kind import DMD2_IMAGENET64
 from dmdctl.teachers.source import SourceCheckpoint
 
 EDM2_RANGE = {"sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0}
@@ -59,26 +60,6 @@ def network_config(size: str, latent: bool) -> dict:
     }
 
 
-# The DMD2-style recipe applied to EDM2 teachers. DMD2 published no EDM2 run: these are the
-# values of its ImageNet-64 script (imagenet_lr2e-6_scratch.sh; docs/RECIPES.md, where each
-# value's source is listed and ours are marked), with the real score guided as EDM2's published
-# sampling settings guide their teachers (generate_images.py's presets).
-DMD2_IMAGENET = {
-    "reg_weight": 0.0,
-    "lr": 2e-6,
-    "fake_lr": 2e-6,
-    "batch_size": 280,
-    "fake_updates": 5,
-    "weight_decay": 0.01,
-    "lr_schedule": "constant",
-    "warmup": 14,
-    "grad_clip": 10.0,
-    "min_step_frac": 0.02,
-    "max_step_frac": 0.98,
-    "ema_decay": 0.0,
-    "mixed_precision": "bf16",
-}
-
 # EDM2's published sampling settings (NVlabs/edm2 generate_images.py, config_presets; metric
 # from its comments; nets under .../edm2/posthoc-reconstructions/): main net, guiding net,
 # guidance. Each distill preset below guides its real score the way one of these does.
@@ -101,7 +82,12 @@ PRESETS = {
 def recipe_of(name: str) -> dict:
     size, latent, sampling = PRESETS[name]
     net, gnet, guidance, metric = SAMPLING[sampling]
-    distill = dict(DMD2_IMAGENET)
+    # The DMD2-style recipe applied to EDM2 teachers. DMD2 published no EDM2 run: these are the
+    # values of its ImageNet-64 script (imagenet_lr2e-6_scratch.sh; docs/RECIPES.md, where each
+    # value's source is listed and ours are marked), the edm-imagenet64 preset's own, with the
+    # real score guided as EDM2's published sampling settings guide their teachers
+    # (generate_images.py's presets).
+    distill = dict(DMD2_IMAGENET64)
     if guidance != 1.0:
         distill["real_guidance"] = guidance
     return {
