@@ -195,6 +195,19 @@ def scheduler_config(folder: Path) -> dict:
     return _read_json(folder / "scheduler" / "scheduler_config.json")
 
 
+def load_component(cls, folder: Path, sub: str, dtype: torch.dtype = torch.float32):
+    """A diffusers model of a pipeline folder (its subfolder ``sub``) from safetensors only, in
+    ``dtype``; a folder without its weights, or that diffusers cannot load, refused in one line."""
+    quiet_loaders()
+    _weights_file(folder, sub)
+    try:
+        return cls.from_pretrained(
+            folder, subfolder=sub, use_safetensors=True, local_files_only=True, torch_dtype=dtype
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load {folder / sub}: {str(e).splitlines()[0]}") from None
+
+
 def load_unet(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The pipeline's denoising network: its UNet, or SD3's or FLUX's transformer."""
     quiet_loaders()
@@ -205,27 +218,14 @@ def load_unet(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     if arch in ("sd3", "flux"):
         name = next(k for k, v in TRANSFORMERS.items() if v == arch)
         sub, cls = ("transformer", getattr(diffusers, name))
-    _weights_file(folder, sub)
-    try:
-        return cls.from_pretrained(
-            folder, subfolder=sub, use_safetensors=True, local_files_only=True, torch_dtype=dtype
-        )
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load {folder / sub}: {str(e).splitlines()[0]}") from None
+    return load_component(cls, folder, sub, dtype)
 
 
 def load_vae(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     quiet_loaders()
     from diffusers import AutoencoderKL
 
-    _weights_file(folder, "vae")
-    try:
-        vae = AutoencoderKL.from_pretrained(
-            folder, subfolder="vae", use_safetensors=True, local_files_only=True, torch_dtype=dtype
-        )
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load {folder / 'vae'}: {str(e).splitlines()[0]}") from None
-    return vae.eval().requires_grad_(False)
+    return load_component(AutoencoderKL, folder, "vae", dtype).eval().requires_grad_(False)
 
 
 def _load_text_model(folder: Path, tokenizer: str, encoder: str, with_projection: bool, t5=False):

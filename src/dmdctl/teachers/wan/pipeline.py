@@ -26,7 +26,13 @@ from torch import nn
 
 from dmdctl.errors import UserError
 from dmdctl.files import sha256_file
-from dmdctl.teachers.sd.pipeline import _read_json, _weights_file, quiet_loaders, scheduler_config
+from dmdctl.teachers.sd.pipeline import (
+    _read_json,
+    _weights_file,
+    load_component,
+    quiet_loaders,
+    scheduler_config,
+)
 from dmdctl.teachers.wan.denoiser import WanDenoiser
 
 WAN_T2V_13B_HUB_ID = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -173,28 +179,17 @@ def _identity(folder: Path, stamp: tuple) -> str:
     return h.hexdigest()
 
 
-def _load(cls, folder: Path, sub: str, dtype: torch.dtype = torch.float32):
-    quiet_loaders()
-    _weights_file(folder, sub)
-    try:
-        return cls.from_pretrained(
-            folder, subfolder=sub, use_safetensors=True, local_files_only=True, torch_dtype=dtype
-        )
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load {folder / sub}: {str(e).splitlines()[0]}") from None
-
-
 def load_transformer(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     from diffusers import WanTransformer3DModel
 
-    return _load(WanTransformer3DModel, Path(folder), "transformer", dtype)
+    return load_component(WanTransformer3DModel, Path(folder), "transformer", dtype)
 
 
 def load_vae(folder: Path) -> nn.Module:
     """The video VAE in float32 (as WanPipeline's examples load it)."""
     from diffusers import AutoencoderKLWan
 
-    return _load(AutoencoderKLWan, Path(folder), "vae").eval().requires_grad_(False)
+    return load_component(AutoencoderKLWan, Path(folder), "vae").eval().requires_grad_(False)
 
 
 def build_denoiser(config: dict, transformer: nn.Module | None = None) -> WanDenoiser:
