@@ -10,12 +10,28 @@ from dmdctl.teachers.sd.kind import StableDiffusion
 
 
 @dataclass
-class SDTeacher(Teacher):
-    """A diffusers Stable Diffusion pipeline as a teacher (latent space, prompt embeddings)."""
+class PipelineTeacher(Teacher):
+    """A diffusers pipeline (folder or hub id) as a teacher: its folder, the source it was named
+    by (recorded in the identity), and its VAE's files; the kinds add the codec and encoder."""
 
     folder: Path | None = None
     source: str = ""
     _codec = None
+
+    def vae_files(self) -> tuple[Path, Path]:
+        """(config.json, weights) of the pipeline's VAE: what a real-data store's latents depend
+        on (data/real_store.py reads them through this, without importing the teachers)."""
+        from dmdctl.teachers.sd.pipeline import _weights_file
+
+        return self.folder / "vae" / "config.json", _weights_file(Path(self.folder), "vae")
+
+    def identity(self) -> dict:
+        return dict(super().identity(), path=self.source)
+
+
+@dataclass
+class SDTeacher(PipelineTeacher):
+    """A diffusers Stable Diffusion pipeline as a teacher (latent space, prompt embeddings)."""
 
     @property
     def codec(self):
@@ -32,16 +48,6 @@ class SDTeacher(Teacher):
         from dmdctl.teachers.sd.pipeline import load_text_encoder
 
         return load_text_encoder(self.folder, self.config)
-
-    def vae_files(self) -> tuple[Path, Path]:
-        """(config.json, weights) of the pipeline's VAE: what a real-data store's latents depend
-        on (data/real_store.py reads them through this, without importing the teachers)."""
-        from dmdctl.teachers.sd.pipeline import _weights_file
-
-        return self.folder / "vae" / "config.json", _weights_file(Path(self.folder), "vae")
-
-    def identity(self) -> dict:
-        return dict(super().identity(), path=self.source)
 
 
 def load_sd_teacher(

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from torch import nn
 
-from dmdctl.teachers.base import Teacher, TeacherKind
+from dmdctl.teachers.base import TeacherKind
+from dmdctl.teachers.sd.teacher import PipelineTeacher
 
 
 class Wan(TeacherKind):
@@ -79,12 +80,8 @@ class Wan(TeacherKind):
 
 
 @dataclass
-class WanTeacher(Teacher):
+class WanTeacher(PipelineTeacher):
     """A diffusers ``WanPipeline`` as a teacher (5-D latents, UMT5 prompt embeddings)."""
-
-    folder: Path | None = None
-    source: str = ""
-    _codec = None
 
     @property
     def codec(self):
@@ -99,15 +96,6 @@ class WanTeacher(Teacher):
         from dmdctl.teachers.wan.pipeline import WanPromptEncoder
 
         return WanPromptEncoder(self.folder, self.config)
-
-    def vae_files(self) -> tuple[Path, Path]:
-        """(config.json, weights) of the pipeline's VAE (what real-data latents depend on)."""
-        from dmdctl.teachers.sd.pipeline import _weights_file
-
-        return self.folder / "vae" / "config.json", _weights_file(Path(self.folder), "vae")
-
-    def identity(self) -> dict:
-        return dict(super().identity(), path=self.source)
 
 
 def load_wan_teacher(
