@@ -543,6 +543,12 @@ CASES = [
         "export runs/run --format lora -o {out}",
         "holds no LoRA adapters",
     ),
+    Case(
+        "ex-diffusers-out-not-empty",
+        "--format diffusers into a folder that holds files (here a Wan generator's)",
+        "export runs/wan-generator.safetensors --format diffusers -o runs/wan",
+        "--out runs/wan exists and is not an empty folder",
+    ),
     # --- eval-fid ---
     Case(
         "ef-bootstrap-too-few",

@@ -46,6 +46,14 @@ def text_to_image_batches(
     codec = sdp.VAECodec(sdp.load_vae(folder).to(device), config["scaling_factor"], config)
     side = int(config["resolution"]) // int(config["vae_scale"])
     shape = (int(config["latent_channels"]), side, side)
+    yield from decoded_batches(generator, encoder, codec, shape, prompts, seeds, device, batch_size)
+
+
+@torch.no_grad()
+def decoded_batches(generator, encoder, codec, shape, prompts, seeds, device, batch_size):
+    """What text-to-image and text-to-video sampling share: per batch, sample i from prompt
+    ``prompts[i]`` (encoded with ``encoder``) and noise seed i, decoded by ``codec`` and mapped
+    from [-1, 1] to [0, 1] as the pipelines' processors do; float32 on the CPU."""
     generator.to(device)
     for i in range(0, len(seeds), batch_size):
         chunk = seeds[i : i + batch_size]
@@ -269,7 +277,34 @@ def export_diffusers(
     import diffusers
 
     folder = pipeline_folder_for(config, teacher_path, offline)
-    if sdp.pipeline_identity(folder) != teacher_sha256:
+    out = check_export(folder, sdp.pipeline_identity(folder), teacher_sha256, out)
+    arch = config.get("arch", "sd")
+    cls = getattr(diffusers, PIPELINE_CLASSES[arch])
+    pipe = load_pipeline(cls, folder, **no_t5_kwargs(config))
+    if timesteps is None:
+        timesteps = denoiser.step_values([denoiser.sigma_max])
+    timesteps = list(timesteps)
+    scheduler, scheduler_name = step_scheduler(arch, timesteps, pipe.scheduler.config)
+    pipe.register_modules(**{NETWORK_PARTS[arch]: denoiser.network, "scheduler": scheduler})
+    card = model_card(
+        str(config["pipeline"]),
+        teacher_sha256,
+        train_config,
+        out,
+        timesteps,
+        arch,
+        scheduler_name,
+        no_t5_text(config),
+        config,
+    )
+    return save_pipeline_folder(pipe, card, out)
+
+
+def check_export(folder: Path, folder_sha256: str, teacher_sha256: str, out) -> Path:
+    """What ``export --format diffusers`` checks before it loads anything: the pipeline folder
+    (sha256 ``folder_sha256``) is the generator's teacher, and ``out`` is new or an empty
+    folder."""
+    if folder_sha256 != teacher_sha256:
         raise UserError(
             f"{folder} is not the pipeline this generator was distilled from (its sha256 "
             "differs); pass --teacher-path with the teacher's pipeline"
@@ -277,39 +312,30 @@ def export_diffusers(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty folder; choose another --out")
+    return out
+
+
+def load_pipeline(cls, folder: Path, **kwargs):
+    """The teacher's whole pipeline (diffusers class ``cls``) from safetensors, offline; one
+    line when diffusers cannot load it."""
     sdp.quiet_loaders()
     try:
-        cls = getattr(diffusers, PIPELINE_CLASSES[config.get("arch", "sd")])
-        pipe = cls.from_pretrained(
-            folder, use_safetensors=True, local_files_only=True, **no_t5_kwargs(config)
-        )
+        return cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load the pipeline {folder}: {str(e).splitlines()[0]}") from None
-    arch = config.get("arch", "sd")
-    if timesteps is None:
-        timesteps = denoiser.step_values([denoiser.sigma_max])
-    timesteps = list(timesteps)
-    scheduler, scheduler_name = step_scheduler(arch, timesteps, pipe.scheduler.config)
-    pipe.register_modules(**{NETWORK_PARTS[arch]: denoiser.network, "scheduler": scheduler})
+
+
+def save_pipeline_folder(pipe, card: str, out: Path) -> Path:
+    """``pipe`` (safetensors) and its model card ``card`` as README.md, written into
+    ``out.tmp`` and renamed to ``out`` when complete: an interrupted export leaves no
+    half-written ``out``."""
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         import shutil
 
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "README.md").write_text(
-        model_card(
-            str(config["pipeline"]),
-            teacher_sha256,
-            train_config,
-            out,
-            timesteps,
-            arch,
-            scheduler_name,
-            no_t5_text(config),
-            config,
-        )
-    )
+    (tmp / "README.md").write_text(card)
     if out.exists():
         out.rmdir()
     tmp.rename(out)

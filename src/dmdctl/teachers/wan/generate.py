@@ -94,15 +94,12 @@ def text_to_video_batches(
 ):
     """Videos ``[n, 3, frames, H, W]`` in [0, 1], float32, one batch at a time; prompt i
     (``prompts[i]``) with noise seed i."""
+    from dmdctl.teachers.sd.generate import decoded_batches
+
     encoder = wp.WanPromptEncoder(folder, config).to(device)
     codec = wp.WanVAECodec(wp.load_vae(folder).to(device), config)
     shape = wp.latent_shape(config)
-    generator.to(device)
-    for i in range(0, len(seeds), batch_size):
-        chunk = seeds[i : i + batch_size]
-        emb = encoder([prompts[j] for j in range(i, i + len(chunk))], device)
-        x0 = generator.sample(chunk, emb, shape, device)
-        yield (codec.decode(x0) / 2 + 0.5).clamp(0, 1).cpu()
+    yield from decoded_batches(generator, encoder, codec, shape, prompts, seeds, device, batch_size)
 
 
 def text_to_video(generator, folder, config, prompts, seeds, device, batch_size=1) -> torch.Tensor:
@@ -224,39 +221,23 @@ def export_diffusers(
     transformer and the scheduler that runs its steps (:func:`step_scheduler`)."""
     from diffusers import WanPipeline
 
-    from dmdctl.teachers.sd.pipeline import quiet_loaders, resolve_pipeline_folder
+    from dmdctl.teachers.sd.generate import (
+        check_export,
+        load_pipeline,
+        pipeline_folder_for,
+        save_pipeline_folder,
+    )
 
-    folder = resolve_pipeline_folder(str(teacher_path or config["pipeline"]), offline)
-    if wp.pipeline_identity(folder) != teacher_sha256:
-        raise UserError(
-            f"{folder} is not the pipeline this generator was distilled from (its sha256 "
-            "differs); pass --teacher-path with the teacher's pipeline"
-        )
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out} exists and is not an empty folder; choose another --out")
-    quiet_loaders()
-    try:
-        pipe = WanPipeline.from_pretrained(folder, use_safetensors=True, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load the pipeline {folder}: {str(e).splitlines()[0]}") from None
+    folder = pipeline_folder_for(config, teacher_path, offline)
+    out = check_export(folder, wp.pipeline_identity(folder), teacher_sha256, out)
+    pipe = load_pipeline(WanPipeline, folder)
     steps = list(steps if steps is not None else denoiser.step_values([denoiser.sigma_max]))
     scheduler, name = step_scheduler(steps, pipe.scheduler.config)
     pipe.register_modules(transformer=denoiser.network, scheduler=scheduler)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
     card = model_card(
         str(config["pipeline"]), teacher_sha256, train_config, out, steps, config, name
     )
-    (tmp / "README.md").write_text(card)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    return out
+    return save_pipeline_folder(pipe, card, out)
 
 
 def lora_model_card(pipeline: str, teacher_sha256: str, train_config, out, steps, spec, config):
