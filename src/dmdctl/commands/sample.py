@@ -97,60 +97,83 @@ class _Cycled:
         return self.rows[i % len(self.rows)]
 
 
-def sample_text_to_image(cfg: SampleConfig, source) -> dict:
-    """PNG files (and a grid) from a one-step Stable Diffusion generator, written batch by
-    batch: memory does not grow with the number of prompts or images."""
-    from PIL import Image
-
-    from dmdctl.data.prompts import PromptFile
-    from dmdctl.plots import image_grid_panels
-    from dmdctl.teachers.sd.generate import pipeline_folder_for, text_to_image_batches
-
+def _check_prompt_flags(cfg: SampleConfig, what: str) -> None:
+    """A prompted (text-to-image or video) generator takes one of --prompt and --prompts."""
     require(
         (cfg.prompt is None) != (cfg.prompts is None),
-        "a text-to-image generator needs --prompt TEXT or --prompts FILE (one of them)",
+        f"a {what} generator needs --prompt TEXT or --prompts FILE (one of them)",
     )
     require(cfg.class_label is None, "--class is for class-conditional generators")
+
+
+def _prompt_plan(cfg: SampleConfig, single: int) -> tuple[_Cycled, int, list[int]]:
+    """(prompt of sample i, how many samples, seed of sample i): --num defaults to one sample
+    per prompt of a --prompts file, ``single`` for a --prompt."""
+    from dmdctl.data.prompts import PromptFile
+
     rows = [cfg.prompt] if cfg.prompt is not None else PromptFile(cfg.prompts)
-    # --num defaults to one image per prompt of a file (PROMPT_IMAGES for a single --prompt)
     num = cfg.num
     if num is None:  # not given
-        num = len(rows) if cfg.prompts is not None else PROMPT_IMAGES
-    folder = pipeline_folder_for(source.config, cfg.teacher_path, cfg.offline)
-    device = pick_device(cfg.device)
-    seeds = list(range(cfg.seed, cfg.seed + num))
-    prompts = _Cycled(rows)
+        num = len(rows) if cfg.prompts is not None else single
+    return _Cycled(rows), num, list(range(cfg.seed, cfg.seed + num))
+
+
+def _write_indexed(cfg: SampleConfig, source, sub: str, num: int, batches, save, keep: int):
+    """Runs ``batches`` under a progress bar: ``save(i, item)`` writes sample i under
+    ``OUT/sub/`` and returns its row of ``OUT/sub.jsonl`` (written as .tmp, renamed when
+    complete), then the run's config. Returns the command's result and the first ``keep``
+    samples (for the plot)."""
     out = Path(cfg.out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    grid = []
-    index = out / "images.jsonl"
+    (out / sub).mkdir(parents=True, exist_ok=True)
+    kept = []
+    index = out / f"{sub}.jsonl"
     tmp = index.with_name(index.name + ".tmp")
     with progress(transient=True) as bar, open(tmp, "w", encoding="utf-8") as lines:
         task = bar.add_task(f"sample {source.description}", total=num, info="")
-        batches = text_to_image_batches(
-            source.fn, folder, source.config, prompts, seeds, device, min(cfg.batch_size, 16)
-        )
         i = 0
-        for images in batches:
-            for img in images:
-                name = f"images/{i:05d}.png"
-                arr = (img * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-                Image.fromarray(arr).save(out / name)
-                row = {"file": name, "seed": seeds[i], "prompt": prompts[i]}
-                lines.write(json.dumps(row) + "\n")
-                if len(grid) < 16:
-                    grid.append(img)
+        for batch in batches:
+            for item in batch:
+                lines.write(json.dumps(save(i, item)) + "\n")
+                if len(kept) < keep:
+                    kept.append(item)
                 i += 1
-            bar.advance(task, images.shape[0])
+            bar.advance(task, batch.shape[0])
     tmp.replace(index)
     write_config(cfg, out)
     result = {
-        "out": str(out / "images"),
+        "out": str(out / sub),
         "num": num,
         "source": source.description,
         "nfe": source.nfe,
         "index": str(index),
     }
+    return result, kept
+
+
+def sample_text_to_image(cfg: SampleConfig, source) -> dict:
+    """PNG files (and a grid) from a one-step Stable Diffusion generator, written batch by
+    batch: memory does not grow with the number of prompts or images."""
+    from PIL import Image
+
+    from dmdctl.plots import image_grid_panels
+    from dmdctl.teachers.sd.generate import pipeline_folder_for, text_to_image_batches
+
+    _check_prompt_flags(cfg, "text-to-image")
+    prompts, num, seeds = _prompt_plan(cfg, PROMPT_IMAGES)
+    folder = pipeline_folder_for(source.config, cfg.teacher_path, cfg.offline)
+    device = pick_device(cfg.device)
+    out = Path(cfg.out)
+
+    def save(i: int, img: torch.Tensor) -> dict:
+        name = f"images/{i:05d}.png"
+        arr = (img * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(arr).save(out / name)
+        return {"file": name, "seed": seeds[i], "prompt": prompts[i]}
+
+    batches = text_to_image_batches(
+        source.fn, folder, source.config, prompts, seeds, device, min(cfg.batch_size, 16)
+    )
+    result, grid = _write_indexed(cfg, source, "images", num, batches, save, keep=16)
     if cfg.plot:
         result["plot"] = str(
             image_grid_panels(
@@ -167,7 +190,6 @@ def sample_text_to_image(cfg: SampleConfig, source) -> dict:
 def sample_text_to_video(cfg: SampleConfig, source) -> dict:
     """Videos from a Wan generator: per video an mp4 and a PNG strip of its frames, written one
     batch at a time; ``videos.jsonl`` indexes them with their seeds and prompts."""
-    from dmdctl.data.prompts import PromptFile
     from dmdctl.teachers.sd.generate import pipeline_folder_for
     from dmdctl.teachers.wan.generate import (
         check_mp4_writer,
@@ -177,52 +199,24 @@ def sample_text_to_video(cfg: SampleConfig, source) -> dict:
         write_strip,
     )
 
-    require(
-        (cfg.prompt is None) != (cfg.prompts is None),
-        "a text-to-video generator needs --prompt TEXT or --prompts FILE (one of them)",
-    )
-    require(cfg.class_label is None, "--class is for class-conditional generators")
+    _check_prompt_flags(cfg, "text-to-video")
     check_mp4_writer()
-    rows = [cfg.prompt] if cfg.prompt is not None else PromptFile(cfg.prompts)
-    num = cfg.num
-    if num is None:  # not given: one video per prompt of a file, PROMPT_VIDEOS for a --prompt
-        num = len(rows) if cfg.prompts is not None else PROMPT_VIDEOS
+    prompts, num, seeds = _prompt_plan(cfg, PROMPT_VIDEOS)
     folder = pipeline_folder_for(source.config, cfg.teacher_path, cfg.offline)
     device = pick_device(cfg.device)
-    seeds = list(range(cfg.seed, cfg.seed + num))
-    prompts = _Cycled(rows)
     out = Path(cfg.out)
-    (out / "videos").mkdir(parents=True, exist_ok=True)
-    grid = []
-    index = out / "videos.jsonl"
-    tmp = index.with_name(index.name + ".tmp")
-    with progress(transient=True) as bar, open(tmp, "w", encoding="utf-8") as lines:
-        task = bar.add_task(f"sample {source.description}", total=num, info="")
-        batches = text_to_video_batches(
-            source.fn, folder, source.config, prompts, seeds, device, min(cfg.batch_size, 4)
-        )
-        i = 0
-        for videos in batches:
-            for video in videos:
-                name = f"videos/{i:05d}"
-                write_mp4(video, out / f"{name}.mp4")
-                frames = write_strip(video, out / f"{name}.png")
-                row = {"file": f"{name}.mp4", "strip": f"{name}.png", "strip_frames": frames,
-                       "seed": seeds[i], "prompt": prompts[i]}  # fmt: skip
-                lines.write(json.dumps(row) + "\n")
-                if len(grid) < 8:
-                    grid.append(video)
-                i += 1
-            bar.advance(task, videos.shape[0])
-    tmp.replace(index)
-    write_config(cfg, out)
-    result = {
-        "out": str(out / "videos"),
-        "num": num,
-        "source": source.description,
-        "nfe": source.nfe,
-        "index": str(index),
-    }
+
+    def save(i: int, video: torch.Tensor) -> dict:
+        name = f"videos/{i:05d}"
+        write_mp4(video, out / f"{name}.mp4")
+        frames = write_strip(video, out / f"{name}.png")
+        return {"file": f"{name}.mp4", "strip": f"{name}.png", "strip_frames": frames,
+                "seed": seeds[i], "prompt": prompts[i]}  # fmt: skip
+
+    batches = text_to_video_batches(
+        source.fn, folder, source.config, prompts, seeds, device, min(cfg.batch_size, 4)
+    )
+    result, grid = _write_indexed(cfg, source, "videos", num, batches, save, keep=8)
     if cfg.plot:
         panel = [(source.description, torch.stack(grid) * 2 - 1)]
         result["plot"] = str(save_video_grid(panel, out / "samples.png"))
