@@ -122,6 +122,8 @@ def run_curve(run: str, seed: int, args) -> dict:
     out = root / (run + (f"-{args.tag}" if args.tag else ""))
     results_file = out / "curve.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    if args.report:  # the tables of what was scored, nothing trained
+        return results
     steps = [s for s in range(args.every, args.steps + 1, args.every) if s not in args.skip]
     for step in steps:
         ckpt = out / "checkpoints" / f"step-{step:07d}"
@@ -226,6 +228,8 @@ def main(argv=None) -> str:
     ap.add_argument("--out", type=Path, default=Path("runs/digits_curves"))
     ap.add_argument("--plot", type=Path, default=None, help="write the PNG here")
     ap.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
+    ap.add_argument("--report", action="store_true",
+                    help="only tabulate the steps already scored in --out (nothing is trained)")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
