@@ -64,6 +64,12 @@ def test_gan_head_layers_follow_the_feature_size():
     assert GANHead((64, 8, 8))(torch.randn(3, 64, 8, 8)).shape == (3,)
     assert GANHead((64, 2, 2))(torch.randn(3, 64, 2, 2)).shape == (3,)
     assert GANHead((128,))(torch.randn(5, 128)).shape == (5,)
+    # each GroupNorm normalises at least 16 values: DMD2's 32 groups on 1,280 channels, 4 groups
+    # on the digits UNet's 64 at 1x1 (32 groups of 2 values each would leave only their signs)
+    norms = [m for m in GANHead((64, 2, 2)).net if isinstance(m, torch.nn.GroupNorm)]
+    assert [n.num_groups for n in norms] == [4]
+    norms = [m for m in GANHead((1280, 8, 8)).net if isinstance(m, torch.nn.GroupNorm)]
+    assert [n.num_groups for n in norms] == [32, 32]
 
 
 def test_gan_step_wiring(toy_teacher, tmp_path):

@@ -18,13 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+MIN_GROUP_VALUES = 16  # values a GroupNorm group normalises over, at the least (where it can)
 
-def _groups(channels: int) -> int:
-    """GroupNorm groups: 32 as DMD2's heads use, or the largest divisor of ``channels`` below,
-    with at least 2 channels a group: after the head's last convolution the map is 1x1, and a
-    group of one value normalises to 0 (and fails in training for a batch of 1)."""
+
+def _groups(channels: int, values_per_channel: int) -> int:
+    """GroupNorm groups: 32 as DMD2's heads use, or fewer where a group would normalise fewer
+    than 16 values (``values_per_channel``: the map's pixels). After the head's last
+    convolution the map is 1x1: 32 groups of the digits UNet's 64 bottleneck channels hold 2
+    values each, which normalise to about +-1 whatever they are (the head then sees only the
+    signs of channel differences); 4 groups of 16 keep the features. DMD2's own heads (1,280
+    channels) keep 32 groups."""
     groups = math.gcd(channels, 32)
-    while groups > 1 and channels // groups < 2:
+    while groups > 1 and (channels // groups) * values_per_channel < MIN_GROUP_VALUES:
         groups //= 2
     return groups
 
@@ -71,9 +76,13 @@ class GANHead(nn.Module):
         layers: list[nn.Module] = []
         side = min(h, w)
         while side > 4:
-            layers += [nn.Conv2d(c, c, 4, 2, 1), nn.GroupNorm(_groups(c), c), nn.SiLU()]
+            layers += [
+                nn.Conv2d(c, c, 4, 2, 1),
+                nn.GroupNorm(_groups(c, (h // 2) * (w // 2)), c),
+                nn.SiLU(),
+            ]
             h, w, side = h // 2, w // 2, side // 2
-        layers += [nn.Conv2d(c, c, (h, w)), nn.GroupNorm(_groups(c), c), nn.SiLU()]
+        layers += [nn.Conv2d(c, c, (h, w)), nn.GroupNorm(_groups(c, 1), c), nn.SiLU()]
         layers.append(nn.Conv2d(c, 1, 1))
         self.net = nn.Sequential(*layers)
 
