@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from cli_helpers import distill_config, ok, one_line_error, run
 from dmdctl.core.denoiser import StepGenerator
-from dmdctl.core.gan import GANHead, tap
+from dmdctl.core.gan import GANHead, bottleneck_features, tap
 from dmdctl.core.sampling import seeded_noise_draws
 from dmdctl.errors import UserError
 from dmdctl.generators import generate, load_generator
@@ -92,6 +92,8 @@ def test_gan_step_wiring(toy_teacher, tmp_path):
 
     fake_net.forward = recording
     head_calls = spy_on_head(head)
+    head_inputs, spied = [], head.forward
+    head.forward = lambda feats: (head_inputs.append(feats.detach().clone()), spied(feats))[1]
     seen = spy_on_generator(tr)
     gen = step_generator(3, 0)
     shape = (2,)
@@ -129,6 +131,10 @@ def test_gan_step_wiring(toy_teacher, tmp_path):
     torch.testing.assert_close(noisy_real, xr + tr.grid[ridx][:, None] * reps, rtol=0, atol=1e-6)
     logits, grad_on, frozen = head_calls[1]
     assert grad_on and not frozen
+    # the head's batch: the generated samples' bottleneck features, then the real samples'
+    want = torch.cat([bottleneck_features(fake_copy, noisy_f, sigma_f, None),
+                      bottleneck_features(fake_copy, noisy_real, sigma_real, None)])  # fmt: skip
+    torch.testing.assert_close(head_inputs[1], want, rtol=1e-5, atol=1e-6)
     cls = F.softplus(-logits[B:]).mean() + F.softplus(logits[:B]).mean()
     torch.testing.assert_close(logs["loss_cls"], cls)
     # the fake loss is its denoising loss on the generated half plus the weighted head loss
