@@ -261,7 +261,9 @@ def main(argv=None) -> str:
              "Head accuracy: the GAN head on the 297 held-out real digits against as many generated "
              "ones, per band of the noise grid (0.5 is chance).\n")  # fmt: skip
     if args.plot:
-        body += f"\n![recall and KID against steps]({args.plot.name})\n"
+        # a relative path is from the repository's root, where BENCHMARKS.md is
+        where = args.plot.name if args.plot.is_absolute() else args.plot.as_posix()
+        body += f"\n![recall and KID against steps]({where})\n"
         plot(curves, teacher, args.plot)
     return finish(
         args, "digits: quality against budget (issue 26)", body, "benchmarks.digits_curves"

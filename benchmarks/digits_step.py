@@ -11,7 +11,8 @@ steps are timed interleaved (medians of ``--repeats``), so the ratios hold on a 
 - ``+ bf16``: ``--mixed-precision bf16`` (autocast; AVX512-BF16 on this CPU);
 - ``+ channels-last``: ``--channels-last``;
 - ``+ compile``: ``--compile`` (regional torch.compile; with ``--compile`` only: slow to warm);
-- ``2 threads``: the shipped step with 2 torch threads instead of ``--threads`` (wall clock only).
+- ``2 threads``: the shipped step with 2 torch threads instead of ``--threads`` (wall clock only);
+  ``previous, 2 threads``: the previous step so (torch's default thread count on this machine).
 
     OMP_WAIT_POLICY=PASSIVE python -m benchmarks.digits_step --runs dmd2 dmd2_4step dmd
 """
@@ -123,6 +124,8 @@ def measure(run: str, args, device, folder: Path) -> list[list[str]]:
     calls = {name: stepper(tr, base) for name, tr in variants.items()}
     if base != 2 and args.clock == "wall":  # CPU seconds of two threads say nothing of speed
         calls["2 threads"] = stepper(variants["shipped"], 2)
+        if "previous" in variants:  # what distill ran before on this machine (torch's default)
+            calls["previous, 2 threads"] = stepper(variants["previous"], 2)
     say(f"digits_step: {run}: {', '.join(calls)}")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = interleaved(calls, args.repeats, device, warmup=3 if args.compile else 2, clock=clock)
