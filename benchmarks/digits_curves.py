@@ -52,7 +52,7 @@ def config(run: str, seed: int, steps: int, out: Path, pairs: Path, overrides: d
                    seed=seed, lr_schedule="constant", plot_samples=0, log_every=50, **o)  # fmt: skip
 
 
-def head_diagnosis(cfg, checkpoint: Path, n_levels: int) -> dict:
+def head_diagnosis(cfg, checkpoint: Path) -> dict:
     """Accuracy of the GAN head (logit > 0: real) on held-out real digits against fresh
     generated ones, each band of the noise grid, with the run's trained fake score and head."""
     from dmdctl.core.gan import bottleneck_features
@@ -99,7 +99,7 @@ def score_checkpoint(run, seed, step, cfg, ckpt: Path, args) -> dict:
     res = evaluate_rows("digits", seed, {run: load_generator(gfile)}, args.samples, args)[run]
     res.pop("versions", None)
     if cfg.gan_weight > 0:
-        res["head"] = head_diagnosis(cfg, ckpt, args.samples)
+        res["head"] = head_diagnosis(cfg, ckpt)
     return res
 
 
