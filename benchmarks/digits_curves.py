@@ -35,14 +35,11 @@ BANDS = 4  # noise-level bands of the head diagnosis (equal parts of the level g
 
 def config(run: str, seed: int, steps: int, out: Path, pairs: Path, overrides: dict):
     from dmdctl.config import resolve
-    from dmdctl.settings.demo import DEMO_DEFAULTS, DMD2_FAKE_UPDATES
+    from dmdctl.settings.demo import DEMO_DEFAULTS, DMD2_FAKE_UPDATES, distill_settings
     from dmdctl.settings.distill import DistillConfig
     from dmdctl.teachers.digits import TEACHER_FILE
 
-    d = DEMO_DEFAULTS["digits"]
-    o = dict(lr=d["lr"], fake_lr=d["lr"], batch_size=d["batch_size"],
-             pair_batch_size=d["batch_size"], reg_loss=d["reg_loss"],
-             fake_updates=d["fake_updates"], warmup=d["warmup"], **RUNS[run])  # fmt: skip
+    o = dict(distill_settings(DEMO_DEFAULTS["digits"]), **RUNS[run])
     if run.startswith("dmd2"):  # DMD2's two time-scale rule, as the demo runs it
         o["fake_updates"] = DMD2_FAKE_UPDATES["digits"]
     o.update(overrides)
@@ -103,7 +100,7 @@ def score_checkpoint(run, seed, step, cfg, ckpt: Path, args) -> dict:
     return res
 
 
-def run_curve(run: str, seed: int, args) -> dict:
+def run_curve(run: str, seed: int, args, tag: str = "") -> dict:
     """Train ``run`` to each multiple of ``--every`` in turn, scoring each checkpoint once."""
     from dmdctl.commands.make_pairs import make_pairs
     from dmdctl.settings.demo import DEMO_DEFAULTS
@@ -113,17 +110,15 @@ def run_curve(run: str, seed: int, args) -> dict:
 
     root = args.out / f"seed{seed}"
     n_pairs = args.num_pairs or DEMO_DEFAULTS["digits"]["num_pairs"]
-    pairs = root / (
-        "pairs" if n_pairs == DEMO_DEFAULTS["digits"]["num_pairs"] else f"pairs-{n_pairs}"
-    )
-    if RUNS[run].get("reg_weight", 1.0) != 0 or "reg_weight" in args.overrides:
-        make_pairs(MakePairsConfig(teacher_path=str(TEACHER_FILE), out=str(pairs),
-                                   num_pairs=n_pairs, seed=seed * SEED_STRIDE, batch_size=500))  # fmt: skip
-    out = root / (run + (f"-{args.tag}" if args.tag else ""))
+    pairs = root / f"pairs-{n_pairs}"
+    out = root / (run + (f"-{tag}" if tag else ""))
     results_file = out / "curve.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     if args.report:  # the tables of what was scored, nothing trained
         return results
+    if RUNS[run].get("reg_weight", 1.0) != 0 or "reg_weight" in args.overrides:
+        make_pairs(MakePairsConfig(teacher_path=str(TEACHER_FILE), out=str(pairs),
+                                   num_pairs=n_pairs, seed=seed * SEED_STRIDE, batch_size=500))  # fmt: skip
     steps = [s for s in range(args.every, args.steps + 1, args.every) if s not in args.skip]
     for step in steps:
         ckpt = out / "checkpoints" / f"step-{step:07d}"
@@ -133,7 +128,10 @@ def run_curve(run: str, seed: int, args) -> dict:
         if not ckpt.is_dir():
             t0 = time.time()
             has = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
-            distill(replace(cfg, checkpoint_every=args.every, resume="latest" if has else None))
+            # a continued run resumes its own checkpoint (--init-from only starts one)
+            init = None if has else cfg.init_from
+            distill(replace(cfg, checkpoint_every=args.every, resume="latest" if has else None,
+                            init_from=init))  # fmt: skip
             say(
                 f"digits_curves: {run} seed {seed}: trained to step {step} ({time.time() - t0:.0f} s)"
             )
@@ -207,10 +205,20 @@ def plot(curves: dict, teacher: dict, path: Path) -> Path:
     return path
 
 
+CURVE_RUNS = ("dmd", "dmd2", "dmd2_4step", "dmd_no_reg", "dmd_reg_only")
+
+
+def run_spec(text: str) -> str:
+    if text.partition(":")[0] not in CURVE_RUNS:
+        raise argparse.ArgumentTypeError(f"{text!r}: a run is one of {', '.join(CURVE_RUNS)}")
+    return text
+
+
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", nargs="+", default=["dmd", "dmd2", "dmd2_4step"],
-                    choices=["dmd", "dmd2", "dmd2_4step", "dmd_no_reg"])  # fmt: skip
+    ap.add_argument("--runs", nargs="+", default=["dmd", "dmd2", "dmd2_4step"], type=run_spec,
+                    help=f"runs of {', '.join(CURVE_RUNS)}; RUN:TAG reads and writes the variant "
+                         "folder RUN-TAG (several variants side by side in one table and plot)")  # fmt: skip
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--every", type=int, default=250, help="score every N generator steps")
@@ -239,8 +247,10 @@ def main(argv=None) -> str:
     rows = []
     for seed in args.seeds:
         for run in args.runs:
-            name = run + (f" ({args.tag})" if args.tag else "")
-            res = run_curve(run, seed, args)
+            run, _, tag = run.partition(":")  # RUN:TAG, a variant's folder (else --tag)
+            tag = tag or args.tag
+            name = run + (f" ({tag})" if tag else "")
+            res = run_curve(run, seed, args, tag)
             curves[f"{name}, seed {seed}"] = res
             for step, r in sorted(res.items(), key=lambda kv: int(kv[0])):
                 head = r.get("head")

@@ -69,14 +69,14 @@ def trainer_class(previous: bool):
 def make(run: str, folder: Path, batch: int, previous=False, **extra):
     from dmdctl.commands.make_pairs import make_pairs
     from dmdctl.config import resolve
-    from dmdctl.settings.demo import DEMO_DEFAULTS, DMD2_4STEP_SIGMAS, DMD2_RUN
+    from dmdctl.settings.demo import DEMO_DEFAULTS, DMD2_4STEP_SIGMAS, DMD2_RUN, distill_settings
     from dmdctl.settings.distill import DistillConfig
     from dmdctl.settings.make_pairs import MakePairsConfig
     from dmdctl.teachers.digits import TEACHER_FILE
 
-    d = DEMO_DEFAULTS["digits"]
+    d = dict(DEMO_DEFAULTS["digits"], batch_size=batch)
     pairs = folder / "pairs"
-    if not (pairs / "manifest.json").is_file():
+    if run == "dmd" and not (pairs / "manifest.json").is_file():
         make_pairs(MakePairsConfig(teacher_path=str(TEACHER_FILE), out=str(pairs),
                                    num_pairs=d["num_pairs"], batch_size=500))  # fmt: skip
     runs = {
@@ -84,11 +84,9 @@ def make(run: str, folder: Path, batch: int, previous=False, **extra):
         "dmd2": dict(DMD2_RUN),
         "dmd2_4step": dict(DMD2_RUN, denoising_steps=DMD2_4STEP_SIGMAS),
     }
-    cfg = resolve(DistillConfig, teacher_path=str(TEACHER_FILE), steps=10**6, lr=d["lr"],
-                  fake_lr=d["lr"], batch_size=batch, pair_batch_size=batch,
-                  reg_loss=d["reg_loss"], fake_updates=d["fake_updates"], warmup=d["warmup"],
-                  plot_samples=0, cpu=True, out=str(folder / f"{run}-{len(list(folder.iterdir()))}"),
-                  **runs[run], **extra)  # fmt: skip
+    cfg = resolve(DistillConfig, teacher_path=str(TEACHER_FILE), steps=10**6, plot_samples=0,
+                  cpu=True, out=str(folder / f"{run}-{len(list(folder.iterdir()))}"),
+                  **dict(distill_settings(d), **runs[run], **extra))  # fmt: skip
     return trainer_class(previous)(cfg)
 
 

@@ -31,7 +31,6 @@ import json
 import os
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("DMDCTL_QUIET", "1")
@@ -49,7 +48,10 @@ from dmdctl.settings.demo import (  # noqa: E402
     DEMO_DEFAULTS,
     DMD2_4STEP_SIGMAS,
     DMD2_FAKE_UPDATES,
+    DMD2_FROM_REGRESSION,
     DMD2_RUN,
+    distill_settings,
+    run_settings,
 )
 from dmdctl.settings.distill import DistillConfig  # noqa: E402
 from dmdctl.settings.eval_fid import EVAL_SEED_START, EvalFidConfig  # noqa: E402
@@ -70,6 +72,7 @@ ROWS = {
     "dmd2_no_gan": "DMD2 without GAN (no regression, TTUR)",
     "dmd2": "DMD2 1 step (GAN, no regression)",
     "dmd2_4step": "DMD2 4 steps (GAN, backward simulation)",
+    "dmd2_reg_init": "DMD2 1 step from the regression-only generator",
 }
 RUNS = {
     "dmd": {},
@@ -80,6 +83,8 @@ RUNS = {
     "dmd2_no_gan": dict(DMD2_RUN, gan_weight=0.0),  # on digits the same run as dmd_no_reg
     "dmd2": DMD2_RUN,
     "dmd2_4step": dict(DMD2_RUN, denoising_steps=DMD2_4STEP_SIGMAS),
+    # two stages: needs the dmd_reg_only run first (listed before it in --runs)
+    "dmd2_reg_init": DMD2_FROM_REGRESSION,
 }
 DEFAULT_RUNS = ["dmd", "dmd_no_reg", "dmd_reg_only", "dmd_real_only"]
 SEED_STRIDE = 100_000  # pairs and evaluation noise of seed s start at s * stride (+ eval offset)
@@ -135,21 +140,15 @@ def distill_runs(teacher_name, teacher_path, seed, runs, d, out) -> None:
         steps=d["distill_steps"],
         seed=seed,
         checkpoint_every=d["distill_steps"],
-        lr=d["lr"],
-        fake_lr=d["lr"],
-        batch_size=d["batch_size"],
-        pair_batch_size=d["batch_size"],
-        reg_loss=d["reg_loss"],
-        fake_updates=d["fake_updates"],
-        warmup=d["warmup"],
         plot_samples=0,
+        **distill_settings(d),
     )
     for name, overrides in runs.items():
         if name.startswith("dmd2"):  # DMD2's two time-scale rule, per teacher
             overrides = dict(overrides, fake_updates=DMD2_FAKE_UPDATES[kind_of(teacher_name)])
         if not (out / name / "generator.safetensors").is_file():
             say(f"{teacher_name} seed {seed}: distilling {name} ({d['distill_steps']} steps)")
-            distill(replace(base, out=str(out / name), **overrides))
+            distill(run_settings(base, name, overrides, out))
 
 
 def evaluate_rows(teacher_name, seed, sources, n, args) -> dict:
@@ -290,7 +289,7 @@ def summarise(teacher_name: str, per_seed: dict[int, dict], floor: dict, halves,
         f"k = {any_row['pr_k']}; intervals: 95% percentile bootstrap over samples "
         f"({args.bootstrap} rounds), a row's interval the hull over its seeds. Distillation as the "
         f"demo: {d['num_pairs']} pairs, {d['distill_steps']} steps, lr {d['lr']}, batch "
-        f"{d['batch_size']}, {d['fake_updates']} fake update(s), {d['reg_loss']} regression.\n\n"
+        f"{d['batch_size']}, {d['fake_updates']} fake update(s), {d['reg_loss']} regression (weight {d['reg_weight']:g}).\n\n"
         + "\n".join(lines) + "\n\n" + "\n".join(targets) + "\n\n" + "\n\n".join(blocks) + "\n"
     )  # fmt: skip
 

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import tomllib
 from typer.testing import CliRunner
 
 from dmdctl.cli import app
@@ -84,3 +85,9 @@ def test_digits_demo_default_runs_are_the_headline_rows(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics) == {"teacher_35nfe", "teacher_1step", "dmd", "dmd2", "noise_floor"}
     assert not (tmp_path / "dmd2_4step").exists()
+    # the DMD run trains with the digits recipe's regression weight on the demo's pairs; the
+    # DMD2 run with neither (the runs' recorded settings)
+    dmd = tomllib.loads((tmp_path / "dmd" / "config.toml").read_text())
+    dmd2 = tomllib.loads((tmp_path / "dmd2" / "config.toml").read_text())
+    assert dmd["reg_weight"] == 4.0 and dmd["pairs"] == str((tmp_path / "pairs").resolve())
+    assert dmd2["reg_weight"] == 0.0 and "pairs" not in dmd2 and dmd2["gan_weight"] > 0

@@ -72,3 +72,20 @@ def test_quick_run_end_to_end(tmp_path, monkeypatch):
     for name in qa.ROWS.values():
         assert f"| {name} |" in body
     assert "floor:" in body and "target >= 20x" in body
+
+
+def test_a_two_stage_run_starts_from_the_earlier_run_and_gets_no_pairs(tmp_path):
+    """DMD2 from the regression-only generator: its --init-from is that run's folder, it is not
+    handed the pairs (no regression), and the runs' base settings carry the recipe's weight."""
+    from dmdctl.settings.demo import distill_settings, run_settings
+    from dmdctl.settings.distill import DistillConfig
+
+    base = DistillConfig(pairs="p", **distill_settings(DEMO_DEFAULTS["digits"]))
+    assert base.reg_weight == DEMO_DEFAULTS["digits"]["reg_weight"]
+    cfg = run_settings(base, "dmd2_reg_init", qa.RUNS["dmd2_reg_init"], tmp_path)
+    assert cfg.init_from == str(tmp_path / "dmd_reg_only") and cfg.out == str(
+        tmp_path / "dmd2_reg_init"
+    )
+    assert cfg.pairs is None and cfg.reg_weight == 0 and cfg.gan_weight > 0
+    first = run_settings(base, "dmd_reg_only", qa.RUNS["dmd_reg_only"], tmp_path)
+    assert first.pairs == "p" and first.dm_weight == 0 and first.init_from is None

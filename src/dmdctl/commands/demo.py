@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,7 +24,14 @@ from dmdctl.config import resolve, write_config
 from dmdctl.generators import Source, generate, load_generator, teacher_source
 from dmdctl.metrics.evaluate import evaluate
 from dmdctl.metrics.quality import score_floor
-from dmdctl.settings.demo import DMD2_4STEP_SIGMAS, DMD2_FAKE_UPDATES, DMD2_RUN, DemoConfig
+from dmdctl.settings.demo import (
+    DMD2_4STEP_SIGMAS,
+    DMD2_FAKE_UPDATES,
+    DMD2_RUN,
+    DemoConfig,
+    distill_settings,
+    run_settings,
+)
 from dmdctl.settings.distill import DistillConfig
 from dmdctl.settings.eval_fid import EvalFidConfig
 from dmdctl.settings.export import ExportConfig
@@ -114,20 +121,12 @@ def run_demo(cfg: DemoConfig) -> dict:
         steps=cfg.distill_steps,
         seed=cfg.seed,
         checkpoint_every=cfg.distill_steps,
-        lr=cfg.lr,
-        fake_lr=cfg.lr,
-        batch_size=cfg.batch_size,
-        pair_batch_size=cfg.batch_size,
-        reg_loss=cfg.reg_loss,
-        fake_updates=cfg.fake_updates,
-        warmup=cfg.warmup,
+        **distill_settings(asdict(cfg)),
     )
     runs = dict(DEMO_RUNS[cfg.teacher], **(EXTRA_RUNS[cfg.teacher] if cfg.all_runs else {}))
     for i, (name, overrides) in enumerate(runs.items()):
         info(f"[bold]3/5[/bold] distilling: {name} ({i + 1}/{len(runs)})")
-        if overrides.get("reg_weight", base.reg_weight) == 0:  # a run without the regression
-            overrides = {"pairs": None, **overrides}  # loss is not handed the pairs (no warning)
-        distill(replace(base, out=str(out / name), **overrides))
+        distill(run_settings(base, name, overrides, out))
     info("[bold]4/5[/bold] evaluating")
     # against the teacher's own training data (dmdctl.metrics.quality): KID, FID, precision and recall
     ecfg = EvalFidConfig(
@@ -280,7 +279,7 @@ def write_report(
         f"{speed['s_per_sample']['dmd'] * 1e3:.3f} ms/sample: {speed['speedup']:.1f}x faster "
         "(the NFE ratio is 35).",
         "",
-        f"Settings: {cfg.num_pairs} regression pairs ({cfg.reg_loss}); {cfg.distill_steps} distillation steps "
+        f"Settings: {cfg.num_pairs} regression pairs ({cfg.reg_loss}, weight {cfg.reg_weight:g} in DMD); {cfg.distill_steps} distillation steps "
         f"per run at batch {cfg.batch_size}, lr {cfg.lr}, {cfg.fake_updates} fake-score update(s) per "
         f"generator update; seed {cfg.seed}. Total time {elapsed:.0f} s.",
         "Reproduce: `dmdctl demo --config " + str(out / "config.toml") + "`.",

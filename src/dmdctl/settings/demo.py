@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from dmdctl.config import Settings
@@ -18,12 +20,13 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
         eval_samples=10000,
         batch_size=512,
         reg_loss="l2",
+        reg_weight=0.25,
         fake_updates=1,
         warmup=100,
     ),
     "digits": dict(
         teacher_steps=0,
-        num_pairs=100,
+        num_pairs=10000,
         distill_steps=200,
         lr=1e-4,
         fake_updates=3,
@@ -31,8 +34,33 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
         eval_samples=1000,
         batch_size=64,
         reg_loss="l2",
+        reg_weight=4.0,
     ),
 }
+
+
+def distill_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``DistillConfig`` settings that a demo's values give each of its runs (the runs'
+    own overrides aside); the digits benchmarks train with the same ones."""
+    v = values
+    return dict(lr=v["lr"], fake_lr=v["lr"], batch_size=v["batch_size"],
+                pair_batch_size=v["batch_size"], reg_loss=v["reg_loss"],
+                reg_weight=v["reg_weight"], fake_updates=v["fake_updates"], warmup=v["warmup"])  # fmt: skip
+
+
+def run_settings(base: Any, name: str, overrides: Mapping[str, Any], folder: Path) -> Any:
+    """``base`` (a ``DistillConfig``) with run ``name``'s overrides, its output ``folder/name``.
+
+    ``init_from_run`` names an earlier run in ``folder`` whose generator this run starts from
+    (``--init-from``: DMD2's two-stage recipes); a run without the regression loss is not handed
+    the pairs (distill would warn that they go unused)."""
+    o = dict(overrides)
+    first = o.pop("init_from_run", None)
+    if first is not None:
+        o["init_from"] = str(folder / first)
+    if o.get("reg_weight", base.reg_weight) == 0:
+        o.setdefault("pairs", None)
+    return replace(base, out=str(folder / name), **o)
 
 
 # DMD2 on the built-in teachers (docs/RECIPES.md, "Built-in teachers: DMD2"): no regression;
@@ -40,6 +68,9 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
 # toy2d, the digits demo's 3 on digits (5 would lengthen the demo further); the 4-step generator's
 # sigmas are those of DMD2's SD timesteps 999/749/499/249 in units of the data's std (ours)
 DMD2_RUN = dict(reg_weight=0.0, gan_weight=3e-3, gan_classifier_weight=1e-2)
+# DMD2's one-step SDXL recipe starts the generator from a regression-pretrained one (docs/
+# RECIPES.md, "sdxl-1step"); on digits: the regression-only run on the same pairs (ours, issue 26)
+DMD2_FROM_REGRESSION = dict(DMD2_RUN, init_from_run="dmd_reg_only")
 DMD2_FAKE_UPDATES = {"toy2d": 5, "digits": 3}
 DMD2_4STEP_SIGMAS = "80,2,0.8,0.35"
 
@@ -95,6 +126,14 @@ class DemoConfig(Settings):
     )
     reg_loss: str | None = option(
         None, "Regression loss.", cli=False, show_default=per_demo("reg_loss"), panel="Training"
+    )
+    reg_weight: float | None = option(
+        None,
+        "Weight of the regression loss in the DMD run.",
+        min=0,
+        cli=False,
+        show_default=per_demo("reg_weight"),
+        panel="Training",
     )
     fake_updates: int | None = option(
         None,
