@@ -235,6 +235,8 @@ def main(argv=None) -> str:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("runs/digits_curves"))
     ap.add_argument("--plot", type=Path, default=None, help="write the PNG here")
+    ap.add_argument("--title", default="digits: quality against budget (issue 26)",
+                    help="the section's heading in BENCHMARKS.md")  # fmt: skip
     ap.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
     ap.add_argument("--report", action="store_true",
                     help="only tabulate the steps already scored in --out (nothing is trained)")  # fmt: skip
@@ -275,9 +277,7 @@ def main(argv=None) -> str:
         where = args.plot.name if args.plot.is_absolute() else args.plot.as_posix()
         body += f"\n![recall and KID against steps]({where})\n"
         plot(curves, teacher, args.plot)
-    return finish(
-        args, "digits: quality against budget (issue 26)", body, "benchmarks.digits_curves"
-    )
+    return finish(args, args.title, body, "benchmarks.digits_curves")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
   evaluate every row → export → one PNG of point clouds and a markdown report (a few minutes).
 - ``digits``: the shipped class-conditional teacher → pairs → DMD and DMD2 (one step; with
   ``--all-runs`` also DMD2 with 4 steps) → KID, precision and recall in the shipped classifier's
-  features → export → PNG grids and a report (about 3 minutes on 2 cores).
+  features → export → PNG grids and a report (about 4 minutes on 2 cores).
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ class DemoConfig(Settings):
 
     teacher: str = option(
         "digits",
-        "Which demo: digits (8x8 images, about 3 min) or toy2d (2-D points, about 2 min).",
+        "Which demo: digits (8x8 images, about 4 min) or toy2d (2-D points, about 2 min).",
         choices=tuple(DEMO_DEFAULTS),
         argument=True,
     )

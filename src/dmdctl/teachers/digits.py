@@ -1,7 +1,7 @@
 """The built-in image teacher: scikit-learn's bundled 8x8 handwritten digits, class-conditional.
 
 Native 8x8 resolution: at 16x16 every network pass costs about 4x more, and the whole demo
-(pairs, two distillation runs, evaluation) takes about 3 minutes on 2 CPU cores.
+(pairs, two distillation runs, evaluation) takes about 4 minutes on 2 CPU cores.
 The backbone is a diffusers ``UNet2DModel`` with a class embedding, wrapped in EDM
 preconditioning. The package ships a trained teacher and a small classifier whose penultimate
 layer gives the features for an honest FID on digits (see assets/PROVENANCE.json).
