@@ -351,8 +351,12 @@ def _launched(out_root: str, jobs_json: str) -> None:
         results.append({"args": args, "code": code or 0, "stderr": err.getvalue()})
     rank = os.environ["RANK"]
     (Path(out_root) / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    # as cli.main ends: destroy the group, then leave without the interpreter shutdown that
+    # DDP's surviving gloo threads can abort (dmdctl.runtime; 2 of 15 launches did, under load)
+    from dmdctl.runtime import exit_process, shutdown_process_group
+
+    shutdown_process_group()
+    exit_process(0)
 
 
 if __name__ == "__main__":

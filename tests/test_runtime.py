@@ -153,3 +153,55 @@ def test_sample_under_a_launcher_leaves_the_files_to_the_main_process(
     ok(run("sample", "--teacher-path", toy_teacher, "--steps", "2", "--num", "20",
            "--out", tmp_path / "s", "--no-plot"))  # fmt: skip
     assert (tmp_path / "s" / "samples.safetensors").is_file()
+
+
+def test_exit_process_skips_interpreter_shutdown_only_when_gloo_threads_survive(
+    monkeypatch, capsys
+):
+    """After DDP the gloo threads outlive destroy_process_group (torch 2.14.1): then the process
+    leaves by os._exit with sys.exit's status; otherwise it is a plain SystemExit."""
+    from dmdctl import runtime
+
+    monkeypatch.setattr(runtime, "process_group_threads", lambda: [])
+    with pytest.raises(SystemExit) as e:
+        runtime.exit_process(3)
+    assert e.value.code == 3
+    calls = []
+    monkeypatch.setattr(runtime, "process_group_threads", lambda: ["pt_gloo_runloop"])
+    monkeypatch.setattr(runtime.os, "_exit", calls.append)
+    for code in (None, 2, "error: stopped"):
+        runtime.exit_process(code)
+    assert calls == [0, 2, 1]
+    assert "error: stopped" in capsys.readouterr().err
+
+
+def test_two_process_distill_exits_zero_with_its_output(toy_teacher, tmp_path):
+    """A 2-process distill (DDP, whose gloo threads survive the group) through the real entry
+    point: exit status 0 on both processes and the last lines printed before os._exit arrive."""
+    out = tmp_path / "d"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "dmdctl",
+        "distill", "--teacher-path", toy_teacher, "--out", str(out), "--steps", "4",
+        "--batch-size", "32", "--plot-samples", "0", "--reg-weight", "0",
+    ]  # fmt: skip
+    env = {k: v for k, v in ENV.items() if k != "DMDCTL_QUIET"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # the closing summary table, printed last, arrived whole
+    assert "generator" in r.stdout and r.stdout.rstrip().endswith("┘"), r.stdout
+    assert (out / "generator.safetensors").is_file()
+
+
+def test_the_entry_point_ends_through_exit_process(monkeypatch):
+    """cli.main hands its exit status to exit_process (so a DDP run leaves by os._exit)."""
+    from dmdctl import cli, runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "process_group_threads", lambda: ["pt_gloo_runloop"])
+    monkeypatch.setattr(runtime.os, "_exit", calls.append)
+    monkeypatch.setattr(sys, "argv", ["dmdctl", "--version"])
+    cli.main()
+    monkeypatch.setattr(sys, "argv", ["dmdctl", "no-such-command"])
+    cli.main()
+    assert calls == [0, 2]

@@ -141,11 +141,16 @@ for _name in COMMANDS:
 
 
 def main() -> None:
-    from dmdctl.runtime import process_session
+    from dmdctl.runtime import exit_process, process_session
 
     # the one place a command's process group is shut down: at the end, on error, on SIGTERM
-    with process_session():
-        app()
+    code: object = 0
+    try:
+        with process_session():
+            app()
+    except SystemExit as e:
+        code = e.code
+    exit_process(code)  # os._exit where gloo threads outlived the group (runtime.py)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,6 +17,14 @@ scheduling: rare after a real command; 9 of 20 launches of a script that exits r
 last collective on a quiet machine, none of 30 on a busy one (scripts/exit_abort_repro.py).
 ``destroy_process_group()`` joins those threads, so nothing is left to run during shutdown.
 
+Except after DDP: in torch 2.14.1 a ``DistributedDataParallel`` wrapper keeps references to
+its gloo group that outlive the wrapper, ``gc.collect()`` and ``destroy_process_group()`` (10
+more references to the group after one wrapper is built and deleted, held outside Python's
+objects), so the group's worker threads keep running, and a 2-process ``distill`` still died by
+SIGABRT at exit now and then (2 of 15 launches of tests/test_multiprocess.py's script beside a
+CPU-bound process). :func:`exit_process` ends such a process with ``os._exit`` after flushing
+its output, skipping the interpreter shutdown those threads cannot survive.
+
 :func:`claim_output` keeps a second run from writing the same ``--out`` folder.
 """
 
@@ -93,6 +101,33 @@ def shutdown_process_group() -> bool:
         # Accelerate's singleton would otherwise still describe the destroyed group
         AcceleratorState._reset_state(reset_partial_state=True)
     return True
+
+
+def exit_code(code: object) -> int:
+    """The status ``sys.exit(code)`` gives: None 0, an int itself, anything else 1 (Python
+    prints it to stderr first, as :func:`exit_process` does)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    sys.stderr.write(f"{code}\n")
+    return 1
+
+
+def exit_process(code: object = 0) -> None:
+    """End the process with ``code`` (as ``sys.exit``). Where gloo worker threads outlived the
+    process group (after DDP, module docstring), leave with ``os._exit`` once stdout, stderr and
+    the logging handlers are flushed: interpreter shutdown would race those threads."""
+    if not process_group_threads():
+        raise SystemExit(code)
+    status = exit_code(code)
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 @contextlib.contextmanager
