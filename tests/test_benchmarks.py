@@ -131,6 +131,7 @@ def data_scale_at_tiny_sizes(tmp_path, capsys, skip: list[str]) -> tuple[str, di
     return body, numbers
 
 
+@pytest.mark.slow  # 23 s: the default suite stays under 3 minutes on 2 cores (CI runs it)
 def test_data_scale_runs_at_tiny_sizes(bench_root, tmp_path, capsys):
     """The data-scale benchmark end to end at tiny sizes (~25 s): distill on each prompts file
     as its own measured process, the table with ratios against the smallest size, the target
