@@ -318,6 +318,10 @@ def main(argv=None) -> str:
                     help="steps of every distillation run (default: the demo's)")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # tests: tiny sizes
     args = ap.parse_args(argv)
+    for i, name in enumerate(args.runs):  # a two-stage row starts from a run listed before it
+        first = RUNS[name].get("init_from_run")
+        if first is not None and first not in args.runs[:i]:
+            ap.error(f"--runs: {name} starts from {first}'s generator: list {first} before it")
     args.samples = {k: int(v) for k, v in (s.split("=") for s in args.samples)}
     torch.set_num_threads(max(1, args.threads))
     quick = dict(teacher_steps=30, num_pairs=16, distill_steps=2, batch_size=16, warmup=1)

@@ -5,6 +5,7 @@ import tomllib
 from typer.testing import CliRunner
 
 from dmdctl.cli import app
+from dmdctl.settings.demo import DEMO_DEFAULTS, DemoConfig
 
 
 @pytest.mark.slow
@@ -91,3 +92,35 @@ def test_digits_demo_default_runs_are_the_headline_rows(tmp_path):
     dmd2 = tomllib.loads((tmp_path / "dmd2" / "config.toml").read_text())
     assert dmd["reg_weight"] == 4.0 and dmd["pairs"] == str((tmp_path / "pairs").resolve())
     assert dmd2["reg_weight"] == 0.0 and "pairs" not in dmd2 and dmd2["gan_weight"] > 0
+
+
+def test_digits_demo_hands_each_run_the_recipe(tmp_path, monkeypatch):
+    """The digits demo's runs as it hands them to distill (nothing trained): DMD with the
+    recipe's pairs and regression weight, DMD2 with neither, both with the demo's batch, lr and
+    fake-score updates."""
+    from dmdctl.commands import demo
+
+    class Stop(Exception):
+        pass
+
+    runs = []
+
+    def recorded(cfg):
+        runs.append(cfg)
+        if len(runs) == 2:
+            raise Stop
+
+    monkeypatch.setattr(demo, "make_pairs", lambda cfg: None)
+    monkeypatch.setattr(demo, "distill", recorded)
+    monkeypatch.setattr(demo.torch, "set_num_threads", lambda n: None)  # keep the suite's
+    with pytest.raises(Stop):
+        demo.run_demo(DemoConfig(teacher="digits", out=str(tmp_path)))
+    d = DEMO_DEFAULTS["digits"]
+    dmd, dmd2 = runs
+    assert dmd.out == str(tmp_path / "dmd") and dmd2.out == str(tmp_path / "dmd2")
+    assert dmd.pairs == str(tmp_path / "pairs") and dmd.reg_weight == d["reg_weight"]
+    assert dmd2.pairs is None and dmd2.reg_weight == 0 and dmd2.gan_weight > 0
+    for run in runs:
+        assert (run.batch_size, run.pair_batch_size, run.lr, run.fake_lr, run.fake_updates) == (
+            d["batch_size"], d["batch_size"], d["lr"], d["lr"], d["fake_updates"]
+        )  # fmt: skip
